@@ -1,0 +1,355 @@
+// sbemu/config.cpp
+//   Config.json reader. Keys are matched case-insensitively; values may be written as JSON
+//   booleans and numbers or as strings, as hand-written files do.
+#include "config.hpp"
+
+#include "json.hpp"
+
+#include <cctype>
+#include <fstream>
+#include <sstream>
+
+namespace sbemu {
+
+namespace {
+
+using JVal = rapidjson::Value;
+
+const JVal *
+Member(const JVal &obj, const char *name) {
+	if (!obj.IsObject())
+		return nullptr;
+	for (auto it = obj.MemberBegin(); it != obj.MemberEnd(); ++it)
+		if (it->name.IsString() && IEquals(it->name.GetString(), name))
+			return &it->value;
+	return nullptr;
+}
+
+struct Ctx {
+	std::string *err;
+	std::vector<std::string> *warnings;
+	std::string where;
+	bool Fail(const std::string &m) {
+		*err = where + ": " + m;
+		return false;
+	}
+	void Warn(const std::string &m) { warnings->push_back(where + ": " + m); }
+};
+
+bool
+GetString(Ctx &c, const JVal &obj, const char *name, std::string *out) {
+	const JVal *v = Member(obj, name);
+	if (!v || v->IsNull())
+		return true;
+	if (!v->IsString())
+		return c.Fail(std::string(name) + " must be a string");
+	*out = v->GetString();
+	return true;
+}
+
+bool
+GetBool(Ctx &c, const JVal &obj, const char *name, bool *out) {
+	const JVal *v = Member(obj, name);
+	if (!v || v->IsNull())
+		return true;
+	if (v->IsBool()) {
+		*out = v->GetBool();
+		return true;
+	}
+	if (v->IsString()) {
+		std::string s = ToLower(v->GetString());
+		if (s == "true" || s == "false") {
+			*out = s == "true";
+			return true;
+		}
+	}
+	return c.Fail(std::string(name) + " must be true or false");
+}
+
+bool
+GetInt(Ctx &c, const JVal &obj, const char *name, int *out) {
+	const JVal *v = Member(obj, name);
+	if (!v || v->IsNull())
+		return true;
+	if (v->IsInt()) {
+		*out = v->GetInt();
+		return true;
+	}
+	if (v->IsString()) {
+		char *end = nullptr;
+		long n = std::strtol(v->GetString(), &end, 10);
+		if (end && *end == '\0') {
+			*out = static_cast<int>(n);
+			return true;
+		}
+	}
+	return c.Fail(std::string(name) + " must be an integer");
+}
+
+bool
+GetDuration(Ctx &c, const JVal &obj, const char *name, int64_t *out) {
+	const JVal *v = Member(obj, name);
+	if (!v || v->IsNull())
+		return true;
+	if (v->IsString()) {
+		if (ParseDuration(v->GetString(), out))
+			return true;
+		return c.Fail(std::string(name) + " '" + v->GetString() + "' is not an ISO-8601 duration such as PT1M");
+	}
+	if (v->IsNumber()) { // seconds
+		*out = static_cast<int64_t>(v->GetDouble() * 1000.0);
+		return true;
+	}
+	return c.Fail(std::string(name) + " must be a duration such as \"PT1M\"");
+}
+
+bool
+ParseProps(Ctx &c, const JVal *props, EntityProps *p, bool is_topic) {
+	if (!props)
+		return true;
+	if (!props->IsObject())
+		return c.Fail("Properties must be an object");
+	static const char *known[] = {"DeadLetteringOnMessageExpiration",
+	                              "DefaultMessageTimeToLive",
+	                              "DuplicateDetectionHistoryTimeWindow",
+	                              "ForwardDeadLetteredMessagesTo",
+	                              "ForwardTo",
+	                              "LockDuration",
+	                              "MaxDeliveryCount",
+	                              "RequiresDuplicateDetection",
+	                              "RequiresSession",
+	                              "MaxSizeInMegabytes",
+	                              "EnablePartitioning",
+	                              "EnableBatchedOperations",
+	                              "AutoDeleteOnIdle",
+	                              "Status",
+	                              "UserMetadata",
+	                              "SupportOrdering",
+	                              "DeadLetteringOnFilterEvaluationExceptions",
+	                              "EnableExpress",
+	                              "MaxMessageSizeInKilobytes"};
+	for (auto it = props->MemberBegin(); it != props->MemberEnd(); ++it) {
+		bool ok = false;
+		for (const char *k : known)
+			if (IEquals(it->name.GetString(), k))
+				ok = true;
+		if (!ok)
+			c.Warn(std::string("unknown property ") + it->name.GetString() + " ignored");
+	}
+	if (!GetBool(c, *props, "DeadLetteringOnMessageExpiration", &p->dead_letter_on_expiration) ||
+	    !GetDuration(c, *props, "DefaultMessageTimeToLive", &p->default_ttl_ms) ||
+	    !GetDuration(c, *props, "DuplicateDetectionHistoryTimeWindow", &p->duplicate_window_ms) ||
+	    !GetString(c, *props, "ForwardDeadLetteredMessagesTo", &p->forward_dead_lettered_to) ||
+	    !GetString(c, *props, "ForwardTo", &p->forward_to) ||
+	    !GetDuration(c, *props, "LockDuration", &p->lock_duration_ms) ||
+	    !GetInt(c, *props, "MaxDeliveryCount", &p->max_delivery_count) ||
+	    !GetBool(c, *props, "RequiresDuplicateDetection", &p->requires_duplicate_detection) ||
+	    !GetBool(c, *props, "RequiresSession", &p->requires_session))
+		return false;
+	if (p->lock_duration_ms < 1000 || p->lock_duration_ms > 5 * 60000)
+		return c.Fail("LockDuration must be between 1 second and 5 minutes (PT1S..PT5M), as in Service Bus");
+	if (p->max_delivery_count < 1)
+		return c.Fail("MaxDeliveryCount must be at least 1");
+	if (p->default_ttl_ms <= 0)
+		return c.Fail("DefaultMessageTimeToLive must be positive");
+	if (p->duplicate_window_ms < 20000 && p->requires_duplicate_detection)
+		c.Warn("DuplicateDetectionHistoryTimeWindow below PT20S is accepted here but refused by Service Bus");
+	(void)is_topic;
+	return true;
+}
+
+bool
+ParseFilterValue(const JVal &v, FilterValue *out) {
+	if (v.IsString()) {
+		out->kind = FilterValue::Kind::String;
+		out->s = v.GetString();
+	} else if (v.IsBool()) {
+		out->kind = FilterValue::Kind::Bool;
+		out->b = v.GetBool();
+	} else if (v.IsInt64()) {
+		out->kind = FilterValue::Kind::Int;
+		out->i = v.GetInt64();
+	} else if (v.IsNumber()) {
+		out->kind = FilterValue::Kind::Double;
+		out->d = v.GetDouble();
+	} else {
+		return false;
+	}
+	return true;
+}
+
+bool
+ParseRule(Ctx &c, const JVal &r, Rule *rule) {
+	if (!GetString(c, r, "Name", &rule->name))
+		return false;
+	const JVal *props = Member(r, "Properties");
+	if (!props || !props->IsObject())
+		return c.Fail("rule " + rule->name + " has no Properties");
+	std::string type = "Correlation";
+	if (!GetString(c, *props, "FilterType", &type))
+		return false;
+	if (IEquals(type, "Correlation")) {
+		rule->kind = Rule::Kind::Correlation;
+		const JVal *cf = Member(*props, "CorrelationFilter");
+		if (!cf || !cf->IsObject())
+			return c.Fail("rule " + rule->name + ": FilterType Correlation needs a CorrelationFilter object");
+		auto opt = [&](const char *name, std::optional<std::string> *out) {
+			const JVal *v = Member(*cf, name);
+			if (v && v->IsString())
+				*out = std::string(v->GetString());
+		};
+		CorrelationFilter &f = rule->correlation;
+		opt("ContentType", &f.content_type);
+		opt("CorrelationId", &f.correlation_id);
+		opt("Label", &f.label);
+		if (!f.label)
+			opt("Subject", &f.label);
+		opt("MessageId", &f.message_id);
+		opt("ReplyTo", &f.reply_to);
+		opt("ReplyToSessionId", &f.reply_to_session_id);
+		opt("SessionId", &f.session_id);
+		opt("To", &f.to);
+		const JVal *p = Member(*cf, "Properties");
+		if (p && p->IsObject()) {
+			for (auto it = p->MemberBegin(); it != p->MemberEnd(); ++it) {
+				FilterValue fv;
+				if (!ParseFilterValue(it->value, &fv))
+					return c.Fail("rule " + rule->name + ": correlation property " + it->name.GetString() +
+					              " must be a string, number or boolean");
+				f.properties[it->name.GetString()] = fv;
+			}
+		}
+	} else if (IEquals(type, "Sql")) {
+		rule->kind = Rule::Kind::Sql;
+		const JVal *sf = Member(*props, "SqlFilter");
+		std::string expr;
+		if (sf && sf->IsObject())
+			GetString(c, *sf, "SqlExpression", &expr);
+		else if (sf && sf->IsString())
+			expr = sf->GetString();
+		if (expr.empty())
+			return c.Fail("rule " + rule->name + ": FilterType Sql needs SqlFilter.SqlExpression");
+		std::string perr;
+		auto parsed = SqlFilter::Parse(expr, &perr);
+		if (!parsed)
+			return c.Fail("rule " + rule->name + ": SQL filter '" + expr + "': " + perr);
+		rule->sql = std::move(parsed);
+		rule->sql_text = expr;
+		if (Member(*props, "Action"))
+			c.Warn("rule " + rule->name + ": SQL rule actions are not applied by sbemu");
+	} else if (IEquals(type, "True") || IEquals(type, "TrueFilter")) {
+		rule->kind = Rule::Kind::True;
+	} else if (IEquals(type, "False") || IEquals(type, "FalseFilter")) {
+		rule->kind = Rule::Kind::False;
+	} else {
+		return c.Fail("rule " + rule->name + ": unknown FilterType " + type);
+	}
+	return true;
+}
+
+bool
+ValidName(const std::string &n) {
+	if (n.empty() || n.size() > 260)
+		return false;
+	for (char ch : n)
+		if (!(std::isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '.' || ch == '_' || ch == '/' || ch == '~'))
+			return false;
+	return n.front() != '/' && n.back() != '/';
+}
+
+} // namespace
+
+bool
+ParseConfig(const std::string &text, NamespaceConfig *out, std::string *err, std::vector<std::string> *warnings) {
+	rapidjson::Document doc;
+	doc.Parse<rapidjson::kParseCommentsFlag | rapidjson::kParseTrailingCommasFlag>(text.c_str(), text.size());
+	if (doc.HasParseError()) {
+		*err = std::string("Config.json is not valid JSON: ") + rapidjson::GetParseError_En(doc.GetParseError()) +
+		       " at offset " + std::to_string(doc.GetErrorOffset());
+		return false;
+	}
+	Ctx c{err, warnings, "Config.json"};
+	const JVal *user = Member(doc, "UserConfig");
+	const JVal *root = user ? user : &doc;
+	const JVal *nss = Member(*root, "Namespaces");
+	if (!nss || !nss->IsArray() || nss->Empty())
+		return c.Fail("UserConfig.Namespaces must be a non-empty array");
+	if (nss->Size() > 1)
+		c.Warn("only the first namespace is served, as in Microsoft's emulator");
+	const JVal &ns = (*nss)[0];
+	GetString(c, ns, "Name", &out->name);
+	const JVal *queues = Member(ns, "Queues");
+	if (queues && queues->IsArray()) {
+		for (auto &q : queues->GetArray()) {
+			QueueConfig qc;
+			if (!GetString(c, q, "Name", &qc.name))
+				return false;
+			if (!ValidName(qc.name))
+				return c.Fail("queue name '" + qc.name + "' is not a valid entity name");
+			c.where = "queue " + qc.name;
+			if (!ParseProps(c, Member(q, "Properties"), &qc.props, false))
+				return false;
+			out->queues.push_back(std::move(qc));
+			c.where = "Config.json";
+		}
+	}
+	const JVal *topics = Member(ns, "Topics");
+	if (topics && topics->IsArray()) {
+		for (auto &t : topics->GetArray()) {
+			TopicConfig tc;
+			if (!GetString(c, t, "Name", &tc.name))
+				return false;
+			if (!ValidName(tc.name))
+				return c.Fail("topic name '" + tc.name + "' is not a valid entity name");
+			c.where = "topic " + tc.name;
+			if (!ParseProps(c, Member(t, "Properties"), &tc.props, true))
+				return false;
+			const JVal *subs = Member(t, "Subscriptions");
+			if (subs && subs->IsArray()) {
+				for (auto &s : subs->GetArray()) {
+					SubscriptionConfig sc;
+					if (!GetString(c, s, "Name", &sc.name))
+						return false;
+					if (!ValidName(sc.name) || sc.name.find('/') != std::string::npos)
+						return c.Fail("subscription name '" + sc.name + "' is not valid");
+					c.where = "subscription " + tc.name + "/" + sc.name;
+					if (!ParseProps(c, Member(s, "Properties"), &sc.props, false))
+						return false;
+					// Duplicate detection is a topic property; subscriptions inherit nothing else.
+					const JVal *rules = Member(s, "Rules");
+					if (rules && rules->IsArray()) {
+						for (auto &r : rules->GetArray()) {
+							Rule rule;
+							if (!ParseRule(c, r, &rule))
+								return false;
+							sc.rules.push_back(std::move(rule));
+						}
+					}
+					tc.subscriptions.push_back(std::move(sc));
+				}
+			}
+			out->topics.push_back(std::move(tc));
+			c.where = "Config.json";
+		}
+	}
+	return true;
+}
+
+bool
+LoadConfigFile(const std::string &path, NamespaceConfig *out, std::string *err, std::vector<std::string> *warnings) {
+	std::ifstream f(path);
+	if (!f) {
+		*err = "cannot read config file " + path;
+		return false;
+	}
+	std::stringstream ss;
+	ss << f.rdbuf();
+	try {
+		return ParseConfig(ss.str(), out, err, warnings);
+	} catch (const std::exception &e) {
+		*err = std::string("Config.json could not be read: ") + e.what();
+		return false;
+	}
+}
+
+} // namespace sbemu
