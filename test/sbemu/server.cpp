@@ -1404,7 +1404,7 @@ Server::HandleManagement(Conn &c, LinkCtx &l, const std::string &msg) {
 	std::string why;
 	bool needs_send = op == "com.microsoft:schedule-message" || op == "com.microsoft:cancel-scheduled-message";
 	unsigned right = needs_send ? kSend : kListen;
-	if (!Authorized(c, e.key, right, &why))
+	if (!Authorized(c, e.key + "/$management", right, &why))
 		return fail(401, "amqp:unauthorized-access", why);
 	auto session_owned_here = [&](const std::string &sid) -> bool {
 		SessionGroup *g = broker_.Session(e, sid, false);
