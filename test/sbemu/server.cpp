@@ -806,6 +806,7 @@ Server::DetachLink(LinkCtx &l, const char *cond, const std::string &desc) {
 void
 Server::CloseConnection(Conn &c, const char *cond, const std::string &desc, bool abrupt) {
 	pn_transport_t *t = pn_connection_transport(c.pc);
+	LOG_DEBUG("connection %llu: closing (%s%s)", (unsigned long long)c.id, cond, abrupt ? ", abrupt" : "");
 	if (abrupt && t) {
 		pn_condition_set_name(pn_transport_condition(t), cond);
 		pn_condition_set_description(pn_transport_condition(t), desc.c_str());
@@ -1676,6 +1677,7 @@ Server::OnTick() {
 
 void
 Server::DropConnections() {
+	LOG_INFO("dropping %zu connections (fault)", conns_.size());
 	for (auto &kv : conns_)
 		kv.second->Post([this](Conn &c) {
 			CloseConnection(c, "amqp:connection:forced", "connection dropped (fault injected by sbemu)", true);

@@ -1,0 +1,742 @@
+// test/sbemu/tests/sbemu_protocol_test.cpp
+//   Protocol-level tests of sbemu with a Proton C++ client, for what the Azure SDK does not
+//   exercise: token expiry and renewal on a live connection, the CBS grace period, SASL PLAIN,
+//   TLS with a test CA, settlement outcomes sent through Proton's C API, drain, size limits and
+//   every injected fault. Each test starts its own sbemu.
+#include "../../lib/harness.hpp"
+
+#include <proton/annotation_key.hpp>
+#include <proton/connection.hpp>
+#include <proton/connection_options.hpp>
+#include <proton/container.hpp>
+#include <proton/delivery.hpp>
+#include <proton/disposition.h>
+#include <proton/codec.h>
+#include <proton/condition.h>
+#include <proton/error_condition.hpp>
+#include <proton/message.hpp>
+#include <proton/message_id.hpp>
+#include <proton/messaging_handler.hpp>
+#include <proton/receiver.hpp>
+#include <proton/receiver_options.hpp>
+#include <proton/scalar.hpp>
+#include <proton/sender.hpp>
+#include <proton/sender_options.hpp>
+#include <proton/source_options.hpp>
+#include <proton/ssl.hpp>
+#include <proton/target_options.hpp>
+#include <proton/tracker.hpp>
+#include <proton/transport.hpp>
+#include <proton/work_queue.hpp>
+
+#include <deque>
+#include <functional>
+#include <map>
+#include <set>
+
+using harness::Sbemu;
+
+namespace {
+
+const char kKeyName[] = "RootManageSharedAccessKey";
+const char kKey[] = "SAS_KEY_VALUE";
+
+// A messaging handler assembled from callbacks, with a $cbs client and a time guard.
+class Script : public proton::messaging_handler {
+  public:
+	std::function<void(proton::container &)> start;
+	std::function<void(proton::connection &)> connection_open;
+	std::function<void(proton::sender &)> sendable;
+	std::function<void(proton::receiver &)> receiver_open;
+	std::function<void(proton::receiver &)> drain_finish;
+	std::function<void(proton::delivery &, proton::message &)> message;
+	std::function<void(proton::tracker &)> tracker_accept, tracker_reject, tracker_settle;
+	std::function<void(proton::delivery &)> delivery_settle;
+	// Any error: where ("transport", "connection", "receiver", "sender"), condition name, description.
+	std::function<void(const std::string &, const std::string &, const std::string &)> error;
+
+	proton::container *container = nullptr;
+	bool done = false;
+	bool timed_out = false;
+	std::vector<std::string> errors; // "where: name: description"
+
+	// Ends the script: closes the connection, or stops the container when there is none to close.
+	void Finish(proton::connection c) {
+		done = true;
+		if (c && c.active())
+			c.close();
+		else if (container)
+			container->stop();
+	}
+	void Finish() {
+		done = true;
+		if (container)
+			container->stop();
+	}
+
+	// Puts a token on $cbs; cb gets the status code.
+	void PutToken(proton::connection &c, const std::string &audience, const std::string &token,
+	              const std::string &type, std::function<void(int)> cb) {
+		if (!cbs_sender_) {
+			cbs_sender_ = c.open_sender("$cbs");
+			cbs_receiver_ = c.open_receiver("$cbs", proton::receiver_options().target(
+			                                            proton::target_options().address("cbs-reply-1")));
+		}
+		proton::message m;
+		std::string id = "put-" + std::to_string(++cbs_id_);
+		m.id(proton::message_id(id));
+		m.reply_to("cbs-reply-1");
+		m.properties().put("operation", "put-token");
+		m.properties().put("type", type);
+		m.properties().put("name", audience);
+		m.body(token);
+		cbs_pending_[id] = std::move(cb);
+		cbs_queue_.push_back(m);
+		FlushCbs();
+	}
+
+	void on_container_start(proton::container &c) override {
+		if (start)
+			start(c);
+	}
+	void on_connection_open(proton::connection &c) override {
+		if (connection_open)
+			connection_open(c);
+	}
+	void on_sendable(proton::sender &s) override {
+		if (s == cbs_sender_) {
+			FlushCbs();
+			return;
+		}
+		if (sendable)
+			sendable(s);
+	}
+	void on_receiver_open(proton::receiver &r) override {
+		if (r == cbs_receiver_)
+			return;
+		if (receiver_open)
+			receiver_open(r);
+	}
+	void on_receiver_drain_finish(proton::receiver &r) override {
+		if (drain_finish)
+			drain_finish(r);
+	}
+	void on_message(proton::delivery &d, proton::message &m) override {
+		if (d.receiver() == cbs_receiver_) {
+			std::string corr = proton::to_string(m.correlation_id());
+			auto it = cbs_pending_.find(corr);
+			int status = proton::get<int32_t>(m.properties().get("status-code"));
+			d.accept();
+			if (it != cbs_pending_.end()) {
+				auto cb = std::move(it->second);
+				cbs_pending_.erase(it);
+				cb(status);
+			}
+			return;
+		}
+		if (message)
+			message(d, m);
+	}
+	void on_tracker_accept(proton::tracker &t) override {
+		if (tracker_accept)
+			tracker_accept(t);
+	}
+	void on_tracker_reject(proton::tracker &t) override {
+		if (tracker_reject)
+			tracker_reject(t);
+	}
+	void on_tracker_settle(proton::tracker &t) override {
+		if (tracker_settle)
+			tracker_settle(t);
+	}
+	void on_delivery_settle(proton::delivery &d) override {
+		if (delivery_settle)
+			delivery_settle(d);
+		d.settle();
+	}
+	void on_transport_error(proton::transport &t) override { Report("transport", t.error()); }
+	void on_connection_error(proton::connection &c) override { Report("connection", c.error()); }
+	void on_session_error(proton::session &s) override { Report("session", s.error()); }
+	void on_receiver_error(proton::receiver &r) override { Report("receiver", r.error()); }
+	void on_sender_error(proton::sender &s) override { Report("sender", s.error()); }
+	void on_error(const proton::error_condition &e) override { Report("other", e); }
+
+  private:
+	void Report(const std::string &where, const proton::error_condition &e) {
+		errors.push_back(where + ": " + e.name() + ": " + e.description());
+		if (error)
+			error(where, e.name(), e.description());
+	}
+	void FlushCbs() {
+		while (!cbs_queue_.empty() && cbs_sender_.credit() > 0) {
+			cbs_sender_.send(cbs_queue_.front());
+			cbs_queue_.pop_front();
+		}
+	}
+	proton::sender cbs_sender_;
+	proton::receiver cbs_receiver_;
+	int cbs_id_ = 0;
+	std::map<std::string, std::function<void(int)>> cbs_pending_;
+	std::deque<proton::message> cbs_queue_;
+};
+
+// Runs the script until it finishes; the deadline only guards against a hang.
+void
+Run(Script &s, int timeout_ms = 20000) {
+	proton::container c(s);
+	s.container = &c;
+	auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+	int done_ticks = 0;
+	std::function<void()> tick = [&]() {
+		if (s.done && ++done_ticks > 40) {
+			c.stop(); // the connection did not finish closing within 2 s
+			return;
+		}
+		if (!s.done && std::chrono::steady_clock::now() > deadline) {
+			s.timed_out = true;
+			c.stop();
+			return;
+		}
+		c.schedule(proton::duration(50), tick);
+	};
+	c.schedule(proton::duration(50), tick);
+	c.run();
+	if (s.timed_out) {
+		std::string errs;
+		for (auto &e : s.errors)
+			errs += " [" + e + "]";
+		tap::Fail(__FILE__, __LINE__, "script timed out" + errs);
+	}
+}
+
+proton::connection_options
+Anonymous() {
+	proton::connection_options o;
+	o.sasl_allowed_mechs("ANONYMOUS");
+	return o;
+}
+
+proton::connection_options
+Plain(const std::string &user = kKeyName, const std::string &password = kKey) {
+	proton::connection_options o;
+	o.sasl_allow_insecure_mechs(true);
+	o.sasl_allowed_mechs("PLAIN");
+	o.user(user);
+	o.password(password);
+	return o;
+}
+
+proton::receiver_options
+PeekLock(int credit = 10) {
+	return proton::receiver_options().auto_accept(false).credit_window(credit);
+}
+
+// Sets rcv-settle-mode second on a receiver before its attach goes out.
+void
+SecondMode(proton::receiver r) {
+	pn_link_set_rcv_settle_mode(harness::LinkAccess::Get(r), PN_RCV_SECOND);
+}
+
+// Accepts a delivery without settling it: with rcv-settle-mode second the broker settles first,
+// and on_delivery_settle reports its answer. (Proton C++'s delivery::accept() settles at once.)
+void
+AcceptUnsettled(proton::delivery &d) {
+	pn_delivery_update(harness::DeliveryAccess::Get(d), PN_ACCEPTED);
+}
+
+std::string
+Audience(const Sbemu &emu, const std::string &entity) {
+	return "sb://" + emu.hostport() + "/" + entity;
+}
+
+void
+SendText(Sbemu &emu, const std::string &entity, const std::string &body) {
+	emu.Post("/entities/" + harness::UrlEncode(entity) + "/messages", body);
+}
+
+} // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+TEST("tokens: an expiring token detaches the entity's links with amqp:unauthorized-access") {
+	Sbemu emu({"--queue", "q"});
+	Script s;
+	std::string detach;
+	int status = 0;
+	s.start = [&](proton::container &c) { c.connect(emu.url(), Anonymous()); };
+	s.connection_open = [&](proton::connection &c) {
+		std::string tok = harness::SasToken(Audience(emu, "q"), kKeyName, kKey, harness::NowUnix() + 2);
+		s.PutToken(c, Audience(emu, "q"), tok, "servicebus.windows.net:sastoken", [&, c](int st) mutable {
+			status = st;
+			SecondMode(c.open_receiver("q", PeekLock()));
+		});
+	};
+	s.error = [&](const std::string &where, const std::string &name, const std::string &) {
+		if (where == "receiver") {
+			detach = name;
+			s.Finish();
+		}
+	};
+	s.receiver_open = [&](proton::receiver &r) { (void)r; };
+	Run(s);
+	CHECK_EQ(status, 202);
+	CHECK_EQ(detach, std::string("amqp:unauthorized-access"));
+	CHECK(emu.Log().find("token for q expired") != std::string::npos);
+}
+
+TEST("tokens: a token put again before expiry keeps links and locks") {
+	Sbemu emu({"--queue", "q"});
+	SendText(emu, "q", "held across the renewal");
+	Script s;
+	std::vector<int> statuses;
+	bool settled = false;
+	proton::connection conn;
+	s.start = [&](proton::container &c) { c.connect(emu.url(), Anonymous()); };
+	s.connection_open = [&](proton::connection &c) {
+		conn = c;
+		std::string tok = harness::SasToken(Audience(emu, "q"), kKeyName, kKey, harness::NowUnix() + 2);
+		s.PutToken(c, Audience(emu, "q"), tok, "servicebus.windows.net:sastoken", [&, c](int st) mutable {
+			statuses.push_back(st);
+			SecondMode(c.open_receiver("q", PeekLock(1)));
+		});
+	};
+	s.message = [&](proton::delivery &d, proton::message &) {
+		// Hold the message, renew the token, wait past the first token's expiry, then settle.
+		std::string tok = harness::SasToken(Audience(emu, "q"), kKeyName, kKey, harness::NowUnix() + 3600);
+		s.PutToken(conn, Audience(emu, "q"), tok, "servicebus.windows.net:sastoken", [&, d](int st) mutable {
+			statuses.push_back(st);
+			// Runs in the connection's context, so the disposition goes out.
+			d.connection().work_queue().schedule(proton::duration(3000), [&, d]() mutable { AcceptUnsettled(d); });
+		});
+	};
+	s.delivery_settle = [&](proton::delivery &) {
+		settled = true;
+		s.Finish(conn);
+	};
+	s.error = [&](const std::string &, const std::string &, const std::string &) { s.Finish(conn); };
+	Run(s);
+	CHECK(statuses == std::vector<int>({202, 202}));
+	CHECK(settled);
+	CHECK(s.errors.empty());
+	CHECK_EQ(emu.Count("q", "completed"), 1);
+	CHECK_EQ(emu.Count("q", "lock_lost"), 0);
+}
+
+TEST("tokens: a connection that puts no valid token within the grace period is closed") {
+	Sbemu emu({"--queue", "q", "--cbs-grace", "1"});
+	Script s;
+	std::string closed_with;
+	s.start = [&](proton::container &c) { c.connect(emu.url(), Anonymous()); };
+	s.error = [&](const std::string &where, const std::string &name, const std::string &) {
+		if (closed_with.empty())
+			closed_with = where + ":" + name;
+		s.Finish();
+	};
+	Run(s);
+	CHECK_EQ(closed_with, std::string("connection:amqp:unauthorized-access"));
+}
+
+TEST("tokens: a bad token is answered 401 and an unknown entity 404") {
+	Sbemu emu({"--queue", "q"});
+	Script s;
+	std::vector<int> st;
+	proton::connection conn;
+	s.start = [&](proton::container &c) { c.connect(emu.url(), Anonymous()); };
+	s.connection_open = [&](proton::connection &c) {
+		conn = c;
+		std::string bad = harness::SasToken(Audience(emu, "q"), kKeyName, "not-the-key", harness::NowUnix() + 60);
+		s.PutToken(c, Audience(emu, "q"), bad, "servicebus.windows.net:sastoken", [&](int x) { st.push_back(x); });
+		std::string nf = harness::SasToken(Audience(emu, "nope"), kKeyName, kKey, harness::NowUnix() + 60);
+		s.PutToken(c, Audience(emu, "nope"), nf, "servicebus.windows.net:sastoken", [&](int x) { st.push_back(x); });
+		s.PutToken(c, Audience(emu, "q"), "not a jwt", "jwt", [&](int x) {
+			st.push_back(x);
+			s.Finish(conn);
+		});
+	};
+	Run(s);
+	CHECK(st == std::vector<int>({401, 404, 401}));
+}
+
+TEST("sasl: PLAIN with a shared access key authorizes the connection; a wrong key is refused") {
+	Sbemu emu({"--queue", "q"});
+	Script s;
+	bool accepted = false, sent = false;
+	s.start = [&](proton::container &c) { c.open_sender(emu.url() + "/q", Plain()); };
+	s.sendable = [&](proton::sender &snd) {
+		if (!sent) {
+			sent = true;
+			snd.send(proton::message("over PLAIN"));
+		}
+	};
+	s.tracker_accept = [&](proton::tracker &t) {
+		accepted = true;
+		s.Finish(t.connection());
+	};
+	Run(s);
+	CHECK(accepted);
+	CHECK_EQ(emu.Count("q", "active"), 1);
+
+	Script bad;
+	std::string err;
+	bad.start = [&](proton::container &c) { c.connect(emu.url(), Plain(kKeyName, "wrong")); };
+	bad.error = [&](const std::string &where, const std::string &name, const std::string &) {
+		if (err.empty())
+			err = where + ":" + name;
+		bad.Finish();
+	};
+	Run(bad);
+	CHECK_EQ(err, std::string("transport:amqp:unauthorized-access"));
+}
+
+TEST("attach: an unknown entity is refused with amqp:not-found, a topic cannot be received from") {
+	Sbemu emu({"--queue", "q"}, R"({"UserConfig":{"Namespaces":[{"Name":"ns","Topics":[{"Name":"t","Subscriptions":[{"Name":"s"}]}]}]}})");
+	Script s;
+	std::vector<std::string> conds;
+	proton::connection conn;
+	s.start = [&](proton::container &c) { c.connect(emu.url(), Plain()); };
+	s.connection_open = [&](proton::connection &c) {
+		conn = c;
+		c.open_receiver("no-such-queue", PeekLock());
+		c.open_receiver("t", PeekLock());
+	};
+	s.error = [&](const std::string &where, const std::string &name, const std::string &) {
+		if (where == "receiver")
+			conds.push_back(name);
+		if (conds.size() == 2)
+			s.Finish(conn);
+	};
+	Run(s);
+	REQUIRE(conds.size() == 2);
+	CHECK_EQ(conds[0], std::string("amqp:not-found"));
+	CHECK_EQ(conds[1], std::string("amqp:not-allowed"));
+}
+
+TEST("deliveries: the delivery tag is the 16-byte lock token and Service Bus annotations are present") {
+	Sbemu emu({"--queue", "q"});
+	SendText(emu, "q", "annotated");
+	Script s;
+	size_t tag_size = 0;
+	bool seq = false, enq = false, locked = false;
+	uint32_t count = 99;
+	s.start = [&](proton::container &c) { SecondMode(c.open_receiver(emu.url() + "/q", PeekLock(), Plain())); };
+	s.message = [&](proton::delivery &d, proton::message &m) {
+		tag_size = d.tag().size();
+		auto ann = m.message_annotations();
+		seq = ann.exists(proton::annotation_key("x-opt-sequence-number"));
+		enq = ann.exists(proton::annotation_key("x-opt-enqueued-time"));
+		locked = ann.exists(proton::annotation_key("x-opt-locked-until"));
+		count = m.delivery_count();
+		AcceptUnsettled(d);
+	};
+	s.delivery_settle = [&](proton::delivery &d) { s.Finish(d.connection()); };
+	Run(s);
+	CHECK_EQ(tag_size, 16u);
+	CHECK(seq && enq && locked);
+	CHECK_EQ(count, 0u);
+	CHECK_EQ(emu.Count("q", "completed"), 1);
+}
+
+TEST("settlement: rejected with com.microsoft:dead-letter, modified and released map to dead-letter, defer and abandon") {
+	Sbemu emu({"--queue", "q"});
+	for (const char *b : {"dead", "defer", "release"})
+		SendText(emu, "q", b);
+	Script s;
+	int settled = 0;
+	std::set<std::string> seen;
+	s.start = [&](proton::container &c) { SecondMode(c.open_receiver(emu.url() + "/q", PeekLock(3), Plain())); };
+	s.message = [&](proton::delivery &d, proton::message &m) {
+		std::string body = proton::to_string(m.body());
+		if (!seen.insert(body).second)
+			return; // the released message comes back; leave it locked
+		pn_delivery_t *pd = harness::DeliveryAccess::Get(d);
+		pn_disposition_t *local = pn_delivery_local(pd);
+		if (body.find("dead") != std::string::npos) {
+			pn_condition_t *cond = pn_disposition_condition(local);
+			pn_condition_set_name(cond, "com.microsoft:dead-letter");
+			pn_data_t *info = pn_condition_info(cond);
+			pn_data_put_map(info);
+			pn_data_enter(info);
+			pn_data_put_symbol(info, pn_bytes(16, "DeadLetterReason"));
+			pn_data_put_string(info, pn_bytes(14, "ValidationFail"));
+			pn_data_put_symbol(info, pn_bytes(26, "DeadLetterErrorDescription"));
+			pn_data_put_string(info, pn_bytes(17, "field x is absent"));
+			pn_data_exit(info);
+			pn_delivery_update(pd, PN_REJECTED);
+		} else if (body.find("defer") != std::string::npos) {
+			pn_disposition_set_undeliverable(local, true);
+			pn_delivery_update(pd, PN_MODIFIED);
+		} else {
+			pn_delivery_update(pd, PN_RELEASED);
+		}
+	};
+	s.delivery_settle = [&](proton::delivery &d) {
+		if (++settled == 3)
+			s.Finish(d.connection());
+	};
+	Run(s);
+	CHECK_EQ(settled, 3);
+	CHECK_EQ(emu.Count("q", "deferred"), 1);
+	CHECK_EQ(emu.Count("q", "abandoned"), 1);
+	CHECK_EQ(emu.Count("q", "active"), 1);
+	std::string dlq = emu.Get("/entities/q%2F%24DeadLetterQueue/messages");
+	CHECK(dlq.find("\"dead_letter_reason\":\"ValidationFail\"") != std::string::npos);
+	CHECK(dlq.find("\"dead_letter_description\":\"field x is absent\"") != std::string::npos);
+}
+
+TEST("settlement: settling after the lock expired is answered rejected with com.microsoft:message-lock-lost") {
+	Sbemu emu({"--queue", "q"});
+	SendText(emu, "q", "late");
+	Script s;
+	std::string answer;
+	s.start = [&](proton::container &c) { SecondMode(c.open_receiver(emu.url() + "/q", PeekLock(1), Plain())); };
+	s.message = [&](proton::delivery &d, proton::message &) {
+		emu.Post("/faults/expire-locks");
+		AcceptUnsettled(d);
+	};
+	s.delivery_settle = [&](proton::delivery &d) {
+		pn_delivery_t *pd = harness::DeliveryAccess::Get(d);
+		if (pn_delivery_remote_state(pd) == PN_REJECTED) {
+			const char *name = pn_condition_get_name(pn_disposition_condition(pn_delivery_remote(pd)));
+			answer = name ? name : "";
+		}
+		s.Finish(d.connection());
+	};
+	Run(s);
+	CHECK_EQ(answer, std::string("com.microsoft:message-lock-lost"));
+	CHECK_EQ(emu.Count("q", "active"), 1);
+}
+
+TEST("receive-and-delete: a settled-mode receiver gets pre-settled deliveries that leave the queue") {
+	Sbemu emu({"--queue", "q"});
+	SendText(emu, "q", "once");
+	Script s;
+	bool presettled = false;
+	s.start = [&](proton::container &c) {
+		c.open_receiver(emu.url() + "/q", proton::receiver_options().delivery_mode(proton::delivery_mode::AT_MOST_ONCE), Plain());
+	};
+	s.message = [&](proton::delivery &d, proton::message &) {
+		presettled = pn_delivery_settled(harness::DeliveryAccess::Get(d));
+		s.Finish(d.connection());
+	};
+	Run(s);
+	CHECK(presettled);
+	CHECK_EQ(emu.Count("q", "messages"), 0);
+}
+
+TEST("flow: a drain request is answered with the unused credit consumed") {
+	Sbemu emu({"--queue", "q"});
+	SendText(emu, "q", "only one");
+	Script s;
+	int got = 0;
+	bool drained = false;
+	s.start = [&](proton::container &c) {
+		SecondMode(c.open_receiver(emu.url() + "/q", proton::receiver_options().auto_accept(false).credit_window(0), Plain()));
+	};
+	s.receiver_open = [&](proton::receiver &r) {
+		r.add_credit(5);
+		r.drain();
+	};
+	s.message = [&](proton::delivery &d, proton::message &) {
+		++got;
+		AcceptUnsettled(d);
+	};
+	s.drain_finish = [&](proton::receiver &r) {
+		drained = r.credit() == 0;
+		s.Finish(r.connection());
+	};
+	Run(s);
+	CHECK_EQ(got, 1);
+	CHECK(drained);
+}
+
+TEST("limits: a message over --max-message-size is rejected with amqp:link:message-size-exceeded") {
+	Sbemu emu({"--queue", "q", "--max-message-size", "1024"});
+	Script s;
+	std::string cond;
+	int n = 0;
+	s.start = [&](proton::container &c) { c.open_sender(emu.url() + "/q", Plain()); };
+	s.sendable = [&](proton::sender &snd) {
+		if (n == 0) {
+			snd.send(proton::message(std::string(2000, 'x')));
+			snd.send(proton::message(std::string(100, 'y')));
+			n = 2;
+		}
+	};
+	s.tracker_reject = [&](proton::tracker &t) {
+		const char *name = pn_condition_get_name(pn_disposition_condition(pn_delivery_remote(harness::DeliveryAccess::Get(t))));
+		cond = name ? name : "";
+	};
+	s.tracker_accept = [&](proton::tracker &t) { s.Finish(t.connection()); };
+	Run(s);
+	CHECK_EQ(cond, std::string("amqp:link:message-size-exceeded"));
+	CHECK_EQ(emu.Count("q", "active"), 1);
+}
+
+TEST("faults: server-busy answers the next attaches with com.microsoft:server-busy") {
+	Sbemu emu({"--queue", "q"});
+	emu.Post("/faults/server-busy?count=1");
+	Script s;
+	std::vector<std::string> conds;
+	bool second_open = false;
+	proton::connection conn;
+	s.start = [&](proton::container &c) { c.connect(emu.url(), Plain()); };
+	s.connection_open = [&](proton::connection &c) {
+		conn = c;
+		c.open_receiver("q", PeekLock());
+	};
+	s.error = [&](const std::string &where, const std::string &name, const std::string &) {
+		if (where != "receiver")
+			return;
+		conds.push_back(name);
+		conn.open_receiver("q", PeekLock());
+	};
+	s.receiver_open = [&](proton::receiver &) {
+		second_open = true;
+		s.Finish(conn);
+	};
+	Run(s);
+	REQUIRE(conds.size() == 1);
+	CHECK_EQ(conds[0], std::string("com.microsoft:server-busy"));
+	CHECK(second_open);
+}
+
+TEST("faults: dropping connections keeps unsettled messages, redelivered with delivery-count + 1") {
+	Sbemu emu({"--queue", "q"});
+	SendText(emu, "q", "survivor");
+	Script s;
+	bool dropped = false;
+	s.start = [&](proton::container &c) { SecondMode(c.open_receiver(emu.url() + "/q", PeekLock(1), Plain())); };
+	s.message = [&](proton::delivery &, proton::message &) { emu.Post("/faults/drop-connections"); };
+	s.error = [&](const std::string &where, const std::string &, const std::string &) {
+		if (where == "transport") {
+			dropped = true;
+			s.Finish();
+		}
+	};
+	Run(s);
+	CHECK(dropped);
+	CHECK(harness::WaitUntil([&] { return emu.Count("q", "active") == 1; }));
+	Script again;
+	uint32_t count = 0;
+	again.start = [&](proton::container &c) { SecondMode(c.open_receiver(emu.url() + "/q", PeekLock(1), Plain())); };
+	again.message = [&](proton::delivery &d, proton::message &m) {
+		count = m.delivery_count();
+		AcceptUnsettled(d);
+	};
+	again.delivery_settle = [&](proton::delivery &d) { again.Finish(d.connection()); };
+	Run(again);
+	CHECK_EQ(count, 1u);
+	CHECK_EQ(emu.Count("q", "completed"), 1);
+}
+
+TEST("faults: refused connections fail until the window ends, then connect") {
+	Sbemu emu({"--queue", "q"});
+	emu.Post("/faults/refuse-connections?ms=1500");
+	Script s;
+	std::string err;
+	s.start = [&](proton::container &c) { c.connect(emu.url(), Plain()); };
+	s.error = [&](const std::string &where, const std::string &, const std::string &) {
+		if (err.empty())
+			err = where;
+		s.Finish();
+	};
+	Run(s);
+	CHECK_EQ(err, std::string("transport"));
+	CHECK(harness::WaitUntil([&] { return emu.Get("/stats").find("\"refusing_connections\":false") != std::string::npos; }));
+	Script ok;
+	bool opened = false;
+	ok.start = [&](proton::container &c) { c.connect(emu.url(), Plain()); };
+	ok.connection_open = [&](proton::connection &c) {
+		opened = true;
+		ok.Finish(c);
+	};
+	Run(ok);
+	CHECK(opened);
+}
+
+TEST("faults: delayed dispositions are answered late, and a drop during the delay loses the settlement") {
+	Sbemu emu({"--queue", "q"});
+	SendText(emu, "q", "slow broker");
+	emu.Post("/faults/delay-dispositions?ms=300");
+	Script s;
+	bool settled = false;
+	s.start = [&](proton::container &c) { SecondMode(c.open_receiver(emu.url() + "/q", PeekLock(1), Plain())); };
+	s.message = [&](proton::delivery &d, proton::message &) { AcceptUnsettled(d); };
+	s.delivery_settle = [&](proton::delivery &d) {
+		settled = true;
+		s.Finish(d.connection());
+	};
+	Run(s);
+	CHECK(settled);
+	CHECK_EQ(emu.Count("q", "completed"), 1);
+
+	SendText(emu, "q", "lost settlement");
+	emu.Post("/faults/delay-dispositions?ms=10000");
+	Script d2;
+	bool dropped = false;
+	d2.start = [&](proton::container &c) { SecondMode(c.open_receiver(emu.url() + "/q", PeekLock(1), Plain())); };
+	d2.message = [&](proton::delivery &d, proton::message &) {
+		AcceptUnsettled(d);
+		emu.Post("/faults/drop-connections");
+	};
+	d2.error = [&](const std::string &where, const std::string &, const std::string &) {
+		if (where == "transport") {
+			dropped = true;
+			d2.Finish();
+		}
+	};
+	d2.delivery_settle = [&](proton::delivery &) { tap::Fail(__FILE__, __LINE__, "settled despite the delay"); };
+	Run(d2);
+	CHECK(dropped);
+	emu.Post("/faults/clear");
+	CHECK(harness::WaitUntil([&] { return emu.Count("q", "active") == 1; }));
+	CHECK_EQ(emu.Count("q", "completed"), 1); // only the first message
+}
+
+TEST("tls: a TLS listener with a test CA serves a client that verifies the host name") {
+	char dir[] = "/tmp/sbemu-tls-XXXXXX";
+	REQUIRE(mkdtemp(dir));
+	std::string d = dir;
+	REQUIRE(std::system((std::string(REPO_ROOT "/test/lib/make-test-ca.sh ") + d + " >/dev/null 2>&1").c_str()) == 0);
+	Sbemu emu({"--queue", "q", "--tls-listen", "127.0.0.1:0", "--tls-cert", d + "/server.pem", "--tls-key",
+	           d + "/server.key"});
+	REQUIRE(!emu.tls_hostport().empty());
+	std::string port = emu.tls_hostport().substr(emu.tls_hostport().rfind(':') + 1);
+	auto tls = [&](const std::string &ca) {
+		proton::connection_options o = Plain();
+		o.ssl_client_options(proton::ssl_client_options(ca, proton::ssl::VERIFY_PEER_NAME));
+		o.virtual_host("localhost");
+		return o;
+	};
+	Script s;
+	bool accepted = false, sent = false;
+	s.start = [&](proton::container &c) { c.open_sender("amqps://127.0.0.1:" + port + "/q", tls(d + "/ca.pem")); };
+	s.sendable = [&](proton::sender &snd) {
+		if (!sent) {
+			sent = true;
+			snd.send(proton::message("over TLS"));
+		}
+	};
+	s.tracker_accept = [&](proton::tracker &t) {
+		accepted = true;
+		s.Finish(t.connection());
+	};
+	Run(s);
+	CHECK(accepted);
+	CHECK(emu.Get("/connections").find("\"tls\":true") != std::string::npos || emu.Count("q", "active") == 1);
+	CHECK_EQ(emu.Count("q", "active"), 1);
+
+	Script untrusted;
+	std::string err;
+	untrusted.start = [&](proton::container &c) { c.connect("amqps://127.0.0.1:" + port, tls(d + "/other-ca.pem")); };
+	untrusted.error = [&](const std::string &where, const std::string &, const std::string &) {
+		if (err.empty())
+			err = where;
+		untrusted.Finish();
+	};
+	Run(untrusted);
+	CHECK_EQ(err, std::string("transport"));
+	std::system(("rm -rf " + d).c_str());
+}
+
+TAP_MAIN
