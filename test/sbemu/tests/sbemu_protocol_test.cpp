@@ -31,7 +31,9 @@
 
 #include <deque>
 #include <functional>
+#include <future>
 #include <map>
+#include <thread>
 #include <set>
 
 using harness::Sbemu;
@@ -180,27 +182,27 @@ class Script : public proton::messaging_handler {
 	std::deque<proton::message> cbs_queue_;
 };
 
-// Runs the script until it finishes; the deadline only guards against a hang.
+// Runs the script until it finishes, on a thread of its own; the deadline only guards against a
+// hang (the container is stopped and the test fails).
 void
 Run(Script &s, int timeout_ms = 20000) {
 	proton::container c(s);
 	s.container = &c;
-	auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
-	int done_ticks = 0;
-	std::function<void()> tick = [&]() {
-		if (s.done && ++done_ticks > 40) {
-			c.stop(); // the connection did not finish closing within 2 s
-			return;
+	std::promise<void> finished;
+	std::future<void> fut = finished.get_future();
+	std::thread t([&] {
+		try {
+			c.run();
+		} catch (const std::exception &e) {
+			s.errors.push_back(std::string("container: ") + e.what());
 		}
-		if (!s.done && std::chrono::steady_clock::now() > deadline) {
-			s.timed_out = true;
-			c.stop();
-			return;
-		}
-		c.schedule(proton::duration(50), tick);
-	};
-	c.schedule(proton::duration(50), tick);
-	c.run();
+		finished.set_value();
+	});
+	if (fut.wait_for(std::chrono::milliseconds(timeout_ms)) != std::future_status::ready) {
+		s.timed_out = true;
+		c.stop();
+	}
+	t.join();
 	if (s.timed_out) {
 		std::string errs;
 		for (auto &e : s.errors)
