@@ -22,7 +22,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <regex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -92,11 +91,21 @@ inline std::string Http(const std::string &hostport, const std::string &method, 
 
 // The integer value of "field" in a flat JSON object (enough for sbemu's counts).
 inline long JsonInt(const std::string &json, const std::string &field) {
-	std::smatch m;
-	std::regex re("\"" + field + "\":(-?[0-9]+)");
-	if (!std::regex_search(json, m, re))
+	std::string key = "\"" + field + "\":";
+	size_t pos = json.find(key);
+	if (pos == std::string::npos)
 		throw std::runtime_error("no field " + field + " in " + json);
-	return std::stol(m[1]);
+	return std::strtol(json.c_str() + pos + key.size(), nullptr, 10);
+}
+
+// The value after "key=" in a readiness line, up to the next space or newline.
+inline std::string Field(const std::string &line, const std::string &key) {
+	size_t pos = line.find(" " + key + "=");
+	if (pos == std::string::npos)
+		return "";
+	size_t start = pos + key.size() + 2;
+	size_t end = line.find_first_of(" \n", start);
+	return line.substr(start, end == std::string::npos ? std::string::npos : end - start);
 }
 
 inline std::string UrlEncode(const std::string &s) {
@@ -205,13 +214,12 @@ class Sbemu {
 			line += c;
 		}
 		out_fd_ = out[0];
-		std::smatch m;
-		if (std::regex_search(line, m, std::regex("amqp=amqp://([^ \n]+)")))
-			amqp_ = m[1];
-		if (std::regex_search(line, m, std::regex("amqps=amqps://([^ \n]+)")))
-			amqps_ = m[1];
-		if (std::regex_search(line, m, std::regex("control=http://([^ \n]+)")))
-			control_ = m[1];
+		auto strip = [](std::string v, const std::string &scheme) {
+			return v.compare(0, scheme.size(), scheme) == 0 ? v.substr(scheme.size()) : v;
+		};
+		amqp_ = strip(Field(line, "amqp"), "amqp://");
+		amqps_ = strip(Field(line, "amqps"), "amqps://");
+		control_ = strip(Field(line, "control"), "http://");
 	}
 	~Sbemu() {
 		if (pid_ > 0) {

@@ -493,7 +493,8 @@ Broker::Pump(Consumer &c, Entity &e, int64_t now) {
 		return;
 	if (e.SessionsEnabled() && g->owner != &c)
 		return;
-	while (c.Credit() > 0 && !g->available.empty()) {
+	const std::string sid = e.SessionsEnabled() ? c.session_id : std::string();
+	while (c.Credit() > 0 && (g = Session(e, sid, false)) && !g->available.empty()) {
 		uint64_t seq = *g->available.begin();
 		g->available.erase(g->available.begin());
 		auto it = e.msgs.find(seq);
@@ -549,7 +550,8 @@ Broker::Remove(Entity &e, std::map<uint64_t, StoredMessage>::iterator it) {
 	}
 	if (g) {
 		--g->messages;
-		if (g->messages == 0 && !g->owner && !g->has_state)
+		// Session groups are dropped when nothing refers to them; the entity's own group stays.
+		if (!sid.empty() && g->messages == 0 && !g->owner && !g->has_state)
 			e.groups.erase(sid);
 	}
 	e.msgs.erase(it);

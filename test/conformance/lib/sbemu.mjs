@@ -8,7 +8,8 @@ import { fileURLToPath } from "node:url";
 
 const here = dirname(fileURLToPath(import.meta.url));
 export const repoRoot = resolve(here, "..", "..", "..");
-export const sbemuBin = join(repoRoot, "test", "sbemu", "sbemu");
+// SBEMU_BIN selects another build (test/run's sanitizer suite uses it).
+export const sbemuBin = process.env.SBEMU_BIN || join(repoRoot, "test", "sbemu", "sbemu");
 export const defaultKey = { name: "RootManageSharedAccessKey", key: "SAS_KEY_VALUE" };
 
 /** Polls fn until it returns a truthy value; the timeout only guards against hanging. */
