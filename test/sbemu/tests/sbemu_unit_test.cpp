@@ -585,6 +585,22 @@ TEST("store: peek-lock, complete, abandon with delivery count, dead-letter at Ma
 	CHECK_EQ(app.Get("DeadLetterReason")->s, std::string("MaxDeliveryCountExceeded"));
 }
 
+TEST("store: a receive-and-delete consumer drains the queue to empty") {
+	// Regression: removing the last message once dropped the group the pump was reading.
+	Broker b(OneQueue());
+	Entity &q = *b.Find("q");
+	for (int i = 0; i < 3; ++i)
+		b.Send(q, Msg("m" + std::to_string(i)), 1);
+	FakeConsumer c(false, 10);
+	b.AddConsumer(q, &c);
+	b.Pump(c, q, 2);
+	CHECK_EQ(c.got.size(), 3u);
+	CHECK_EQ(q.msgs.size(), 0u);
+	b.Send(q, Msg("late"), 3);
+	b.Pump(c, q, 4);
+	CHECK_EQ(c.got.size(), 4u);
+}
+
 TEST("store: a lock expires at its time, not before, and the message returns with count + 1") {
 	EntityProps p;
 	p.lock_duration_ms = 5000;
