@@ -1722,6 +1722,7 @@ Server::ConnectionsJson() {
 			out += "{\"name\":\"" + JsonEscape(l.name) + "\",\"role\":\"" + RoleName(l.role) + "\",\"address\":\"" +
 			       JsonEscape(l.address) + "\",\"credit\":" + std::to_string(l.link ? pn_link_credit(l.link) : 0) +
 			       ",\"unsettled\":" + std::to_string(l.link ? pn_link_unsettled(l.link) : 0) +
+			       ",\"closed\":" + (l.closing ? "true" : "false") +
 			       (l.session_bound ? ",\"session\":\"" + JsonEscape(l.session_id) + "\"" : std::string()) + "}";
 		}
 		out += "]}";
