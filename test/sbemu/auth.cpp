@@ -76,15 +76,6 @@ ScopeCovers(std::string_view scope, std::string_view path) {
 }
 
 std::string
-HmacSha256(std::string_view key, std::string_view data) {
-	unsigned char out[EVP_MAX_MD_SIZE];
-	unsigned int len = 0;
-	HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()), reinterpret_cast<const unsigned char *>(data.data()),
-	     data.size(), out, &len);
-	return std::string(reinterpret_cast<char *>(out), len);
-}
-
-std::string
 MakeSasToken(std::string_view resource_uri, const SasKey &key, int64_t expiry_seconds) {
 	std::string sr = UrlEncode(resource_uri);
 	std::string se = std::to_string(expiry_seconds);

@@ -64,7 +64,4 @@ TokenGrant VerifySas(std::string_view token, int64_t now_ms, const std::vector<S
 // Creates a SAS token (used by the control interface and tests).
 std::string MakeSasToken(std::string_view resource_uri, const SasKey &key, int64_t expiry_seconds);
 
-// HMAC-SHA256 of data with key.
-std::string HmacSha256(std::string_view key, std::string_view data);
-
 } // namespace sbemu

@@ -5,7 +5,8 @@
 //   through the Consumer interface, and everything runs on the server's single event thread.
 #pragma once
 
-#include "amqp_codec.hpp"
+#include "sbpg/amqp/codec.hpp"
+#include "util.hpp"
 #include "config.hpp"
 
 #include <array>

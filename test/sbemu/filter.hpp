@@ -4,7 +4,8 @@
 //   IS NULL, EXISTS, sys./user. property references).
 #pragma once
 
-#include "amqp_codec.hpp"
+#include "sbpg/amqp/codec.hpp"
+#include "util.hpp"
 
 #include <map>
 #include <memory>

@@ -1,7 +1,7 @@
 // test/sbemu/tests/sbemu_unit_test.cpp
 //   Unit tests of the emulator's pure parts: AMQP codec, durations, text codecs, SAS and JWT
 //   verification, filters, Config.json, and the message store driven with explicit clock values.
-#include "../amqp_codec.hpp"
+#include "sbpg/amqp/codec.hpp"
 #include "../auth.hpp"
 #include "../broker.hpp"
 #include "../config.hpp"

@@ -1,13 +1,13 @@
-// sbemu/amqp_codec.cpp
+// src/amqp/codec.cpp
 //   AMQP 1.0 type-system encoding and decoding (part 1 of the specification).
-#include "amqp_codec.hpp"
+#include "sbpg/amqp/codec.hpp"
 
-#include "util.hpp"
+#include "sbpg/core/text.hpp"
 
 #include <cstdio>
 #include <cstring>
 
-namespace sbemu::amqp {
+namespace sbpg::amqp {
 
 namespace {
 
@@ -1084,4 +1084,4 @@ EncodeSection(uint64_t code, const Value &v, std::string *out) {
 	Encode(v, out);
 }
 
-} // namespace sbemu::amqp
+} // namespace sbpg::amqp

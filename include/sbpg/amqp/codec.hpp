@@ -1,5 +1,5 @@
-// sbemu/amqp_codec.hpp
-//   A small AMQP 1.0 type-system codec: a value tree for requests and replies, a writer for
+// sbpg/amqp/codec.hpp
+//   A small AMQP 1.0 type-system codec (pure C++, no Proton, no PostgreSQL): a value tree for requests and replies, a writer for
 //   the hot paths (delivery headers and annotations), and the split of an encoded message into
 //   its sections so that the bare message can be stored and forwarded byte for byte.
 #pragma once
@@ -10,7 +10,7 @@
 #include <utility>
 #include <vector>
 
-namespace sbemu::amqp {
+namespace sbpg::amqp {
 
 // Section descriptors (AMQP 1.0 part 3).
 enum SectionCode : uint64_t {
@@ -176,4 +176,4 @@ enum PropertyField {
 	kReplyToGroupId,
 };
 
-} // namespace sbemu::amqp
+} // namespace sbpg::amqp
