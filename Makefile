@@ -1,16 +1,37 @@
-# sbpg top-level Makefile.
-# `make` builds everything the project needs on this machine: for now the Service Bus emulator
-# test/sbemu/sbemu. `make check` runs every test suite (see test/run).
+# sbpg: PGXS build of the extension, plus the Service Bus emulator used by the tests.
+#   make            the extension (sbpg.so) and test/sbemu/sbemu
+#   make install    the extension into the PostgreSQL found by pg_config
+#   test/run        every test suite
+EXTENSION = sbpg
+EXTVERSION = 0.1
+MODULE_big = sbpg
+DATA = sql/sbpg--$(EXTVERSION).sql
+PGFILEDESC = "sbpg - Azure Service Bus consumer"
+
+SRCS = $(wildcard src/*.cpp src/*/*.cpp)
+OBJS = $(SRCS:.cpp=.o)
+
+PG_CPPFLAGS = -Iinclude
+PG_CXXFLAGS = -std=c++17 -Wextra -Wno-unused-parameter -Wno-register -Wno-missing-field-initializers -MMD -MP
+# Debian 12's libqpid-proton-cpp.pc names pkg-config modules Debian does not ship: link directly.
+SHLIB_LINK = -lqpid-proton-cpp -l:libqpid-proton-core.so.10 -l:libqpid-proton-proactor.so.1 -lssl -lcrypto -lstdc++ -lpthread
+# Debian's PGXS would also compile every source to LLVM bitcode with clang, without C++17.
+override with_llvm = no
+
+EXTRA_CLEAN = $(SRCS:.cpp=.d)
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
 
 all: sbemu
 
 sbemu:
 	$(MAKE) -C test/sbemu
 
-check: all
-	test/run
-
-clean:
+clean: clean-sbemu
+clean-sbemu:
 	$(MAKE) -C test/sbemu clean
 
-.PHONY: all sbemu check clean
+-include $(SRCS:.cpp=.d)
+.PHONY: sbemu clean-sbemu

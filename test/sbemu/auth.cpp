@@ -16,7 +16,7 @@
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 
-#include "json.hpp"
+#include "sbpg/core/json.hpp"
 
 namespace sbemu {
 

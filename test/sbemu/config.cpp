@@ -3,7 +3,7 @@
 //   booleans and numbers or as strings, as hand-written files do.
 #include "config.hpp"
 
-#include "json.hpp"
+#include "sbpg/core/json.hpp"
 
 #include <cctype>
 #include <fstream>

@@ -21,7 +21,7 @@
 #include "control.hpp"
 
 #include "broker.hpp"
-#include "json.hpp"
+#include "sbpg/core/json.hpp"
 #include "server.hpp"
 #include "util.hpp"
 

@@ -1,4 +1,4 @@
-// sbemu/json.hpp
+// sbpg/core/json.hpp
 //   The one place RapidJSON is included: its assertions throw instead of aborting, and strings
 //   interoperate with std::string. Include this header, never <rapidjson/...> directly.
 #pragma once

@@ -1,0 +1,97 @@
+// sbpg/amqp/consumer.hpp
+//   The worker's AMQP side: a Qpid Proton C++ container on a thread of its own that holds the
+//   connection, puts tokens on $cbs, and keeps one peek-lock receiver with bounded credit. It never
+//   calls PostgreSQL. The worker's main thread takes messages and hands back settlements through
+//   the thread-safe calls below; the consumer wakes it by writing to an eventfd it waits on.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "sbpg/message/message.hpp"
+
+#include "sbpg/core/cpp_only.hpp"
+
+namespace sbpg {
+
+struct ConsumerConfig {
+	std::string host;
+	int port = 5672;
+	bool tls = false;
+	std::string entity;   // "orders" or "orders/subscriptions/audit"
+	std::string audience; // "sb://host[:port]/entity", the put-token name
+	enum class Auth { Anonymous, Sas } auth = Auth::Anonymous;
+	std::string sas_key_name;
+	std::string sas_key; // never logged
+	int64_t sas_token_lifetime_s = 3600;
+	uint32_t prefetch = 100; // messages held (unsettled) at most: credit + in flight
+	std::string ca_file;     // TLS trust store; empty means the system's
+	std::string container_id;
+	int max_json_depth = 1000;
+	bool release_to_abandon = false; // plain AMQP brokers: abandon with `released`, not `modified`
+	int reconnect_min_ms = 500;
+	int reconnect_max_ms = 30000;
+};
+
+enum class Outcome : uint8_t { Complete, DeadLetter, Abandon };
+
+struct Settlement {
+	uint64_t delivery_id = 0;
+	uint64_t connection_gen = 0;
+	Outcome outcome = Outcome::Complete;
+	std::string reason, description; // dead-letter only
+};
+
+// The broker's answer to a settlement (or why none came).
+struct SettleResult {
+	uint64_t delivery_id = 0;
+	bool ok = false;
+	std::string error;
+};
+
+struct ConsumerEvent {
+	enum class Kind : uint8_t { Connected, Disconnected, TokenRenewed, Error } kind = Kind::Error;
+	std::string text;
+	int64_t at_ms = 0;
+};
+
+struct ConsumerStatus {
+	bool connected = false;
+	int64_t connected_since_ms = 0;
+	int64_t token_expires_ms = 0;
+	uint64_t reconnects = 0;
+	uint32_t in_flight = 0;
+	std::string last_error;
+	bool dead = false; // the AMQP thread stopped on an unexpected error
+};
+
+class Consumer {
+  public:
+	Consumer(ConsumerConfig cfg, int wake_fd);
+	~Consumer();
+	Consumer(const Consumer &) = delete;
+	Consumer &operator=(const Consumer &) = delete;
+
+	// Starts the AMQP thread with every signal blocked, so PostgreSQL's handlers run only on the
+	// main thread.
+	void Start();
+	// Stops the container and joins the thread. Thread-safe and idempotent.
+	void Stop();
+
+	// Moves up to max received messages into out (appending); returns how many.
+	size_t TakeMessages(std::vector<ReceivedMessage> *out, size_t max);
+	// Queues settlements; they are sent on the connection that delivered the messages, or answered
+	// as failed when that connection is gone.
+	void Settle(std::vector<Settlement> settlements);
+	void TakeResults(std::vector<SettleResult> *out);
+	void TakeEvents(std::vector<ConsumerEvent> *out);
+	ConsumerStatus Status();
+
+  private:
+	struct Impl;
+	std::unique_ptr<Impl> impl_;
+};
+
+} // namespace sbpg

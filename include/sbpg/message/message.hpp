@@ -1,0 +1,54 @@
+// sbpg/message/message.hpp
+//   A received Service Bus message as a plain C++ value: its fields, its body bytes, its
+//   application properties as JSON text, and the verdict on whether the body is JSON. Built on the
+//   AMQP thread from the encoded message; read by the worker's main thread.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "sbpg/core/cpp_only.hpp"
+
+namespace sbpg {
+
+enum class BodyKind : uint8_t { None, Data, String, Value, Sequence };
+enum class JsonVerdict : uint8_t {
+	Json,        // body parsed as JSON (content type JSON or absent)
+	NotJson,     // no content type and not JSON: handler gets body NULL, raw_body set
+	OtherType,   // a non-JSON content type: body NULL, raw_body set
+	Invalid,     // JSON content type but not valid JSON: dead-letter
+	Empty,       // no body at all
+};
+
+struct ReceivedMessage {
+	uint64_t delivery_id = 0;    // the AMQP thread's handle for settlement
+	uint64_t connection_gen = 0; // which connection delivered it (settlements on older ones are void)
+	std::string message_id, correlation_id, session_id, subject, content_type, reply_to, to;
+	BodyKind body_kind = BodyKind::None;
+	std::string raw_body;        // data sections joined, a string value's bytes, or JSON for other values
+	std::string properties_json = "{}";
+	bool has_sequence_number = false;
+	int64_t sequence_number = 0;
+	int64_t enqueued_ms = 0;     // 0 when the broker gave none
+	int64_t locked_until_ms = 0;
+	uint32_t delivery_count = 0;
+	int64_t received_ms = 0;     // when the worker received it
+	JsonVerdict json = JsonVerdict::Empty;
+	std::string json_error;      // why the body is not valid JSON
+	std::string decode_error;    // set when the message could not be decoded at all
+};
+
+// Decodes an encoded AMQP message (the bytes of one transfer). Never throws; a message that cannot
+// be decoded gets decode_error set (it will be dead-lettered with that reason).
+void DecodeMessage(std::string_view encoded, int max_json_depth, ReceivedMessage *out);
+
+// Whether a content type names JSON ("application/json", "text/json", "application/x+json",
+// parameters such as "; charset=utf-8" allowed).
+bool IsJsonContentType(std::string_view content_type);
+
+// Checks that text is JSON PostgreSQL's jsonb accepts: valid UTF-8, no \u0000, nesting at most
+// max_depth. Returns false with a readable reason.
+bool CheckJson(std::string_view text, int max_depth, std::string *why);
+
+} // namespace sbpg

@@ -1,0 +1,98 @@
+// sbpg/pg/shared.hpp
+//   Settings, shared memory and the hand-over between launcher and workers (include after
+//   postgres.h, only from src/pg/).
+#pragma once
+
+#ifndef POSTGRES_H
+#error "include postgres.h before sbpg/pg/shared.hpp"
+#endif
+
+extern "C" {
+#include "datatype/timestamp.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+#include "storage/spin.h"
+}
+
+namespace sbpg::pg {
+
+// Settings (GUCs), defined in module.cpp.
+extern char *guc_database;
+extern int guc_max_workers;
+extern int guc_log_messages; // LogMessages
+extern int guc_inbox_retention_s;
+extern int guc_max_json_depth;
+extern char *guc_test_fault;
+
+enum LogMessages { kLogNone = 0, kLogFailures = 1, kLogAll = 2 };
+
+constexpr int kSamples = 512;   // recent latency samples kept per subscription
+constexpr int kRateSeconds = 60; // throughput window
+constexpr int kNameLen = 64;
+
+enum WorkerState : int {
+	kStateFree = 0,
+	kStateStarting,
+	kStateConnecting,
+	kStateConnected,
+	kStateReconnecting,
+	kStateStopped,
+	kStateFailed,
+	kStatePaused, // the handler cannot run; see last_error
+};
+const char *WorkerStateName(int state);
+
+// Statistics and state of one subscription's worker. Written by its worker, read by sbpg.stats.
+struct WorkerSlot {
+	slock_t mutex;
+	bool in_use;
+	char name[kNameLen];
+	int pid;
+	int state;
+	TimestampTz connected_since;
+	TimestampTz last_error_at;
+	TimestampTz last_batch_at;
+	TimestampTz token_expires_at;
+	uint64 received, applied, dead_lettered, duplicates, abandoned, batches, settle_failures, reconnects;
+	char last_error[256];
+	float apply_ms[kSamples];
+	uint32 apply_next, apply_count;
+	float lag_ms[kSamples];
+	uint32 lag_next, lag_count;
+	int64 rate_second[kRateSeconds];
+	uint32 rate_count[kRateSeconds];
+};
+
+struct SharedState {
+	LWLock *lock; // slot allocation
+	int launcher_pid;
+	Latch *launcher_latch;
+	char test_fault_fired[kNameLen]; // the last test fault tag that fired (fires once per tag)
+	int nslots;
+	WorkerSlot *slots;
+};
+
+extern SharedState *shared;
+
+// What a worker is started with (in bgw_extra).
+struct WorkerStart {
+	Oid database;
+	Oid user;
+	int slot;
+	char name[kNameLen];
+};
+
+// Sets the launcher's latch (wake it now).
+void WakeLauncher();
+// Reserves the slot for a subscription (launcher); -1 when none is free.
+int AssignSlot(const char *name);
+void FreeSlot(int slot);
+// Takes a consistent copy of a slot.
+void CopySlot(int slot, WorkerSlot *out);
+
+} // namespace sbpg::pg
+
+extern "C" {
+PGDLLEXPORT void sbpg_launcher_main(Datum arg);
+PGDLLEXPORT void sbpg_worker_main(Datum arg);
+}

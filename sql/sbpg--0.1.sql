@@ -1,0 +1,455 @@
+-- sbpg 0.1: catalog, SQL surface and privileges.
+\echo Use "CREATE EXTENSION sbpg" to load this file. \quit
+
+-- Roles are cluster-wide and outlive the extension; create them only when missing.
+DO $$
+BEGIN
+	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'sbpg_admin') THEN
+		CREATE ROLE sbpg_admin NOLOGIN;
+	END IF;
+	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'sbpg_monitor') THEN
+		CREATE ROLE sbpg_monitor NOLOGIN;
+	END IF;
+END
+$$;
+COMMENT ON ROLE sbpg_admin IS 'sbpg: may manage identities and the subscriptions whose run_as role it belongs to';
+COMMENT ON ROLE sbpg_monitor IS 'sbpg: may read sbpg.stats and sbpg.inbox';
+
+-- What a handler receives.
+CREATE TYPE sbpg.message AS (
+	message_id text,
+	correlation_id text,
+	session_id text,
+	subject text,
+	content_type text,
+	reply_to text,
+	body jsonb,            -- the body parsed as JSON, when it is JSON
+	raw_body bytea,        -- the body as sent
+	properties jsonb,      -- application properties
+	sequence_number bigint,
+	enqueued_at timestamptz,
+	delivery_count integer,
+	message_type text,     -- versioned schemas (a later release); NULL for now
+	schema_version text,
+	subscription text      -- the sbpg subscription that received it
+);
+COMMENT ON TYPE sbpg.message IS 'A Service Bus message as an sbpg handler receives it';
+
+-- How a worker obtains AMQP credentials. Secrets live in sbpg.identity_secrets, readable only by
+-- superusers (the extension owner).
+CREATE TABLE sbpg.identities (
+	name text PRIMARY KEY,
+	kind text NOT NULL CHECK (kind IN ('anonymous', 'sas')),
+	options jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(options) = 'object'),
+	created_at timestamptz NOT NULL DEFAULT now(),
+	created_by name NOT NULL
+);
+COMMENT ON TABLE sbpg.identities IS 'Credentials a worker uses; secrets are kept apart in sbpg.identity_secrets';
+
+CREATE TABLE sbpg.identity_secrets (
+	identity text PRIMARY KEY REFERENCES sbpg.identities (name) ON DELETE CASCADE,
+	secret text NOT NULL
+);
+COMMENT ON TABLE sbpg.identity_secrets IS 'Shared access keys given literally; readable by superusers only';
+
+CREATE TABLE sbpg.subscriptions (
+	name text PRIMARY KEY,
+	namespace text NOT NULL,
+	entity text NOT NULL,
+	handler regprocedure NOT NULL,
+	run_as regrole NOT NULL,
+	identity text REFERENCES sbpg.identities (name),
+	batch_size integer NOT NULL,
+	prefetch integer NOT NULL,
+	notify_channel text,
+	enabled boolean NOT NULL DEFAULT true,
+	options jsonb NOT NULL DEFAULT '{}',
+	created_at timestamptz NOT NULL DEFAULT now(),
+	updated_at timestamptz NOT NULL DEFAULT now(),
+	created_by name NOT NULL
+);
+COMMENT ON TABLE sbpg.subscriptions IS 'One row per consumed entity; managed with sbpg.create_subscription and friends';
+
+-- One row per message with a final outcome, written in the transaction that applied it.
+CREATE TABLE sbpg.inbox (
+	subscription text NOT NULL,
+	sequence_number bigint,
+	message_id text,
+	correlation_id text,
+	status text NOT NULL CHECK (status IN ('applied', 'dead_lettered')),
+	reason text,
+	delivery_count integer,
+	xid xid8 NOT NULL,
+	recorded_at timestamptz NOT NULL DEFAULT now(),
+	settled_at timestamptz
+);
+CREATE UNIQUE INDEX inbox_by_sequence ON sbpg.inbox (subscription, sequence_number) WHERE sequence_number IS NOT NULL;
+CREATE UNIQUE INDEX inbox_by_message_id ON sbpg.inbox (subscription, message_id) WHERE sequence_number IS NULL;
+CREATE INDEX inbox_by_time ON sbpg.inbox (recorded_at);
+COMMENT ON TABLE sbpg.inbox IS 'Outcome of every message (applied or dead_lettered); settled_at is set once the broker confirmed the settlement';
+
+-- Who called a SECURITY DEFINER function (the role after SET ROLE, not the definer).
+CREATE FUNCTION sbpg._caller() RETURNS regrole
+	AS 'MODULE_PATHNAME', 'sbpg_caller' LANGUAGE C STABLE STRICT;
+
+-- Wakes the launcher when the transaction commits (subscription or identity changes).
+CREATE FUNCTION sbpg._config_changed() RETURNS trigger
+	AS 'MODULE_PATHNAME', 'sbpg_config_changed' LANGUAGE C;
+
+CREATE FUNCTION sbpg._worker_stats(
+	OUT subscription text, OUT state text, OUT pid integer, OUT connected_since timestamptz,
+	OUT received bigint, OUT applied bigint, OUT dead_lettered bigint, OUT duplicates bigint,
+	OUT abandoned bigint, OUT batches bigint, OUT settle_failures bigint, OUT reconnects bigint,
+	OUT last_error text, OUT last_error_at timestamptz,
+	OUT apply_ms_p50 double precision, OUT apply_ms_p99 double precision,
+	OUT lag_ms_p50 double precision, OUT lag_ms_p99 double precision,
+	OUT messages_per_second double precision, OUT token_expires_at timestamptz,
+	OUT last_batch_at timestamptz)
+	RETURNS SETOF record
+	AS 'MODULE_PATHNAME', 'sbpg_worker_stats' LANGUAGE C STRICT;
+
+CREATE TRIGGER subscriptions_changed AFTER INSERT OR UPDATE OR DELETE ON sbpg.subscriptions
+	FOR EACH STATEMENT EXECUTE FUNCTION sbpg._config_changed();
+CREATE TRIGGER identities_changed AFTER INSERT OR UPDATE OR DELETE ON sbpg.identities
+	FOR EACH STATEMENT EXECUTE FUNCTION sbpg._config_changed();
+CREATE TRIGGER identity_secrets_changed AFTER INSERT OR UPDATE OR DELETE ON sbpg.identity_secrets
+	FOR EACH STATEMENT EXECUTE FUNCTION sbpg._config_changed();
+
+-- Raises insufficient_privilege unless the caller is a superuser or an sbpg_admin member (and,
+-- when run_as is given, a member of run_as).
+CREATE FUNCTION sbpg._check_admin(action text, run_as regrole DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	caller regrole := sbpg._caller();
+BEGIN
+	IF (SELECT rolsuper FROM pg_roles WHERE oid = caller) THEN
+		RETURN;
+	END IF;
+	IF NOT pg_has_role(caller, 'sbpg_admin', 'MEMBER') THEN
+		RAISE EXCEPTION 'permission denied to %', action
+			USING ERRCODE = 'insufficient_privilege',
+			      DETAIL = format('Role %s is neither a superuser nor a member of sbpg_admin.', caller),
+			      HINT = 'A superuser can GRANT sbpg_admin TO the role that manages subscriptions.';
+	END IF;
+	IF run_as IS NOT NULL AND NOT pg_has_role(caller, run_as, 'MEMBER') THEN
+		RAISE EXCEPTION 'permission denied to %', action
+			USING ERRCODE = 'insufficient_privilege',
+			      DETAIL = format('sbpg_admin members manage only subscriptions whose run_as role they belong to; %s is not a member of %s.', caller, run_as),
+			      HINT = format('GRANT %s TO %s, or ask a superuser.', run_as, caller);
+	END IF;
+END
+$$;
+
+CREATE FUNCTION sbpg.create_identity(name text, kind text, options jsonb DEFAULT '{}')
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	caller regrole := sbpg._caller();
+	is_super boolean;
+	opts jsonb := coalesce(options, '{}');
+	k text;
+	refs int;
+	secret text;
+BEGIN
+	PERFORM sbpg._check_admin('create identity');
+	SELECT rolsuper INTO is_super FROM pg_roles WHERE oid = caller;
+	IF name IS NULL OR name !~ '^[A-Za-z0-9_.-]{1,63}$' THEN
+		RAISE EXCEPTION 'invalid identity name %', coalesce(quote_literal(name), 'NULL')
+			USING ERRCODE = 'invalid_parameter_value',
+			      HINT = 'Use 1 to 63 letters, digits, "_", "." or "-".';
+	END IF;
+	IF EXISTS (SELECT 1 FROM sbpg.identities i WHERE i.name = create_identity.name) THEN
+		RAISE EXCEPTION 'identity "%" already exists', name
+			USING ERRCODE = 'duplicate_object', HINT = 'Drop it with sbpg.drop_identity first, or choose another name.';
+	END IF;
+	IF jsonb_typeof(opts) <> 'object' THEN
+		RAISE EXCEPTION 'identity options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	IF kind = 'anonymous' THEN
+		IF opts <> '{}' THEN
+			RAISE EXCEPTION 'identity kind anonymous takes no options'
+				USING ERRCODE = 'invalid_parameter_value',
+				      DETAIL = format('Options given: %s.', (SELECT string_agg(x, ', ') FROM jsonb_object_keys(opts) x));
+		END IF;
+	ELSIF kind = 'sas' THEN
+		FOR k IN SELECT jsonb_object_keys(opts) LOOP
+			IF k NOT IN ('key_name', 'key', 'key_file', 'key_env') THEN
+				RAISE EXCEPTION 'unknown option "%" for identity kind sas', k
+					USING ERRCODE = 'invalid_parameter_value', HINT = 'Options of kind sas: key_name, and one of key, key_file, key_env.';
+			END IF;
+			IF jsonb_typeof(opts -> k) <> 'string' OR opts ->> k = '' THEN
+				RAISE EXCEPTION 'option "%" of identity kind sas must be a non-empty string', k
+					USING ERRCODE = 'invalid_parameter_value';
+			END IF;
+		END LOOP;
+		IF NOT opts ? 'key_name' THEN
+			RAISE EXCEPTION 'identity kind sas needs option key_name'
+				USING ERRCODE = 'invalid_parameter_value', HINT = 'key_name is the shared access policy name, e.g. RootManageSharedAccessKey.';
+		END IF;
+		refs := (opts ? 'key')::int + (opts ? 'key_file')::int + (opts ? 'key_env')::int;
+		IF refs <> 1 THEN
+			RAISE EXCEPTION 'identity kind sas needs exactly one of key, key_file, key_env'
+				USING ERRCODE = 'invalid_parameter_value',
+				      HINT = 'Prefer key_file or key_env: a literal key in SQL text can appear in statement logs.';
+		END IF;
+		IF (opts ? 'key_file' OR opts ? 'key_env') AND NOT is_super THEN
+			RAISE EXCEPTION 'only superusers may create identities that read server files or environment variables'
+				USING ERRCODE = 'insufficient_privilege',
+				      DETAIL = 'key_file and key_env make the server read its own files and environment.',
+				      HINT = 'Ask a superuser to create this identity, or give the key with option key.';
+		END IF;
+		IF opts ? 'key_file' AND opts ->> 'key_file' !~ '^/' THEN
+			RAISE EXCEPTION 'key_file must be an absolute path' USING ERRCODE = 'invalid_parameter_value';
+		END IF;
+		IF opts ? 'key_env' AND opts ->> 'key_env' !~ '^[A-Za-z_][A-Za-z0-9_]*$' THEN
+			RAISE EXCEPTION 'key_env must be an environment variable name' USING ERRCODE = 'invalid_parameter_value';
+		END IF;
+		secret := opts ->> 'key';
+		opts := opts - 'key';
+	ELSE
+		RAISE EXCEPTION 'unknown identity kind %', coalesce(quote_literal(kind), 'NULL')
+			USING ERRCODE = 'invalid_parameter_value',
+			      HINT = 'Kinds available in this release: anonymous, sas.';
+	END IF;
+	INSERT INTO sbpg.identities (name, kind, options, created_by) VALUES (name, kind, opts, caller::text);
+	IF secret IS NOT NULL THEN
+		INSERT INTO sbpg.identity_secrets (identity, secret) VALUES (name, secret);
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION sbpg.create_identity(text, text, jsonb) IS 'Registers credentials for workers (kinds: anonymous, sas)';
+
+CREATE FUNCTION sbpg.drop_identity(name text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	users text;
+BEGIN
+	PERFORM sbpg._check_admin('drop identity');
+	IF NOT EXISTS (SELECT 1 FROM sbpg.identities i WHERE i.name = drop_identity.name) THEN
+		RAISE EXCEPTION 'identity "%" does not exist', name USING ERRCODE = 'undefined_object';
+	END IF;
+	SELECT string_agg(s.name, ', ' ORDER BY s.name) INTO users FROM sbpg.subscriptions s WHERE s.identity = drop_identity.name;
+	IF users IS NOT NULL THEN
+		RAISE EXCEPTION 'identity "%" is used by subscriptions', name
+			USING ERRCODE = 'dependent_objects_still_exist', DETAIL = format('Used by: %s.', users),
+			      HINT = 'Drop those subscriptions or move them to another identity first.';
+	END IF;
+	DELETE FROM sbpg.identities i WHERE i.name = drop_identity.name;
+END
+$$;
+
+-- Validates a subscription's settings; raises a clear error for the first problem found.
+CREATE FUNCTION sbpg._validate_subscription(name text, namespace text, entity text, handler regprocedure,
+	run_as regrole, identity text, batch_size integer, prefetch integer, notify_channel text, options jsonb)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	p pg_proc;
+	k text;
+	caller regrole := sbpg._caller();
+BEGIN
+	IF name IS NULL OR name !~ '^[A-Za-z0-9_.-]{1,63}$' THEN
+		RAISE EXCEPTION 'invalid subscription name %', coalesce(quote_literal(name), 'NULL')
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'Use 1 to 63 letters, digits, "_", "." or "-".';
+	END IF;
+	IF namespace IS NULL OR NOT (
+		namespace ~* '^[a-z0-9][a-z0-9-]{0,48}[a-z0-9]\.servicebus\.(windows\.net|chinacloudapi\.cn|usgovcloudapi\.net|cloudapi\.de)$'
+		OR namespace ~* '^amqps?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?/?$') THEN
+		RAISE EXCEPTION 'invalid namespace %', coalesce(quote_literal(namespace), 'NULL')
+			USING ERRCODE = 'invalid_parameter_value',
+			      DETAIL = 'A namespace is a Service Bus namespace host name or an AMQP URL with host and optional port.',
+			      HINT = 'For example contoso.servicebus.windows.net (TLS on port 5671), amqp://127.0.0.1:5672 or amqps://broker.example:5671.';
+	END IF;
+	IF namespace ~* '^amqps?://' AND coalesce(substring(namespace from ':([0-9]+)/?$')::int, 1) NOT BETWEEN 1 AND 65535 THEN
+		RAISE EXCEPTION 'invalid port in namespace %', quote_literal(namespace) USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	IF entity IS NULL OR NOT (
+		entity ~ '^[A-Za-z0-9][A-Za-z0-9._~/-]*$' AND length(entity) <= 260 AND entity !~ '//' AND entity !~ '/$'
+		OR entity ~* '^[A-Za-z0-9][A-Za-z0-9._~/-]*/\$deadletterqueue$') THEN
+		RAISE EXCEPTION 'invalid entity %', coalesce(quote_literal(entity), 'NULL')
+			USING ERRCODE = 'invalid_parameter_value',
+			      HINT = 'An entity is a queue name (orders) or a topic subscription (orders/subscriptions/audit).';
+	END IF;
+	IF entity ~* '/subscriptions/' AND entity !~* '^[^/]+/subscriptions/[^/]+(/\$deadletterqueue)?$' THEN
+		RAISE EXCEPTION 'invalid topic subscription %', quote_literal(entity)
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'Write it as topic/subscriptions/name.';
+	END IF;
+	SELECT * INTO p FROM pg_proc WHERE oid = handler;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'handler function does not exist' USING ERRCODE = 'undefined_function';
+	END IF;
+	IF p.prokind <> 'f' OR p.pronargs <> 1 OR p.proargtypes[0] <> 'sbpg.message'::regtype
+	   OR p.prorettype <> 'void'::regtype OR p.proretset THEN
+		RAISE EXCEPTION 'handler % has the wrong signature', handler
+			USING ERRCODE = 'invalid_function_definition',
+			      DETAIL = format('It takes (%s) and returns %s%s.', pg_get_function_identity_arguments(handler),
+			                      CASE WHEN p.proretset THEN 'setof ' ELSE '' END, p.prorettype::regtype),
+			      HINT = 'A handler is declared as CREATE FUNCTION name(msg sbpg.message) RETURNS void.';
+	END IF;
+	IF p.prosecdef THEN
+		RAISE EXCEPTION 'handler % is SECURITY DEFINER', handler
+			USING ERRCODE = 'invalid_function_definition',
+			      DETAIL = 'A SECURITY DEFINER handler would run as its owner, not as the subscription''s run_as role.',
+			      HINT = 'Declare the handler SECURITY INVOKER (the default) and grant run_as what it needs.';
+	END IF;
+	IF run_as IS NULL THEN
+		RAISE EXCEPTION 'run_as must be given' USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	IF (SELECT rolsuper FROM pg_roles WHERE oid = run_as) THEN
+		RAISE EXCEPTION 'run_as role % is a superuser', run_as
+			USING ERRCODE = 'insufficient_privilege',
+			      DETAIL = 'Handlers run with exactly the rights of run_as; a superuser has every right.',
+			      HINT = 'Create a NOLOGIN role with only the privileges the handler needs.';
+	END IF;
+	IF NOT has_function_privilege(run_as, handler, 'EXECUTE') THEN
+		RAISE EXCEPTION 'run_as role % may not execute handler %', run_as, handler
+			USING ERRCODE = 'insufficient_privilege', HINT = format('GRANT EXECUTE ON FUNCTION %s TO %s.', handler, run_as);
+	END IF;
+	IF identity IS NOT NULL AND NOT EXISTS (SELECT 1 FROM sbpg.identities i WHERE i.name = identity) THEN
+		RAISE EXCEPTION 'identity "%" does not exist', identity
+			USING ERRCODE = 'undefined_object', HINT = 'Create it with sbpg.create_identity(name, kind, options).';
+	END IF;
+	IF identity IS NULL AND namespace ~* '\.servicebus\.' THEN
+		RAISE EXCEPTION 'a Service Bus namespace needs an identity'
+			USING ERRCODE = 'invalid_parameter_value',
+			      HINT = 'Create one with sbpg.create_identity and pass it as identity.';
+	END IF;
+	IF batch_size IS NULL OR batch_size NOT BETWEEN 1 AND 1000 THEN
+		RAISE EXCEPTION 'batch_size % is out of range', coalesce(batch_size::text, 'NULL')
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'Use 1 to 1000 messages per transaction.';
+	END IF;
+	IF prefetch IS NULL OR prefetch NOT BETWEEN batch_size AND 5000 THEN
+		RAISE EXCEPTION 'prefetch % is out of range', coalesce(prefetch::text, 'NULL')
+			USING ERRCODE = 'invalid_parameter_value',
+			      DETAIL = format('prefetch must be at least batch_size (%s) and at most 5000.', batch_size),
+			      HINT = 'Locks run from the moment the broker hands a message over; prefetch only what is applied well within the lock duration.';
+	END IF;
+	IF notify_channel IS NOT NULL AND (notify_channel = '' OR octet_length(notify_channel) > 63) THEN
+		RAISE EXCEPTION 'invalid notify_channel %', quote_literal(notify_channel)
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'A channel name has 1 to 63 bytes; NULL turns notifications off.';
+	END IF;
+	IF jsonb_typeof(coalesce(options, '{}')) <> 'object' THEN
+		RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	FOR k IN SELECT jsonb_object_keys(coalesce(options, '{}')) LOOP
+		RAISE EXCEPTION 'unknown subscription option "%"', k
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'This release takes no subscription options.';
+	END LOOP;
+END
+$$;
+
+CREATE FUNCTION sbpg.create_subscription(name text, namespace text, entity text, handler regprocedure,
+	run_as regrole, identity text DEFAULT NULL, batch_size integer DEFAULT 100, prefetch integer DEFAULT NULL,
+	notify_channel text DEFAULT 'sbpg_confirm', enabled boolean DEFAULT true, options jsonb DEFAULT '{}')
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+	PERFORM sbpg._check_admin('create subscription', run_as);
+	IF EXISTS (SELECT 1 FROM sbpg.subscriptions s WHERE s.name = create_subscription.name) THEN
+		RAISE EXCEPTION 'subscription "%" already exists', name
+			USING ERRCODE = 'duplicate_object', HINT = 'Change it with sbpg.alter_subscription, or drop it first.';
+	END IF;
+	-- By default hold no more messages than one transaction applies (see the docs on prefetch).
+	prefetch := coalesce(prefetch, batch_size);
+	PERFORM sbpg._validate_subscription(name, namespace, entity, handler, run_as, identity, batch_size, prefetch,
+	                                    notify_channel, options);
+	INSERT INTO sbpg.subscriptions (name, namespace, entity, handler, run_as, identity, batch_size, prefetch,
+	                                notify_channel, enabled, options, created_by)
+	VALUES (name, namespace, entity, handler, run_as, identity, batch_size, prefetch, notify_channel,
+	        coalesce(enabled, true), coalesce(options, '{}'), sbpg._caller()::text);
+END
+$$;
+COMMENT ON FUNCTION sbpg.create_subscription(text, text, text, regprocedure, regrole, text, integer, integer, text, boolean, jsonb)
+	IS 'Consumes a queue or topic subscription and applies each message with handler as run_as';
+
+CREATE FUNCTION sbpg.alter_subscription(name text, namespace text DEFAULT NULL, entity text DEFAULT NULL,
+	handler regprocedure DEFAULT NULL, run_as regrole DEFAULT NULL, identity text DEFAULT NULL,
+	batch_size integer DEFAULT NULL, prefetch integer DEFAULT NULL, notify_channel text DEFAULT NULL,
+	enabled boolean DEFAULT NULL, options jsonb DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	s sbpg.subscriptions;
+	new_identity text;
+	new_channel text;
+	inbox_rows bigint;
+BEGIN
+	SELECT * INTO s FROM sbpg.subscriptions x WHERE x.name = alter_subscription.name FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'subscription "%" does not exist', name USING ERRCODE = 'undefined_object';
+	END IF;
+	PERFORM sbpg._check_admin('alter subscription', s.run_as);
+	IF run_as IS NOT NULL THEN
+		PERFORM sbpg._check_admin('alter subscription', run_as);
+	END IF;
+	-- '' clears identity and notify_channel (NULL means "unchanged" here).
+	new_identity := CASE WHEN identity IS NULL THEN s.identity WHEN identity = '' THEN NULL ELSE identity END;
+	new_channel := CASE WHEN notify_channel IS NULL THEN s.notify_channel WHEN notify_channel = '' THEN NULL ELSE notify_channel END;
+	IF batch_size IS NOT NULL AND prefetch IS NULL AND s.prefetch < batch_size THEN
+		prefetch := batch_size;
+	END IF;
+	PERFORM sbpg._validate_subscription(s.name, coalesce(namespace, s.namespace), coalesce(entity, s.entity),
+		coalesce(handler, s.handler), coalesce(run_as, s.run_as), new_identity, coalesce(batch_size, s.batch_size),
+		coalesce(prefetch, s.prefetch), new_channel, coalesce(options, s.options));
+	-- The inbox is keyed by the source's sequence numbers: a new source starts a new inbox.
+	IF coalesce(namespace, s.namespace) IS DISTINCT FROM s.namespace OR lower(coalesce(entity, s.entity)) IS DISTINCT FROM lower(s.entity) THEN
+		DELETE FROM sbpg.inbox i WHERE i.subscription = s.name;
+		GET DIAGNOSTICS inbox_rows = ROW_COUNT;
+		RAISE NOTICE 'subscription "%" now reads another source; its % inbox rows were removed', s.name, inbox_rows;
+	END IF;
+	UPDATE sbpg.subscriptions x SET
+		namespace = coalesce(alter_subscription.namespace, s.namespace),
+		entity = coalesce(alter_subscription.entity, s.entity),
+		handler = coalesce(alter_subscription.handler, s.handler),
+		run_as = coalesce(alter_subscription.run_as, s.run_as),
+		identity = new_identity,
+		batch_size = coalesce(alter_subscription.batch_size, s.batch_size),
+		prefetch = coalesce(alter_subscription.prefetch, s.prefetch),
+		notify_channel = new_channel,
+		enabled = coalesce(alter_subscription.enabled, s.enabled),
+		options = coalesce(alter_subscription.options, s.options),
+		updated_at = now()
+	WHERE x.name = s.name;
+END
+$$;
+
+CREATE FUNCTION sbpg.drop_subscription(name text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	s sbpg.subscriptions;
+BEGIN
+	SELECT * INTO s FROM sbpg.subscriptions x WHERE x.name = drop_subscription.name FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'subscription "%" does not exist', name USING ERRCODE = 'undefined_object';
+	END IF;
+	PERFORM sbpg._check_admin('drop subscription', s.run_as);
+	DELETE FROM sbpg.inbox i WHERE i.subscription = s.name;
+	DELETE FROM sbpg.subscriptions x WHERE x.name = s.name;
+END
+$$;
+
+CREATE FUNCTION sbpg.enable_subscription(name text)
+RETURNS void LANGUAGE sql AS $$ SELECT sbpg.alter_subscription(name, enabled => true) $$;
+CREATE FUNCTION sbpg.disable_subscription(name text)
+RETURNS void LANGUAGE sql AS $$ SELECT sbpg.alter_subscription(name, enabled => false) $$;
+
+CREATE VIEW sbpg.stats AS
+SELECT s.name AS subscription,
+       s.enabled,
+       coalesce(w.state, CASE WHEN s.enabled THEN 'starting' ELSE 'disabled' END) AS state,
+       w.pid, w.connected_since, w.received, w.applied, w.dead_lettered, w.duplicates, w.abandoned,
+       w.batches, w.settle_failures, w.reconnects, w.last_error, w.last_error_at,
+       w.apply_ms_p50, w.apply_ms_p99, w.lag_ms_p50, w.lag_ms_p99, w.messages_per_second,
+       w.token_expires_at, w.last_batch_at
+FROM sbpg.subscriptions s
+LEFT JOIN sbpg._worker_stats() w ON w.subscription = s.name;
+COMMENT ON VIEW sbpg.stats IS 'Per subscription: worker state, counters, latency and lag percentiles, throughput';
+
+-- Privileges: configuration through the functions above only.
+REVOKE ALL ON ALL TABLES IN SCHEMA sbpg FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA sbpg FROM PUBLIC;
+GRANT USAGE ON SCHEMA sbpg TO sbpg_admin, sbpg_monitor;
+GRANT EXECUTE ON FUNCTION sbpg.create_identity(text, text, jsonb), sbpg.drop_identity(text),
+	sbpg.create_subscription(text, text, text, regprocedure, regrole, text, integer, integer, text, boolean, jsonb),
+	sbpg.alter_subscription(text, text, text, regprocedure, regrole, text, integer, integer, text, boolean, jsonb),
+	sbpg.drop_subscription(text), sbpg.enable_subscription(text), sbpg.disable_subscription(text)
+	TO sbpg_admin;
+GRANT SELECT ON sbpg.identities, sbpg.subscriptions TO sbpg_admin;
+GRANT SELECT ON sbpg.subscriptions, sbpg.stats, sbpg.inbox TO sbpg_monitor;
+GRANT EXECUTE ON FUNCTION sbpg._worker_stats() TO sbpg_monitor, sbpg_admin;

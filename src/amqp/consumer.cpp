@@ -1,0 +1,568 @@
+// src/amqp/consumer.cpp
+//   The AMQP thread: one Proton C++ container, one connection at a time, a $cbs link pair for
+//   tokens, one peek-lock receiver (receiver settle mode second, so the broker confirms every
+//   settlement). Credit is granted only as settlements complete, so the consumer never holds more
+//   than `prefetch` messages. Reconnection uses exponential backoff with full jitter, driven by a
+//   short re-armed tick (a long Proton timer would delay container shutdown by its length).
+#include "sbpg/amqp/consumer.hpp"
+
+#include "sbpg/core/text.hpp"
+#include "sbpg/identity/sas.hpp"
+
+#include <proton/codec.h>
+#include <proton/condition.h>
+#include <proton/connection.hpp>
+#include <proton/connection_options.hpp>
+#include <proton/container.hpp>
+#include <proton/delivery.h>
+#include <proton/delivery.hpp>
+#include <proton/disposition.h>
+#include <proton/error_condition.hpp>
+#include <proton/link.h>
+#include <proton/message.hpp>
+#include <proton/message_id.hpp>
+#include <proton/messaging_handler.hpp>
+#include <proton/receiver.hpp>
+#include <proton/receiver_options.hpp>
+#include <proton/scalar.hpp>
+#include <proton/sender.hpp>
+#include <proton/ssl.hpp>
+#include <proton/target_options.hpp>
+#include <proton/transport.hpp>
+#include <proton/work_queue.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <unordered_map>
+
+#include <pthread.h>
+#include <unistd.h>
+
+namespace sbpg {
+
+namespace {
+
+// The C objects under Proton C++ wrappers, for what the 0.37 C++ API lacks (receiver settle mode,
+// disposition conditions). A pointer to the protected accessor, formed through a derived class,
+// may be applied to any object of the base.
+struct LinkAccess : proton::receiver {
+	static pn_link_t *Get(const proton::link &l) {
+		auto fn = &LinkAccess::pn_object;
+		return (l.*fn)();
+	}
+};
+struct DeliveryAccess : proton::delivery {
+	static pn_delivery_t *Get(const proton::transfer &t) {
+		auto fn = &DeliveryAccess::pn_object;
+		return (t.*fn)();
+	}
+};
+
+int64_t
+Now() {
+	return WallMs();
+}
+
+std::string
+Truncate(const std::string &s, size_t n) {
+	return s.size() <= n ? s : s.substr(0, n);
+}
+
+void
+PutSymbolString(pn_data_t *d, const char *key, const std::string &value) {
+	pn_data_put_symbol(d, pn_bytes(std::strlen(key), key));
+	pn_data_put_string(d, pn_bytes(value.size(), value.data()));
+}
+
+} // namespace
+
+struct Consumer::Impl : public proton::messaging_handler {
+	ConsumerConfig cfg;
+	int wake_fd;
+
+	// Shared with the main thread (mu).
+	std::mutex mu;
+	std::deque<ReceivedMessage> inbox;
+	std::vector<Settlement> to_settle;
+	std::vector<SettleResult> results;
+	std::vector<ConsumerEvent> events;
+	ConsumerStatus status;
+	proton::work_queue *wq = nullptr; // of the live connection, or null
+	std::atomic<bool> stopping{false};
+
+	std::unique_ptr<proton::container> container;
+	std::thread thread;
+	bool started = false;
+
+	// AMQP thread only.
+	proton::connection conn;
+	proton::receiver receiver;
+	proton::sender cbs_sender;
+	proton::receiver cbs_receiver;
+	std::string cbs_reply;
+	std::deque<proton::message> cbs_queue;
+	uint64_t gen = 0;
+	uint64_t next_id = 0;
+	std::unordered_map<uint64_t, proton::delivery> unsettled;
+	std::unordered_map<pn_delivery_t *, uint64_t> ids;
+	bool broker_settles_first = false; // broker answered rcv-settle-mode first: settle locally
+	int64_t reconnect_at = 0;
+	int attempts = 0;
+	int64_t refresh_at = 0;
+	bool receiver_open = false;
+	std::mt19937_64 rng{std::random_device{}()};
+
+	Impl(ConsumerConfig c, int fd) : cfg(std::move(c)), wake_fd(fd) {}
+
+	void Wake() {
+		uint64_t one = 1;
+		ssize_t r = ::write(wake_fd, &one, sizeof one);
+		(void)r;
+	}
+	void Event(ConsumerEvent::Kind kind, const std::string &text) {
+		{
+			std::lock_guard<std::mutex> g(mu);
+			events.push_back({kind, text, Now()});
+			if (kind == ConsumerEvent::Kind::Error || kind == ConsumerEvent::Kind::Disconnected)
+				status.last_error = text;
+		}
+		Wake();
+	}
+
+	// ---- connection lifecycle (AMQP thread)
+
+	void Tick() {
+		if (stopping.load())
+			return;
+		int64_t n = Now();
+		if (!conn && reconnect_at && n >= reconnect_at) {
+			reconnect_at = 0;
+			Connect();
+		}
+		if (conn && refresh_at && n >= refresh_at && cfg.auth == ConsumerConfig::Auth::Sas) {
+			refresh_at = 0;
+			PutToken();
+		}
+		container->schedule(proton::duration(100), [this] { Tick(); });
+	}
+
+	void Connect() {
+		proton::connection_options o;
+		o.idle_timeout(proton::duration(60000));
+		o.sasl_enabled(true);
+		o.sasl_allowed_mechs("ANONYMOUS");
+		if (cfg.tls) {
+			o.ssl_client_options(cfg.ca_file.empty() ? proton::ssl_client_options()
+			                                         : proton::ssl_client_options(cfg.ca_file, proton::ssl::VERIFY_PEER_NAME));
+			o.virtual_host(cfg.host);
+		}
+		std::string url = std::string(cfg.tls ? "amqps://" : "amqp://") + cfg.host + ":" + std::to_string(cfg.port);
+		try {
+			container->connect(url, o);
+		} catch (const std::exception &e) {
+			Lost(std::string("cannot connect to ") + url + ": " + e.what());
+		}
+	}
+
+	// The connection is gone (or unusable): forget its deliveries and schedule a reconnect.
+	void Lost(const std::string &why) {
+		if (conn && conn.active()) {
+			try {
+				conn.close();
+			} catch (const std::exception &) {
+				// Already closing: nothing more to do for it.
+			}
+		}
+		bool was_connected;
+		std::vector<Settlement> orphaned;
+		{
+			std::lock_guard<std::mutex> g(mu);
+			wq = nullptr;
+			was_connected = status.connected;
+			status.connected = false;
+			status.in_flight = 0;
+			status.token_expires_ms = 0;
+			orphaned.swap(to_settle);
+			for (auto &s : orphaned)
+				results.push_back({s.delivery_id, false, "the connection was lost before the settlement was sent"});
+		}
+		conn = proton::connection();
+		receiver = proton::receiver();
+		cbs_sender = proton::sender();
+		cbs_receiver = proton::receiver();
+		cbs_queue.clear();
+		unsettled.clear();
+		ids.clear();
+		receiver_open = false;
+		refresh_at = 0;
+		++gen;
+		int64_t cap = std::min<int64_t>(cfg.reconnect_max_ms, static_cast<int64_t>(cfg.reconnect_min_ms) << std::min(attempts, 16));
+		int64_t delay = static_cast<int64_t>(rng() % static_cast<uint64_t>(cap + 1)); // full jitter
+		++attempts;
+		reconnect_at = Now() + std::max<int64_t>(delay, 50);
+		{
+			std::lock_guard<std::mutex> g(mu);
+			++status.reconnects;
+		}
+		Event(was_connected ? ConsumerEvent::Kind::Disconnected : ConsumerEvent::Kind::Error,
+		      why + "; retrying in " + std::to_string(reconnect_at - Now()) + " ms");
+	}
+
+	void on_container_start(proton::container &) override {
+		Connect();
+		container->schedule(proton::duration(100), [this] { Tick(); });
+	}
+
+	void on_connection_open(proton::connection &c) override {
+		conn = c;
+		{
+			std::lock_guard<std::mutex> g(mu);
+			wq = &c.work_queue();
+		}
+		if (cfg.auth == ConsumerConfig::Auth::Sas) {
+			cbs_reply = "cbs-" + NewGuid();
+			cbs_sender = c.open_sender("$cbs");
+			cbs_receiver = c.open_receiver("$cbs", proton::receiver_options().credit_window(10).target(
+			                                          proton::target_options().address(cbs_reply)));
+			PutToken();
+		} else {
+			OpenReceiver();
+		}
+	}
+
+	void PutToken() {
+		int64_t expiry = Now() / 1000 + cfg.sas_token_lifetime_s;
+		proton::message m;
+		m.id(proton::message_id(NewGuid()));
+		m.reply_to(cbs_reply);
+		m.to("$cbs");
+		m.properties().put("operation", "put-token");
+		m.properties().put("type", "servicebus.windows.net:sastoken");
+		m.properties().put("name", cfg.audience);
+		m.body(MakeSasToken(cfg.audience, cfg.sas_key_name, cfg.sas_key, expiry));
+		pending_token_expiry = expiry * 1000;
+		cbs_queue.push_back(std::move(m));
+		FlushCbs();
+	}
+	int64_t pending_token_expiry = 0;
+
+	void FlushCbs() {
+		while (!cbs_queue.empty() && cbs_sender && cbs_sender.credit() > 0) {
+			cbs_sender.send(cbs_queue.front());
+			cbs_queue.pop_front();
+		}
+	}
+
+	void OnCbsReply(proton::message &m) {
+		int64_t code = 0;
+		std::string desc;
+		try {
+			proton::scalar s = m.properties().get("status-code");
+			code = proton::coerce<int64_t>(s);
+			if (m.properties().exists("status-description"))
+				desc = proton::coerce<std::string>(m.properties().get("status-description"));
+		} catch (const std::exception &e) {
+			desc = std::string("unreadable put-token answer: ") + e.what();
+		}
+		if (code >= 200 && code < 300) {
+			{
+				std::lock_guard<std::mutex> g(mu);
+				status.token_expires_ms = pending_token_expiry;
+			}
+			// Renew at half the token's life, on this connection.
+			refresh_at = Now() + cfg.sas_token_lifetime_s * 500;
+			if (!receiver)
+				OpenReceiver();
+			else
+				Event(ConsumerEvent::Kind::TokenRenewed, "token renewed for " + cfg.audience);
+			return;
+		}
+		Lost("put-token for " + cfg.audience + " was refused (" + std::to_string(code) + " " + desc + ")");
+	}
+
+	void OpenReceiver() {
+		receiver = conn.open_receiver(cfg.entity, proton::receiver_options().credit_window(0).auto_accept(false));
+		// Peek-lock as Service Bus clients do it: the broker confirms each settlement.
+		pn_link_set_rcv_settle_mode(LinkAccess::Get(receiver), PN_RCV_SECOND);
+	}
+
+	void on_receiver_open(proton::receiver &r) override {
+		if (r != receiver)
+			return;
+		receiver_open = true;
+		broker_settles_first = pn_link_remote_rcv_settle_mode(LinkAccess::Get(r)) == PN_RCV_FIRST;
+		attempts = 0;
+		r.add_credit(cfg.prefetch);
+		{
+			std::lock_guard<std::mutex> g(mu);
+			status.connected = true;
+			status.connected_since_ms = Now();
+			status.in_flight = 0;
+		}
+		Event(ConsumerEvent::Kind::Connected, "receiving from " + cfg.entity + " on " + cfg.host + ":" +
+		                                          std::to_string(cfg.port) + (cfg.tls ? " (TLS)" : ""));
+	}
+
+	void on_sendable(proton::sender &s) override {
+		if (s == cbs_sender)
+			FlushCbs();
+	}
+
+	void on_message(proton::delivery &d, proton::message &m) override {
+		if (d.receiver() == cbs_receiver) {
+			d.accept();
+			OnCbsReply(m);
+			return;
+		}
+		ReceivedMessage rm;
+		rm.delivery_id = ++next_id;
+		rm.connection_gen = gen;
+		rm.received_ms = Now();
+		try {
+			std::vector<char> buf;
+			m.encode(buf);
+			DecodeMessage(std::string_view(buf.data(), buf.size()), cfg.max_json_depth, &rm);
+		} catch (const std::exception &e) {
+			rm.decode_error = std::string("the message could not be decoded: ") + e.what();
+		}
+		unsettled[rm.delivery_id] = d;
+		ids[DeliveryAccess::Get(d)] = rm.delivery_id;
+		{
+			std::lock_guard<std::mutex> g(mu);
+			inbox.push_back(std::move(rm));
+			status.in_flight = static_cast<uint32_t>(unsettled.size());
+		}
+		Wake();
+	}
+
+	// Runs in the connection's context (work queue): sends the queued settlements.
+	void DrainSettlements() {
+		std::vector<Settlement> batch;
+		{
+			std::lock_guard<std::mutex> g(mu);
+			batch.swap(to_settle);
+		}
+		std::vector<SettleResult> done;
+		for (auto &s : batch) {
+			auto it = unsettled.find(s.delivery_id);
+			if (s.connection_gen != gen || it == unsettled.end()) {
+				done.push_back({s.delivery_id, false, "the delivering connection is gone"});
+				continue;
+			}
+			pn_delivery_t *pd = DeliveryAccess::Get(it->second);
+			pn_disposition_t *local = pn_delivery_local(pd);
+			uint64_t state = PN_ACCEPTED;
+			switch (s.outcome) {
+			case Outcome::Complete:
+				state = PN_ACCEPTED;
+				break;
+			case Outcome::DeadLetter: {
+				state = PN_REJECTED;
+				pn_condition_t *cond = pn_disposition_condition(local);
+				std::string reason = Truncate(s.reason, 4096), desc = Truncate(s.description, 4096);
+				pn_condition_set_name(cond, "com.microsoft:dead-letter");
+				pn_condition_set_description(cond, desc.c_str());
+				pn_data_t *info = pn_condition_info(cond);
+				pn_data_clear(info);
+				pn_data_put_map(info);
+				pn_data_enter(info);
+				PutSymbolString(info, "DeadLetterReason", reason);
+				PutSymbolString(info, "DeadLetterErrorDescription", desc);
+				pn_data_exit(info);
+				break;
+			}
+			case Outcome::Abandon:
+				if (cfg.release_to_abandon) {
+					state = PN_RELEASED;
+				} else {
+					state = PN_MODIFIED;
+					pn_disposition_set_failed(local, true);
+					pn_disposition_set_undeliverable(local, false);
+				}
+				break;
+			}
+			pn_delivery_update(pd, state);
+			if (broker_settles_first) {
+				Finish(s.delivery_id, true, "");
+				done.push_back({s.delivery_id, true, ""});
+			}
+		}
+		if (!done.empty()) {
+			{
+				std::lock_guard<std::mutex> g(mu);
+				results.insert(results.end(), done.begin(), done.end());
+				status.in_flight = static_cast<uint32_t>(unsettled.size());
+			}
+			Wake();
+		}
+	}
+
+	// Settles a delivery locally and returns its credit.
+	void Finish(uint64_t id, bool, const std::string &) {
+		auto it = unsettled.find(id);
+		if (it == unsettled.end())
+			return;
+		proton::delivery d = it->second;
+		ids.erase(DeliveryAccess::Get(d));
+		unsettled.erase(it);
+		d.settle();
+		if (receiver && receiver.active())
+			receiver.add_credit(1);
+	}
+
+	// The broker settled a delivery: the outcome took effect, or (rejected with an error) did not.
+	void on_delivery_settle(proton::delivery &d) override {
+		auto it = ids.find(DeliveryAccess::Get(d));
+		if (it == ids.end()) {
+			d.settle();
+			return;
+		}
+		uint64_t id = it->second;
+		pn_delivery_t *pd = DeliveryAccess::Get(d);
+		bool ok = true;
+		std::string err;
+		if (pn_delivery_remote_state(pd) == PN_REJECTED) {
+			pn_condition_t *c = pn_disposition_condition(pn_delivery_remote(pd));
+			if (pn_condition_is_set(c)) {
+				ok = false;
+				const char *name = pn_condition_get_name(c), *desc = pn_condition_get_description(c);
+				err = std::string(name ? name : "rejected") + (desc ? std::string(": ") + desc : "");
+			}
+		}
+		Finish(id, ok, err);
+		{
+			std::lock_guard<std::mutex> g(mu);
+			results.push_back({id, ok, err});
+			status.in_flight = static_cast<uint32_t>(unsettled.size());
+		}
+		Wake();
+	}
+
+	std::string Describe(const proton::error_condition &e) {
+		if (!e)
+			return "closed by the peer";
+		return e.name() + (e.description().empty() ? "" : ": " + e.description());
+	}
+	void on_transport_error(proton::transport &t) override { Lost("connection failed: " + Describe(t.error())); }
+	void on_connection_error(proton::connection &c) override { Lost("connection closed: " + Describe(c.error())); }
+	void on_receiver_error(proton::receiver &r) override {
+		Lost((r == cbs_receiver ? "the $cbs link was detached: " : "the receiver was detached: ") + Describe(r.error()));
+	}
+	void on_sender_error(proton::sender &s) override { Lost("the $cbs link was detached: " + Describe(s.error())); }
+	void on_session_error(proton::session &s) override { Lost("the session ended: " + Describe(s.error())); }
+	void on_receiver_close(proton::receiver &r) override {
+		if (r == receiver && !stopping.load() && conn)
+			Lost("the receiver was detached by the broker");
+	}
+	void on_transport_close(proton::transport &) override {
+		if (!stopping.load() && conn)
+			Lost("connection closed");
+	}
+	void on_error(const proton::error_condition &e) override { Lost("AMQP error: " + Describe(e)); }
+
+	void Run() {
+		try {
+			container->run();
+		} catch (const std::exception &e) {
+			std::lock_guard<std::mutex> g(mu);
+			status.dead = true;
+			status.connected = false;
+			events.push_back({ConsumerEvent::Kind::Error, std::string("the AMQP thread stopped: ") + e.what(), Now()});
+		}
+		Wake();
+	}
+};
+
+Consumer::Consumer(ConsumerConfig cfg, int wake_fd) : impl_(new Impl(std::move(cfg), wake_fd)) {}
+
+Consumer::~Consumer() {
+	Stop();
+}
+
+void
+Consumer::Start() {
+	Impl &i = *impl_;
+	if (i.started)
+		return;
+	i.container.reset(new proton::container(i, i.cfg.container_id));
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	i.thread = std::thread([&i] { i.Run(); });
+	pthread_sigmask(SIG_SETMASK, &old, nullptr);
+	i.started = true;
+}
+
+void
+Consumer::Stop() {
+	Impl &i = *impl_;
+	if (!i.started || i.stopping.exchange(true))
+		return;
+	{
+		std::lock_guard<std::mutex> g(i.mu);
+		i.wq = nullptr;
+	}
+	i.container->stop();
+	if (i.thread.joinable())
+		i.thread.join();
+}
+
+size_t
+Consumer::TakeMessages(std::vector<ReceivedMessage> *out, size_t max) {
+	std::lock_guard<std::mutex> g(impl_->mu);
+	size_t n = 0;
+	while (n < max && !impl_->inbox.empty()) {
+		out->push_back(std::move(impl_->inbox.front()));
+		impl_->inbox.pop_front();
+		++n;
+	}
+	return n;
+}
+
+void
+Consumer::Settle(std::vector<Settlement> settlements) {
+	Impl &i = *impl_;
+	std::lock_guard<std::mutex> g(i.mu);
+	if (!i.wq) {
+		for (auto &s : settlements)
+			i.results.push_back({s.delivery_id, false, "not connected: the settlement could not be sent"});
+		return;
+	}
+	for (auto &s : settlements)
+		i.to_settle.push_back(std::move(s));
+	// Holding mu keeps the connection (and its work queue) alive: Lost() clears wq under mu first.
+	if (!i.wq->add([&i] { i.DrainSettlements(); })) {
+		for (auto &s : i.to_settle)
+			i.results.push_back({s.delivery_id, false, "the connection is closing: the settlement could not be sent"});
+		i.to_settle.clear();
+	}
+}
+
+void
+Consumer::TakeResults(std::vector<SettleResult> *out) {
+	std::lock_guard<std::mutex> g(impl_->mu);
+	out->insert(out->end(), impl_->results.begin(), impl_->results.end());
+	impl_->results.clear();
+}
+
+void
+Consumer::TakeEvents(std::vector<ConsumerEvent> *out) {
+	std::lock_guard<std::mutex> g(impl_->mu);
+	out->insert(out->end(), impl_->events.begin(), impl_->events.end());
+	impl_->events.clear();
+}
+
+ConsumerStatus
+Consumer::Status() {
+	std::lock_guard<std::mutex> g(impl_->mu);
+	return impl_->status;
+}
+
+} // namespace sbpg

@@ -1,0 +1,336 @@
+// src/message/message.cpp
+//   Decoding a transfer into a ReceivedMessage, and the JSON checks that decide how a body reaches
+//   the handler. Pure C++: RapidJSON (asserting by exception) and the project's AMQP codec.
+#include "sbpg/message/message.hpp"
+
+#include "sbpg/amqp/codec.hpp"
+#include "sbpg/core/json.hpp"
+#include "sbpg/core/text.hpp"
+
+#include <cstring>
+
+namespace sbpg {
+
+namespace {
+
+// A SAX handler that tracks nesting and refuses what jsonb refuses.
+struct JsonChecker : rapidjson::BaseReaderHandler<rapidjson::UTF8<>, JsonChecker> {
+	int depth = 0, max_depth = 0;
+	std::string error;
+	bool Default() { return true; }
+	bool StartObject() { return Enter(); }
+	bool StartArray() { return Enter(); }
+	bool EndObject(rapidjson::SizeType) { return Leave(); }
+	bool EndArray(rapidjson::SizeType) { return Leave(); }
+	bool String(const char *s, rapidjson::SizeType len, bool) { return Text(s, len); }
+	bool Key(const char *s, rapidjson::SizeType len, bool) { return Text(s, len); }
+	bool RawNumber(const char *, rapidjson::SizeType, bool) { return true; }
+	bool Enter() {
+		if (++depth > max_depth) {
+			error = "JSON nesting is deeper than " + std::to_string(max_depth) + " levels";
+			return false;
+		}
+		return true;
+	}
+	bool Leave() {
+		--depth;
+		return true;
+	}
+	bool Text(const char *s, rapidjson::SizeType len) {
+		if (std::memchr(s, '\0', len)) {
+			error = "JSON string contains \\u0000, which jsonb cannot store";
+			return false;
+		}
+		return true;
+	}
+};
+
+void
+AppendJsonString(std::string *out, std::string_view s) {
+	out->push_back('"');
+	out->append(JsonEscape(s));
+	out->push_back('"');
+}
+
+// JSON for an AMQP value (application properties, non-string bodies).
+void
+ValueToJson(const amqp::Value &v, std::string *out) {
+	using K = amqp::Value::Kind;
+	switch (v.kind) {
+	case K::Null:
+		*out += "null";
+		break;
+	case K::Bool:
+		*out += v.u ? "true" : "false";
+		break;
+	case K::Float:
+	case K::Double: {
+		if (v.d != v.d || v.d == 1.0 / 0.0 || v.d == -1.0 / 0.0) {
+			AppendJsonString(out, v.d != v.d ? "NaN" : (v.d > 0 ? "Infinity" : "-Infinity"));
+		} else {
+			char buf[64];
+			std::snprintf(buf, sizeof buf, "%.17g", v.d);
+			*out += buf;
+		}
+		break;
+	}
+	case K::UByte:
+	case K::UShort:
+	case K::UInt:
+	case K::ULong:
+	case K::Byte:
+	case K::Short:
+	case K::Int:
+	case K::Long:
+		*out += v.ToText();
+		break;
+	case K::Timestamp:
+		AppendJsonString(out, FormatTime(v.i));
+		break;
+	case K::Binary:
+	case K::Decimal:
+		AppendJsonString(out, Base64Encode(v.s));
+		break;
+	case K::Uuid:
+	case K::String:
+	case K::Symbol:
+	case K::Char:
+		AppendJsonString(out, v.ToText());
+		break;
+	case K::List:
+	case K::Array:
+		out->push_back('[');
+		for (size_t k = 0; k < v.items.size(); ++k) {
+			if (k)
+				out->push_back(',');
+			ValueToJson(v.items[k], out);
+		}
+		out->push_back(']');
+		break;
+	case K::Map:
+		out->push_back('{');
+		for (size_t k = 0; k + 1 < v.items.size(); k += 2) {
+			if (k)
+				out->push_back(',');
+			AppendJsonString(out, v.items[k].ToText());
+			out->push_back(':');
+			ValueToJson(v.items[k + 1], out);
+		}
+		out->push_back('}');
+		break;
+	case K::Described:
+		if (v.items.size() == 2)
+			ValueToJson(v.items[1], out);
+		else
+			*out += "null";
+		break;
+	}
+}
+
+std::string
+ListText(const amqp::Value &list, size_t idx) {
+	if (list.kind != amqp::Value::Kind::List || idx >= list.items.size())
+		return std::string();
+	return list.items[idx].ToText();
+}
+
+void
+Classify(ReceivedMessage *m, int max_depth) {
+	if (m->body_kind == BodyKind::None) {
+		m->json = JsonVerdict::Empty;
+		return;
+	}
+	bool declared_json = IsJsonContentType(m->content_type);
+	if (!m->content_type.empty() && !declared_json) {
+		m->json = JsonVerdict::OtherType;
+		return;
+	}
+	std::string why;
+	if (CheckJson(m->raw_body, max_depth, &why)) {
+		m->json = JsonVerdict::Json;
+	} else if (declared_json) {
+		m->json = JsonVerdict::Invalid;
+		m->json_error = why;
+	} else {
+		m->json = JsonVerdict::NotJson;
+		m->json_error = why;
+	}
+}
+
+} // namespace
+
+bool
+IsJsonContentType(std::string_view ct) {
+	size_t semi = ct.find(';');
+	std::string base = ToLower(ct.substr(0, semi));
+	while (!base.empty() && (base.back() == ' ' || base.back() == '\t'))
+		base.pop_back();
+	while (!base.empty() && (base.front() == ' ' || base.front() == '\t'))
+		base.erase(base.begin());
+	if (base == "application/json" || base == "text/json")
+		return true;
+	return base.size() > 5 && base.compare(base.size() - 5, 5, "+json") == 0;
+}
+
+bool
+CheckJson(std::string_view text, int max_depth, std::string *why) {
+	if (text.empty()) {
+		*why = "the body is empty";
+		return false;
+	}
+	if (std::memchr(text.data(), '\0', text.size())) {
+		*why = "the body contains a NUL byte";
+		return false;
+	}
+	try {
+		JsonChecker h;
+		h.max_depth = max_depth;
+		rapidjson::Reader reader;
+		rapidjson::MemoryStream ms(text.data(), text.size());
+		rapidjson::EncodedInputStream<rapidjson::UTF8<>, rapidjson::MemoryStream> is(ms);
+		rapidjson::ParseResult r =
+		    reader.Parse<rapidjson::kParseIterativeFlag | rapidjson::kParseValidateEncodingFlag |
+		                 rapidjson::kParseNumbersAsStringsFlag | rapidjson::kParseStopWhenDoneFlag>(is, h);
+		if (!r) {
+			if (!h.error.empty())
+				*why = h.error;
+			else
+				*why = std::string("not valid JSON: ") + rapidjson::GetParseError_En(r.Code()) + " (at byte " +
+				       std::to_string(r.Offset()) + ")";
+			return false;
+		}
+		// kParseStopWhenDoneFlag stops after one value: anything but white space after it is an error.
+		for (size_t k = is.Tell(); k < text.size(); ++k) {
+			char c = text[k];
+			if (c != ' ' && c != '\t' && c != '\n' && c != '\r') {
+				*why = "not valid JSON: unexpected data after the value (at byte " + std::to_string(k) + ")";
+				return false;
+			}
+		}
+		return true;
+	} catch (const std::exception &e) {
+		*why = std::string("not valid JSON: ") + e.what();
+		return false;
+	}
+}
+
+void
+DecodeMessage(std::string_view encoded, int max_json_depth, ReceivedMessage *m) {
+	try {
+		amqp::Sections sec;
+		std::string err;
+		if (!amqp::SplitSections(encoded, &sec, &err)) {
+			m->decode_error = err;
+			return;
+		}
+		if (!sec.header.empty()) {
+			amqp::Value h;
+			if (amqp::DecodeSection(sec.header, &h) && h.kind == amqp::Value::Kind::List && h.items.size() > 4 &&
+			    h.items[4].IsInteger())
+				m->delivery_count = static_cast<uint32_t>(h.items[4].AsInt());
+		}
+		if (!sec.message_annotations.empty()) {
+			amqp::Value ma;
+			if (amqp::DecodeSection(sec.message_annotations, &ma) && ma.kind == amqp::Value::Kind::Map) {
+				const amqp::Value *seq = ma.Get("x-opt-sequence-number");
+				if (seq && seq->IsInteger()) {
+					m->has_sequence_number = true;
+					m->sequence_number = seq->AsInt();
+				}
+				const amqp::Value *enq = ma.Get("x-opt-enqueued-time");
+				if (enq && (enq->kind == amqp::Value::Kind::Timestamp || enq->IsInteger()))
+					m->enqueued_ms = enq->AsInt();
+				const amqp::Value *lu = ma.Get("x-opt-locked-until");
+				if (lu && (lu->kind == amqp::Value::Kind::Timestamp || lu->IsInteger()))
+					m->locked_until_ms = lu->AsInt();
+			}
+		}
+		if (!sec.properties.empty()) {
+			amqp::Value p;
+			if (!amqp::DecodeSection(sec.properties, &p) || p.kind != amqp::Value::Kind::List) {
+				m->decode_error = "the properties section is malformed";
+				return;
+			}
+			m->message_id = ListText(p, amqp::kMessageId);
+			m->to = ListText(p, amqp::kTo);
+			m->subject = ListText(p, amqp::kSubject);
+			m->reply_to = ListText(p, amqp::kReplyTo);
+			m->correlation_id = ListText(p, amqp::kCorrelationId);
+			m->content_type = ListText(p, amqp::kContentType);
+			m->session_id = ListText(p, amqp::kGroupId);
+		}
+		if (!sec.application_properties.empty()) {
+			amqp::Value ap;
+			if (!amqp::DecodeSection(sec.application_properties, &ap) || ap.kind != amqp::Value::Kind::Map) {
+				m->decode_error = "the application-properties section is malformed";
+				return;
+			}
+			m->properties_json.clear();
+			ValueToJson(ap, &m->properties_json);
+			std::string why;
+			if (!CheckJson(m->properties_json, 64, &why)) {
+				m->decode_error = "the application properties cannot be stored as jsonb: " + why;
+				return;
+			}
+		}
+		for (const std::string *f : {&m->message_id, &m->to, &m->subject, &m->reply_to, &m->correlation_id,
+		                             &m->content_type, &m->session_id}) {
+			if (!IsValidUtf8(*f) || f->find('\0') != std::string::npos) {
+				m->decode_error = "a message property is not valid UTF-8 text";
+				return;
+			}
+		}
+		// Body.
+		const uint8_t *p = reinterpret_cast<const uint8_t *>(sec.body.data());
+		const uint8_t *end = p + sec.body.size();
+		if (sec.body_code == amqp::kData) {
+			m->body_kind = BodyKind::Data;
+			while (p < end && *p == 0x00) {
+				++p;
+				amqp::Value bin;
+				if (!amqp::Skip(p, end) || !amqp::Decode(p, end, &bin) || bin.kind != amqp::Value::Kind::Binary) {
+					m->decode_error = "a data section is malformed";
+					return;
+				}
+				m->raw_body += bin.s;
+			}
+		} else if (sec.body_code == amqp::kAmqpValue) {
+			amqp::Value v;
+			if (!amqp::DecodeSection(sec.body, &v)) {
+				m->decode_error = "the amqp-value body is malformed";
+				return;
+			}
+			if (v.kind == amqp::Value::Kind::String || v.kind == amqp::Value::Kind::Binary) {
+				m->body_kind = BodyKind::String;
+				m->raw_body = v.s;
+			} else {
+				m->body_kind = BodyKind::Value;
+				ValueToJson(v, &m->raw_body);
+			}
+		} else if (sec.body_code == amqp::kAmqpSequence) {
+			m->body_kind = BodyKind::Sequence;
+			m->raw_body = "[";
+			bool first = true;
+			while (p < end && *p == 0x00) {
+				++p;
+				amqp::Value v;
+				if (!amqp::Skip(p, end) || !amqp::Decode(p, end, &v)) {
+					m->decode_error = "an amqp-sequence section is malformed";
+					return;
+				}
+				for (auto &item : v.items) {
+					if (!first)
+						m->raw_body.push_back(',');
+					first = false;
+					ValueToJson(item, &m->raw_body);
+				}
+			}
+			m->raw_body.push_back(']');
+		}
+		Classify(m, max_json_depth);
+	} catch (const std::exception &e) {
+		m->decode_error = std::string("the message could not be decoded: ") + e.what();
+	}
+}
+
+} // namespace sbpg

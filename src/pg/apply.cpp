@@ -1,0 +1,668 @@
+// src/pg/apply.cpp
+//   One batch, one transaction. For each message: the inbox says whether it was already decided
+//   (a redelivery is settled again with the recorded outcome, never applied twice); otherwise the
+//   handler runs as run_as, in a security-restricted context with run_as's search_path, with the
+//   message as a parameter; the outcome goes to sbpg.inbox and to NOTIFY in the same transaction.
+//
+//   The batch first runs without savepoints (one subtransaction-free transaction, so the 64-entry
+//   subtransaction cache never overflows in the common case). If anything fails, it is rolled
+//   back and the batch runs again message by message, each in a subtransaction, at most
+//   kMaxSubxacts per transaction: a failing message then undoes only its own work. After COMMIT
+//   the commit record is flushed before the caller may settle anything.
+//
+//   Everything here runs inside PgGuard and owns no C++ objects with destructors.
+#include "sbpg/message/message.hpp"
+
+extern "C" {
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "access/xlog.h"
+#include "catalog/pg_type.h"
+#include "commands/async.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "utils/acl.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/regproc.h"
+#include "utils/resowner.h"
+#include "utils/snapmgr.h"
+#include "utils/syscache.h"
+#include "utils/timestamp.h"
+#include "utils/typcache.h"
+#include "utils/xid8.h"
+}
+
+#include "sbpg/pg/apply.hpp"
+#include "sbpg/pg/guard.hpp"
+#include "sbpg/pg/shared.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <ctime>
+
+namespace sbpg::pg {
+
+namespace {
+
+constexpr int kMaxSubxacts = 50; // per transaction in the isolated pass (the cache holds 64)
+constexpr int kNotifyMax = 7900; // NOTIFY payloads are limited to 8000 bytes
+
+SPIPlanPtr insert_plan = nullptr;
+SPIPlanPtr lookup_plan = nullptr;
+SPIPlanPtr stamp_plan = nullptr;
+Oid cached_handler = InvalidOid;
+FmgrInfo handler_finfo;
+TupleDesc message_desc = nullptr;
+Oid cached_type = InvalidOid;
+
+char *
+Dup(const char *s) {
+	return s ? MemoryContextStrdup(TopMemoryContext, s) : nullptr;
+}
+
+char *
+GetText(HeapTuple t, TupleDesc d, int col) {
+	char *v = SPI_getvalue(t, d, col);
+	return v ? Dup(v) : nullptr;
+}
+
+SPIPlanPtr
+Prepare(const char *sql, int nargs, Oid *types) {
+	SPIPlanPtr p = SPI_prepare(sql, nargs, types);
+	if (!p)
+		elog(ERROR, "sbpg: cannot prepare \"%s\": %s", sql, SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(p) != 0)
+		elog(ERROR, "sbpg: cannot keep a prepared plan");
+	return p;
+}
+
+void
+EnsurePlans(const SubConfig *cfg) {
+	if (!insert_plan) {
+		Oid types[8] = {TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, XID8OID};
+		insert_plan = Prepare("INSERT INTO sbpg.inbox (subscription, sequence_number, message_id, correlation_id, "
+		                      "status, reason, delivery_count, xid) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+		                      8, types);
+	}
+	if (!lookup_plan) {
+		Oid types[3] = {TEXTOID, INT8ARRAYOID, TEXTARRAYOID};
+		lookup_plan = Prepare("SELECT sequence_number, message_id, status, reason FROM sbpg.inbox "
+		                      "WHERE subscription = $1 AND (sequence_number = ANY ($2) "
+		                      "OR (sequence_number IS NULL AND message_id = ANY ($3)))",
+		                      3, types);
+	}
+	if (!stamp_plan) {
+		Oid types[3] = {TEXTOID, INT8ARRAYOID, TEXTARRAYOID};
+		stamp_plan = Prepare("UPDATE sbpg.inbox SET settled_at = now() WHERE subscription = $1 AND settled_at IS NULL "
+		                     "AND (sequence_number = ANY ($2) OR (sequence_number IS NULL AND message_id = ANY ($3)))",
+		                     3, types);
+	}
+	if (cached_type != cfg->message_type || !message_desc) {
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+		message_desc = lookup_rowtype_tupdesc_copy(cfg->message_type, -1);
+		MemoryContextSwitchTo(old);
+		cached_type = cfg->message_type;
+	}
+}
+
+Datum
+Int8Array(const int64 *v, int n) {
+	Datum *d = static_cast<Datum *>(palloc(sizeof(Datum) * (n > 0 ? n : 1)));
+	for (int i = 0; i < n; ++i)
+		d[i] = Int64GetDatum(v[i]);
+	return PointerGetDatum(construct_array(d, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+}
+
+Datum
+TextArray(const char *const *v, int n) {
+	Datum *d = static_cast<Datum *>(palloc(sizeof(Datum) * (n > 0 ? n : 1)));
+	for (int i = 0; i < n; ++i)
+		d[i] = CStringGetTextDatum(v[i]);
+	return PointerGetDatum(construct_array(d, n, TEXTOID, -1, false, TYPALIGN_INT));
+}
+
+void
+Stamp(const SubConfig *cfg, const int64 *seqs, int nseqs, const char *const *ids, int nids) {
+	if (nseqs == 0 && nids == 0)
+		return;
+	Datum args[3] = {CStringGetTextDatum(cfg->name), Int8Array(seqs, nseqs), TextArray(ids, nids)};
+	if (SPI_execute_plan(stamp_plan, args, nullptr, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "sbpg: cannot stamp settled_at");
+}
+
+// Whether the handler can run at all; false fills why.
+bool
+HandlerUsable(const SubConfig *cfg, char *why, size_t whylen) {
+	if (!SearchSysCacheExists1(PROCOID, ObjectIdGetDatum(cfg->handler))) {
+		snprintf(why, whylen, "handler function (oid %u) no longer exists", cfg->handler);
+		return false;
+	}
+	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(cfg->run_as))) {
+		snprintf(why, whylen, "run_as role (oid %u) no longer exists", cfg->run_as);
+		return false;
+	}
+	if (pg_proc_aclcheck(cfg->handler, cfg->run_as, ACL_EXECUTE) != ACLCHECK_OK) {
+		snprintf(why, whylen, "run_as role %s may not execute handler %s", cfg->run_as_name,
+		         format_procedure(cfg->handler));
+		return false;
+	}
+	if (cached_handler != cfg->handler) {
+		fmgr_info_cxt(cfg->handler, &handler_finfo, TopMemoryContext);
+		cached_handler = cfg->handler;
+	}
+	return true;
+}
+
+void
+LookupDuplicates(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
+	int n = hi - lo;
+	int64 *seqs = static_cast<int64 *>(palloc(sizeof(int64) * (n + 1)));
+	const char **ids = static_cast<const char **>(palloc(sizeof(char *) * (n + 1)));
+	int nseqs = 0, nids = 0;
+	for (int i = lo; i < hi; ++i) {
+		const ReceivedMessage *m = items[i].msg;
+		if (m->has_sequence_number)
+			seqs[nseqs++] = m->sequence_number;
+		else if (!m->message_id.empty())
+			ids[nids++] = m->message_id.c_str();
+	}
+	if (nseqs == 0 && nids == 0)
+		return;
+	Datum args[3] = {CStringGetTextDatum(cfg->name), Int8Array(seqs, nseqs), TextArray(ids, nids)};
+	if (SPI_execute_plan(lookup_plan, args, nullptr, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "sbpg: cannot read sbpg.inbox");
+	for (uint64 r = 0; r < SPI_processed; ++r) {
+		HeapTuple t = SPI_tuptable->vals[r];
+		TupleDesc d = SPI_tuptable->tupdesc;
+		bool seq_null, isnull;
+		int64 seq = DatumGetInt64(SPI_getbinval(t, d, 1, &seq_null));
+		char *mid = SPI_getvalue(t, d, 2);
+		char *status = SPI_getvalue(t, d, 3);
+		char *reason = SPI_getvalue(t, d, 4);
+		(void)isnull;
+		for (int i = lo; i < hi; ++i) {
+			const ReceivedMessage *m = items[i].msg;
+			bool match = seq_null ? (!m->has_sequence_number && mid && m->message_id == mid)
+			                      : (m->has_sequence_number && m->sequence_number == seq);
+			if (!match)
+				continue;
+			items[i].status = kDuplicate;
+			items[i].recorded = strcmp(status, "applied") == 0 ? kApplied : kDeadLettered;
+			// The recorded reason is "Reason: description".
+			items[i].reason[0] = items[i].description[0] = '\0';
+			if (reason) {
+				const char *colon = strstr(reason, ": ");
+				if (colon) {
+					size_t rl = std::min<size_t>(colon - reason, sizeof items[i].reason - 1);
+					memcpy(items[i].reason, reason, rl);
+					items[i].reason[rl] = '\0';
+					strlcpy(items[i].description, colon + 2, sizeof items[i].description);
+				} else {
+					strlcpy(items[i].reason, reason, sizeof items[i].reason);
+				}
+			}
+		}
+	}
+}
+
+const char *
+StatusName(int status) {
+	switch (status) {
+	case kApplied:
+		return "applied";
+	case kDeadLettered:
+		return "dead_lettered";
+	case kDuplicate:
+		return "duplicate";
+	default:
+		return "retry";
+	}
+}
+
+void
+Notify(const SubConfig *cfg, const ApplyItem *it, uint64 xid) {
+	if (!cfg->notify_channel)
+		return;
+	const ReceivedMessage *m = it->msg;
+	StringInfoData b;
+	initStringInfo(&b);
+	appendStringInfoString(&b, "{\"subscription\":");
+	escape_json(&b, cfg->name);
+	appendStringInfoString(&b, ",\"message_id\":");
+	if (m->message_id.empty())
+		appendStringInfoString(&b, "null");
+	else
+		escape_json(&b, m->message_id.c_str());
+	appendStringInfoString(&b, ",\"correlation_id\":");
+	if (m->correlation_id.empty())
+		appendStringInfoString(&b, "null");
+	else
+		escape_json(&b, m->correlation_id.c_str());
+	if (m->has_sequence_number)
+		appendStringInfo(&b, ",\"sequence_number\":" INT64_FORMAT, m->sequence_number);
+	else
+		appendStringInfoString(&b, ",\"sequence_number\":null");
+	appendStringInfo(&b, ",\"status\":\"%s\",\"xid\":\"" UINT64_FORMAT "\"", StatusName(it->status), xid);
+	bool has_reason = it->status == kDeadLettered || (it->status == kDuplicate && it->recorded == kDeadLettered);
+	appendStringInfoString(&b, ",\"reason\":");
+	if (has_reason) {
+		char reason[1200];
+		snprintf(reason, sizeof reason, "%s: %s", it->reason, it->description);
+		int room = kNotifyMax - b.len - 2;
+		if (room < 16)
+			room = 16;
+		if (static_cast<int>(strlen(reason)) > room)
+			reason[room] = '\0';
+		escape_json(&b, reason);
+	} else {
+		appendStringInfoString(&b, "null");
+	}
+	appendStringInfoChar(&b, '}');
+	Async_Notify(cfg->notify_channel, b.data);
+	pfree(b.data);
+}
+
+void
+InsertInbox(const SubConfig *cfg, const ApplyItem *it, uint64 xid) {
+	const ReceivedMessage *m = it->msg;
+	Datum args[8];
+	char nulls[8];
+	memset(nulls, ' ', sizeof nulls);
+	args[0] = CStringGetTextDatum(cfg->name);
+	args[1] = Int64GetDatum(m->sequence_number);
+	if (!m->has_sequence_number)
+		nulls[1] = 'n';
+	args[2] = m->message_id.empty() ? (nulls[2] = 'n', Datum(0)) : CStringGetTextDatum(m->message_id.c_str());
+	args[3] = m->correlation_id.empty() ? (nulls[3] = 'n', Datum(0)) : CStringGetTextDatum(m->correlation_id.c_str());
+	args[4] = CStringGetTextDatum(it->status == kApplied ? "applied" : "dead_lettered");
+	if (it->status == kDeadLettered) {
+		char reason[1200];
+		snprintf(reason, sizeof reason, "%s: %s", it->reason, it->description);
+		args[5] = CStringGetTextDatum(reason);
+	} else {
+		nulls[5] = 'n';
+		args[5] = 0;
+	}
+	args[6] = Int32GetDatum(static_cast<int32>(m->delivery_count));
+	args[7] = FullTransactionIdGetDatum(FullTransactionIdFromU64(xid));
+	if (SPI_execute_plan(insert_plan, args, nulls, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "sbpg: cannot write sbpg.inbox");
+}
+
+void
+Record(const SubConfig *cfg, ApplyItem *it, int status, uint64 xid) {
+	it->status = status;
+	InsertInbox(cfg, it, xid);
+	Notify(cfg, it, xid);
+}
+
+void
+SetReason(ApplyItem *it, const char *reason, const char *description) {
+	strlcpy(it->reason, reason, sizeof it->reason);
+	strlcpy(it->description, description, sizeof it->description);
+}
+
+Datum
+Text(const std::string &s, bool *isnull) {
+	*isnull = s.empty();
+	return s.empty() ? Datum(0) : PointerGetDatum(cstring_to_text_with_len(s.data(), static_cast<int>(s.size())));
+}
+
+// The sbpg.message value handed to the handler.
+Datum
+BuildMessage(const SubConfig *cfg, const ReceivedMessage *m) {
+	Datum v[15];
+	bool n[15];
+	memset(n, 0, sizeof n);
+	v[0] = Text(m->message_id, &n[0]);
+	v[1] = Text(m->correlation_id, &n[1]);
+	v[2] = Text(m->session_id, &n[2]);
+	v[3] = Text(m->subject, &n[3]);
+	v[4] = Text(m->content_type, &n[4]);
+	v[5] = Text(m->reply_to, &n[5]);
+	if (m->json == JsonVerdict::Json)
+		v[6] = DirectFunctionCall1(jsonb_in, CStringGetDatum(m->raw_body.c_str()));
+	else
+		n[6] = true;
+	if (m->body_kind == BodyKind::None) {
+		n[7] = true;
+	} else {
+		bytea *raw = static_cast<bytea *>(palloc(VARHDRSZ + m->raw_body.size()));
+		SET_VARSIZE(raw, VARHDRSZ + m->raw_body.size());
+		memcpy(VARDATA(raw), m->raw_body.data(), m->raw_body.size());
+		v[7] = PointerGetDatum(raw);
+	}
+	v[8] = DirectFunctionCall1(jsonb_in, CStringGetDatum(m->properties_json.c_str()));
+	v[9] = Int64GetDatum(m->sequence_number);
+	n[9] = !m->has_sequence_number;
+	if (m->enqueued_ms > 0) {
+		TimestampTz ts = static_cast<TimestampTz>(m->enqueued_ms) * 1000 -
+		                 static_cast<TimestampTz>(POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY * USECS_PER_SEC;
+		v[10] = TimestampTzGetDatum(ts);
+	} else {
+		n[10] = true;
+	}
+	v[11] = Int32GetDatum(static_cast<int32>(m->delivery_count));
+	n[12] = n[13] = true; // message_type, schema_version: versioned schemas come later
+	v[12] = v[13] = 0;
+	v[14] = CStringGetTextDatum(cfg->name);
+	HeapTuple t = heap_form_tuple(message_desc, v, n);
+	return HeapTupleGetDatum(t);
+}
+
+void
+CallHandler(const SubConfig *cfg, Datum msg) {
+	Oid save_user;
+	int save_sec;
+	GetUserIdAndSecContext(&save_user, &save_sec);
+	int nest = NewGUCNestLevel();
+	SetUserIdAndSecContext(cfg->run_as, save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
+	if (cfg->search_path)
+		(void)set_config_option("search_path", cfg->search_path, PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0,
+		                        false);
+	LOCAL_FCINFO(fcinfo, 1);
+	InitFunctionCallInfoData(*fcinfo, &handler_finfo, 1, InvalidOid, nullptr, nullptr);
+	fcinfo->args[0].value = msg;
+	fcinfo->args[0].isnull = false;
+	(void)FunctionCallInvoke(fcinfo);
+	AtEOXact_GUC(true, nest);
+	SetUserIdAndSecContext(save_user, save_sec);
+}
+
+double
+MsSince(const struct timespec &t0) {
+	struct timespec t1;
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	return (t1.tv_sec - t0.tv_sec) * 1000.0 + (t1.tv_nsec - t0.tv_nsec) / 1e6;
+}
+
+// Applies one message in the current (sub)transaction. Errors propagate.
+void
+ApplyOne(const SubConfig *cfg, ApplyItem *it, uint64 xid, MemoryContext msgcxt) {
+	const ReceivedMessage *m = it->msg;
+	if (!m->decode_error.empty()) {
+		SetReason(it, "MalformedMessage", m->decode_error.c_str());
+		Record(cfg, it, kDeadLettered, xid);
+		return;
+	}
+	if (m->json == JsonVerdict::Invalid) {
+		char desc[1024];
+		snprintf(desc, sizeof desc, "content type %s but the body is %s", m->content_type.c_str(), m->json_error.c_str());
+		SetReason(it, "InvalidJson", desc);
+		Record(cfg, it, kDeadLettered, xid);
+		return;
+	}
+	MemoryContext old = MemoryContextSwitchTo(msgcxt);
+	struct timespec t0;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	Datum msg = BuildMessage(cfg, m);
+	CallHandler(cfg, msg);
+	MemoryContextSwitchTo(old);
+	it->apply_ms = MsSince(t0);
+	Record(cfg, it, kApplied, xid);
+	MemoryContextReset(msgcxt);
+}
+
+// Errors a retry may cure: concurrency, resources, the system; everything else is permanent.
+bool
+IsTransient(int sqlerrcode) {
+	switch (ERRCODE_TO_CATEGORY(sqlerrcode)) {
+	case ERRCODE_TO_CATEGORY(ERRCODE_TRANSACTION_ROLLBACK):    // 40: serialization, deadlock
+	case ERRCODE_TO_CATEGORY(ERRCODE_INSUFFICIENT_RESOURCES):  // 53: disk full, out of memory
+	case ERRCODE_TO_CATEGORY(ERRCODE_PROGRAM_LIMIT_EXCEEDED):  // 54: statement too complex, stack depth
+	case ERRCODE_TO_CATEGORY(ERRCODE_OPERATOR_INTERVENTION):   // 57: query canceled, shutdown
+	case ERRCODE_TO_CATEGORY(ERRCODE_SYSTEM_ERROR):            // 58: I/O
+	case ERRCODE_TO_CATEGORY(ERRCODE_CONNECTION_EXCEPTION):    // 08: remote servers
+	case ERRCODE_TO_CATEGORY(ERRCODE_INTERNAL_ERROR):          // XX
+		return true;
+	default:
+		break;
+	}
+	return sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE || sqlerrcode == ERRCODE_OBJECT_IN_USE; // 55P03, 55006
+}
+
+void
+DescribeError(const ErrorData *e, char *out, size_t len) {
+	if (e->detail)
+		snprintf(out, len, "%s (SQLSTATE %s; %s)", e->message, unpack_sql_state(e->sqlerrcode), e->detail);
+	else
+		snprintf(out, len, "%s (SQLSTATE %s)", e->message, unpack_sql_state(e->sqlerrcode));
+}
+
+// Applies one message in a subtransaction of its own.
+void
+ApplyIsolated(const SubConfig *cfg, ApplyItem *it, uint64 xid, MemoryContext msgcxt) {
+	MemoryContext before = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	BeginInternalSubTransaction(nullptr);
+	MemoryContextSwitchTo(before);
+	PG_TRY();
+	{
+		ApplyOne(cfg, it, xid, msgcxt);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(before);
+		CurrentResourceOwner = owner;
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(before);
+		ErrorData *e = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(before);
+		CurrentResourceOwner = owner;
+		MemoryContextReset(msgcxt);
+		char desc[1024];
+		DescribeError(e, desc, sizeof desc);
+		if (IsTransient(e->sqlerrcode)) {
+			it->status = kTransient;
+			SetReason(it, "TransientError", desc);
+		} else {
+			SetReason(it, e->sqlerrcode == ERRCODE_INSUFFICIENT_PRIVILEGE ? "PermissionDenied"
+			                                                            : "HandlerError",
+			          desc);
+			Record(cfg, it, kDeadLettered, xid);
+		}
+		FreeErrorData(e);
+	}
+	PG_END_TRY();
+}
+
+// Applies items[lo..hi) in the current transaction; with isolate, each in a subtransaction whose
+// failure records a dead-letter (permanent errors) or leaves the message for a retry (transient).
+void
+ApplyRange(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate, uint64 xid) {
+	MemoryContext msgcxt =
+	    AllocSetContextCreate(TopTransactionContext, "sbpg message", ALLOCSET_DEFAULT_SIZES);
+	for (int i = lo; i < hi; ++i) {
+		ApplyItem *it = &items[i];
+		if (it->status == kDuplicate) {
+			Notify(cfg, it, xid);
+			continue;
+		}
+		if (!isolate) {
+			ApplyOne(cfg, it, xid, msgcxt);
+			continue;
+		}
+		ApplyIsolated(cfg, it, xid, msgcxt);
+	}
+}
+
+// One transaction over items[lo..hi). isolate: each message in a subtransaction. Returns false
+// (after rolling back) when a non-isolated pass failed.
+bool
+RunPass(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate, const int64 *seqs, int nseqs,
+        const char *const *ids, int nids, BatchResult *out) {
+	MemoryContext caller = CurrentMemoryContext;
+	volatile bool ok = true;
+	for (int i = lo; i < hi; ++i) {
+		items[i].status = kPending;
+		items[i].reason[0] = items[i].description[0] = '\0';
+		items[i].apply_ms = 0;
+	}
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PG_TRY();
+	{
+		SPI_connect();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		EnsurePlans(cfg);
+		Stamp(cfg, seqs, nseqs, ids, nids);
+		char why[512];
+		if (!HandlerUsable(cfg, why, sizeof why)) {
+			out->handler_unusable = true;
+			strlcpy(out->handler_error, why, sizeof out->handler_error);
+			for (int i = lo; i < hi; ++i) {
+				items[i].status = kTransient;
+				SetReason(&items[i], "HandlerUnusable", why);
+			}
+		} else {
+			uint64 xid = U64FromFullTransactionId(GetTopFullTransactionId());
+			out->xid = xid;
+			LookupDuplicates(cfg, items, lo, hi);
+			ApplyRange(cfg, items, lo, hi, isolate, xid);
+		}
+		PopActiveSnapshot();
+		SPI_finish();
+		CommitTransactionCommand();
+		// Settle only what is durable: flush the commit record whatever synchronous_commit says.
+		XLogFlush(XactLastCommitEnd);
+		out->committed_at = GetCurrentTimestamp();
+	}
+	PG_CATCH();
+	{
+		if (isolate)
+			PG_RE_THROW();
+		MemoryContextSwitchTo(caller);
+		ErrorData *e = CopyErrorData();
+		FlushErrorState();
+		DescribeError(e, out->batch_error, sizeof out->batch_error);
+		FreeErrorData(e);
+		AbortCurrentTransaction();
+		MemoryContextSwitchTo(caller);
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(caller);
+	return ok;
+}
+
+} // namespace
+
+void
+LoadSubConfig(const char *name, SubConfig *out) {
+	memset(out, 0, sizeof *out);
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	Oid types[1] = {TEXTOID};
+	Datum args[1] = {CStringGetTextDatum(name)};
+	const char *q = "SELECT s.namespace, s.entity, s.handler::oid, s.run_as::oid, s.run_as::text, s.identity, i.kind, "
+	                "i.options ->> 'key_name', k.secret, i.options ->> 'key_file', i.options ->> 'key_env', "
+	                "s.batch_size, s.prefetch, s.notify_channel, s.enabled, 'sbpg.message'::regtype::oid "
+	                "FROM sbpg.subscriptions s LEFT JOIN sbpg.identities i ON i.name = s.identity "
+	                "LEFT JOIN sbpg.identity_secrets k ON k.identity = s.identity WHERE s.name = $1";
+	if (SPI_execute_with_args(q, 1, types, args, nullptr, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "sbpg: cannot read sbpg.subscriptions");
+	if (SPI_processed == 1) {
+		HeapTuple t = SPI_tuptable->vals[0];
+		TupleDesc d = SPI_tuptable->tupdesc;
+		bool isnull;
+		out->found = true;
+		out->name = Dup(name);
+		out->namespace_ = GetText(t, d, 1);
+		out->entity = GetText(t, d, 2);
+		out->handler = DatumGetObjectId(SPI_getbinval(t, d, 3, &isnull));
+		out->run_as = DatumGetObjectId(SPI_getbinval(t, d, 4, &isnull));
+		out->run_as_name = GetText(t, d, 5);
+		out->identity = GetText(t, d, 6);
+		out->identity_kind = GetText(t, d, 7);
+		out->key_name = GetText(t, d, 8);
+		out->key = GetText(t, d, 9);
+		out->key_file = GetText(t, d, 10);
+		out->key_env = GetText(t, d, 11);
+		out->batch_size = DatumGetInt32(SPI_getbinval(t, d, 12, &isnull));
+		out->prefetch = DatumGetInt32(SPI_getbinval(t, d, 13, &isnull));
+		out->notify_channel = GetText(t, d, 14);
+		out->enabled = DatumGetBool(SPI_getbinval(t, d, 15, &isnull));
+		out->message_type = DatumGetObjectId(SPI_getbinval(t, d, 16, &isnull));
+		// The search_path a session of run_as would get: role in this database, role, database,
+		// the configuration file, the built-in default.
+		Oid ptypes[2] = {OIDOID, OIDOID};
+		Datum pargs[2] = {ObjectIdGetDatum(out->run_as), ObjectIdGetDatum(MyDatabaseId)};
+		const char *sp =
+		    "SELECT coalesce("
+		    "(SELECT substr(c, 13) FROM pg_db_role_setting s, unnest(s.setconfig) c WHERE s.setrole = $1 "
+		    "AND s.setdatabase IN (0, $2) AND c LIKE 'search\\_path=%' ORDER BY s.setdatabase DESC LIMIT 1), "
+		    "(SELECT substr(c, 13) FROM pg_db_role_setting s, unnest(s.setconfig) c WHERE s.setrole = 0 "
+		    "AND s.setdatabase = $2 AND c LIKE 'search\\_path=%' LIMIT 1), "
+		    "(SELECT setting FROM pg_file_settings WHERE name = 'search_path' AND applied ORDER BY seqno DESC LIMIT 1), "
+		    "(SELECT boot_val FROM pg_settings WHERE name = 'search_path'))";
+		if (SPI_execute_with_args(sp, 2, ptypes, pargs, nullptr, true, 1) == SPI_OK_SELECT && SPI_processed == 1)
+			out->search_path = GetText(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	}
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+}
+
+void
+ApplyBatch(const SubConfig *cfg, ApplyItem *items, int n, const int64 *seqs, int nseqs, const char *const *ids,
+           int nids, BatchResult *out) {
+	memset(out, 0, sizeof *out);
+	pgstat_report_activity(STATE_RUNNING, "sbpg: applying a batch");
+	if (RunPass(cfg, items, 0, n, false, seqs, nseqs, ids, nids, out))
+		return;
+	// Apply message by message, in chunks that keep subtransactions within PostgreSQL's cache.
+	out->isolated = true;
+	for (int lo = 0; lo < n; lo += kMaxSubxacts) {
+		int hi = std::min(n, lo + kMaxSubxacts);
+		RunPass(cfg, items, lo, hi, true, lo == 0 ? seqs : nullptr, lo == 0 ? nseqs : 0, lo == 0 ? ids : nullptr,
+		        lo == 0 ? nids : 0, out);
+	}
+}
+
+void
+StampSettled(const SubConfig *cfg, const int64 *seqs, int nseqs, const char *const *ids, int nids) {
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	EnsurePlans(cfg);
+	Stamp(cfg, seqs, nseqs, ids, nids);
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+}
+
+int64
+PruneInbox(const SubConfig *cfg, int retention_s) {
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	Oid types[2] = {TEXTOID, INT4OID};
+	Datum args[2] = {CStringGetTextDatum(cfg->name), Int32GetDatum(retention_s)};
+	int rc = SPI_execute_with_args(
+	    "DELETE FROM sbpg.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM sbpg.inbox WHERE subscription = $1 "
+	    "AND settled_at < now() - make_interval(secs => $2) LIMIT 10000))",
+	    2, types, args, nullptr, false, 0);
+	int64 n = rc == SPI_OK_DELETE ? static_cast<int64>(SPI_processed) : 0;
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+	return n;
+}
+
+} // namespace sbpg::pg

@@ -1,0 +1,358 @@
+// src/pg/launcher.cpp
+//   The launcher: one background worker that watches sbpg.subscriptions in sbpg.database and keeps
+//   one worker running per enabled subscription. It starts missing workers, restarts stopped ones
+//   with backoff, and stops workers whose subscription was disabled, dropped or changed (a changed
+//   subscription is restarted with its new settings). It holds no C++ objects: plain PostgreSQL
+//   code, with errors caught per cycle.
+extern "C" {
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+}
+
+#include "sbpg/pg/shared.hpp"
+
+#include <algorithm>
+#include <csignal>
+#include <cstring>
+
+namespace sbpg::pg {
+
+namespace {
+
+struct Desired {
+	char name[kNameLen];
+	char version[40];
+	bool enabled;
+};
+
+struct Entry {
+	bool used;
+	char name[kNameLen];
+	char version[40];
+	int slot;
+	BackgroundWorkerHandle *handle; // null when adopted from an earlier launcher or not running
+	int adopted_pid;                // a worker started by an earlier launcher
+	bool running;
+	bool stopping;
+	int failures;
+	TimestampTz started_at;
+	TimestampTz next_start;
+};
+
+Entry *entries = nullptr;
+int nentries = 0;
+Oid ext_owner = InvalidOid;
+bool ext_present = false;
+
+Entry *
+FindEntry(const char *name) {
+	for (int i = 0; i < nentries; ++i)
+		if (entries[i].used && strcmp(entries[i].name, name) == 0)
+			return &entries[i];
+	return nullptr;
+}
+
+Entry *
+NewEntry(const char *name) {
+	for (int i = 0; i < nentries; ++i) {
+		if (!entries[i].used) {
+			std::memset(&entries[i], 0, sizeof entries[i]);
+			entries[i].used = true;
+			strlcpy(entries[i].name, name, kNameLen);
+			entries[i].slot = -1;
+			return &entries[i];
+		}
+	}
+	return nullptr;
+}
+
+// Reads what should run. Returns the number of subscriptions (0 when the extension is absent).
+int
+LoadDesired(Desired *out, int max) {
+	int n = 0;
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, "reading sbpg.subscriptions");
+	ext_present = false;
+	if (SPI_execute("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'sbpg'", true, 1) == SPI_OK_SELECT &&
+	    SPI_processed == 1) {
+		bool isnull;
+		ext_owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		ext_present = true;
+	}
+	if (ext_present) {
+		// The version covers every setting of the subscription and of its identity, so a change
+		// restarts the worker with the new configuration.
+		const char *q = "SELECT s.name, s.enabled, md5(row(s.*)::text || coalesce(row(i.*)::text, '') || "
+		                "coalesce(k.secret, '')) FROM sbpg.subscriptions s "
+		                "LEFT JOIN sbpg.identities i ON i.name = s.identity "
+		                "LEFT JOIN sbpg.identity_secrets k ON k.identity = s.identity ORDER BY s.name";
+		if (SPI_execute(q, true, 0) != SPI_OK_SELECT)
+			elog(ERROR, "sbpg launcher: cannot read sbpg.subscriptions");
+		for (uint64 r = 0; r < SPI_processed && n < max; ++r) {
+			HeapTuple t = SPI_tuptable->vals[r];
+			TupleDesc d = SPI_tuptable->tupdesc;
+			bool isnull;
+			char *name = SPI_getvalue(t, d, 1);
+			strlcpy(out[n].name, name ? name : "", kNameLen);
+			out[n].enabled = DatumGetBool(SPI_getbinval(t, d, 2, &isnull));
+			char *ver = SPI_getvalue(t, d, 3);
+			strlcpy(out[n].version, ver ? ver : "", sizeof out[n].version);
+			++n;
+		}
+	}
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_activity(STATE_IDLE, nullptr);
+	return n;
+}
+
+int
+BackoffMs(int failures) {
+	if (failures <= 0)
+		return 0;
+	int ms = 1000 << std::min(failures - 1, 3); // 1 s, 2 s, 4 s, then 8 s
+	return ms;
+}
+
+bool
+Alive(Entry *e) {
+	if (e->handle) {
+		pid_t pid;
+		BgwHandleStatus st = GetBackgroundWorkerPid(e->handle, &pid);
+		return st == BGWH_STARTED || st == BGWH_NOT_YET_STARTED;
+	}
+	if (e->adopted_pid > 0)
+		return kill(e->adopted_pid, 0) == 0;
+	return false;
+}
+
+void
+StopEntry(Entry *e) {
+	if (e->stopping)
+		return;
+	if (e->handle)
+		TerminateBackgroundWorker(e->handle);
+	else if (e->adopted_pid > 0)
+		kill(e->adopted_pid, SIGTERM);
+	e->stopping = true;
+}
+
+void
+StartEntry(Entry *e, const Desired *d) {
+	if (e->slot < 0)
+		e->slot = AssignSlot(e->name);
+	if (e->slot < 0) {
+		ereport(WARNING, (errmsg("sbpg: cannot start subscription \"%s\": all %d worker slots are in use", e->name,
+		                         guc_max_workers),
+		                  errhint("Raise sbpg.max_workers (and max_worker_processes) and restart the server.")));
+		e->next_start = GetCurrentTimestamp() + 10 * USECS_PER_SEC;
+		return;
+	}
+	BackgroundWorker w;
+	std::memset(&w, 0, sizeof w);
+	w.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	w.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	w.bgw_restart_time = BGW_NEVER_RESTART; // the launcher restarts it, with backoff
+	snprintf(w.bgw_library_name, BGW_MAXLEN, "sbpg");
+	snprintf(w.bgw_function_name, BGW_MAXLEN, "sbpg_worker_main");
+	snprintf(w.bgw_name, BGW_MAXLEN, "sbpg worker %s", e->name);
+	snprintf(w.bgw_type, BGW_MAXLEN, "sbpg worker");
+	w.bgw_notify_pid = MyProcPid;
+	w.bgw_main_arg = Int32GetDatum(e->slot);
+	WorkerStart start;
+	std::memset(&start, 0, sizeof start);
+	start.database = MyDatabaseId;
+	start.user = ext_owner;
+	start.slot = e->slot;
+	strlcpy(start.name, e->name, kNameLen);
+	static_assert(sizeof(WorkerStart) <= BGW_EXTRALEN, "WorkerStart must fit bgw_extra");
+	std::memcpy(w.bgw_extra, &start, sizeof start);
+	BackgroundWorkerHandle *handle = nullptr;
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+	bool ok = RegisterDynamicBackgroundWorker(&w, &handle);
+	MemoryContextSwitchTo(old);
+	if (!ok) {
+		ereport(WARNING, (errmsg("sbpg: cannot start a worker for subscription \"%s\": no background worker slot is free",
+		                         e->name),
+		                  errhint("Raise max_worker_processes and restart the server.")));
+		e->next_start = GetCurrentTimestamp() + 10 * USECS_PER_SEC;
+		return;
+	}
+	e->handle = handle;
+	e->adopted_pid = 0;
+	e->running = true;
+	e->stopping = false;
+	e->started_at = GetCurrentTimestamp();
+	strlcpy(e->version, d->version, sizeof e->version);
+}
+
+// A previous launcher's workers keep running after it dies: adopt them by their slots.
+void
+AdoptRunningWorkers() {
+	for (int i = 0; i < shared->nslots; ++i) {
+		WorkerSlot copy;
+		CopySlot(i, &copy);
+		if (!copy.in_use || copy.pid <= 0 || kill(copy.pid, 0) != 0)
+			continue;
+		Entry *e = NewEntry(copy.name);
+		if (!e)
+			break;
+		e->slot = i;
+		e->adopted_pid = copy.pid;
+		e->running = true;
+		e->started_at = GetCurrentTimestamp();
+		strlcpy(e->version, "adopted", sizeof e->version); // restarted once to learn its version
+	}
+}
+
+void
+Reconcile() {
+	Desired *desired = static_cast<Desired *>(palloc0(sizeof(Desired) * (nentries + 64)));
+	int nd = LoadDesired(desired, nentries + 64);
+	TimestampTz now = GetCurrentTimestamp();
+
+	// Workers that stopped, and workers that must stop.
+	for (int i = 0; i < nentries; ++i) {
+		Entry *e = &entries[i];
+		if (!e->used)
+			continue;
+		if (e->running && !Alive(e)) {
+			e->running = false;
+			e->handle = nullptr;
+			e->adopted_pid = 0;
+			if (!e->stopping) {
+				// It stopped by itself: restart with backoff, resetting after a long healthy run.
+				if (now - e->started_at > 60 * USECS_PER_SEC)
+					e->failures = 0;
+				++e->failures;
+				e->next_start = now + static_cast<int64>(BackoffMs(e->failures)) * 1000;
+			} else {
+				e->next_start = now;
+			}
+			e->stopping = false;
+		}
+		const Desired *d = nullptr;
+		for (int k = 0; k < nd; ++k)
+			if (strcmp(desired[k].name, e->name) == 0)
+				d = &desired[k];
+		bool wanted = d && d->enabled;
+		if (e->running && (!wanted || strcmp(d->version, e->version) != 0))
+			StopEntry(e);
+		if (!e->running && !d) {
+			// Dropped: forget it and its statistics.
+			if (e->slot >= 0)
+				FreeSlot(e->slot);
+			e->used = false;
+		} else if (!e->running && d && !d->enabled && e->slot >= 0) {
+			WorkerSlot *s = &shared->slots[e->slot];
+			SpinLockAcquire(&s->mutex);
+			s->state = kStateStopped;
+			s->pid = 0;
+			SpinLockRelease(&s->mutex);
+		}
+	}
+	// Workers that should run.
+	for (int k = 0; k < nd; ++k) {
+		if (!desired[k].enabled)
+			continue;
+		Entry *e = FindEntry(desired[k].name);
+		if (!e)
+			e = NewEntry(desired[k].name);
+		if (!e) {
+			ereport(WARNING, (errmsg("sbpg: more enabled subscriptions than sbpg.max_workers (%d)", guc_max_workers)));
+			break;
+		}
+		if (!e->running && now >= e->next_start)
+			StartEntry(e, &desired[k]);
+	}
+	pfree(desired);
+}
+
+int
+NextWaitMs() {
+	TimestampTz now = GetCurrentTimestamp();
+	long ms = 1000; // also notices CREATE EXTENSION and DROP EXTENSION within a second
+	for (int i = 0; i < nentries; ++i) {
+		Entry *e = &entries[i];
+		if (e->used && !e->running && e->next_start > now)
+			ms = std::min<long>(ms, (e->next_start - now) / 1000 + 1);
+	}
+	return static_cast<int>(std::max<long>(ms, 10));
+}
+
+} // namespace
+
+} // namespace sbpg::pg
+
+using namespace sbpg::pg;
+
+void
+sbpg_launcher_main(Datum) {
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnection(guc_database, nullptr, 0);
+	pgstat_report_appname("sbpg launcher");
+
+	nentries = shared->nslots;
+	entries = static_cast<Entry *>(MemoryContextAllocZero(TopMemoryContext, sizeof(Entry) * nentries));
+	shared->launcher_pid = MyProcPid;
+	shared->launcher_latch = &MyProc->procLatch;
+	AdoptRunningWorkers();
+	ereport(LOG, (errmsg("sbpg launcher started for database \"%s\"", guc_database)));
+
+	MemoryContext loop_cxt = AllocSetContextCreate(TopMemoryContext, "sbpg launcher loop", ALLOCSET_DEFAULT_SIZES);
+	bool last_error_logged = false;
+	for (;;) {
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending) {
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		MemoryContext old = MemoryContextSwitchTo(loop_cxt);
+		PG_TRY();
+		{
+			Reconcile();
+			last_error_logged = false;
+		}
+		PG_CATCH();
+		{
+			// Say it once per streak; keep going (a DROP EXTENSION can race with the query).
+			MemoryContextSwitchTo(loop_cxt);
+			ErrorData *ed = CopyErrorData();
+			FlushErrorState();
+			if (!last_error_logged)
+				ereport(LOG, (errmsg("sbpg launcher: %s", ed->message)));
+			last_error_logged = true;
+			AbortCurrentTransaction();
+		}
+		PG_END_TRY();
+		MemoryContextSwitchTo(old);
+		MemoryContextReset(loop_cxt);
+		if (!ext_present) {
+			for (int i = 0; i < nentries; ++i)
+				if (entries[i].used && entries[i].running)
+					StopEntry(&entries[i]);
+		}
+		(void)WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, NextWaitMs(), PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+}

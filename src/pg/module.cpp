@@ -1,0 +1,341 @@
+// src/pg/module.cpp
+//   Module entry: _PG_init (settings, shared memory, the launcher), the SQL-callable C functions
+//   and the hooks that wake the launcher when the configuration changes.
+extern "C" {
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/objectaccess.h"
+#include "catalog/pg_extension.h"
+#include "commands/trigger.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "postmaster/bgworker.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
+#include "storage/proc.h"
+#include "storage/shmem.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/timestamp.h"
+
+PG_MODULE_MAGIC;
+
+PGDLLEXPORT void _PG_init(void);
+PGDLLEXPORT Datum sbpg_caller(PG_FUNCTION_ARGS);
+PGDLLEXPORT Datum sbpg_config_changed(PG_FUNCTION_ARGS);
+PGDLLEXPORT Datum sbpg_worker_stats(PG_FUNCTION_ARGS);
+PG_FUNCTION_INFO_V1(sbpg_caller);
+PG_FUNCTION_INFO_V1(sbpg_config_changed);
+PG_FUNCTION_INFO_V1(sbpg_worker_stats);
+}
+
+#include "sbpg/pg/shared.hpp"
+
+#include <algorithm>
+#include <cstddef>
+#include <cstring>
+
+namespace sbpg::pg {
+
+char *guc_database = nullptr;
+int guc_max_workers = 8;
+int guc_log_messages = kLogFailures;
+int guc_inbox_retention_s = 7 * 24 * 3600;
+int guc_max_json_depth = 1000;
+char *guc_test_fault = nullptr;
+SharedState *shared = nullptr;
+
+namespace {
+
+const struct config_enum_entry kLogMessagesOptions[] = {
+    {"none", kLogNone, false}, {"failures", kLogFailures, false}, {"all", kLogAll, false}, {nullptr, 0, false}};
+
+shmem_request_hook_type prev_shmem_request_hook = nullptr;
+shmem_startup_hook_type prev_shmem_startup_hook = nullptr;
+object_access_hook_type prev_object_access_hook = nullptr;
+
+bool wake_at_commit = false;
+bool xact_callback_registered = false;
+
+Size
+SharedSize() {
+	return add_size(MAXALIGN(sizeof(SharedState)), mul_size(guc_max_workers, sizeof(WorkerSlot)));
+}
+
+void
+ShmemRequest() {
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(SharedSize());
+	RequestNamedLWLockTranche("sbpg", 1);
+}
+
+void
+ShmemStartup() {
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	bool found = false;
+	void *mem = ShmemInitStruct("sbpg", SharedSize(), &found);
+	shared = static_cast<SharedState *>(mem);
+	if (!found) {
+		std::memset(mem, 0, SharedSize());
+		shared->lock = &(GetNamedLWLockTranche("sbpg"))->lock;
+		shared->nslots = guc_max_workers;
+		shared->slots = reinterpret_cast<WorkerSlot *>(static_cast<char *>(mem) + MAXALIGN(sizeof(SharedState)));
+		for (int i = 0; i < shared->nslots; ++i)
+			SpinLockInit(&shared->slots[i].mutex);
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+void
+XactCallback(XactEvent event, void *) {
+	if (event == XACT_EVENT_COMMIT && wake_at_commit)
+		WakeLauncher();
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_COMMIT ||
+	    event == XACT_EVENT_PARALLEL_ABORT)
+		wake_at_commit = false;
+}
+
+void
+WakeAtCommit() {
+	if (!xact_callback_registered) {
+		RegisterXactCallback(XactCallback, nullptr);
+		xact_callback_registered = true;
+	}
+	wake_at_commit = true;
+}
+
+// DROP EXTENSION: wake the launcher at commit so it stops the workers at once.
+void
+ObjectAccess(ObjectAccessType access, Oid class_id, Oid object_id, int sub_id, void *arg) {
+	if (prev_object_access_hook)
+		prev_object_access_hook(access, class_id, object_id, sub_id, arg);
+	if (access == OAT_DROP && class_id == ExtensionRelationId)
+		WakeAtCommit();
+}
+
+void
+RegisterLauncher() {
+	BackgroundWorker w;
+	std::memset(&w, 0, sizeof w);
+	w.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	w.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	w.bgw_restart_time = 5; // seconds, after a crash of the launcher itself
+	snprintf(w.bgw_library_name, BGW_MAXLEN, "sbpg");
+	snprintf(w.bgw_function_name, BGW_MAXLEN, "sbpg_launcher_main");
+	snprintf(w.bgw_name, BGW_MAXLEN, "sbpg launcher");
+	snprintf(w.bgw_type, BGW_MAXLEN, "sbpg launcher");
+	RegisterBackgroundWorker(&w);
+}
+
+double
+Percentile(const float *samples, uint32 count, double p) {
+	if (count == 0)
+		return -1;
+	float copy[kSamples];
+	std::memcpy(copy, samples, sizeof(float) * count);
+	uint32 k = static_cast<uint32>(p * (count - 1) + 0.5);
+	std::nth_element(copy, copy + k, copy + count);
+	return copy[k];
+}
+
+} // namespace
+
+const char *
+WorkerStateName(int state) {
+	switch (state) {
+	case kStateStarting:
+		return "starting";
+	case kStateConnecting:
+		return "connecting";
+	case kStateConnected:
+		return "connected";
+	case kStateReconnecting:
+		return "reconnecting";
+	case kStateStopped:
+		return "stopped";
+	case kStateFailed:
+		return "failed";
+	case kStatePaused:
+		return "paused";
+	default:
+		return "free";
+	}
+}
+
+void
+WakeLauncher() {
+	if (shared && shared->launcher_latch)
+		SetLatch(shared->launcher_latch);
+}
+
+int
+AssignSlot(const char *name) {
+	int found = -1;
+	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < shared->nslots && found < 0; ++i)
+		if (shared->slots[i].in_use && strncmp(shared->slots[i].name, name, kNameLen) == 0)
+			found = i;
+	for (int i = 0; i < shared->nslots && found < 0; ++i) {
+		WorkerSlot *s = &shared->slots[i];
+		if (!s->in_use) {
+			SpinLockAcquire(&s->mutex);
+			// Everything after the spinlock starts from zero for a new subscription.
+			std::memset(reinterpret_cast<char *>(s) + offsetof(WorkerSlot, in_use), 0,
+			            sizeof(WorkerSlot) - offsetof(WorkerSlot, in_use));
+			s->in_use = true;
+			strlcpy(s->name, name, kNameLen);
+			s->state = kStateStarting;
+			SpinLockRelease(&s->mutex);
+			found = i;
+		}
+	}
+	LWLockRelease(shared->lock);
+	return found;
+}
+
+void
+FreeSlot(int slot) {
+	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
+	WorkerSlot *s = &shared->slots[slot];
+	SpinLockAcquire(&s->mutex);
+	s->in_use = false;
+	s->state = kStateFree;
+	SpinLockRelease(&s->mutex);
+	LWLockRelease(shared->lock);
+}
+
+void
+CopySlot(int slot, WorkerSlot *out) {
+	WorkerSlot *s = &shared->slots[slot];
+	SpinLockAcquire(&s->mutex);
+	std::memcpy(static_cast<void *>(out), s, sizeof *s);
+	SpinLockRelease(&s->mutex);
+}
+
+} // namespace sbpg::pg
+
+using namespace sbpg::pg;
+
+void
+_PG_init(void) {
+	if (!process_shared_preload_libraries_in_progress)
+		ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+		                errmsg("sbpg must be loaded with shared_preload_libraries"),
+		                errhint("Add sbpg to shared_preload_libraries in postgresql.conf and restart the server.")));
+
+	DefineCustomStringVariable("sbpg.database", "Database whose sbpg subscriptions the launcher serves.", nullptr,
+	                           &guc_database, "postgres", PGC_POSTMASTER, GUC_SUPERUSER_ONLY, nullptr, nullptr,
+	                           nullptr);
+	DefineCustomIntVariable("sbpg.max_workers", "Most subscriptions that can run at once (one worker each).",
+	                        "Each worker is a background worker: max_worker_processes must leave room for them.",
+	                        &guc_max_workers, 8, 1, 256, PGC_POSTMASTER, 0, nullptr, nullptr, nullptr);
+	DefineCustomEnumVariable("sbpg.log_messages", "Which settled messages get a JSON line in the server log.",
+	                         "none, failures (dead-lettered and retried messages) or all.", &guc_log_messages,
+	                         kLogFailures, kLogMessagesOptions, PGC_SIGHUP, 0, nullptr, nullptr, nullptr);
+	DefineCustomIntVariable("sbpg.inbox_retention", "How long sbpg.inbox keeps rows whose settlement was confirmed.",
+	                        "0 keeps them forever. Rows whose settlement was never confirmed are kept.",
+	                        &guc_inbox_retention_s, 7 * 24 * 3600, 0, INT_MAX, PGC_SIGHUP, GUC_UNIT_S, nullptr,
+	                        nullptr, nullptr);
+	DefineCustomIntVariable("sbpg.max_json_depth", "Deepest JSON nesting a message body may have.",
+	                        "Deeper bodies are dead-lettered instead of reaching jsonb.", &guc_max_json_depth, 1000,
+	                        1, 100000, PGC_SIGHUP, 0, nullptr, nullptr, nullptr);
+	DefineCustomStringVariable("sbpg.test_fault", "Fault injection for sbpg's own tests; leave empty.",
+	                           "exit_after_commit#TAG makes a worker exit after a batch commits and before it "
+	                           "settles, once per TAG.",
+	                           &guc_test_fault, "", PGC_SUSET, GUC_NOT_IN_SAMPLE | GUC_SUPERUSER_ONLY, nullptr,
+	                           nullptr, nullptr);
+	MarkGUCPrefixReserved("sbpg");
+
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = ShmemRequest;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = ShmemStartup;
+	prev_object_access_hook = object_access_hook;
+	object_access_hook = ObjectAccess;
+	RegisterLauncher();
+}
+
+// sbpg._caller(): the role that called a SECURITY DEFINER function (its SET ROLE identity).
+Datum
+sbpg_caller(PG_FUNCTION_ARGS) {
+	PG_RETURN_OID(GetOuterUserId());
+}
+
+// Statement trigger on the configuration tables: wake the launcher when the transaction commits.
+Datum
+sbpg_config_changed(PG_FUNCTION_ARGS) {
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR, (errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+		                errmsg("sbpg._config_changed() must be called as a trigger")));
+	WakeAtCommit();
+	PG_RETURN_POINTER(nullptr);
+}
+
+// sbpg._worker_stats(): one row per subscription slot in use.
+Datum
+sbpg_worker_stats(PG_FUNCTION_ARGS) {
+	ReturnSetInfo *rsinfo = reinterpret_cast<ReturnSetInfo *>(fcinfo->resultinfo);
+	InitMaterializedSRF(fcinfo, 0);
+	if (!shared)
+		PG_RETURN_VOID();
+	TimestampTz now = GetCurrentTimestamp();
+	int64 now_s = now / USECS_PER_SEC;
+	WorkerSlot *slot = static_cast<WorkerSlot *>(palloc(sizeof(WorkerSlot)));
+	for (int i = 0; i < shared->nslots; ++i) {
+		CopySlot(i, slot);
+		if (!slot->in_use)
+			continue;
+		Datum values[21];
+		bool nulls[21];
+		std::memset(nulls, 0, sizeof nulls);
+		int k = 0;
+		values[k++] = CStringGetTextDatum(slot->name);
+		values[k++] = CStringGetTextDatum(WorkerStateName(slot->state));
+		nulls[k] = slot->pid == 0;
+		values[k++] = Int32GetDatum(slot->pid);
+		nulls[k] = slot->connected_since == 0;
+		values[k++] = TimestampTzGetDatum(slot->connected_since);
+		values[k++] = Int64GetDatum(static_cast<int64>(slot->received));
+		values[k++] = Int64GetDatum(static_cast<int64>(slot->applied));
+		values[k++] = Int64GetDatum(static_cast<int64>(slot->dead_lettered));
+		values[k++] = Int64GetDatum(static_cast<int64>(slot->duplicates));
+		values[k++] = Int64GetDatum(static_cast<int64>(slot->abandoned));
+		values[k++] = Int64GetDatum(static_cast<int64>(slot->batches));
+		values[k++] = Int64GetDatum(static_cast<int64>(slot->settle_failures));
+		values[k++] = Int64GetDatum(static_cast<int64>(slot->reconnects));
+		nulls[k] = slot->last_error[0] == '\0';
+		values[k++] = CStringGetTextDatum(slot->last_error);
+		nulls[k] = slot->last_error_at == 0;
+		values[k++] = TimestampTzGetDatum(slot->last_error_at);
+		double p;
+		p = Percentile(slot->apply_ms, slot->apply_count, 0.5);
+		nulls[k] = p < 0;
+		values[k++] = Float8GetDatum(p);
+		p = Percentile(slot->apply_ms, slot->apply_count, 0.99);
+		nulls[k] = p < 0;
+		values[k++] = Float8GetDatum(p);
+		p = Percentile(slot->lag_ms, slot->lag_count, 0.5);
+		nulls[k] = p < 0;
+		values[k++] = Float8GetDatum(p);
+		p = Percentile(slot->lag_ms, slot->lag_count, 0.99);
+		nulls[k] = p < 0;
+		values[k++] = Float8GetDatum(p);
+		uint64 in_window = 0;
+		for (int b = 0; b < kRateSeconds; ++b)
+			if (slot->rate_second[b] > now_s - kRateSeconds && slot->rate_second[b] <= now_s)
+				in_window += slot->rate_count[b];
+		values[k++] = Float8GetDatum(static_cast<double>(in_window) / kRateSeconds);
+		nulls[k] = slot->token_expires_at == 0;
+		values[k++] = TimestampTzGetDatum(slot->token_expires_at);
+		nulls[k] = slot->last_batch_at == 0;
+		values[k++] = TimestampTzGetDatum(slot->last_batch_at);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	pfree(slot);
+	PG_RETURN_VOID();
+}

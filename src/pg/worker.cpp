@@ -1,0 +1,654 @@
+// src/pg/worker.cpp
+//   One subscription's worker. The main thread (the only one that calls PostgreSQL) waits on its
+//   latch and on an eventfd the AMQP thread writes to; it takes up to batch_size messages, applies
+//   them in one transaction (apply.cpp), and only after the commit is flushed hands the
+//   settlements back to the AMQP thread. Broker confirmations of those settlements are stamped
+//   into sbpg.inbox.settled_at with the next transaction.
+//
+//   This file owns C++ objects (the consumer, vectors, strings); every PostgreSQL call from it
+//   goes through PgGuard, so a PostgreSQL error never longjmps across these frames.
+#include "sbpg/amqp/consumer.hpp"
+#include "sbpg/core/text.hpp"
+#include "sbpg/message/message.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <memory>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+extern "C" {
+#include "postgres.h"
+
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+}
+
+#include "sbpg/pg/apply.hpp"
+#include "sbpg/pg/guard.hpp"
+#include "sbpg/pg/shared.hpp"
+
+namespace sbpg::pg {
+
+namespace {
+
+Consumer *g_consumer = nullptr; // for the exit callback
+WorkerSlot *g_slot = nullptr;
+
+TimestampTz
+ToTimestamp(int64_t unix_ms) {
+	return static_cast<TimestampTz>(unix_ms) * 1000 -
+	       static_cast<TimestampTz>(POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY * USECS_PER_SEC;
+}
+
+// Runs at process exit (also after FATAL from SIGTERM): stop the AMQP thread before exit()
+// destroys static objects under it.
+void
+OnExit(int, Datum) {
+	if (g_consumer)
+		g_consumer->Stop();
+	if (g_slot) {
+		SpinLockAcquire(&g_slot->mutex);
+		g_slot->pid = 0;
+		if (g_slot->state != kStateFailed && g_slot->state != kStatePaused)
+			g_slot->state = kStateStopped;
+		SpinLockRelease(&g_slot->mutex);
+	}
+}
+
+void
+SetState(int state) {
+	SpinLockAcquire(&g_slot->mutex);
+	g_slot->state = state;
+	SpinLockRelease(&g_slot->mutex);
+}
+
+void
+SetError(const std::string &msg) {
+	SpinLockAcquire(&g_slot->mutex);
+	strlcpy(g_slot->last_error, msg.c_str(), sizeof g_slot->last_error);
+	g_slot->last_error_at = GetCurrentTimestamp();
+	SpinLockRelease(&g_slot->mutex);
+}
+
+void
+Log(int level, const std::string &text) {
+	PgError err;
+	PgGuard([&] { ereport(level, (errmsg_internal("%s", text.c_str()))); }, &err);
+}
+
+// Where to connect, from the subscription's namespace.
+struct Endpoint {
+	std::string host;
+	int port = 0;
+	bool tls = false;
+	std::string error;
+};
+
+Endpoint
+ParseNamespace(const std::string &ns) {
+	Endpoint e;
+	std::string s = ns;
+	if (IStartsWith(s, "amqps://")) {
+		e.tls = true;
+		s = s.substr(8);
+	} else if (IStartsWith(s, "amqp://")) {
+		s = s.substr(7);
+	} else {
+		// A Service Bus namespace: TLS on 5671.
+		e.host = s;
+		e.port = 5671;
+		e.tls = true;
+		return e;
+	}
+	while (!s.empty() && s.back() == '/')
+		s.pop_back();
+	size_t colon = s.rfind(':');
+	if (!s.empty() && s.front() == '[') {
+		size_t close = s.find(']');
+		e.host = s.substr(1, close - 1);
+		colon = s.find(':', close);
+	} else {
+		e.host = s.substr(0, colon);
+	}
+	e.port = e.tls ? 5671 : 5672;
+	if (colon != std::string::npos)
+		e.port = std::atoi(s.c_str() + colon + 1);
+	if (e.host.empty() || e.port <= 0 || e.port > 65535)
+		e.error = "cannot parse namespace " + ns;
+	return e;
+}
+
+std::string
+Trim(std::string s) {
+	while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ' || s.back() == '\t'))
+		s.pop_back();
+	return s;
+}
+
+// The shared access key, from the identity's literal key, file or environment variable.
+bool
+ResolveKey(const SubConfig &cfg, std::string *key, std::string *why) {
+	if (cfg.key) {
+		*key = cfg.key;
+		return true;
+	}
+	if (cfg.key_file) {
+		std::ifstream f(cfg.key_file);
+		if (!f) {
+			*why = std::string("cannot read key_file ") + cfg.key_file + ": " + strerror(errno);
+			return false;
+		}
+		std::stringstream ss;
+		ss << f.rdbuf();
+		*key = Trim(ss.str());
+		if (key->empty()) {
+			*why = std::string("key_file ") + cfg.key_file + " is empty";
+			return false;
+		}
+		return true;
+	}
+	if (cfg.key_env) {
+		const char *v = getenv(cfg.key_env);
+		if (!v || !*v) {
+			*why = std::string("environment variable ") + cfg.key_env + " is not set in the server's environment";
+			return false;
+		}
+		*key = Trim(v);
+		return true;
+	}
+	*why = "identity has no key";
+	return false;
+}
+
+// A message's inbox key, remembered until its settlement is confirmed.
+struct InboxKey {
+	bool has_seq = false;
+	int64_t seq = 0;
+	std::string message_id;
+};
+
+struct Stats {
+	uint64_t received = 0, applied = 0, dead = 0, dup = 0, abandoned = 0, settle_failures = 0;
+	std::vector<float> apply_ms, lag_ms;
+};
+
+void
+Publish(Stats &st, bool batch, TimestampTz at) {
+	int64 now_s = GetCurrentTimestamp() / USECS_PER_SEC;
+	SpinLockAcquire(&g_slot->mutex);
+	g_slot->received += st.received;
+	g_slot->applied += st.applied;
+	g_slot->dead_lettered += st.dead;
+	g_slot->duplicates += st.dup;
+	g_slot->abandoned += st.abandoned;
+	g_slot->settle_failures += st.settle_failures;
+	if (batch) {
+		++g_slot->batches;
+		g_slot->last_batch_at = at;
+	}
+	for (float v : st.apply_ms) {
+		g_slot->apply_ms[g_slot->apply_next] = v;
+		g_slot->apply_next = (g_slot->apply_next + 1) % kSamples;
+		g_slot->apply_count = std::min<uint32>(g_slot->apply_count + 1, kSamples);
+	}
+	for (float v : st.lag_ms) {
+		g_slot->lag_ms[g_slot->lag_next] = v;
+		g_slot->lag_next = (g_slot->lag_next + 1) % kSamples;
+		g_slot->lag_count = std::min<uint32>(g_slot->lag_count + 1, kSamples);
+	}
+	uint64 settled = st.applied + st.dead + st.dup;
+	if (settled) {
+		int b = static_cast<int>(now_s % kRateSeconds);
+		if (g_slot->rate_second[b] != now_s) {
+			g_slot->rate_second[b] = now_s;
+			g_slot->rate_count[b] = 0;
+		}
+		g_slot->rate_count[b] += static_cast<uint32>(settled);
+	}
+	SpinLockRelease(&g_slot->mutex);
+	st = Stats();
+}
+
+std::string
+JsonField(const char *name, const std::string &v, bool null_if_empty = true) {
+	if (null_if_empty && v.empty())
+		return std::string(",\"") + name + "\":null";
+	return std::string(",\"") + name + "\":\"" + JsonEscape(v) + "\"";
+}
+
+// The structured log line of one settled message.
+std::string
+MessageLogLine(const std::string &sub, const ApplyItem &it, uint64 xid) {
+	const ReceivedMessage &m = *it.msg;
+	const char *status = it.status == kApplied        ? "applied"
+	                     : it.status == kDeadLettered ? "dead_lettered"
+	                     : it.status == kDuplicate    ? "duplicate"
+	                                                  : "retry";
+	std::string s = "sbpg: {\"event\":\"message\",\"subscription\":\"" + JsonEscape(sub) + "\"";
+	s += JsonField("message_id", m.message_id);
+	s += JsonField("correlation_id", m.correlation_id);
+	s += m.has_sequence_number ? ",\"sequence_number\":" + std::to_string(m.sequence_number) : ",\"sequence_number\":null";
+	s += ",\"delivery_count\":" + std::to_string(m.delivery_count);
+	s += ",\"xid\":\"" + std::to_string(xid) + "\"";
+	s += std::string(",\"status\":\"") + status + "\"";
+	std::string reason = it.reason[0] ? std::string(it.reason) + ": " + it.description : "";
+	s += JsonField("reason", reason);
+	char ms[32];
+	snprintf(ms, sizeof ms, "%.3f", it.apply_ms);
+	s += std::string(",\"apply_ms\":") + ms + "}";
+	return s;
+}
+
+class Worker {
+  public:
+	explicit Worker(const WorkerStart &start) : start_(start) {}
+	void Run();
+
+  private:
+	bool Setup();
+	void Loop();
+	void HandleEvents();
+	void HandleResults();
+	void ProcessBatch(std::vector<ReceivedMessage> &msgs);
+	void Housekeeping();
+	bool Interrupts();
+
+	WorkerStart start_;
+	SubConfig cfg_{};
+	std::unique_ptr<Consumer> consumer_;
+	int efd_ = -1;
+	WaitEventSet *wait_set_ = nullptr;
+	Stats stats_;
+	std::unordered_map<uint64_t, InboxKey> awaiting_; // delivery id -> inbox key, until confirmed
+	std::vector<InboxKey> confirmed_;                  // settlements the broker confirmed
+	TimestampTz last_stamp_ = 0, last_prune_ = 0;
+	TimestampTz paused_until_ = 0;
+	bool stop_ = false;
+};
+
+bool
+Worker::Interrupts() {
+	PgError err;
+	bool ok = PgGuard(
+	    [&] {
+		    CHECK_FOR_INTERRUPTS();
+		    if (ConfigReloadPending) {
+			    ConfigReloadPending = false;
+			    ProcessConfigFile(PGC_SIGHUP);
+		    }
+	    },
+	    &err);
+	if (!ok)
+		Log(LOG, std::string("sbpg: subscription \"") + start_.name + "\": " + err.message);
+	return ok;
+}
+
+bool
+Worker::Setup() {
+	PgError err;
+	if (!PgGuard([&] { LoadSubConfig(start_.name, &cfg_); }, &err)) {
+		SetError(std::string("cannot read the subscription: ") + err.message);
+		SetState(kStateFailed);
+		Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": cannot read its settings: " + err.message);
+		return false;
+	}
+	if (!cfg_.found || !cfg_.enabled) {
+		SetState(kStateStopped);
+		return false;
+	}
+	ConsumerConfig cc;
+	Endpoint ep = ParseNamespace(cfg_.namespace_);
+	if (!ep.error.empty()) {
+		SetError(ep.error);
+		SetState(kStateFailed);
+		return false;
+	}
+	cc.host = ep.host;
+	cc.port = ep.port;
+	cc.tls = ep.tls;
+	cc.entity = cfg_.entity;
+	bool default_port = (ep.tls && ep.port == 5671) || (!ep.tls && ep.port == 5672);
+	bool service_bus = !IStartsWith(cfg_.namespace_, "amqp");
+	cc.audience = "sb://" + ep.host + (default_port && service_bus ? "" : ":" + std::to_string(ep.port)) + "/" +
+	              cfg_.entity;
+	cc.prefetch = static_cast<uint32_t>(cfg_.prefetch);
+	cc.container_id = std::string("sbpg-") + start_.name + "-" + NewGuid().substr(0, 8);
+	cc.max_json_depth = guc_max_json_depth;
+	if (cfg_.identity_kind && std::string(cfg_.identity_kind) == "sas") {
+		cc.auth = ConsumerConfig::Auth::Sas;
+		cc.sas_key_name = cfg_.key_name ? cfg_.key_name : "";
+		std::string why;
+		if (!ResolveKey(cfg_, &cc.sas_key, &why)) {
+			SetError(std::string("identity \"") + cfg_.identity + "\": " + why);
+			SetState(kStateFailed);
+			Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": identity \"" + cfg_.identity +
+			                 "\": " + why);
+			return false;
+		}
+	} else {
+		cc.auth = ConsumerConfig::Auth::Anonymous;
+		cc.release_to_abandon = true; // plain AMQP brokers do not all accept `modified`
+	}
+	efd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (efd_ < 0) {
+		SetError(std::string("eventfd: ") + strerror(errno));
+		return false;
+	}
+	if (!PgGuard(
+	        [&] {
+		        wait_set_ = CreateWaitEventSet(TopMemoryContext, 3);
+		        AddWaitEventToSet(wait_set_, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, nullptr);
+		        AddWaitEventToSet(wait_set_, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, nullptr, nullptr);
+		        AddWaitEventToSet(wait_set_, WL_SOCKET_READABLE, efd_, nullptr, nullptr);
+	        },
+	        &err)) {
+		SetError(std::string("cannot set up waiting: ") + err.message);
+		return false;
+	}
+	consumer_.reset(new Consumer(cc, efd_));
+	g_consumer = consumer_.get();
+	consumer_->Start();
+	SetState(kStateConnecting);
+	Log(LOG, std::string("sbpg: subscription \"") + start_.name + "\": consuming " + cfg_.entity + " from " +
+	             cfg_.namespace_ + " as " + cfg_.run_as_name + " (batch " + std::to_string(cfg_.batch_size) +
+	             ", prefetch " + std::to_string(cfg_.prefetch) + ")");
+	return true;
+}
+
+void
+Worker::HandleEvents() {
+	std::vector<ConsumerEvent> events;
+	consumer_->TakeEvents(&events);
+	for (auto &e : events) {
+		std::string line = std::string("sbpg: {\"event\":\"connection\",\"subscription\":\"") + JsonEscape(start_.name) +
+		                   "\",\"state\":\"";
+		switch (e.kind) {
+		case ConsumerEvent::Kind::Connected:
+			line += "connected";
+			SetState(kStateConnected);
+			break;
+		case ConsumerEvent::Kind::Disconnected:
+			line += "disconnected";
+			SetState(kStateReconnecting);
+			SetError(e.text);
+			break;
+		case ConsumerEvent::Kind::TokenRenewed:
+			line += "token_renewed";
+			break;
+		case ConsumerEvent::Kind::Error:
+			line += "error";
+			SetState(kStateReconnecting);
+			SetError(e.text);
+			break;
+		}
+		line += "\",\"detail\":\"" + JsonEscape(e.text) + "\"}";
+		Log(LOG, line);
+	}
+	ConsumerStatus st = consumer_->Status();
+	SpinLockAcquire(&g_slot->mutex);
+	g_slot->connected_since = st.connected ? ToTimestamp(st.connected_since_ms) : 0;
+	g_slot->token_expires_at = st.token_expires_ms ? ToTimestamp(st.token_expires_ms) : 0;
+	g_slot->reconnects = st.reconnects;
+	SpinLockRelease(&g_slot->mutex);
+	if (st.dead) {
+		SetState(kStateFailed);
+		stop_ = true; // the launcher restarts the worker
+	}
+}
+
+void
+Worker::HandleResults() {
+	std::vector<SettleResult> results;
+	consumer_->TakeResults(&results);
+	for (auto &r : results) {
+		auto it = awaiting_.find(r.delivery_id);
+		if (it == awaiting_.end())
+			continue;
+		if (r.ok) {
+			confirmed_.push_back(std::move(it->second));
+		} else {
+			// The broker will deliver the message again; the inbox recognises it then.
+			++stats_.settle_failures;
+			if (guc_log_messages != kLogNone)
+				Log(LOG, std::string("sbpg: {\"event\":\"settle_failed\",\"subscription\":\"") + JsonEscape(start_.name) +
+				             "\",\"detail\":\"" + JsonEscape(r.error) + "\"}");
+		}
+		awaiting_.erase(it);
+	}
+}
+
+void
+Worker::ProcessBatch(std::vector<ReceivedMessage> &msgs) {
+	std::vector<ApplyItem> items(msgs.size());
+	for (size_t i = 0; i < msgs.size(); ++i) {
+		std::memset(&items[i], 0, sizeof items[i]);
+		items[i].msg = &msgs[i];
+	}
+	std::vector<int64> seqs;
+	std::vector<const char *> ids;
+	for (auto &k : confirmed_) {
+		if (k.has_seq)
+			seqs.push_back(k.seq);
+		else if (!k.message_id.empty())
+			ids.push_back(k.message_id.c_str());
+	}
+	BatchResult res;
+	PgError err;
+	stats_.received += msgs.size();
+	bool ok = PgGuard(
+	    [&] {
+		    ApplyBatch(&cfg_, items.data(), static_cast<int>(items.size()), seqs.data(), static_cast<int>(seqs.size()),
+		               ids.data(), static_cast<int>(ids.size()), &res);
+	    },
+	    &err);
+	std::vector<Settlement> settle;
+	settle.reserve(msgs.size());
+	if (!ok) {
+		// Nothing was recorded: leave every message to come back.
+		SetError(std::string("batch failed: ") + err.message);
+		Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": batch of " +
+		                 std::to_string(msgs.size()) + " failed and will be retried: " + err.message);
+		for (auto &m : msgs)
+			settle.push_back({m.delivery_id, m.connection_gen, Outcome::Abandon, "", ""});
+		stats_.abandoned += msgs.size();
+		consumer_->Settle(std::move(settle));
+		paused_until_ = GetCurrentTimestamp() + USECS_PER_SEC;
+		return;
+	}
+	confirmed_.clear();
+	last_stamp_ = GetCurrentTimestamp();
+	if (res.handler_unusable) {
+		SetError(res.handler_error);
+		SetState(kStatePaused);
+		paused_until_ = GetCurrentTimestamp() + 5 * USECS_PER_SEC;
+		Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": " + res.handler_error +
+		                 "; messages are left for later");
+	}
+	// Test-only fault point: exit after the commit, before any settlement.
+	if (guc_test_fault && strncmp(guc_test_fault, "exit_after_commit#", 18) == 0 &&
+	    strcmp(shared->test_fault_fired, guc_test_fault) != 0) {
+		strlcpy(shared->test_fault_fired, guc_test_fault, kNameLen);
+		Log(LOG, std::string("sbpg: test fault ") + guc_test_fault + ": exiting after commit, before settlement");
+		proc_exit(1);
+	}
+	int64_t commit_ms = WallMs();
+	for (auto &it : items) {
+		const ReceivedMessage &m = *it.msg;
+		Settlement s{m.delivery_id, m.connection_gen, Outcome::Complete, "", ""};
+		int effective = it.status == kDuplicate ? it.recorded : it.status;
+		switch (effective) {
+		case kApplied:
+			s.outcome = Outcome::Complete;
+			break;
+		case kDeadLettered:
+			s.outcome = Outcome::DeadLetter;
+			s.reason = it.reason;
+			s.description = it.description;
+			break;
+		default:
+			s.outcome = Outcome::Abandon;
+			break;
+		}
+		if (it.status == kApplied)
+			++stats_.applied;
+		else if (it.status == kDeadLettered)
+			++stats_.dead;
+		else if (it.status == kDuplicate)
+			++stats_.dup;
+		else
+			++stats_.abandoned;
+		if (it.status == kApplied)
+			stats_.apply_ms.push_back(static_cast<float>(it.apply_ms));
+		if (m.enqueued_ms > 0 && it.status != kTransient)
+			stats_.lag_ms.push_back(static_cast<float>(commit_ms - m.enqueued_ms));
+		if (effective == kApplied || effective == kDeadLettered)
+			awaiting_[m.delivery_id] = InboxKey{m.has_sequence_number, m.sequence_number, m.message_id};
+		bool failure = it.status == kDeadLettered || it.status == kTransient ||
+		               (it.status == kDuplicate && it.recorded == kDeadLettered);
+		if (guc_log_messages == kLogAll || (guc_log_messages == kLogFailures && failure))
+			Log(LOG, MessageLogLine(start_.name, it, res.xid));
+		settle.push_back(std::move(s));
+	}
+	if (res.isolated)
+		Log(LOG, std::string("sbpg: subscription \"") + start_.name + "\": a batch of " + std::to_string(items.size()) +
+		             " was applied message by message after: " + res.batch_error);
+	consumer_->Settle(std::move(settle));
+	Publish(stats_, true, res.committed_at);
+}
+
+void
+Worker::Housekeeping() {
+	TimestampTz now = GetCurrentTimestamp();
+	PgError err;
+	// Confirmations with no batch to ride on: stamp them after a second.
+	if (!confirmed_.empty() && now - last_stamp_ > USECS_PER_SEC) {
+		std::vector<int64> seqs;
+		std::vector<const char *> ids;
+		for (auto &k : confirmed_) {
+			if (k.has_seq)
+				seqs.push_back(k.seq);
+			else if (!k.message_id.empty())
+				ids.push_back(k.message_id.c_str());
+		}
+		if (PgGuard([&] { StampSettled(&cfg_, seqs.data(), static_cast<int>(seqs.size()), ids.data(),
+		                               static_cast<int>(ids.size())); },
+		            &err))
+			confirmed_.clear();
+		last_stamp_ = now;
+	}
+	if (guc_inbox_retention_s > 0 && now - last_prune_ > 600 * USECS_PER_SEC) {
+		last_prune_ = now;
+		int64 removed = 0;
+		if (PgGuard([&] { removed = PruneInbox(&cfg_, guc_inbox_retention_s); }, &err)) {
+			if (removed > 0)
+				Log(DEBUG1, std::string("sbpg: subscription \"") + start_.name + "\": pruned " +
+				                std::to_string(removed) + " inbox rows");
+		}
+	}
+	PgGuard([&] { pgstat_report_activity(STATE_IDLE, "waiting for messages"); }, &err);
+}
+
+void
+Worker::Loop() {
+	std::vector<ReceivedMessage> msgs;
+	PgError err;
+	bool more = false;
+	while (!stop_) {
+		long timeout = more ? 0 : 1000;
+		TimestampTz now = GetCurrentTimestamp();
+		if (paused_until_ > now)
+			timeout = std::max<long>(1, (paused_until_ - now) / 1000);
+		WaitEvent ev;
+		int nev = 0;
+		PgGuard([&] { nev = WaitEventSetWait(wait_set_, timeout, &ev, 1, PG_WAIT_EXTENSION); }, &err);
+		(void)nev;
+		PgGuard([&] { ResetLatch(MyLatch); }, &err);
+		uint64_t drained;
+		while (read(efd_, &drained, sizeof drained) > 0) {
+		}
+		if (!Interrupts())
+			continue;
+		HandleEvents();
+		HandleResults();
+		more = false;
+		if (GetCurrentTimestamp() >= paused_until_) {
+			msgs.clear();
+			consumer_->TakeMessages(&msgs, static_cast<size_t>(cfg_.batch_size));
+			if (!msgs.empty()) {
+				if (consumer_->Status().in_flight >= static_cast<uint32_t>(cfg_.batch_size))
+					more = true;
+				ProcessBatch(msgs);
+			}
+		}
+		Publish(stats_, false, 0);
+		Housekeeping();
+	}
+}
+
+void
+Worker::Run() {
+	if (!Setup())
+		return;
+	Loop();
+}
+
+} // namespace
+
+} // namespace sbpg::pg
+
+using namespace sbpg::pg;
+
+void
+sbpg_worker_main(Datum arg) {
+	WorkerStart start;
+	std::memcpy(&start, MyBgworkerEntry->bgw_extra, sizeof start);
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+	if (start.slot < 0 || start.slot >= shared->nslots)
+		ereport(ERROR, (errmsg("sbpg worker started with an invalid slot %d", start.slot)));
+	g_slot = &shared->slots[start.slot];
+	SpinLockAcquire(&g_slot->mutex);
+	g_slot->pid = MyProcPid;
+	g_slot->state = kStateStarting;
+	SpinLockRelease(&g_slot->mutex);
+	before_shmem_exit(OnExit, 0);
+	BackgroundWorkerInitializeConnectionByOid(start.database, start.user, 0);
+	pgstat_report_appname(start.name);
+	pgstat_report_activity(STATE_IDLE, "starting");
+
+	char error[512] = "";
+	try {
+		Worker w(start);
+		w.Run();
+	} catch (const std::exception &e) {
+		strlcpy(error, e.what(), sizeof error);
+	} catch (...) {
+		strlcpy(error, "unknown C++ exception", sizeof error);
+	}
+	// Past this point no C++ frame is alive.
+	if (error[0]) {
+		SetError(error);
+		SetState(kStateFailed);
+		ereport(FATAL, (errmsg("sbpg: subscription \"%s\": %s", start.name, error)));
+	}
+	proc_exit(0);
+}
