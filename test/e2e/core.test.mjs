@@ -1,0 +1,242 @@
+// sbpg end to end: the official SDK sends, the worker applies through SPI as run_as, LISTEN sees
+// the confirmations, sbemu's DLQ holds what could not be applied, with its reason.
+import { describe, it, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { ServiceBusClient } from "@azure/service-bus";
+import { startSbemu, configWith, queue } from "../conformance/lib/sbemu.mjs";
+import { startCluster, installOrders, waitFor } from "./lib/cluster.mjs";
+
+const retryOptions = { maxRetries: 0, timeoutInMs: 20000 };
+
+describe("sbpg core", () => {
+  let emu, pg, sb, listener;
+  const url = () => emu.amqp;
+  const subscribe = (name, entity, handler = "apply_order", extra = "") =>
+    pg.psql(`SELECT sbpg.create_subscription('${name}', '${url()}', '${entity}', '${handler}(sbpg.message)', 'app', 'emu'${extra});`);
+  const sendAll = async (entity, msgs) => {
+    const s = sb.createSender(entity);
+    for (let i = 0; i < msgs.length; i += 500) await s.sendMessages(msgs.slice(i, i + 500));
+    await s.close();
+  };
+
+  before(async () => {
+    emu = await startSbemu({
+      config: configWith({
+        queues: ["bulk", "mixed", "raw", "perm", "transient", "rls", "restricted", "side-a", "side-b", "fields"].map((n) =>
+          queue(n, { MaxDeliveryCount: 5 })),
+        topics: [{ Name: "events", Properties: {}, Subscriptions: [{ Name: "audit", Properties: {} }] }],
+      }),
+    });
+    pg = await startCluster();
+    await installOrders(pg);
+    await pg.psql(`SELECT sbpg.create_identity('emu', 'sas', '{"key_name": "RootManageSharedAccessKey", "key": "SAS_KEY_VALUE"}');`);
+    listener = await pg.listen();
+    sb = new ServiceBusClient(emu.connectionString(), { retryOptions });
+  });
+  after(async () => {
+    await listener?.close();
+    await sb?.close();
+    await pg?.stop();
+    await emu?.stop();
+  });
+
+  it("turns 20,000 valid messages into exactly 20,000 rows and 20,000 applied notifications", async () => {
+    await subscribe("bulk", "bulk");
+    const n = 20000;
+    await sendAll("bulk", Array.from({ length: n }, (_, i) => ({ messageId: `b-${i}`, body: { id: i, amount: i % 100 } })));
+    await waitFor(() => listener.got.filter((x) => x.subscription === "bulk").length >= n, { timeout: 120000, what: "20,000 notifications" });
+    const mine = listener.got.filter((x) => x.subscription === "bulk");
+    assert.equal(mine.length, n);
+    assert.equal(mine.filter((x) => x.status === "applied").length, n);
+    assert.equal(new Set(mine.map((x) => x.sequence_number)).size, n, "one notification per message");
+    const rows = await pg.query("SELECT count(*)::int AS c, count(DISTINCT seq)::int AS s FROM orders WHERE id < 100000");
+    assert.equal(rows.rows[0].c, n);
+    assert.equal(rows.rows[0].s, n);
+    const inbox = await pg.query("SELECT count(*)::int AS c FROM sbpg.inbox WHERE subscription = 'bulk' AND status = 'applied'");
+    assert.equal(inbox.rows[0].c, n);
+    await waitFor(async () => (await emu.entity("bulk")).completed === n, { what: "all completed on the broker" });
+    assert.equal((await emu.entity("bulk")).messages, 0);
+    const sample = mine[0];
+    assert.deepEqual(Object.keys(sample).sort(), ["correlation_id", "message_id", "reason", "sequence_number", "status", "subscription", "xid"]);
+    assert.match(sample.xid, /^[0-9]+$/);
+  });
+
+  it("dead-letters invalid JSON and handler errors with their reason, and only those", async () => {
+    await subscribe("mixed", "mixed");
+    const s = sb.createSender("mixed");
+    await s.sendMessages([
+      { messageId: "ok-1", body: { id: 200001, amount: 5 } },
+      { messageId: "bad-json", body: Buffer.from('{"id": 3,'), contentType: "application/json" },
+      { messageId: "negative", body: { id: 200002, amount: -1 } },
+      { messageId: "ok-2", body: { id: 200003, amount: 7 } },
+      { messageId: "dup-key", body: { id: 200001, amount: 1 } },
+      { messageId: "not-a-number", body: { id: 200004, amount: "lots" } },
+    ]);
+    await s.close();
+    await waitFor(() => listener.got.filter((x) => x.subscription === "mixed").length >= 6, { what: "6 notifications" });
+    const byId = Object.fromEntries(listener.got.filter((x) => x.subscription === "mixed").map((x) => [x.message_id, x]));
+    assert.equal(byId["ok-1"].status, "applied");
+    assert.equal(byId["ok-2"].status, "applied");
+    for (const id of ["bad-json", "negative", "dup-key", "not-a-number"]) assert.equal(byId[id].status, "dead_lettered", id);
+    assert.match(byId["bad-json"].reason, /^InvalidJson: /);
+    assert.match(byId["negative"].reason, /check constraint "orders_amount_check"/);
+    assert.match(byId["dup-key"].reason, /duplicate key value/);
+    assert.match(byId["not-a-number"].reason, /invalid input syntax for type numeric/);
+    const rows = await pg.query("SELECT id FROM orders WHERE id > 200000 ORDER BY id");
+    assert.deepEqual(rows.rows.map((r) => Number(r.id)), [200001, 200003]);
+    const dlq = sb.createReceiver("mixed", { subQueueType: "deadLetter" });
+    const dead = [];
+    while (dead.length < 4) dead.push(...(await dlq.receiveMessages(4 - dead.length, { maxWaitTimeInMs: 3000 })));
+    const reasons = Object.fromEntries(dead.map((m) => [m.messageId, m.deadLetterReason]));
+    assert.deepEqual(reasons, { "bad-json": "InvalidJson", negative: "HandlerError", "dup-key": "HandlerError", "not-a-number": "HandlerError" });
+    assert.match(dead.find((m) => m.messageId === "negative").deadLetterErrorDescription, /SQLSTATE 23514/);
+    for (const m of dead) await dlq.completeMessage(m);
+    await dlq.close();
+    assert.equal((await emu.entity("mixed")).messages, 0, "nothing left behind");
+  });
+
+  it("hands non-JSON bodies to the handler as raw_body with body NULL", async () => {
+    await pg.psql(`
+      CREATE TABLE raw_seen (message_id text, body jsonb, raw text, content_type text, props jsonb, subject text);
+      GRANT INSERT ON raw_seen TO app;
+      CREATE FUNCTION keep_raw(m sbpg.message) RETURNS void LANGUAGE sql AS $$
+        INSERT INTO public.raw_seen VALUES (m.message_id, m.body, convert_from(m.raw_body, 'UTF8'), m.content_type, m.properties, m.subject) $$;
+      GRANT EXECUTE ON FUNCTION keep_raw(sbpg.message) TO app;`);
+    await subscribe("raw", "raw", "keep_raw");
+    const s = sb.createSender("raw");
+    await s.sendMessages([
+      { messageId: "plain", body: Buffer.from("hello, not json") },
+      { messageId: "text", body: Buffer.from('{"looks": "like json"}'), contentType: "text/plain" },
+      { messageId: "json", body: { a: [1, 2, { b: null }] }, subject: "s", applicationProperties: { region: "eu", n: 3 } },
+      { messageId: "inject", body: { sql: "'); DROP TABLE orders; --" } },
+    ]);
+    await s.close();
+    await waitFor(async () => (await pg.query("SELECT count(*)::int c FROM raw_seen")).rows[0].c === 4, { what: "4 rows" });
+    const r = Object.fromEntries((await pg.query("SELECT * FROM raw_seen")).rows.map((x) => [x.message_id, x]));
+    assert.equal(r.plain.body, null);
+    assert.equal(r.plain.raw, "hello, not json");
+    assert.equal(r.text.body, null, "a non-JSON content type is not parsed");
+    assert.equal(r.text.content_type, "text/plain");
+    assert.deepEqual(r.json.body, { a: [1, 2, { b: null }] });
+    assert.deepEqual(r.json.props, { region: "eu", n: 3 });
+    assert.equal(r.json.subject, "s");
+    assert.equal(r.inject.body.sql, "'); DROP TABLE orders; --", "message content is data, never SQL");
+    assert.ok((await pg.query("SELECT to_regclass('public.orders') IS NOT NULL AS ok")).rows[0].ok);
+  });
+
+  it("applies as run_as: a write without privilege dead-letters with permission denied", async () => {
+    await pg.psql(`
+      CREATE TABLE secret_table (x int);
+      CREATE FUNCTION write_secret(m sbpg.message) RETURNS void LANGUAGE sql AS $$ INSERT INTO public.secret_table VALUES (1) $$;
+      GRANT EXECUTE ON FUNCTION write_secret(sbpg.message) TO app;`);
+    await subscribe("perm", "perm", "write_secret");
+    await sb.createSender("perm").sendMessages({ messageId: "p1", body: { any: 1 } });
+    const n = await waitFor(() => listener.got.find((x) => x.subscription === "perm"), { what: "perm notification" });
+    assert.equal(n.status, "dead_lettered");
+    assert.match(n.reason, /^PermissionDenied: permission denied for table secret_table/);
+    assert.equal((await pg.query("SELECT count(*)::int c FROM secret_table")).rows[0].c, 0);
+  });
+
+  it("applies row-level security and forbids changing role inside the handler", async () => {
+    await pg.psql(`
+      CREATE TABLE tenant_rows (tenant text, v int);
+      ALTER TABLE tenant_rows ENABLE ROW LEVEL SECURITY;
+      CREATE POLICY only_acme ON tenant_rows FOR INSERT TO app WITH CHECK (tenant = 'acme');
+      GRANT INSERT ON tenant_rows TO app;
+      CREATE FUNCTION tenant_insert(m sbpg.message) RETURNS void LANGUAGE sql AS $$
+        INSERT INTO public.tenant_rows VALUES (m.body->>'tenant', (m.body->>'v')::int) $$;
+      GRANT EXECUTE ON FUNCTION tenant_insert(sbpg.message) TO app;
+      CREATE FUNCTION escape_role(m sbpg.message) RETURNS void LANGUAGE plpgsql AS $$
+      BEGIN
+        IF m.body->>'how' = 'reset' THEN RESET ROLE; ELSE EXECUTE 'SET ROLE postgres'; END IF;
+        INSERT INTO public.tenant_rows VALUES ('evil', 0);
+      END $$;
+      GRANT EXECUTE ON FUNCTION escape_role(sbpg.message) TO app;`);
+    await subscribe("rls", "rls", "tenant_insert");
+    await subscribe("restricted", "restricted", "escape_role");
+    await sb.createSender("rls").sendMessages([
+      { messageId: "acme", body: { tenant: "acme", v: 1 } },
+      { messageId: "other", body: { tenant: "globex", v: 2 } },
+    ]);
+    await sb.createSender("restricted").sendMessages([
+      { messageId: "set", body: { how: "set" } },
+      { messageId: "reset", body: { how: "reset" } },
+    ]);
+    await waitFor(() => listener.got.filter((x) => x.subscription === "rls" || x.subscription === "restricted").length >= 4, { what: "4 notifications" });
+    const got = Object.fromEntries(listener.got.filter((x) => ["rls", "restricted"].includes(x.subscription)).map((x) => [x.message_id, x]));
+    assert.equal(got.acme.status, "applied");
+    assert.equal(got.other.status, "dead_lettered");
+    assert.match(got.other.reason, /row-level security policy/);
+    assert.equal(got.set.status, "dead_lettered");
+    assert.match(got.set.reason, /cannot set parameter "role" within/);
+    assert.equal(got.reset.status, "dead_lettered");
+    const rows = (await pg.query("SELECT tenant FROM tenant_rows ORDER BY tenant")).rows.map((r) => r.tenant);
+    assert.deepEqual(rows, ["acme"]);
+  });
+
+  it("retries a transient error: the message is abandoned, comes back and is applied once", async () => {
+    await pg.psql(`
+      CREATE TABLE attempts (message_id text, delivery_count int);
+      GRANT INSERT ON attempts TO app;
+      CREATE FUNCTION flaky(m sbpg.message) RETURNS void LANGUAGE plpgsql AS $$
+      BEGIN
+        IF m.delivery_count = 0 THEN
+          RAISE EXCEPTION 'simulated serialization failure' USING ERRCODE = 'serialization_failure';
+        END IF;
+        INSERT INTO public.attempts VALUES (m.message_id, m.delivery_count);
+      END $$;
+      GRANT EXECUTE ON FUNCTION flaky(sbpg.message) TO app;`);
+    await subscribe("transient", "transient", "flaky");
+    await sb.createSender("transient").sendMessages({ messageId: "t1", body: { x: 1 } });
+    const n = await waitFor(() => listener.got.find((x) => x.subscription === "transient"), { what: "transient notification" });
+    assert.equal(n.status, "applied");
+    assert.deepEqual((await pg.query("SELECT message_id, delivery_count FROM attempts")).rows, [{ message_id: "t1", delivery_count: 1 }]);
+    const st = (await pg.query("SELECT abandoned, applied FROM sbpg.stats WHERE subscription = 'transient'")).rows[0];
+    assert.equal(Number(st.abandoned), 1);
+    assert.equal(Number(st.applied), 1);
+    assert.equal((await emu.entity("transient")).abandoned, 1);
+  });
+
+  it("consumes a topic subscription like a queue, and runs two subscriptions side by side", async () => {
+    await pg.psql(`
+      CREATE TABLE side (src text, id int);
+      GRANT INSERT ON side TO app;
+      CREATE FUNCTION side_a(m sbpg.message) RETURNS void LANGUAGE sql AS $$ INSERT INTO public.side VALUES ('a', (m.body->>'id')::int) $$;
+      CREATE FUNCTION side_b(m sbpg.message) RETURNS void LANGUAGE sql AS $$ INSERT INTO public.side VALUES ('b', (m.body->>'id')::int) $$;
+      CREATE FUNCTION side_topic(m sbpg.message) RETURNS void LANGUAGE sql AS $$ INSERT INTO public.side VALUES ('topic', (m.body->>'id')::int) $$;
+      GRANT EXECUTE ON FUNCTION side_a(sbpg.message), side_b(sbpg.message), side_topic(sbpg.message) TO app;`);
+    await subscribe("side-a", "side-a", "side_a");
+    await subscribe("side-b", "side-b", "side_b");
+    await subscribe("audit", "events/Subscriptions/audit", "side_topic");
+    const ids = Array.from({ length: 300 }, (_, i) => i);
+    await Promise.all([
+      sendAll("side-a", ids.map((id) => ({ body: { id } }))),
+      sendAll("side-b", ids.map((id) => ({ body: { id } }))),
+      sendAll("events", ids.map((id) => ({ body: { id } }))),
+    ]);
+    await waitFor(async () => Number((await pg.query("SELECT count(*) c FROM side")).rows[0].c) === 900, { what: "900 rows" });
+    const counts = (await pg.query("SELECT src, count(*)::int c, count(DISTINCT id)::int d FROM side GROUP BY src ORDER BY src")).rows;
+    assert.deepEqual(counts, [{ src: "a", c: 300, d: 300 }, { src: "b", c: 300, d: 300 }, { src: "topic", c: 300, d: 300 }]);
+    const act = (await pg.query(
+      "SELECT application_name FROM pg_stat_activity WHERE backend_type = 'sbpg worker' ORDER BY 1")).rows.map((r) => r.application_name);
+    for (const name of ["audit", "side-a", "side-b"]) assert.ok(act.includes(name), `worker ${name} in pg_stat_activity`);
+    const launcher = (await pg.query("SELECT count(*)::int c FROM pg_stat_activity WHERE backend_type = 'sbpg launcher'")).rows[0].c;
+    assert.equal(launcher, 1);
+  });
+
+  it("shows per-subscription statistics in sbpg.stats", async () => {
+    const st = (await pg.query("SELECT * FROM sbpg.stats WHERE subscription = 'bulk'")).rows[0];
+    assert.equal(st.state, "connected");
+    assert.equal(Number(st.received), 20000);
+    assert.equal(Number(st.applied), 20000);
+    assert.ok(Number(st.batches) >= 20000 / 100);
+    assert.ok(st.apply_ms_p50 !== null && st.apply_ms_p99 >= st.apply_ms_p50);
+    assert.ok(st.lag_ms_p99 >= st.lag_ms_p50);
+    assert.ok(st.connected_since instanceof Date);
+    assert.ok(st.token_expires_at > new Date());
+    await waitFor(async () => {
+      const r = (await pg.query("SELECT count(*) FILTER (WHERE settled_at IS NULL)::int n FROM sbpg.inbox WHERE subscription = 'bulk'")).rows[0];
+      return r.n === 0;
+    }, { what: "settled_at stamped for every confirmed settlement" });
+  });
+});

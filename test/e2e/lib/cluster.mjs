@@ -1,0 +1,156 @@
+// A throwaway PostgreSQL cluster with sbpg preloaded, for end-to-end tests. Runs as the postgres
+// OS user when the tests run as root (initdb refuses root). stop() fails the test when the server
+// log shows a process terminated by a signal that the test did not send itself.
+import { spawnSync, execFileSync } from "node:child_process";
+import { mkdtempSync, writeFileSync, readFileSync, existsSync, chmodSync, appendFileSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import pg from "pg";
+
+const PGBIN = process.env.PGBIN || "/usr/lib/postgresql/15/bin";
+const asRoot = process.getuid && process.getuid() === 0;
+
+function run(cmd, args, { allowFail = false } = {}) {
+  const full = asRoot ? ["runuser", ["-u", "postgres", "--", cmd, ...args]] : [cmd, args];
+  const r = spawnSync(full[0], full[1], { encoding: "utf8" });
+  if (r.status !== 0 && !allowFail) throw new Error(`${cmd} ${args.join(" ")} failed: ${r.stderr || r.stdout}`);
+  return r;
+}
+
+export function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.unref();
+    s.on("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** Polls fn until it returns a truthy value; the timeout only guards against hanging. */
+export async function waitFor(fn, { timeout = 30000, interval = 50, what = "condition" } = {}) {
+  const deadline = Date.now() + timeout;
+  let last;
+  for (;;) {
+    try {
+      last = await fn();
+    } catch (e) {
+      last = undefined;
+      if (Date.now() > deadline) throw e;
+    }
+    if (last) return last;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(interval);
+  }
+}
+
+export async function startCluster({ conf = {} } = {}) {
+  const dir = mkdtempSync(join(tmpdir(), "sbpg-pg-"));
+  chmodSync(dir, 0o777);
+  const data = join(dir, "data");
+  const log = join(dir, "server.log");
+  const port = await freePort();
+  run(join(PGBIN, "initdb"), ["-D", data, "--no-sync", "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C"]);
+  const settings = {
+    shared_preload_libraries: "'sbpg'",
+    port,
+    unix_socket_directories: `'${dir}'`,
+    listen_addresses: "''",
+    fsync: "off",
+    max_worker_processes: 40,
+    "sbpg.max_workers": 16,
+    log_line_prefix: "'%m [%p] %b: '",
+    ...conf,
+  };
+  appendFileSync(join(data, "postgresql.conf"),
+    "\n" + Object.entries(settings).map(([k, v]) => `${k} = ${v}`).join("\n") + "\n");
+  const cluster = {
+    dir, data, log, port,
+    signalsSent: [], // pids the test killed on purpose
+    connectionOptions() {
+      return { host: dir, port, user: "postgres", database: "postgres" };
+    },
+    start() {
+      run(join(PGBIN, "pg_ctl"), ["-D", data, "-l", log, "-w", "-t", "60", "start"]);
+    },
+    stopServer(mode = "fast") {
+      run(join(PGBIN, "pg_ctl"), ["-D", data, "-m", mode, "-w", "stop"], { allowFail: mode === "immediate" });
+    },
+    restart(mode = "fast") {
+      run(join(PGBIN, "pg_ctl"), ["-D", data, "-m", mode, "-w", "-t", "60", "restart", "-l", log]);
+    },
+    async client() {
+      const c = new pg.Client(cluster.connectionOptions());
+      await c.connect();
+      return c;
+    },
+    /** One query on a fresh connection (handy across restarts). */
+    async query(text, params) {
+      const c = await cluster.client();
+      try {
+        return await c.query(text, params);
+      } finally {
+        await c.end();
+      }
+    },
+    async psql(sql) {
+      const args = ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", dir, "-p", String(port), "-U", "postgres", "-d", "postgres", "-c", sql];
+      return execFileSync(join(PGBIN, "psql"), args, { encoding: "utf8" });
+    },
+    /** A LISTEN client collecting notification payloads (parsed JSON). */
+    async listen(channel = "sbpg_confirm") {
+      const c = await cluster.client();
+      const got = [];
+      c.on("notification", (n) => {
+        try {
+          got.push(JSON.parse(n.payload));
+        } catch {
+          got.push({ raw: n.payload });
+        }
+      });
+      await c.query(`LISTEN ${channel}`);
+      return { client: c, got, close: () => c.end() };
+    },
+    serverLog() {
+      return existsSync(log) ? readFileSync(log, "utf8") : "";
+    },
+    /** Sends a signal to a backend on purpose (recorded, so the log check allows it). */
+    kill(pid, signal = "SIGKILL") {
+      cluster.signalsSent.push(Number(pid));
+      process.kill(Number(pid), signal);
+    },
+    /** Processes the server reports terminated by a signal, except those the test killed. */
+    unexpectedSignals() {
+      const lines = cluster.serverLog().split("\n").filter((l) => /terminated by signal/.test(l));
+      return lines.filter((l) => !cluster.signalsSent.some((p) => l.includes(`(PID ${p})`)));
+    },
+    async stop() {
+      cluster.stopServer("fast");
+      const bad = cluster.unexpectedSignals();
+      if (bad.length) throw new Error(`server log shows processes terminated by a signal:\n${bad.join("\n")}`);
+    },
+  };
+  cluster.start();
+  return cluster;
+}
+
+/** Installs sbpg with a table, a run_as role and a handler that inserts orders. */
+export async function installOrders(cluster, { table = "orders", role = "app", handler = "apply_order" } = {}) {
+  await cluster.psql(`
+    CREATE EXTENSION IF NOT EXISTS sbpg;
+    DO $$ BEGIN CREATE ROLE ${role} NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+    CREATE TABLE ${table} (id bigint PRIMARY KEY, amount numeric NOT NULL CHECK (amount >= 0), message_id text, seq bigint);
+    GRANT SELECT, INSERT ON ${table} TO ${role};
+    CREATE FUNCTION ${handler}(m sbpg.message) RETURNS void LANGUAGE plpgsql AS $f$
+    BEGIN
+      INSERT INTO public.${table} (id, amount, message_id, seq)
+      VALUES ((m.body->>'id')::bigint, (m.body->>'amount')::numeric, m.message_id, m.sequence_number);
+    END $f$;
+    GRANT EXECUTE ON FUNCTION ${handler}(sbpg.message) TO ${role};
+  `);
+}
