@@ -18,7 +18,11 @@ SHLIB_LINK = -lqpid-proton-cpp -l:libqpid-proton-core.so.10 -l:libqpid-proton-pr
 # Debian's PGXS would also compile every source to LLVM bitcode with clang, without C++17.
 override with_llvm = no
 
-EXTRA_CLEAN = $(SRCS:.cpp=.d)
+# pg_regress (make installcheck against a running server): sql/*.sql -> expected/*.out
+REGRESS = sql_surface privileges
+REGRESS_OPTS = --inputdir=.
+
+EXTRA_CLEAN = $(SRCS:.cpp=.d) results
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)

@@ -198,10 +198,12 @@ BEGIN
 				      HINT = 'Ask a superuser to create this identity, or give the key with option key.';
 		END IF;
 		IF opts ? 'key_file' AND opts ->> 'key_file' !~ '^/' THEN
-			RAISE EXCEPTION 'key_file must be an absolute path' USING ERRCODE = 'invalid_parameter_value';
+			RAISE EXCEPTION 'key_file must be an absolute path' USING ERRCODE = 'invalid_parameter_value',
+				HINT = 'For example /etc/sbpg/orders.key, readable by the operating system user that runs the server.';
 		END IF;
 		IF opts ? 'key_env' AND opts ->> 'key_env' !~ '^[A-Za-z_][A-Za-z0-9_]*$' THEN
-			RAISE EXCEPTION 'key_env must be an environment variable name' USING ERRCODE = 'invalid_parameter_value';
+			RAISE EXCEPTION 'key_env must be an environment variable name' USING ERRCODE = 'invalid_parameter_value',
+				HINT = 'The variable must be set in the environment the server was started with.';
 		END IF;
 		secret := opts ->> 'key';
 		opts := opts - 'key';
@@ -225,7 +227,8 @@ DECLARE
 BEGIN
 	PERFORM sbpg._check_admin('drop identity');
 	IF NOT EXISTS (SELECT 1 FROM sbpg.identities i WHERE i.name = drop_identity.name) THEN
-		RAISE EXCEPTION 'identity "%" does not exist', name USING ERRCODE = 'undefined_object';
+		RAISE EXCEPTION 'identity "%" does not exist', name
+			USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM sbpg.identities lists them.';
 	END IF;
 	SELECT string_agg(s.name, ', ' ORDER BY s.name) INTO users FROM sbpg.subscriptions s WHERE s.identity = drop_identity.name;
 	IF users IS NOT NULL THEN
@@ -259,7 +262,8 @@ BEGIN
 			      HINT = 'For example contoso.servicebus.windows.net (TLS on port 5671), amqp://127.0.0.1:5672 or amqps://broker.example:5671.';
 	END IF;
 	IF namespace ~* '^amqps?://' AND coalesce(substring(namespace from ':([0-9]+)/?$')::int, 1) NOT BETWEEN 1 AND 65535 THEN
-		RAISE EXCEPTION 'invalid port in namespace %', quote_literal(namespace) USING ERRCODE = 'invalid_parameter_value';
+		RAISE EXCEPTION 'invalid port in namespace %', quote_literal(namespace)
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'Ports run from 1 to 65535.';
 	END IF;
 	IF entity IS NULL OR NOT (
 		entity ~ '^[A-Za-z0-9][A-Za-z0-9._~/-]*$' AND length(entity) <= 260 AND entity !~ '//' AND entity !~ '/$'
@@ -372,7 +376,8 @@ DECLARE
 BEGIN
 	SELECT * INTO s FROM sbpg.subscriptions x WHERE x.name = alter_subscription.name FOR UPDATE;
 	IF NOT FOUND THEN
-		RAISE EXCEPTION 'subscription "%" does not exist', name USING ERRCODE = 'undefined_object';
+		RAISE EXCEPTION 'subscription "%" does not exist', name
+			USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM sbpg.subscriptions lists them.';
 	END IF;
 	PERFORM sbpg._check_admin('alter subscription', s.run_as);
 	IF run_as IS NOT NULL THEN
@@ -416,7 +421,8 @@ DECLARE
 BEGIN
 	SELECT * INTO s FROM sbpg.subscriptions x WHERE x.name = drop_subscription.name FOR UPDATE;
 	IF NOT FOUND THEN
-		RAISE EXCEPTION 'subscription "%" does not exist', name USING ERRCODE = 'undefined_object';
+		RAISE EXCEPTION 'subscription "%" does not exist', name
+			USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM sbpg.subscriptions lists them.';
 	END IF;
 	PERFORM sbpg._check_admin('drop subscription', s.run_as);
 	DELETE FROM sbpg.inbox i WHERE i.subscription = s.name;
@@ -432,7 +438,8 @@ RETURNS void LANGUAGE sql AS $$ SELECT sbpg.alter_subscription(name, enabled => 
 CREATE VIEW sbpg.stats AS
 SELECT s.name AS subscription,
        s.enabled,
-       coalesce(w.state, CASE WHEN s.enabled THEN 'starting' ELSE 'disabled' END) AS state,
+       CASE WHEN current_database() <> current_setting('sbpg.database', true) THEN 'unserved'
+            ELSE coalesce(w.state, CASE WHEN s.enabled THEN 'starting' ELSE 'disabled' END) END AS state,
        w.pid, w.connected_since, w.received, w.applied, w.dead_lettered, w.duplicates, w.abandoned,
        w.batches, w.settle_failures, w.reconnects, w.last_error, w.last_error_at,
        w.apply_ms_p50, w.apply_ms_p99, w.lag_ms_p50, w.lag_ms_p99, w.messages_per_second,
@@ -444,7 +451,9 @@ COMMENT ON VIEW sbpg.stats IS 'Per subscription: worker state, counters, latency
 -- Privileges: configuration through the functions above only.
 REVOKE ALL ON ALL TABLES IN SCHEMA sbpg FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA sbpg FROM PUBLIC;
-GRANT USAGE ON SCHEMA sbpg TO sbpg_admin, sbpg_monitor;
+-- Handler authors write `m sbpg.message`: the schema is visible to all, its tables and functions
+-- are not.
+GRANT USAGE ON SCHEMA sbpg TO PUBLIC;
 GRANT EXECUTE ON FUNCTION sbpg.create_identity(text, text, jsonb), sbpg.drop_identity(text),
 	sbpg.create_subscription(text, text, text, regprocedure, regrole, text, integer, integer, text, boolean, jsonb),
 	sbpg.alter_subscription(text, text, text, regprocedure, regrole, text, integer, integer, text, boolean, jsonb),

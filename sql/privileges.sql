@@ -1,0 +1,63 @@
+-- Who may do what: superusers and sbpg_admin members configure (only for run_as roles they belong
+-- to), sbpg_monitor reads stats and the inbox, nobody else sees identities or keys.
+\set SHOW_CONTEXT never
+CREATE EXTENSION sbpg;
+CREATE ROLE sbpg_reg_app NOLOGIN;
+CREATE ROLE sbpg_reg_team NOLOGIN;
+CREATE ROLE sbpg_reg_admin NOLOGIN IN ROLE sbpg_admin;
+CREATE ROLE sbpg_reg_member NOLOGIN IN ROLE sbpg_admin, sbpg_reg_team;
+CREATE ROLE sbpg_reg_watcher NOLOGIN IN ROLE sbpg_monitor;
+CREATE ROLE sbpg_reg_nobody NOLOGIN;
+GRANT sbpg_reg_app TO sbpg_reg_member;
+CREATE FUNCTION reg_handler(m sbpg.message) RETURNS void LANGUAGE sql AS $$ SELECT $$;
+GRANT EXECUTE ON FUNCTION reg_handler(sbpg.message) TO sbpg_reg_app, sbpg_reg_team;
+SELECT sbpg.create_identity('emu', 'sas', '{"key_name": "RootManageSharedAccessKey", "key": "SAS_KEY_VALUE"}');
+SELECT sbpg.create_subscription('orders', 'amqp://127.0.0.1:5672', 'orders', 'reg_handler(sbpg.message)', 'sbpg_reg_app', 'emu');
+
+-- Someone with no sbpg role.
+SET ROLE sbpg_reg_nobody;
+SELECT sbpg.create_identity('mine', 'anonymous');
+SELECT sbpg.create_subscription('x', 'amqp://127.0.0.1', 'q', 'reg_handler(sbpg.message)', 'sbpg_reg_app');
+SELECT sbpg.disable_subscription('orders');
+SELECT * FROM sbpg.subscriptions;
+SELECT * FROM sbpg.identities;
+SELECT * FROM sbpg.identity_secrets;
+SELECT * FROM sbpg.stats;
+SELECT * FROM sbpg.inbox;
+RESET ROLE;
+
+-- An sbpg_admin member who does not belong to run_as.
+SET ROLE sbpg_reg_admin;
+SELECT sbpg.create_subscription('x', 'amqp://127.0.0.1', 'q', 'reg_handler(sbpg.message)', 'sbpg_reg_app');
+SELECT sbpg.disable_subscription('orders');
+SELECT sbpg.create_identity('admins-own', 'sas', '{"key_name": "k", "key_file": "/etc/passwd"}');
+SELECT sbpg.create_identity('admins-own', 'sas', '{"key_name": "k", "key": "admin-literal-key"}');
+SELECT name, kind, options FROM sbpg.identities ORDER BY name;
+SELECT * FROM sbpg.identity_secrets;
+SELECT * FROM sbpg.inbox;
+RESET ROLE;
+
+-- An sbpg_admin member who belongs to run_as (and to another team role).
+SET ROLE sbpg_reg_member;
+SELECT sbpg.create_subscription('team', 'amqp://127.0.0.1', 'team-q', 'reg_handler(sbpg.message)', 'sbpg_reg_team', 'emu');
+SELECT sbpg.alter_subscription('orders', batch_size => 20);
+SELECT sbpg.alter_subscription('orders', run_as => 'sbpg_reg_admin');
+SELECT sbpg.disable_subscription('orders');
+SELECT name, run_as, batch_size, enabled, created_by FROM sbpg.subscriptions ORDER BY name;
+SELECT sbpg.drop_subscription('team');
+RESET ROLE;
+
+-- A monitor reads stats and the inbox, and nothing else.
+SET ROLE sbpg_reg_watcher;
+SELECT subscription, enabled, state FROM sbpg.stats ORDER BY subscription;
+SELECT count(*) FROM sbpg.inbox;
+SELECT name FROM sbpg.subscriptions ORDER BY name;
+SELECT * FROM sbpg.identities;
+SELECT sbpg.enable_subscription('orders');
+RESET ROLE;
+
+-- A superuser may not make a superuser the run_as role either.
+SELECT sbpg.alter_subscription('orders', run_as => 'postgres');
+
+DROP EXTENSION sbpg CASCADE;
+DROP ROLE sbpg_reg_app, sbpg_reg_team, sbpg_reg_admin, sbpg_reg_member, sbpg_reg_watcher, sbpg_reg_nobody;

@@ -1,0 +1,101 @@
+-- The SQL surface of sbpg and its errors (pg_regress; runs in a database no launcher serves, so
+-- no worker starts).
+\set SHOW_CONTEXT never
+CREATE EXTENSION sbpg;
+SELECT extname, extversion, nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE extname = 'sbpg';
+
+-- Identities: validation.
+SELECT sbpg.create_identity('bad name!', 'sas', '{}');
+SELECT sbpg.create_identity('x', 'oauth');
+SELECT sbpg.create_identity('x', 'sas', '{}');
+SELECT sbpg.create_identity('x', 'sas', '{"key_name": "k"}');
+SELECT sbpg.create_identity('x', 'sas', '{"key_name": "k", "key": "a", "key_env": "B"}');
+SELECT sbpg.create_identity('x', 'sas', '{"key_name": "k", "token": "a"}');
+SELECT sbpg.create_identity('x', 'sas', '{"key_name": "k", "key": 42}');
+SELECT sbpg.create_identity('x', 'sas', '{"key_name": "k", "key_file": "relative/path"}');
+SELECT sbpg.create_identity('x', 'sas', '{"key_name": "k", "key_env": "not-a-name"}');
+SELECT sbpg.create_identity('x', 'anonymous', '{"user": "u"}');
+SELECT sbpg.create_identity('x', 'sas', '[1]');
+
+-- Identities that work; the literal key is kept apart from the options.
+SELECT sbpg.create_identity('emu', 'sas', '{"key_name": "RootManageSharedAccessKey", "key": "SAS_KEY_VALUE"}');
+SELECT sbpg.create_identity('from-file', 'sas', '{"key_name": "listen", "key_file": "/etc/sbpg/listen.key"}');
+SELECT sbpg.create_identity('from-env', 'sas', '{"key_name": "listen", "key_env": "SBPG_LISTEN_KEY"}');
+SELECT sbpg.create_identity('plain', 'anonymous');
+SELECT sbpg.create_identity('emu', 'anonymous');
+SELECT name, kind, options FROM sbpg.identities ORDER BY name;
+SELECT identity, secret = 'SAS_KEY_VALUE' AS stored FROM sbpg.identity_secrets;
+
+-- Handlers and roles for the subscriptions below.
+CREATE ROLE sbpg_reg_app NOLOGIN;
+CREATE ROLE sbpg_reg_other NOLOGIN;
+CREATE ROLE sbpg_reg_boss NOLOGIN SUPERUSER;
+CREATE TABLE reg_orders (id int PRIMARY KEY);
+CREATE FUNCTION reg_good(m sbpg.message) RETURNS void LANGUAGE sql AS $$ SELECT $$;
+CREATE FUNCTION reg_args(x integer) RETURNS void LANGUAGE sql AS $$ SELECT $$;
+CREATE FUNCTION reg_ret(m sbpg.message) RETURNS integer LANGUAGE sql AS $$ SELECT 1 $$;
+CREATE FUNCTION reg_definer(m sbpg.message) RETURNS void LANGUAGE sql SECURITY DEFINER AS $$ SELECT $$;
+REVOKE EXECUTE ON FUNCTION reg_good(sbpg.message) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION reg_good(sbpg.message) TO sbpg_reg_app;
+
+-- Subscriptions: validation of every argument.
+SELECT sbpg.create_subscription('bad name!', 'amqp://127.0.0.1:5672', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu');
+SELECT sbpg.create_subscription('s', 'http://127.0.0.1:5672', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu');
+SELECT sbpg.create_subscription('s', 'contoso.example.com', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu');
+SELECT sbpg.create_subscription('s', 'amqp://host:70000', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu');
+SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'a//b', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu');
+SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders/', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu');
+SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 't/subscriptions/a/b', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu');
+SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders', 'reg_args(integer)', 'sbpg_reg_app', 'emu');
+SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders', 'reg_ret(sbpg.message)', 'sbpg_reg_app', 'emu');
+SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders', 'reg_definer(sbpg.message)', 'sbpg_reg_app', 'emu');
+SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_boss', 'emu');
+SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders', 'reg_good(sbpg.message)', 'nobody_at_all', 'emu');
+SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_other', 'emu');
+SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'nope');
+SELECT sbpg.create_subscription('s', 'contoso.servicebus.windows.net', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app');
+SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu', batch_size => 0);
+SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu', batch_size => 1001);
+SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu', batch_size => 50, prefetch => 10);
+SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu', prefetch => 5001);
+SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu', notify_channel => '');
+SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu', options => '{"speed": "fast"}');
+
+-- Subscriptions that work: queues, topic subscriptions, Service Bus namespaces, IPv6, defaults.
+SELECT sbpg.create_subscription('orders', 'amqp://127.0.0.1:5672', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu');
+SELECT sbpg.create_subscription('audit', 'amqps://broker.example:5671/', 'events/Subscriptions/audit', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu', batch_size => 10, enabled => false);
+SELECT sbpg.create_subscription('cloud', 'contoso.servicebus.windows.net', 'orders/subscriptions/eu', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'from-env', notify_channel => NULL);
+SELECT sbpg.create_subscription('v6', 'amqp://[::1]:5672', 'q.with-dots_and~tilde', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'plain');
+SELECT sbpg.create_subscription('orders', 'amqp://127.0.0.1:5672', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu');
+SELECT name, namespace, entity, handler, run_as, identity, batch_size, prefetch, notify_channel, enabled
+FROM sbpg.subscriptions ORDER BY name;
+
+-- Changes.
+SELECT sbpg.alter_subscription('orders', batch_size => 500);
+SELECT sbpg.alter_subscription('orders', batch_size => 10);
+SELECT sbpg.alter_subscription('orders', notify_channel => 'orders_done', identity => '');
+SELECT sbpg.alter_subscription('orders', run_as => 'sbpg_reg_boss');
+SELECT sbpg.alter_subscription('nope', batch_size => 10);
+INSERT INTO sbpg.inbox (subscription, sequence_number, message_id, status, xid) VALUES ('orders', 1, 'm1', 'applied', '1');
+SELECT sbpg.alter_subscription('orders', entity => 'orders2');
+SELECT count(*) AS inbox_rows FROM sbpg.inbox;
+SELECT sbpg.disable_subscription('orders');
+SELECT sbpg.enable_subscription('audit');
+SELECT name, entity, identity, batch_size, prefetch, notify_channel, enabled FROM sbpg.subscriptions ORDER BY name;
+SELECT subscription, enabled, state, received FROM sbpg.stats ORDER BY subscription;
+
+-- Drops.
+SELECT sbpg.drop_identity('emu');
+SELECT sbpg.drop_subscription('audit');
+SELECT sbpg.drop_subscription('audit');
+SELECT sbpg.drop_identity('nope');
+SELECT sbpg.drop_subscription('orders');
+SELECT sbpg.drop_identity('emu');
+SELECT name FROM sbpg.identities ORDER BY name;
+SELECT count(*) AS secrets FROM sbpg.identity_secrets;
+SELECT name FROM sbpg.subscriptions ORDER BY name;
+
+DROP EXTENSION sbpg CASCADE;
+DROP TABLE reg_orders;
+DROP FUNCTION reg_args(integer);
+DROP ROLE sbpg_reg_app, sbpg_reg_other, sbpg_reg_boss;
