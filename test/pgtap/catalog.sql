@@ -1,0 +1,62 @@
+-- pgTAP: sbpg's catalog objects and who may use them. Runs in a database of its own, with the
+-- extensions pgtap and sbpg created by test/pg/run.
+BEGIN;
+SELECT plan(44);
+
+SELECT has_schema('sbpg');
+SELECT has_role('sbpg_admin');
+SELECT has_role('sbpg_monitor');
+SELECT isnt_superuser('sbpg_admin');
+SELECT isnt_superuser('sbpg_monitor');
+SELECT ok(NOT (SELECT rolcanlogin FROM pg_roles WHERE rolname = 'sbpg_admin'), 'sbpg_admin cannot log in');
+SELECT ok(NOT (SELECT rolcanlogin FROM pg_roles WHERE rolname = 'sbpg_monitor'), 'sbpg_monitor cannot log in');
+
+SELECT has_type('sbpg', 'message', 'composite type sbpg.message');
+SELECT columns_are('sbpg', 'message', ARRAY['message_id', 'correlation_id', 'session_id', 'subject', 'content_type',
+    'reply_to', 'body', 'raw_body', 'properties', 'sequence_number', 'enqueued_at', 'delivery_count', 'message_type',
+    'schema_version', 'subscription']);
+SELECT col_type_is('sbpg', 'message', 'body', 'jsonb', 'sbpg.message.body is jsonb');
+SELECT col_type_is('sbpg', 'message', 'raw_body', 'bytea', 'sbpg.message.raw_body is bytea');
+SELECT col_type_is('sbpg', 'message', 'properties', 'jsonb', 'sbpg.message.properties is jsonb');
+SELECT col_type_is('sbpg', 'message', 'sequence_number', 'bigint', 'sbpg.message.sequence_number is bigint');
+SELECT col_type_is('sbpg', 'message', 'enqueued_at', 'timestamp with time zone', 'sbpg.message.enqueued_at is timestamp with time zone');
+
+SELECT has_table('sbpg', 'identities', 'table sbpg.identities');
+SELECT has_table('sbpg', 'identity_secrets', 'table sbpg.identity_secrets');
+SELECT has_table('sbpg', 'subscriptions', 'table sbpg.subscriptions');
+SELECT has_table('sbpg', 'inbox', 'table sbpg.inbox');
+SELECT has_view('sbpg', 'stats', 'view sbpg.stats');
+SELECT columns_are('sbpg', 'inbox', ARRAY['subscription', 'sequence_number', 'message_id', 'correlation_id', 'status',
+    'reason', 'delivery_count', 'xid', 'recorded_at', 'settled_at']);
+SELECT col_type_is('sbpg', 'inbox', 'xid', 'xid8', 'sbpg.inbox.xid is xid8');
+SELECT has_index('sbpg', 'inbox', 'inbox_by_sequence', ARRAY['subscription', 'sequence_number']);
+SELECT index_is_unique('sbpg', 'inbox', 'inbox_by_sequence');
+SELECT has_column('sbpg', 'stats', 'apply_ms_p99', 'stats show apply latency');
+SELECT has_column('sbpg', 'stats', 'lag_ms_p99', 'stats show end-to-end lag');
+SELECT has_column('sbpg', 'stats', 'token_expires_at', 'stats show the token expiry, never the token');
+
+SELECT function_returns('sbpg', 'create_identity', ARRAY['text', 'text', 'jsonb'], 'void');
+SELECT function_returns('sbpg', 'create_subscription',
+    ARRAY['text', 'text', 'text', 'regprocedure', 'regrole', 'text', 'integer', 'integer', 'text', 'boolean', 'jsonb'], 'void');
+SELECT is_definer('sbpg', 'create_subscription',
+    ARRAY['text', 'text', 'text', 'regprocedure', 'regrole', 'text', 'integer', 'integer', 'text', 'boolean', 'jsonb']);
+SELECT has_function('sbpg', 'alter_subscription', 'sbpg.alter_subscription exists');
+SELECT has_function('sbpg', 'drop_subscription', ARRAY['text']);
+SELECT has_function('sbpg', 'enable_subscription', ARRAY['text']);
+SELECT has_function('sbpg', 'disable_subscription', ARRAY['text']);
+
+-- Privileges: nobody but superusers reads secrets; admins configure; monitors read.
+SELECT table_privs_are('sbpg', 'identity_secrets', 'sbpg_admin', ARRAY[]::text[]);
+SELECT table_privs_are('sbpg', 'identity_secrets', 'sbpg_monitor', ARRAY[]::text[]);
+SELECT table_privs_are('sbpg', 'identity_secrets', 'public', ARRAY[]::text[]);
+SELECT table_privs_are('sbpg', 'identities', 'sbpg_monitor', ARRAY[]::text[]);
+SELECT table_privs_are('sbpg', 'identities', 'sbpg_admin', ARRAY['SELECT']);
+SELECT table_privs_are('sbpg', 'inbox', 'sbpg_monitor', ARRAY['SELECT']);
+SELECT table_privs_are('sbpg', 'inbox', 'public', ARRAY[]::text[]);
+SELECT table_privs_are('sbpg', 'stats', 'sbpg_monitor', ARRAY['SELECT']);
+SELECT function_privs_are('sbpg', 'create_identity', ARRAY['text', 'text', 'jsonb'], 'sbpg_admin', ARRAY['EXECUTE']);
+SELECT function_privs_are('sbpg', 'create_identity', ARRAY['text', 'text', 'jsonb'], 'public', ARRAY[]::text[]);
+SELECT function_privs_are('sbpg', 'drop_subscription', ARRAY['text'], 'sbpg_monitor', ARRAY[]::text[]);
+
+SELECT * FROM finish();
+ROLLBACK;
