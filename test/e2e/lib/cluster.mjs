@@ -49,7 +49,7 @@ export async function waitFor(fn, { timeout = 30000, interval = 50, what = "cond
   }
 }
 
-export async function startCluster({ conf = {} } = {}) {
+export async function startCluster({ conf = {}, env = {} } = {}) {
   const dir = mkdtempSync(join(tmpdir(), "sbpg-pg-"));
   chmodSync(dir, 0o777);
   const data = join(dir, "data");
@@ -76,7 +76,10 @@ export async function startCluster({ conf = {} } = {}) {
       return { host: dir, port, user: "postgres", database: "postgres" };
     },
     start() {
-      run(join(PGBIN, "pg_ctl"), ["-D", data, "-l", log, "-w", "-t", "60", "start"]);
+      // Variables for the server's environment (key_env identities) go through env(1).
+      const vars = Object.entries(env).map(([k, v]) => `${k}=${v}`);
+      if (vars.length) run("/usr/bin/env", [...vars, join(PGBIN, "pg_ctl"), "-D", data, "-l", log, "-w", "-t", "60", "start"]);
+      else run(join(PGBIN, "pg_ctl"), ["-D", data, "-l", log, "-w", "-t", "60", "start"]);
     },
     stopServer(mode = "fast") {
       run(join(PGBIN, "pg_ctl"), ["-D", data, "-m", mode, "-w", "stop"], { allowFail: mode === "immediate" });
