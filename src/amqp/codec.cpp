@@ -13,6 +13,28 @@ namespace {
 
 constexpr int kMaxDepth = 64;
 
+// What one Decode call may allocate, so that a small input cannot make a huge value tree (an
+// array of a million zero-width nulls, a list of 64M one-byte nulls). Every value costs its
+// node plus its text; the allowance is a fixed amount plus a multiple of the input size, far
+// above what any real message or request needs.
+constexpr size_t kBudgetBase = 8u << 20;
+constexpr size_t kBudgetPerByte = 16;
+
+struct Budget {
+	size_t left;
+	explicit Budget(size_t input) : left(kBudgetBase + (input > (SIZE_MAX - kBudgetBase) / kBudgetPerByte
+	                                                        ? SIZE_MAX - kBudgetBase
+	                                                        : input * kBudgetPerByte)) {}
+	bool Take(size_t n) {
+		if (n > left)
+			return false;
+		left -= n;
+		return true;
+	}
+	// Whether `count` more values could still fit.
+	bool Room(uint64_t count) const { return count <= left / sizeof(Value); }
+};
+
 uint16_t
 Rd16(const uint8_t *p) {
 	return static_cast<uint16_t>((p[0] << 8) | p[1]);
@@ -47,10 +69,12 @@ FixedWidth(uint8_t code) {
 	}
 }
 
-bool DecodeWithCode(uint8_t code, const uint8_t *&p, const uint8_t *end, Value *out, int depth);
+bool DecodeWithCode(uint8_t code, const uint8_t *&p, const uint8_t *end, Value *out, int depth, Budget &budget);
+bool DecodeValue(const uint8_t *&p, const uint8_t *end, Value *out, int depth, Budget &budget);
+bool SkipValue(const uint8_t *&p, const uint8_t *end, int depth);
 
 bool
-DecodeCompound(uint8_t code, const uint8_t *&p, const uint8_t *end, Value *out, int depth) {
+DecodeCompound(uint8_t code, const uint8_t *&p, const uint8_t *end, Value *out, int depth, Budget &budget) {
 	uint32_t size, count;
 	bool wide = (code & 0xf0) == 0xd0 || (code & 0xf0) == 0xf0;
 	if (wide) {
@@ -80,18 +104,23 @@ DecodeCompound(uint8_t code, const uint8_t *&p, const uint8_t *end, Value *out, 
 	if (count > static_cast<uint32_t>(end - p) + 1u && !is_array)
 		return false; // each element takes at least one byte
 	out->items.clear();
+	if (!budget.Room(count))
+		return false;
 	if (is_array) {
 		out->kind = Value::Kind::Array;
 		if (p >= end)
 			return count == 0;
 		uint8_t elem = *p++;
-		Value descriptor;
-		bool described = false;
 		if (elem == 0x00) {
-			if (!Decode(p, end, &descriptor, depth + 1) || p >= end)
+			// An array of described elements: the descriptor is written once, before the element
+			// constructor, and is kept once (encoded, in `s`) rather than copied into each element.
+			const uint8_t *desc = p;
+			if (!SkipValue(p, end, depth + 1) || p >= end || !budget.Take(static_cast<size_t>(p - desc)))
 				return false;
+			out->s.assign(reinterpret_cast<const char *>(desc), static_cast<size_t>(p - desc));
 			elem = *p++;
-			described = true;
+			if (elem == 0x00)
+				return false; // a described descriptor of elements: not something peers send
 		}
 		int fw = FixedWidth(elem);
 		if (fw == 0 && count > 1024 * 1024)
@@ -101,17 +130,9 @@ DecodeCompound(uint8_t code, const uint8_t *&p, const uint8_t *end, Value *out, 
 		out->items.reserve(count < 4096 ? count : 4096);
 		for (uint32_t k = 0; k < count; ++k) {
 			Value v;
-			if (!DecodeWithCode(elem, p, end, &v, depth + 1))
+			if (!budget.Take(sizeof(Value)) || !DecodeWithCode(elem, p, end, &v, depth + 1, budget))
 				return false;
-			if (described) {
-				Value dv;
-				dv.kind = Value::Kind::Described;
-				dv.items.push_back(descriptor);
-				dv.items.push_back(std::move(v));
-				out->items.push_back(std::move(dv));
-			} else {
-				out->items.push_back(std::move(v));
-			}
+			out->items.push_back(std::move(v));
 		}
 	} else {
 		out->kind = ((code & 0x0f) == 0x00) ? Value::Kind::List : Value::Kind::Map;
@@ -120,7 +141,7 @@ DecodeCompound(uint8_t code, const uint8_t *&p, const uint8_t *end, Value *out, 
 		out->items.reserve(count < 4096 ? count : 4096);
 		for (uint32_t k = 0; k < count; ++k) {
 			Value v;
-			if (!Decode(p, end, &v, depth + 1))
+			if (!budget.Take(sizeof(Value)) || !DecodeValue(p, end, &v, depth + 1, budget))
 				return false;
 			out->items.push_back(std::move(v));
 		}
@@ -130,7 +151,7 @@ DecodeCompound(uint8_t code, const uint8_t *&p, const uint8_t *end, Value *out, 
 }
 
 bool
-DecodeWithCode(uint8_t code, const uint8_t *&p, const uint8_t *end, Value *out, int depth) {
+DecodeWithCode(uint8_t code, const uint8_t *&p, const uint8_t *end, Value *out, int depth, Budget &budget) {
 	if (depth > kMaxDepth)
 		return false;
 	*out = Value();
@@ -265,7 +286,7 @@ DecodeWithCode(uint8_t code, const uint8_t *&p, const uint8_t *end, Value *out, 
 			len = Rd32(p);
 			p += 4;
 		}
-		if (static_cast<size_t>(end - p) < len)
+		if (static_cast<size_t>(end - p) < len || !budget.Take(len))
 			return false;
 		out->kind = (code & 0x0f) == 0 ? Value::Kind::Binary
 		                               : ((code & 0x0f) == 1 ? Value::Kind::String : Value::Kind::Symbol);
@@ -282,43 +303,38 @@ DecodeWithCode(uint8_t code, const uint8_t *&p, const uint8_t *end, Value *out, 
 	case 0xd1:
 	case 0xe0:
 	case 0xf0:
-		return DecodeCompound(code, p, end, out, depth);
+		return DecodeCompound(code, p, end, out, depth, budget);
 	case 0x00: {
 		out->kind = Value::Kind::Described;
-		out->items.resize(2);
-		if (!Decode(p, end, &out->items[0], depth + 1))
+		if (!budget.Take(2 * sizeof(Value)))
 			return false;
-		return Decode(p, end, &out->items[1], depth + 1);
+		out->items.resize(2);
+		if (!DecodeValue(p, end, &out->items[0], depth + 1, budget))
+			return false;
+		return DecodeValue(p, end, &out->items[1], depth + 1, budget);
 	}
 	default:
 		return false;
 	}
 }
 
-} // namespace
-
 bool
-Decode(const uint8_t *&p, const uint8_t *end, Value *out, int depth) {
+DecodeValue(const uint8_t *&p, const uint8_t *end, Value *out, int depth, Budget &budget) {
 	if (p >= end || depth > kMaxDepth)
 		return false;
 	uint8_t code = *p++;
-	return DecodeWithCode(code, p, end, out, depth);
+	return DecodeWithCode(code, p, end, out, depth, budget);
 }
 
+// Skips one value. Described values nest (a descriptor may itself be described), so the depth
+// is bounded as in Decode; compound values are skipped by their size without recursion.
 bool
-DecodeAll(std::string_view bytes, Value *out) {
-	const uint8_t *p = reinterpret_cast<const uint8_t *>(bytes.data());
-	const uint8_t *end = p + bytes.size();
-	return Decode(p, end, out) && p == end;
-}
-
-bool
-Skip(const uint8_t *&p, const uint8_t *end) {
-	if (p >= end)
+SkipValue(const uint8_t *&p, const uint8_t *end, int depth) {
+	if (p >= end || depth > kMaxDepth)
 		return false;
 	uint8_t code = *p++;
 	if (code == 0x00)
-		return Skip(p, end) && Skip(p, end);
+		return SkipValue(p, end, depth + 1) && SkipValue(p, end, depth + 1);
 	int fw = FixedWidth(code);
 	if (fw >= 0) {
 		if (end - p < fw)
@@ -350,6 +366,28 @@ Skip(const uint8_t *&p, const uint8_t *end) {
 		return false;
 	p += len;
 	return true;
+}
+
+} // namespace
+
+bool
+Decode(const uint8_t *&p, const uint8_t *end, Value *out, int depth) {
+	if (p >= end)
+		return false;
+	Budget budget(static_cast<size_t>(end - p));
+	return DecodeValue(p, end, out, depth, budget);
+}
+
+bool
+DecodeAll(std::string_view bytes, Value *out) {
+	const uint8_t *p = reinterpret_cast<const uint8_t *>(bytes.data());
+	const uint8_t *end = p + bytes.size();
+	return Decode(p, end, out) && p == end;
+}
+
+bool
+Skip(const uint8_t *&p, const uint8_t *end) {
+	return SkipValue(p, end, 0);
 }
 
 Value
@@ -771,6 +809,10 @@ void
 EncodeArray(const Value &v, std::string *out) {
 	Writer w(out);
 	size_t mark = w.BeginCompound(0xf0);
+	if (!v.s.empty()) { // elements described by one descriptor (kept encoded)
+		out->push_back(char(0x00));
+		out->append(v.s);
+	}
 	if (v.items.empty()) {
 		out->push_back(char(0x40));
 		w.EndCompound(mark, 0);
@@ -825,6 +867,18 @@ EncodeArray(const Value &v, std::string *out) {
 		out->push_back(char(0x56));
 		for (auto &e : v.items)
 			out->push_back(e.u ? 1 : 0);
+		break;
+	case Value::Kind::UByte:
+	case Value::Kind::Byte:
+		out->push_back(char(k == Value::Kind::UByte ? 0x50 : 0x51));
+		for (auto &e : v.items)
+			out->push_back(static_cast<char>(k == Value::Kind::UByte ? e.u : static_cast<uint64_t>(e.i)));
+		break;
+	case Value::Kind::UShort:
+	case Value::Kind::Short:
+		out->push_back(char(k == Value::Kind::UShort ? 0x60 : 0x61));
+		for (auto &e : v.items)
+			be(k == Value::Kind::UShort ? e.u : static_cast<uint64_t>(e.i), 2);
 		break;
 	default: {
 		// Maps and lists in arrays: 32-bit compound encodings without constructors.

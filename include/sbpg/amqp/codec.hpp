@@ -59,7 +59,8 @@ struct Value {
 	uint64_t u = 0;         // unsigned kinds, bool, char
 	int64_t i = 0;          // signed kinds, timestamp
 	double d = 0;           // float, double
-	std::string s;          // binary, string, symbol, uuid (16 bytes), decimal (raw bytes)
+	std::string s;          // binary, string, symbol, uuid (16 bytes), decimal (raw bytes); for an array of
+	                        // described elements, the elements' one descriptor, encoded (empty otherwise)
 	std::vector<Value> items; // list and array elements; map as key, value, key, value; described: descriptor, value
 
 	static Value Null() { return Value(); }
@@ -97,10 +98,12 @@ struct Value {
 
 bool operator==(const Value &a, const Value &b);
 
-// Decodes one value. `depth` bounds nesting; returns false on malformed or too-deep input.
+// Decodes one value. `depth` bounds nesting; returns false on malformed or too-deep input, and on
+// input that would decode to a value tree out of proportion to its size (what one call may
+// allocate is bounded by a fixed amount plus a multiple of end - p).
 bool Decode(const uint8_t *&p, const uint8_t *end, Value *out, int depth = 0);
 bool DecodeAll(std::string_view bytes, Value *out);
-// Skips one encoded value without building it.
+// Skips one encoded value without building it (nested descriptors are depth-limited as in Decode).
 bool Skip(const uint8_t *&p, const uint8_t *end);
 void Encode(const Value &v, std::string *out);
 
