@@ -69,6 +69,8 @@ Compare(const FilterValue &a, const FilterValue &b) {
 		if (a.kind == K::Int && b.kind == K::Int)
 			return a.i < b.i ? -1 : (a.i > b.i ? 1 : 0);
 		double x = AsDouble(a), y = AsDouble(b);
+		if (std::isnan(x) || std::isnan(y))
+			return -2;
 		return x < y ? -1 : (x > y ? 1 : 0);
 	}
 	if (a.kind == K::String && b.kind == K::String) {
@@ -334,6 +336,13 @@ class Parser {
 	}
 
   private:
+	// Bounds the parser's recursion (parentheses, NOT, unary minus).
+	static constexpr int kMaxDepth = 200;
+	struct Depth {
+		int &d;
+		explicit Depth(int &x) : d(x) { ++d; }
+		~Depth() { --d; }
+	};
 	bool Advance() { return lex_.Next(&tok_, err_); }
 	NodeP Fail(const std::string &m) {
 		if (err_->empty())
@@ -347,6 +356,9 @@ class Parser {
 		return n;
 	}
 	NodeP Or() {
+		Depth guard(depth_);
+		if (depth_ > kMaxDepth)
+			return Fail("the expression is nested too deeply");
 		NodeP l = And();
 		while (l && Keyword("OR")) {
 			if (!Advance())
@@ -377,6 +389,9 @@ class Parser {
 		return l;
 	}
 	NodeP Not() {
+		Depth guard(depth_);
+		if (depth_ > kMaxDepth)
+			return Fail("the expression is nested too deeply");
 		if (Keyword("NOT")) {
 			if (!Advance())
 				return nullptr;
@@ -521,6 +536,9 @@ class Parser {
 		return l;
 	}
 	NodeP Unary() {
+		Depth guard(depth_);
+		if (depth_ > kMaxDepth)
+			return Fail("the expression is nested too deeply");
 		if (tok_.t == Token::T::Op && (tok_.text == "-" || tok_.text == "+")) {
 			bool neg = tok_.text == "-";
 			if (!Advance())
@@ -589,34 +607,47 @@ class Parser {
 	Lexer lex_;
 	Token tok_;
 	std::string *err_ = nullptr;
+	int depth_ = 0;
 };
 
-// SQL LIKE with % and _ and an optional escape character.
+// SQL LIKE with % and _ and an optional escape character. Iterative, with backtracking to the
+// last % only, so O(len(s) * len(p)) at worst (a recursive matcher is exponential in the number
+// of %).
 bool
-LikeMatch(const std::string &s, size_t si, const std::string &p, size_t pi, char esc) {
-	while (pi < p.size()) {
-		char c = p[pi];
-		if (esc && c == esc && pi + 1 < p.size()) {
-			if (si >= s.size() || s[si] != p[pi + 1])
-				return false;
-			++si;
-			pi += 2;
-			continue;
-		}
-		if (c == '%') {
-			for (size_t k = si; k <= s.size(); ++k)
-				if (LikeMatch(s, k, p, pi + 1, esc))
-					return true;
-			return false;
-		}
-		if (si >= s.size())
-			return false;
-		if (c != '_' && c != s[si])
-			return false;
-		++si;
-		++pi;
+LikeMatch(const std::string &s, const std::string &p, char esc) {
+	// The pattern as tokens: -1 for %, -2 for _, else a literal byte.
+	std::vector<int> pat;
+	pat.reserve(p.size());
+	for (size_t k = 0; k < p.size(); ++k) {
+		char c = p[k];
+		if (esc && c == esc && k + 1 < p.size())
+			pat.push_back(static_cast<unsigned char>(p[++k]));
+		else if (c == '%')
+			pat.push_back(-1);
+		else if (c == '_')
+			pat.push_back(-2);
+		else
+			pat.push_back(static_cast<unsigned char>(c));
 	}
-	return si == s.size();
+	size_t si = 0, pi = 0;
+	size_t star = std::string::npos, star_si = 0;
+	while (si < s.size()) {
+		if (pi < pat.size() && pat[pi] == -1) {
+			star = pi++;
+			star_si = si;
+		} else if (pi < pat.size() && (pat[pi] == -2 || pat[pi] == static_cast<unsigned char>(s[si]))) {
+			++si;
+			++pi;
+		} else if (star != std::string::npos) {
+			pi = star + 1;
+			si = ++star_si;
+		} else {
+			return false;
+		}
+	}
+	while (pi < pat.size() && pat[pi] == -1)
+		++pi;
+	return pi == pat.size();
 }
 
 // Tri-state truth: 1 true, 0 false, -1 unknown.
@@ -638,6 +669,8 @@ Eval(const SqlFilter::Node &n, const FilterInput &m) {
 	}
 	case Op::Neg: {
 		FilterValue v = Eval(*n.kids[0], m);
+		if (v.kind == FilterValue::Kind::Int && v.i == INT64_MIN)
+			return r; // overflow: unknown
 		if (v.kind == FilterValue::Kind::Int)
 			v.i = -v.i;
 		else if (v.kind == FilterValue::Kind::Double)
@@ -656,23 +689,30 @@ Eval(const SqlFilter::Node &n, const FilterInput &m) {
 		if (!IsNumeric(a) || !IsNumeric(b))
 			return r;
 		if (a.kind == FilterValue::Kind::Int && b.kind == FilterValue::Kind::Int) {
+			// Integer overflow and division by zero make the result unknown (as an evaluation
+			// error does in Service Bus: the rule does not match).
 			r.kind = FilterValue::Kind::Int;
+			bool overflow = false;
 			if (n.s == "+")
-				r.i = a.i + b.i;
+				overflow = __builtin_add_overflow(a.i, b.i, &r.i);
 			else if (n.s == "-")
-				r.i = a.i - b.i;
+				overflow = __builtin_sub_overflow(a.i, b.i, &r.i);
 			else if (n.s == "*")
-				r.i = a.i * b.i;
+				overflow = __builtin_mul_overflow(a.i, b.i, &r.i);
 			else if (b.i == 0)
 				return FilterValue();
+			else if (b.i == -1) // INT64_MIN / -1 overflows (and traps); x % -1 is 0
+				overflow = n.s == "/" ? __builtin_sub_overflow(int64_t(0), a.i, &r.i) : (r.i = 0, false);
 			else if (n.s == "/")
 				r.i = a.i / b.i;
 			else
 				r.i = a.i % b.i;
-			return r;
+			return overflow ? FilterValue() : r;
 		}
 		r.kind = FilterValue::Kind::Double;
 		double x = AsDouble(a), y = AsDouble(b);
+		if ((n.s == "/" || n.s == "%") && y == 0)
+			return FilterValue();
 		if (n.s == "+")
 			r.d = x + y;
 		else if (n.s == "-")
@@ -749,7 +789,7 @@ Truth(const SqlFilter::Node &n, const FilterInput &m) {
 		FilterValue v = Eval(*n.kids[0], m);
 		if (v.kind != FilterValue::Kind::String)
 			return -1;
-		bool match = LikeMatch(v.s, 0, n.value.s, 0, n.esc);
+		bool match = LikeMatch(v.s, n.value.s, n.esc);
 		return (match != n.negate) ? 1 : 0;
 	}
 	case Op::IsNull: {

@@ -488,6 +488,64 @@ TEST("sql filter: comparisons, logic, IN, LIKE, NULL and EXISTS as Service Bus e
 	CHECK(!SqlFilter::Parse("'unterminated", &err));
 }
 
+TEST("sql filter: integer overflow and division edge cases are unknown, never a trap") {
+	Value props = Value::Map();
+	props.Put(Value::String("min"), Value::Long(INT64_MIN));
+	props.Put(Value::String("max"), Value::Long(INT64_MAX));
+	props.Put(Value::String("m1"), Value::Long(-1));
+	props.Put(Value::String("zero"), Value::Long(0));
+	Value zd;
+	zd.kind = Value::Kind::Double;
+	props.Put(Value::String("zd"), zd);
+	FilterInput in = Input(&props);
+	// INT64_MIN / -1 used to raise SIGFPE; the result is unknown, so neither it nor its negation matches.
+	CHECK(!Sql("min / m1 = 1", in));
+	CHECK(!Sql("NOT (min / m1 = 1)", in));
+	CHECK(Sql("min % m1 = 0", in)); // mathematically 0, and no trap
+	CHECK(Sql("7 % m1 = 0", in));
+	CHECK(Sql("7 / m1 = -7", in));
+	CHECK(!Sql("max + 1 > 0", in));
+	CHECK(!Sql("NOT (max + 1 > 0)", in));
+	CHECK(!Sql("min - 1 < 0", in));
+	CHECK(!Sql("max * 2 > 0", in));
+	CHECK(!Sql("-min > 0", in));
+	CHECK(!Sql("NOT (-min > 0)", in));
+	CHECK(!Sql("1 / zero = 1", in));
+	CHECK(!Sql("NOT (1 / zero = 1)", in));
+	CHECK(!Sql("1 / zd = 1", in));
+	CHECK(!Sql("NOT (1 % zd = 1)", in));
+	CHECK(Sql("max - 1 < max AND min + 1 > min", in));
+}
+
+TEST("sql filter: LIKE matches % and _ without backtracking blow-up") {
+	Value props = Value::Map();
+	props.Put(Value::String("a"), Value::String(std::string(20000, 'a')));
+	props.Put(Value::String("p"), Value::String("100%_sure"));
+	FilterInput in = Input(&props);
+	// Many % against a long non-matching text: exponential for a recursive matcher.
+	CHECK(!Sql("a LIKE '%a%a%a%a%a%a%a%a%a%a%a%a%b'", in));
+	CHECK(Sql("a LIKE '%a%a%a%a%a%a%a%a%a%a%a%a%'", in));
+	CHECK(Sql("a LIKE 'a%a'", in));
+	CHECK(!Sql("a LIKE '%b%'", in));
+	CHECK(Sql("p LIKE '100!%!_sure' ESCAPE '!'", in));
+	CHECK(Sql("p LIKE '%!%%' ESCAPE '!'", in));
+	CHECK(!Sql("p LIKE '%!%x%' ESCAPE '!'", in));
+	CHECK(Sql("p LIKE '1_0%'", in));
+	CHECK(Sql("p LIKE '%'", in));
+	CHECK(!Sql("p LIKE '_'", in));
+	CHECK(Sql("sys.Label LIKE 'o%r'", in));
+	CHECK(!Sql("sys.Label LIKE 'o%x'", in));
+	Value empty = Value::Map();
+	empty.Put(Value::String("e"), Value::String(""));
+	FilterInput ein = Input(&empty);
+	CHECK(Sql("e LIKE '%%'", ein));
+	CHECK(!Sql("e LIKE '_%'", ein));
+	// Deep nesting is refused at parse time rather than recursing without bound.
+	std::string err;
+	CHECK(!SqlFilter::Parse(std::string(5000, '(') + "1=1" + std::string(5000, ')'), &err));
+	CHECK(err.find("nested too deeply") != std::string::npos);
+}
+
 TEST("correlation filter: system fields and properties must all match") {
 	Value props = Value::Map();
 	props.Put(Value::String("region"), Value::String("eu"));
