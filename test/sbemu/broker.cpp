@@ -331,7 +331,7 @@ Broker::Send(Entity &target, Incoming &&in, int64_t now) {
 	}
 	if (target.props.requires_duplicate_detection && !in.message_id.empty()) {
 		auto it = target.dup_ids.find(in.message_id);
-		if (it != target.dup_ids.end() && it->second + target.props.duplicate_window_ms > now) {
+		if (it != target.dup_ids.end() && SatAdd(it->second, target.props.duplicate_window_ms) > now) {
 			++target.counters.duplicates;
 			r.duplicate = true;
 			return r;
@@ -353,17 +353,18 @@ Broker::Send(Entity &target, Incoming &&in, int64_t now) {
 	++target.counters.sent;
 	if (m.scheduled_ms)
 		++target.counters.scheduled;
-	r.seq = target.next_seq;
-	Forward(target, m, now, 0);
+	// The sequence number the message actually got: that of the queue it was forwarded to, if any.
+	r.seq = Forward(target, m, now, 0);
 	return r;
 }
 
 // Routes a message into `target` (a queue or topic), assigning its sequence number there.
-bool
+// Returns that sequence number (the topic's for a topic), 0 when the message was not stored.
+uint64_t
 Broker::Forward(Entity &target, const StoredMessage &proto, int64_t now, int hops) {
 	if (hops > 0)
 		++target.counters.sent;
-	if (!target.props.forward_to.empty() && hops < 4) {
+	if (!target.props.forward_to.empty() && hops < kMaxForwardHops) {
 		Entity *next = Find(target.props.forward_to);
 		if (next && next != &target && next->CanSend())
 			return Forward(*next, proto, now, hops + 1);
@@ -395,7 +396,7 @@ Broker::Forward(Entity &target, const StoredMessage &proto, int64_t now, int hop
 				}
 			if (!match)
 				continue;
-			if (!sub->props.forward_to.empty() && hops < 4) {
+			if (!sub->props.forward_to.empty() && hops < kMaxForwardHops) {
 				Entity *next = Find(sub->props.forward_to);
 				if (next && next->CanSend()) {
 					++sub->counters.sent;
@@ -412,17 +413,18 @@ Broker::Forward(Entity &target, const StoredMessage &proto, int64_t now, int hop
 				if (it != sub->msgs.end())
 					MoveToDeadLetter(*sub, it, "SessionIdIsNull",
 					                 "The message has no SessionId, but the subscription requires sessions.", nullptr,
-					                 now);
+					                 now, hops);
 				continue;
 			}
 			Store(*sub, std::move(copy), now);
 		}
-		return true;
+		return m.seq;
 	}
 	if (target.props.requires_session && m.session_id.empty())
-		return false;
+		return 0;
+	uint64_t seq = m.seq;
 	Store(target, std::move(m), now);
-	return true;
+	return seq;
 }
 
 void
@@ -600,7 +602,7 @@ Broker::ReleaseLock(Entity &e, StoredMessage &m, int64_t now, bool count_deliver
 
 void
 Broker::MoveToDeadLetter(Entity &e, std::map<uint64_t, StoredMessage>::iterator it, const std::string &reason,
-                         const std::string &desc, const amqp::Value *props, int64_t now) {
+                         const std::string &desc, const amqp::Value *props, int64_t now, int hops) {
 	StoredMessage m = it->second; // copy: Remove invalidates the original
 	Remove(e, it);
 	++e.counters.dead_lettered;
@@ -619,12 +621,18 @@ Broker::MoveToDeadLetter(Entity &e, std::map<uint64_t, StoredMessage>::iterator 
 	LOG_DEBUG("dead-lettered seq %llu of %s: %s", (unsigned long long)m.seq, e.name.c_str(), reason.c_str());
 	if (!e.props.forward_dead_lettered_to.empty()) {
 		Entity *target = Find(e.props.forward_dead_lettered_to);
-		if (target && target->CanSend()) {
-			Forward(*target, m, now, 1);
+		// The hop count goes on from the forwarding that brought the message here, so that a
+		// dead-letter forward back into the same topic cannot loop.
+		if (target && target->CanSend() && hops < kMaxForwardHops) {
+			Forward(*target, m, now, hops + 1);
 			return;
 		}
-		LOG_WARN("%s: ForwardDeadLetteredMessagesTo '%s' is not a queue or topic; using the entity's own DLQ",
-		         e.name.c_str(), e.props.forward_dead_lettered_to.c_str());
+		if (!target || !target->CanSend())
+			LOG_WARN("%s: ForwardDeadLetteredMessagesTo '%s' is not a queue or topic; using the entity's own DLQ",
+			         e.name.c_str(), e.props.forward_dead_lettered_to.c_str());
+		else
+			LOG_WARN("%s: dead-lettered seq %llu has been forwarded %d times; kept in the entity's own DLQ",
+			         e.name.c_str(), (unsigned long long)m.seq, hops);
 	}
 	if (e.dlq) {
 		++e.dlq->counters.sent;
@@ -774,11 +782,19 @@ Broker::LockSession(Entity &e, Consumer *c, const std::string &sid, bool any, in
 		*cond = "amqp:not-allowed";
 		return false;
 	}
+	// Session locks that have lapsed but that Tick has not yet ended are ended now, the same way
+	// (the old receiver's locks released, the receiver told), before anyone takes them over.
+	std::vector<std::string> lapsed;
+	for (auto &kv : e.groups)
+		if (kv.second.owner && kv.second.owner != c && kv.second.locked_until <= now && (any || kv.first == sid))
+			lapsed.push_back(kv.first);
+	for (auto &id : lapsed)
+		ExpireSessionLock(e, id, now);
 	SessionGroup *g = nullptr;
 	std::string chosen;
 	if (!any) {
 		g = Session(e, sid, true);
-		if (g->owner && g->owner != c && g->locked_until > now) {
+		if (g->owner && g->owner != c) {
 			*cond = "com.microsoft:session-cannot-be-locked";
 			return false;
 		}
@@ -856,8 +872,14 @@ Broker::Peek(Entity &e, uint64_t from_seq, int count, const std::string *sid) {
 }
 
 bool
-Broker::ReceiveDeferred(Entity &e, const std::vector<int64_t> &seqs, bool peek_lock, const void *owner, int64_t now,
-                        std::vector<StoredMessage *> *out, int64_t *missing) {
+Broker::ReceiveDeferred(Entity &e, const std::vector<int64_t> &requested, bool peek_lock, const void *owner,
+                        int64_t now, std::vector<StoredMessage *> *out, int64_t *missing) {
+	// A number asked for twice is received once.
+	std::vector<int64_t> seqs;
+	std::set<int64_t> seen;
+	for (int64_t s : requested)
+		if (seen.insert(s).second)
+			seqs.push_back(s);
 	for (int64_t s : seqs) {
 		auto it = e.msgs.find(static_cast<uint64_t>(s));
 		if (it == e.msgs.end() || it->second.state != MsgState::Deferred) {
@@ -889,25 +911,34 @@ Broker::CancelScheduled(Entity &e, const std::vector<int64_t> &seqs, int64_t *mi
 		targets = e.subscriptions;
 	else
 		targets.push_back(&e);
-	bool found_all = true;
+	auto scheduled_in = [](Entity *t, int64_t s) {
+		auto it = t->msgs.find(static_cast<uint64_t>(s));
+		return it != t->msgs.end() && it->second.state == MsgState::Scheduled ? it : t->msgs.end();
+	};
+	// All or nothing: every number must name a scheduled message before any is cancelled.
+	std::set<int64_t> unique(seqs.begin(), seqs.end());
 	for (int64_t s : seqs) {
 		bool found = false;
-		for (Entity *t : targets) {
-			auto it = t->msgs.find(static_cast<uint64_t>(s));
-			if (it != t->msgs.end() && it->second.state == MsgState::Scheduled) {
-				Remove(*t, it);
-				++t->counters.cancelled;
+		for (Entity *t : targets)
+			if (scheduled_in(t, s) != t->msgs.end())
 				found = true;
-			}
-		}
-		if (!found && found_all) {
+		if (!found) {
 			*missing = s;
-			found_all = false;
+			return false;
 		}
 	}
-	if (e.kind == Entity::Kind::Topic)
-		e.counters.cancelled += seqs.size();
-	return found_all;
+	for (int64_t s : unique) {
+		for (Entity *t : targets) {
+			auto it = scheduled_in(t, s);
+			if (it != t->msgs.end()) {
+				Remove(*t, it);
+				++t->counters.cancelled;
+			}
+		}
+		if (e.kind == Entity::Kind::Topic)
+			++e.counters.cancelled;
+	}
+	return true;
 }
 
 void
@@ -1000,24 +1031,11 @@ Broker::Tick(int64_t now) {
 		SessionGroup *g = Session(*t.e, t.id, false);
 		if (!g || !g->owner || g->locked_until > now)
 			continue;
-		Consumer *owner = g->owner;
-		LOG_DEBUG("session lock of '%s' on %s expired", t.id.c_str(), t.e->name.c_str());
-		ReleaseOwner(*t.e, owner, now);
-		g = Session(*t.e, t.id, false);
-		owner->session_bound = false;
-		owner->SessionLockLost(); // the server detaches the link; it stays a consumer until then
-		if (!g)
-			continue;
-		g->owner = nullptr;
-		g->locked_until = 0;
-		if (g->messages == 0 && !g->has_state)
-			t.e->groups.erase(t.id);
-		else if (!g->available.empty() && on_session_available)
-			on_session_available(*t.e);
+		ExpireSessionLock(*t.e, t.id, now);
 	}
 	for (auto &ep : entities_) {
 		Entity &e = *ep;
-		while (!e.dup_order.empty() && e.dup_order.front().first + e.props.duplicate_window_ms <= now) {
+		while (!e.dup_order.empty() && SatAdd(e.dup_order.front().first, e.props.duplicate_window_ms) <= now) {
 			auto it = e.dup_ids.find(e.dup_order.front().second);
 			if (it != e.dup_ids.end() && it->second == e.dup_order.front().first)
 				e.dup_ids.erase(it);
@@ -1026,10 +1044,52 @@ Broker::Tick(int64_t now) {
 	}
 }
 
+// Ends a session lock: the owner loses the session first (so that releasing its messages does
+// not hand them straight back to it), its message locks are released once (delivery count + 1),
+// it is told (the server detaches the link), and a waiting receiver may take the session.
+void
+Broker::ExpireSessionLock(Entity &e, const std::string &sid, int64_t now) {
+	SessionGroup *g = Session(e, sid, false);
+	if (!g || !g->owner)
+		return;
+	Consumer *owner = g->owner;
+	LOG_DEBUG("session lock of '%s' on %s expired", sid.c_str(), e.name.c_str());
+	g->owner = nullptr;
+	g->locked_until = 0;
+	owner->session_bound = false;
+	ReleaseOwner(e, owner, now); // may drop the group (its last message dead-lettered)
+	owner->SessionLockLost();    // the server detaches the link; it stays a consumer until then
+	g = Session(e, sid, false);
+	if (!g || g->owner)
+		return;
+	if (g->messages == 0 && !g->has_state)
+		e.groups.erase(sid);
+	else if (!g->available.empty() && on_session_available)
+		on_session_available(e);
+}
+
 void
 Broker::ExpireAllLocks(int64_t now) {
 	for (auto &ep : entities_) {
 		Entity &e = *ep;
+		// Session locks first, through the same path as their expiry, so that each message is
+		// released once and not redelivered to the receiver that is losing the session.
+		if (e.SessionsEnabled()) {
+			std::vector<std::string> owned;
+			for (auto &kv : e.groups)
+				if (kv.second.owner)
+					owned.push_back(kv.first);
+			for (auto &id : owned) {
+				for (auto &kv : e.locks) {
+					auto it = e.msgs.find(kv.second);
+					if (it != e.msgs.end() && it->second.session_id == id && !it->second.deferred)
+						++e.counters.lock_expired;
+				}
+				ExpireSessionLock(e, id, now);
+			}
+		}
+		// Then message locks (all of them on other entities; deferred messages received by
+		// sequence number on session entities).
 		std::vector<uint64_t> seqs;
 		for (auto &kv : e.locks)
 			seqs.push_back(kv.second);
@@ -1041,13 +1101,6 @@ Broker::ExpireAllLocks(int64_t now) {
 				ReleaseLock(e, it->second, now, true);
 			}
 		}
-		for (auto &kv : e.groups)
-			if (kv.second.owner)
-				kv.second.locked_until = now; // session locks end at the next tick
-		if (e.SessionsEnabled())
-			for (auto &kv : e.groups)
-				if (kv.second.owner)
-					session_timers_.push({now, &e, kv.first});
 	}
 }
 

@@ -25,6 +25,9 @@
 namespace sbemu {
 
 using LockToken = std::array<uint8_t, 16>;
+
+// Service Bus forwards a message at most this many times (ForwardTo, ForwardDeadLetteredMessagesTo).
+constexpr int kMaxForwardHops = 4;
 struct LockTokenHash {
 	size_t operator()(const LockToken &t) const {
 		uint64_t a, b;
@@ -185,9 +188,11 @@ class Broker {
 
 	// $management operations on message sets.
 	std::vector<const StoredMessage *> Peek(Entity &e, uint64_t from_seq, int count, const std::string *session_id);
-	// Receives deferred messages by sequence number; `missing` gets the first unknown number.
+	// Receives deferred messages by sequence number (a number given twice counts once); `missing`
+	// gets the first unknown number.
 	bool ReceiveDeferred(Entity &e, const std::vector<int64_t> &seqs, bool peek_lock, const void *owner, int64_t now,
 	                     std::vector<StoredMessage *> *out, int64_t *missing);
+	// Cancels scheduled messages, all or none: `missing` gets the first number that is not scheduled.
 	bool CancelScheduled(Entity &e, const std::vector<int64_t> &seqs, int64_t *missing);
 	SessionGroup *Session(Entity &e, const std::string &id, bool create);
 
@@ -214,10 +219,13 @@ class Broker {
 	void Unlock(Entity &e, StoredMessage &m);
 	// Ends a lock without completion: delivery count + 1, dead-letter at MaxDeliveryCount.
 	void ReleaseLock(Entity &e, StoredMessage &m, int64_t now, bool count_delivery);
+	// `hops`: how many times the message has been forwarded to get here; a dead-letter forward
+	// counts on from it.
 	void MoveToDeadLetter(Entity &e, std::map<uint64_t, StoredMessage>::iterator it, const std::string &reason,
-	                      const std::string &desc, const amqp::Value *props, int64_t now);
+	                      const std::string &desc, const amqp::Value *props, int64_t now, int hops = 0);
 	void Expire(Entity &e, std::map<uint64_t, StoredMessage>::iterator it, int64_t now);
-	bool Forward(Entity &target, const StoredMessage &m, int64_t now, int hops);
+	uint64_t Forward(Entity &target, const StoredMessage &m, int64_t now, int hops);
+	void ExpireSessionLock(Entity &e, const std::string &session_id, int64_t now);
 	StoredMessage *Locked(Entity &e, const LockToken &t, int64_t now);
 	void SetState(Entity &e, StoredMessage &m, MsgState s);
 

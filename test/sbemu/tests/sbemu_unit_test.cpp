@@ -874,4 +874,160 @@ TEST("store: topic fan-out honours rules and forwarding") {
 	CHECK(b.Find("nope") == nullptr);
 }
 
+TEST("store: a dead-letter forward back into the topic stops at the hop limit") {
+	// Regression: a subscription that requires sessions and forwards its dead letters to its own
+	// topic recursed without end on a message without a session id.
+	NamespaceConfig cfg;
+	TopicConfig t;
+	t.name = "t";
+	SubscriptionConfig s;
+	s.name = "s";
+	s.props.requires_session = true;
+	s.props.forward_dead_lettered_to = "t";
+	t.subscriptions.push_back(s);
+	cfg.topics.push_back(t);
+	Broker b(cfg);
+	Broker::SendResult r = b.Send(*b.Find("t"), Msg("m"), 1);
+	CHECK(r.ok);
+	Entity &sub = *b.Find("t/subscriptions/s");
+	CHECK_EQ(sub.msgs.size(), 0u);
+	REQUIRE(sub.dlq->msgs.size() == 1u);
+	CHECK_EQ(sub.dlq->msgs.begin()->second.message_id, std::string("m"));
+	CHECK_EQ(sub.counters.dead_lettered, static_cast<uint64_t>(kMaxForwardHops + 1));
+}
+
+TEST("store: a send reports the sequence number the message got where it was stored") {
+	NamespaceConfig cfg;
+	QueueConfig a, z;
+	a.name = "a";
+	a.props.forward_to = "z";
+	z.name = "z";
+	cfg.queues = {a, z};
+	Broker b(cfg);
+	Entity &qz = *b.Find("z");
+	b.Send(qz, Msg("first"), 1);
+	b.Send(qz, Msg("second"), 1);
+	Broker::SendResult r = b.Send(*b.Find("a"), Msg("forwarded"), 2);
+	REQUIRE(qz.msgs.count(r.seq) == 1u);
+	CHECK_EQ(qz.msgs[r.seq].message_id, std::string("forwarded"));
+	CHECK_EQ(r.seq, 3u);
+}
+
+TEST("store: expiring every lock on a session entity releases each message once and frees the session") {
+	// Regression: the messages were released while the receiver still held the session, so it got
+	// them again, and the session expiry then released them a second time (delivery count + 2).
+	EntityProps p;
+	p.requires_session = true;
+	Broker b(OneQueue(p));
+	Entity &q = *b.Find("q");
+	b.Send(q, Msg("m1", "s1"), 1);
+	b.Send(q, Msg("m2", "s1"), 1);
+	FakeConsumer c;
+	std::string locked, cond;
+	REQUIRE(b.LockSession(q, &c, "s1", false, 2, &locked, &cond));
+	b.AddConsumer(q, &c);
+	b.Pump(c, q, 3);
+	REQUIRE(c.got.size() == 2u);
+	int wakes = c.wakes;
+	b.ExpireAllLocks(4);
+	CHECK_EQ(c.session_lost, 1);
+	CHECK_EQ(c.wakes, wakes); // not woken to take the released messages again
+	CHECK(!c.session_bound);
+	b.Pump(c, q, 5);
+	CHECK_EQ(c.got.size(), 2u);
+	b.Tick(6);
+	CHECK_EQ(c.session_lost, 1);
+	CHECK_EQ(q.n_active, 2u);
+	for (auto &kv : q.msgs)
+		CHECK_EQ(kv.second.delivery_count, 1u);
+	CHECK_EQ(q.counters.lock_expired, 2u);
+	FakeConsumer next;
+	REQUIRE(b.LockSession(q, &next, "s1", false, 7, &locked, &cond));
+	b.AddConsumer(q, &next);
+	b.Pump(next, q, 8);
+	REQUIRE(next.counts.size() == 2u);
+	CHECK_EQ(next.counts[0], 1u);
+}
+
+TEST("store: locking a session whose lock lapsed (before the tick) ends the old lock first") {
+	EntityProps p;
+	p.requires_session = true;
+	p.lock_duration_ms = 1000;
+	Broker b(OneQueue(p));
+	Entity &q = *b.Find("q");
+	b.Send(q, Msg("m1", "s1"), 1);
+	FakeConsumer old, taker;
+	std::string locked, cond;
+	REQUIRE(b.LockSession(q, &old, "s1", false, 10, &locked, &cond));
+	b.AddConsumer(q, &old);
+	b.Pump(old, q, 11);
+	REQUIRE(old.got.size() == 1u);
+	CHECK(!b.LockSession(q, &taker, "s1", false, 1009, &locked, &cond)); // still held
+	// At 1010 the lock has lapsed; no Tick has run.
+	REQUIRE(b.LockSession(q, &taker, "s1", false, 1010, &locked, &cond));
+	CHECK_EQ(old.session_lost, 1);
+	CHECK(!old.session_bound);
+	CHECK(b.Complete(q, old.tokens[0], 1011) == SettleResult::LockLost);
+	b.AddConsumer(q, &taker);
+	b.Pump(taker, q, 1012);
+	REQUIRE(taker.counts.size() == 1u);
+	CHECK_EQ(taker.counts[0], 1u);
+	CHECK(b.Complete(q, taker.tokens[0], 1013) == SettleResult::Ok);
+	b.Tick(5000);
+	CHECK_EQ(old.session_lost, 1); // the old lock's timer finds nothing more to do
+}
+
+TEST("store: deferred messages asked for twice are received once; cancelling scheduled is all or nothing") {
+	Broker b(OneQueue());
+	Entity &q = *b.Find("q");
+	b.Send(q, Msg("a"), 1);
+	FakeConsumer c;
+	b.AddConsumer(q, &c);
+	b.Pump(c, q, 1);
+	REQUIRE(b.Defer(q, c.tokens[0], nullptr, 2) == SettleResult::Ok);
+	int64_t seq = static_cast<int64_t>(c.got[0]), missing = 0;
+	std::vector<StoredMessage *> got;
+	REQUIRE(b.ReceiveDeferred(q, {seq, seq}, true, &c, 3, &got, &missing));
+	CHECK_EQ(got.size(), 1u);
+	CHECK_EQ(q.locks.size(), 1u);
+	CHECK_EQ(q.n_locked, 1u);
+	CHECK(b.Complete(q, got[0]->lock, 4) == SettleResult::Ok);
+	CHECK_EQ(q.locks.size(), 0u);
+
+	NamespaceConfig cfg;
+	TopicConfig t;
+	t.name = "t";
+	SubscriptionConfig s1, s2;
+	s1.name = "s1";
+	s2.name = "s2";
+	t.subscriptions = {s1, s2};
+	cfg.topics.push_back(t);
+	Broker tb(cfg);
+	Entity &topic = *tb.Find("t");
+	Incoming later = Msg("later");
+	later.scheduled_ms = 100000;
+	uint64_t sseq = tb.Send(topic, std::move(later), 1).seq;
+	CHECK(!tb.CancelScheduled(topic, {static_cast<int64_t>(sseq), 99}, &missing));
+	CHECK_EQ(missing, 99);
+	CHECK_EQ(topic.counters.cancelled, 0u);
+	CHECK_EQ(tb.Find("t/subscriptions/s1")->n_scheduled, 1u);
+	CHECK(tb.CancelScheduled(topic, {static_cast<int64_t>(sseq), static_cast<int64_t>(sseq)}, &missing));
+	CHECK_EQ(topic.counters.cancelled, 1u);
+	CHECK_EQ(tb.Find("t/subscriptions/s1")->n_scheduled, 0u);
+	CHECK_EQ(tb.Find("t/subscriptions/s2")->counters.cancelled, 1u);
+}
+
+TEST("store: a duplicate detection window near the largest duration does not overflow") {
+	EntityProps p;
+	p.requires_duplicate_detection = true;
+	p.duplicate_window_ms = kNever;
+	Broker b(OneQueue(p));
+	Entity &q = *b.Find("q");
+	int64_t t = 1700000000000LL;
+	CHECK(!b.Send(q, Msg("a"), t).duplicate);
+	CHECK(b.Send(q, Msg("a"), t + 1).duplicate);
+	b.Tick(t + 2);
+	CHECK(b.Send(q, Msg("a"), t + 3).duplicate);
+}
+
 TAP_MAIN
