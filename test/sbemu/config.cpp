@@ -5,8 +5,11 @@
 
 #include "sbpg/core/json.hpp"
 
+#include <algorithm>
 #include <cctype>
 #include <fstream>
+#include <functional>
+#include <map>
 #include <sstream>
 
 namespace sbemu {
@@ -257,7 +260,97 @@ ValidName(const std::string &n) {
 	return n.front() != '/' && n.back() != '/';
 }
 
+// An entity reference as ForwardTo writes it ("orders", "/orders", "sb://host/orders"), lower case.
+std::string
+EntityKey(const std::string &ref) {
+	std::string_view s = ref;
+	size_t scheme = s.find("://");
+	if (scheme != std::string_view::npos) {
+		s = s.substr(scheme + 3);
+		size_t slash = s.find('/');
+		s = slash == std::string_view::npos ? std::string_view() : s.substr(slash);
+	}
+	while (!s.empty() && s.front() == '/')
+		s.remove_prefix(1);
+	while (!s.empty() && s.back() == '/')
+		s.remove_suffix(1);
+	return ToLower(s);
+}
+
 } // namespace
+
+bool
+ValidateNamespace(const NamespaceConfig &cfg, std::string *err) {
+	// Entity names are case-insensitive: two that differ only in case (or a queue named like a
+	// subscription's path) would be one entity.
+	std::map<std::string, std::string> names; // key -> name as written
+	auto add = [&](const std::string &name, const char *what) {
+		auto r = names.emplace(ToLower(name), name);
+		if (!r.second) {
+			*err = std::string("Config.json: ") + what + " '" + name + "' clashes with the entity '" + r.first->second +
+			       "' (entity names are case-insensitive)";
+			return false;
+		}
+		return true;
+	};
+	for (auto &q : cfg.queues)
+		if (!add(q.name, "queue"))
+			return false;
+	for (auto &t : cfg.topics) {
+		if (!add(t.name, "topic"))
+			return false;
+		for (auto &sc : t.subscriptions)
+			if (!add(t.name + "/Subscriptions/" + sc.name, "subscription"))
+				return false;
+	}
+	// ForwardTo must not make a cycle: a message would go round until the hop limit, copied into
+	// every subscription on the way.
+	std::map<std::string, std::vector<std::string>> next; // entity key -> where a message goes on
+	for (auto &q : cfg.queues)
+		if (!q.props.forward_to.empty())
+			next[ToLower(q.name)].push_back(EntityKey(q.props.forward_to));
+	for (auto &t : cfg.topics) {
+		// A topic that forwards passes everything on; otherwise it copies into its subscriptions.
+		if (!t.props.forward_to.empty())
+			next[ToLower(t.name)].push_back(EntityKey(t.props.forward_to));
+		for (auto &sc : t.subscriptions) {
+			std::string sub = ToLower(t.name + "/Subscriptions/" + sc.name);
+			if (t.props.forward_to.empty())
+				next[ToLower(t.name)].push_back(sub);
+			if (!sc.props.forward_to.empty())
+				next[sub].push_back(EntityKey(sc.props.forward_to));
+		}
+	}
+	std::map<std::string, int> state; // 1 on the current path, 2 done
+	std::vector<std::string> path;
+	std::function<bool(const std::string &)> visit = [&](const std::string &k) -> bool {
+		int &st = state[k];
+		if (st == 2)
+			return true;
+		if (st == 1) {
+			std::string cycle;
+			auto from = std::find(path.begin(), path.end(), k);
+			for (auto it = from; it != path.end(); ++it)
+				cycle += names.count(*it) ? names[*it] + " -> " : *it + " -> ";
+			*err = "Config.json: ForwardTo makes a forwarding cycle: " + cycle + (names.count(k) ? names[k] : k);
+			return false;
+		}
+		st = 1;
+		path.push_back(k);
+		auto it = next.find(k);
+		if (it != next.end())
+			for (auto &n : it->second)
+				if (!visit(n))
+					return false;
+		path.pop_back();
+		state[k] = 2;
+		return true;
+	};
+	for (auto &kv : next)
+		if (!visit(kv.first))
+			return false;
+	return true;
+}
 
 bool
 ParseConfig(const std::string &text, NamespaceConfig *out, std::string *err, std::vector<std::string> *warnings) {
@@ -332,7 +425,7 @@ ParseConfig(const std::string &text, NamespaceConfig *out, std::string *err, std
 			c.where = "Config.json";
 		}
 	}
-	return true;
+	return ValidateNamespace(*out, err);
 }
 
 bool

@@ -50,5 +50,8 @@ struct NamespaceConfig {
 // user's existing file works unchanged.
 bool ParseConfig(const std::string &text, NamespaceConfig *out, std::string *err, std::vector<std::string> *warnings);
 bool LoadConfigFile(const std::string &path, NamespaceConfig *out, std::string *err, std::vector<std::string> *warnings);
+// Checks what spans entities (ParseConfig does it; call it again after adding entities): no two
+// entity names that differ only in case, no ForwardTo cycle.
+bool ValidateNamespace(const NamespaceConfig &cfg, std::string *err);
 
 } // namespace sbemu

@@ -66,6 +66,17 @@ const char kUsage[] =
     "  sbemu ready amqp=amqp://127.0.0.1:5672 control=http://127.0.0.1:5673 namespace=NAME entities=N\n"
     "and stops on SIGTERM or SIGINT.\n";
 
+// Seconds given on the command line, as milliseconds within [0, one year].
+int64_t
+SecondsArg(const std::string &v) {
+	double s = std::strtod(v.c_str(), nullptr);
+	if (!(s > 0))
+		return 0;
+	if (s > 365.0 * 86400)
+		s = 365.0 * 86400;
+	return static_cast<int64_t>(s * 1000);
+}
+
 bool
 NeedArg(int i, int argc, const char *opt) {
 	if (i + 1 >= argc) {
@@ -145,11 +156,11 @@ main(int argc, char **argv) {
 		else if (a == "--jwt-audience")
 			opts.jwt_audiences.push_back(val());
 		else if (a == "--cbs-grace")
-			opts.cbs_grace_ms = static_cast<int64_t>(std::strtod(val().c_str(), nullptr) * 1000);
+			opts.cbs_grace_ms = SecondsArg(val());
 		else if (a == "--max-message-size")
 			opts.max_message_size = std::strtoull(val().c_str(), nullptr, 10);
 		else if (a == "--session-wait")
-			opts.session_wait_ms = static_cast<int64_t>(std::strtod(val().c_str(), nullptr) * 1000);
+			opts.session_wait_ms = SecondsArg(val());
 		else if (a == "--log-level") {
 			LogLevel lvl;
 			if (!ParseLogLevel(val(), &lvl)) {
@@ -192,6 +203,13 @@ main(int argc, char **argv) {
 		QueueConfig qc;
 		qc.name = q;
 		cfg.queues.push_back(qc);
+	}
+	if (!queues.empty()) {
+		std::string err;
+		if (!ValidateNamespace(cfg, &err)) {
+			std::fprintf(stderr, "sbemu: %s (with --queue)\n", err.c_str());
+			return 2;
+		}
 	}
 	JwtKeys jwt;
 	for (auto &f : pem_files) {

@@ -621,6 +621,52 @@ TEST("config: errors name the entity and the problem") {
 	CHECK_EQ(w.size(), 1u);
 }
 
+TEST("config: entity names that differ only in case, and ForwardTo cycles, are refused") {
+	auto fails = [](const std::string &text, const char *needle) {
+		NamespaceConfig cfg;
+		std::string err;
+		std::vector<std::string> w;
+		bool ok = ParseConfig(text, &cfg, &err, &w);
+		if (ok || err.find(needle) == std::string::npos) {
+			std::printf("  # config error was '%s'\n", err.c_str());
+			return false;
+		}
+		return true;
+	};
+	CHECK(fails("{\"UserConfig\":{\"Namespaces\":[{\"Queues\":[{\"Name\":\"Orders\"},{\"Name\":\"orders\"}]}]}}",
+	            "queue 'orders' clashes with the entity 'Orders'"));
+	CHECK(fails("{\"UserConfig\":{\"Namespaces\":[{\"Queues\":[{\"Name\":\"t\"}],\"Topics\":[{\"Name\":\"T\"}]}]}}",
+	            "case-insensitive"));
+	CHECK(fails("{\"UserConfig\":{\"Namespaces\":[{\"Topics\":[{\"Name\":\"t\",\"Subscriptions\":[{\"Name\":\"s\"},"
+	            "{\"Name\":\"S\"}]}]}]}}",
+	            "subscription 't/Subscriptions/S'"));
+	CHECK(fails("{\"UserConfig\":{\"Namespaces\":[{\"Queues\":[{\"Name\":\"t/subscriptions/s\"}],\"Topics\":[{\"Name\":\"t\","
+	            "\"Subscriptions\":[{\"Name\":\"s\"}]}]}]}}",
+	            "clashes"));
+	CHECK(fails("{\"UserConfig\":{\"Namespaces\":[{\"Queues\":[{\"Name\":\"a\",\"Properties\":{\"ForwardTo\":\"b\"}},"
+	            "{\"Name\":\"b\",\"Properties\":{\"ForwardTo\":\"A\"}}]}]}}",
+	            "forwarding cycle: a -> b -> a"));
+	CHECK(fails("{\"UserConfig\":{\"Namespaces\":[{\"Queues\":[{\"Name\":\"a\",\"Properties\":{\"ForwardTo\":\"a\"}}]}]}}",
+	            "forwarding cycle"));
+	CHECK(fails("{\"UserConfig\":{\"Namespaces\":[{\"Topics\":[{\"Name\":\"t\",\"Subscriptions\":[{\"Name\":\"s\","
+	            "\"Properties\":{\"ForwardTo\":\"/t\"}}]}]}]}}",
+	            "forwarding cycle: t -> t/Subscriptions/s -> t"));
+	// Forwarding without a cycle, and dead-letter forwarding back to the topic, load.
+	NamespaceConfig cfg;
+	std::string err;
+	std::vector<std::string> w;
+	CHECK(ParseConfig("{\"UserConfig\":{\"Namespaces\":[{\"Queues\":[{\"Name\":\"a\",\"Properties\":{\"ForwardTo\":\"b\"}},"
+	                  "{\"Name\":\"b\"}],\"Topics\":[{\"Name\":\"t\",\"Subscriptions\":[{\"Name\":\"s\",\"Properties\":"
+	                  "{\"ForwardTo\":\"a\",\"ForwardDeadLetteredMessagesTo\":\"t\"}}]}]}]}}",
+	                  &cfg, &err, &w));
+	// main() checks again after adding --queue entities.
+	QueueConfig extra;
+	extra.name = "B";
+	cfg.queues.push_back(extra);
+	CHECK(!ValidateNamespace(cfg, &err));
+	CHECK(err.find("clashes") != std::string::npos);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The store, with explicit clock values
 
