@@ -4,6 +4,7 @@
 
 #include "util.hpp"
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -19,6 +20,23 @@
 #include "sbpg/core/json.hpp"
 
 namespace sbemu {
+
+namespace {
+
+// 9999-12-31T23:59:59Z: token expiry times are clamped to it, so that seconds * 1000 cannot overflow.
+constexpr long long kMaxEpochSeconds = 253402300799LL;
+
+// A JWT NumericDate (seconds, possibly fractional) as epoch milliseconds, clamped.
+int64_t
+EpochMs(double seconds) {
+	if (!(seconds > 0))
+		return 0;
+	if (seconds > static_cast<double>(kMaxEpochSeconds))
+		return kMaxEpochSeconds * 1000LL;
+	return static_cast<int64_t>(seconds * 1000.0);
+}
+
+} // namespace
 
 std::string
 RightsText(unsigned rights) {
@@ -125,6 +143,8 @@ VerifySas(std::string_view token, int64_t now_ms, const std::vector<SasKey> &key
 		g.error = "SAS token expiry is not a number";
 		return g;
 	}
+	// Seconds since the epoch, within what milliseconds can hold without overflow (year 9999).
+	expiry = std::clamp<long long>(expiry, 0, kMaxEpochSeconds);
 	// The signature covers the resource exactly as it appears (URL-encoded) in the token. SDKs
 	// differ in what they encode, so accept the signature over either form.
 	std::string sr;
@@ -339,13 +359,13 @@ JwtKeys::Verify(std::string_view jwt, int64_t now_ms, const std::vector<std::str
 		g.error = "JWT has no exp claim";
 		return g;
 	}
-	int64_t exp_ms = static_cast<int64_t>(p["exp"].GetDouble() * 1000.0);
+	int64_t exp_ms = EpochMs(p["exp"].GetDouble());
 	if (exp_ms <= now_ms) {
 		g.error = "JWT expired at " + FormatTime(exp_ms);
 		return g;
 	}
 	if (p.HasMember("nbf") && p["nbf"].IsNumber()) {
-		int64_t nbf_ms = static_cast<int64_t>(p["nbf"].GetDouble() * 1000.0);
+		int64_t nbf_ms = EpochMs(p["nbf"].GetDouble());
 		if (nbf_ms > now_ms) {
 			g.error = "JWT is not valid before " + FormatTime(nbf_ms);
 			return g;

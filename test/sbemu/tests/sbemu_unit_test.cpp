@@ -422,6 +422,27 @@ TEST("jwt: RS256 tokens verify by signature, audience, exp and nbf") {
 	CHECK_EQ(gr.rights, static_cast<unsigned>(kListen));
 }
 
+TEST("tokens: expiry times far in the future are clamped, not overflowed") {
+	std::vector<SasKey> keys = {{"k", "secret", kAllRights}};
+	int64_t now = 1700000000000LL;
+	for (long long se : {9223372036854775807LL, 9223372036854775LL, 253402300800LL}) {
+		TokenGrant g = VerifySas(MakeSasToken("sb://h/q", keys[0], se), now, keys);
+		CHECK(g.ok);
+		CHECK(g.expires_ms > now);
+		CHECK(g.expires_ms <= 253402300799000LL);
+	}
+	CHECK(!VerifySas(MakeSasToken("sb://h/q", keys[0], -5), now, keys).ok);
+	RsaKey k;
+	JwtKeys jk;
+	std::string err;
+	REQUIRE(jk.AddPemFile(k.pub_path, &err));
+	const std::string hdr = "{\"alg\":\"RS256\"}";
+	TokenGrant g = jk.Verify(k.Sign(hdr, "{\"aud\":\"https://servicebus.azure.net\",\"exp\":1e300,\"nbf\":-1e300}"), now,
+	                         {"https://servicebus.azure.net"});
+	CHECK(g.ok);
+	CHECK_EQ(g.expires_ms, 253402300799000LL);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Filters
 
