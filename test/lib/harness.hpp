@@ -60,9 +60,8 @@ inline std::string ReadAll(int fd) {
 	return out;
 }
 
-// A blocking HTTP/1.1 request to host:port; returns the body, sets *status.
-inline std::string Http(const std::string &hostport, const std::string &method, const std::string &path,
-                        int *status = nullptr, const std::string &body = "") {
+// A TCP connection to host:port (the caller closes it); -1 when it cannot connect.
+inline int ConnectTcp(const std::string &hostport) {
 	size_t colon = hostport.rfind(':');
 	std::string host = hostport.substr(0, colon), port = hostport.substr(colon + 1);
 	struct addrinfo hints {}, *res = nullptr;
@@ -73,9 +72,18 @@ inline std::string Http(const std::string &hostport, const std::string &method, 
 	if (connect(fd, res->ai_addr, res->ai_addrlen) != 0) {
 		freeaddrinfo(res);
 		close(fd);
-		throw std::runtime_error("cannot connect to control " + hostport);
+		return -1;
 	}
 	freeaddrinfo(res);
+	return fd;
+}
+
+// A blocking HTTP/1.1 request to host:port; returns the body, sets *status.
+inline std::string Http(const std::string &hostport, const std::string &method, const std::string &path,
+                        int *status = nullptr, const std::string &body = "") {
+	int fd = ConnectTcp(hostport);
+	if (fd < 0)
+		throw std::runtime_error("cannot connect to control " + hostport);
 	std::string req = method + " " + path + " HTTP/1.1\r\nHost: " + hostport +
 	                  "\r\nConnection: close\r\nContent-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
 	if (write(fd, req.data(), req.size()) != static_cast<ssize_t>(req.size()))
@@ -234,6 +242,7 @@ class Sbemu {
 	std::string url() const { return "amqp://" + amqp_; }
 	std::string tls_hostport() const { return amqps_; }
 	std::string hostport() const { return amqp_; }
+	std::string control_hostport() const { return control_; }
 	const std::string &dir() const { return dir_; }
 	std::string Log() const {
 		FILE *f = std::fopen((dir_ + "/sbemu.log").c_str(), "r");
@@ -264,7 +273,8 @@ class Sbemu {
 	long Count(const std::string &entity, const std::string &field) {
 		return JsonInt(Get("/entities/" + UrlEncode(entity)), field);
 	}
-	// Stops sbemu with SIGTERM; a process that died earlier, or by another signal, fails the test.
+	// Stops sbemu with SIGTERM; a process that died earlier, or by another signal, or that does
+	// not exit (the guard: 20 s, then SIGKILL), fails the test.
 	void Stop() {
 		if (pid_ <= 0)
 			return;
@@ -274,9 +284,14 @@ class Sbemu {
 			tap::Fail(__FILE__, __LINE__, "sbemu died during the test: " + Describe(status));
 		} else {
 			kill(pid_, SIGTERM);
-			waitpid(pid_, &status, 0);
-			if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+			bool exited = WaitUntil([&] { return waitpid(pid_, &status, WNOHANG) == pid_; }, 20000);
+			if (!exited) {
+				kill(pid_, SIGKILL);
+				waitpid(pid_, &status, 0);
+				tap::Fail(__FILE__, __LINE__, "sbemu did not stop on SIGTERM");
+			} else if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
 				tap::Fail(__FILE__, __LINE__, "sbemu did not exit cleanly: " + Describe(status));
+			}
 		}
 		pid_ = -1;
 	}

@@ -25,7 +25,9 @@
 #include "server.hpp"
 #include "util.hpp"
 
+#include <algorithm>
 #include <cstring>
+#include <functional>
 
 #include <arpa/inet.h>
 #include <netdb.h>
@@ -60,16 +62,26 @@ ParseQuery(const std::string &q) {
 
 std::string
 Error(int *status, int code, const std::string &msg) {
-	*status = code;
+	if (status)
+		*status = code;
 	return "{\"error\":\"" + JsonEscape(msg) + "\"}";
 }
 
+// An integer query parameter, clamped to [lo, hi] (strtoll saturates on overflow).
 int64_t
-IntParam(const std::map<std::string, std::string> &q, const char *name, int64_t def) {
+IntParam(const std::map<std::string, std::string> &q, const char *name, int64_t def, int64_t lo = INT64_MIN,
+         int64_t hi = INT64_MAX) {
 	auto it = q.find(name);
-	if (it == q.end() || it->second.empty())
-		return def;
-	return std::strtoll(it->second.c_str(), nullptr, 10);
+	int64_t v = it == q.end() || it->second.empty() ? def : std::strtoll(it->second.c_str(), nullptr, 10);
+	return std::clamp(v, lo, hi);
+}
+
+// A fault window given as ms= or seconds=, in milliseconds within [0, kMaxFaultMs].
+int64_t
+WindowMs(const std::map<std::string, std::string> &q, int64_t default_seconds) {
+	if (q.count("ms"))
+		return IntParam(q, "ms", 0, 0, kMaxFaultMs);
+	return IntParam(q, "seconds", default_seconds, 0, kMaxFaultMs / 1000) * 1000;
 }
 
 std::string
@@ -164,7 +176,7 @@ BuildMessage(const std::string &body, const std::map<std::string, std::string> &
 		auto it = q.find(k);
 		return it == q.end() ? std::string() : it->second;
 	};
-	int64_t ttl = IntParam(q, "ttl_ms", 0);
+	int64_t ttl = IntParam(q, "ttl_ms", 0, 0, UINT32_MAX);
 	if (ttl > 0) {
 		amqp::Value h = amqp::Value::List({amqp::Value::Bool(false), amqp::Value::UByte(4),
 		                                   amqp::Value::UInt(static_cast<uint32_t>(ttl))});
@@ -266,77 +278,179 @@ ControlServer::Start(const std::string &addr, std::string *err) {
 void
 ControlServer::Stop() {
 	stop_.store(true);
-	if (listen_fd_ >= 0) {
+	if (listen_fd_ >= 0)
 		shutdown(listen_fd_, SHUT_RDWR);
+	if (thread_.joinable())
+		thread_.join();
+	if (listen_fd_ >= 0) {
 		close(listen_fd_);
 		listen_fd_ = -1;
 	}
-	if (thread_.joinable())
-		thread_.join();
+	// Requests in progress: a client that sends nothing more is cut off; one waiting for the
+	// event loop is answered by it (or, once the loop has ended, at once with 503).
+	std::list<Worker> workers;
+	{
+		std::lock_guard<std::mutex> g(mu_);
+		for (int fd : client_fds_)
+			shutdown(fd, SHUT_RDWR);
+		workers.swap(workers_);
+	}
+	for (auto &w : workers)
+		w.thread.join();
+}
+
+void
+ControlServer::Reap(bool all) {
+	std::list<Worker> done;
+	{
+		std::lock_guard<std::mutex> g(mu_);
+		for (auto it = workers_.begin(); it != workers_.end();) {
+			if (all || it->done->load()) {
+				auto next = std::next(it);
+				done.splice(done.end(), workers_, it);
+				it = next;
+			} else {
+				++it;
+			}
+		}
+	}
+	for (auto &w : done)
+		w.thread.join();
 }
 
 void
 ControlServer::Loop() {
 	while (!stop_.load()) {
+		Reap(false);
 		struct pollfd pfd {
 			listen_fd_, POLLIN, 0
 		};
 		int r = poll(&pfd, 1, 200);
-		if (r <= 0)
+		if (r <= 0 || stop_.load())
 			continue;
 		int fd = accept(listen_fd_, nullptr, nullptr);
 		if (fd < 0)
 			continue;
 		int one = 1;
 		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-		try {
-			Serve(fd);
-		} catch (const std::exception &e) {
-			LOG_ERROR("control request failed: %s", e.what());
+		// Each request is served on its own thread, so that a client that connects and sends
+		// nothing cannot hold up the others.
+		std::lock_guard<std::mutex> g(mu_);
+		if (client_fds_.size() >= kMaxClients) {
+			static const char busy[] = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+			                           "Connection: close\r\nContent-Length: 32\r\n\r\n{\"error\":\"too many requests\"}\n";
+			ssize_t n = send(fd, busy, sizeof busy - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+			(void)n;
+			close(fd);
+			continue;
 		}
-		close(fd);
+		client_fds_.insert(fd);
+		auto done = std::make_shared<std::atomic<bool>>(false);
+		workers_.push_back({std::thread([this, fd, done] {
+			                    try {
+				                    Serve(fd);
+			                    } catch (const std::exception &e) {
+				                    LOG_ERROR("control request failed: %s", e.what());
+			                    }
+			                    {
+				                    std::lock_guard<std::mutex> lk(mu_);
+				                    client_fds_.erase(fd);
+				                    close(fd);
+			                    }
+			                    done->store(true);
+		                    }),
+		                    done});
 	}
 }
 
+namespace {
+
+const char *
+Reason(int status) {
+	switch (status) {
+	case 200:
+		return "OK";
+	case 400:
+		return "Bad Request";
+	case 404:
+		return "Not Found";
+	case 408:
+		return "Request Timeout";
+	case 411:
+		return "Length Required";
+	case 413:
+		return "Payload Too Large";
+	case 503:
+		return "Service Unavailable";
+	default:
+		return "Error";
+	}
+}
+
+} // namespace
+
 void
 ControlServer::Serve(int fd) {
-	std::string req;
+	auto respond = [fd](int status, const std::string &resp) {
+		std::string out = "HTTP/1.1 " + std::to_string(status) + " " + Reason(status) +
+		                  "\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: " +
+		                  std::to_string(resp.size() + 1) + "\r\n\r\n" + resp + "\n";
+		size_t off = 0;
+		while (off < out.size()) {
+			ssize_t n = send(fd, out.data() + off, out.size() - off, MSG_NOSIGNAL);
+			if (n <= 0)
+				return;
+			off += static_cast<size_t>(n);
+		}
+	};
+	// The whole request must arrive within kReadTimeoutMs.
+	const int64_t deadline = MonoMs() + kReadTimeoutMs;
 	char buf[8192];
-	size_t header_end = std::string::npos;
-	while (header_end == std::string::npos) {
+	auto receive = [&](std::string *into) -> bool {
+		int64_t left = deadline - MonoMs();
+		if (left <= 0)
+			return false;
 		struct pollfd pfd {
 			fd, POLLIN, 0
 		};
-		if (poll(&pfd, 1, 5000) <= 0)
-			return;
+		if (poll(&pfd, 1, static_cast<int>(left)) <= 0 || stop_.load())
+			return false;
 		ssize_t n = recv(fd, buf, sizeof buf, 0);
 		if (n <= 0)
+			return false;
+		into->append(buf, static_cast<size_t>(n));
+		return true;
+	};
+	std::string req;
+	size_t header_end = std::string::npos;
+	while (header_end == std::string::npos) {
+		if (!receive(&req))
 			return;
-		req.append(buf, static_cast<size_t>(n));
 		header_end = req.find("\r\n\r\n");
 		if (req.size() > (1u << 20) && header_end == std::string::npos)
-			return;
+			return respond(413, Error(nullptr, 0, "request header too large"));
 	}
 	std::string head = req.substr(0, header_end);
 	std::string body = req.substr(header_end + 4);
 	size_t content_length = 0;
 	for (auto &line : Split(head, '\n')) {
-		if (IStartsWith(line, "content-length:"))
-			content_length = static_cast<size_t>(std::strtoull(line.c_str() + 15, nullptr, 10));
+		if (IStartsWith(line, "content-length:")) {
+			char *endp = nullptr;
+			const char *v = line.c_str() + 15;
+			while (*v == ' ' || *v == '\t')
+				++v;
+			unsigned long long n = std::strtoull(v, &endp, 10);
+			if (endp == v || n > kMaxBody)
+				return respond(n > kMaxBody ? 413 : 400, Error(nullptr, 0, "bad or too large Content-Length"));
+			content_length = static_cast<size_t>(n);
+		} else if (IStartsWith(line, "transfer-encoding:")) {
+			// Bodies are read by Content-Length only.
+			return respond(411, Error(nullptr, 0, "send the body with a Content-Length, not a transfer encoding"));
+		}
 	}
-	if (content_length > (64u << 20))
-		return;
-	while (body.size() < content_length) {
-		struct pollfd pfd {
-			fd, POLLIN, 0
-		};
-		if (poll(&pfd, 1, 5000) <= 0)
+	while (body.size() < content_length)
+		if (!receive(&body))
 			return;
-		ssize_t n = recv(fd, buf, sizeof buf, 0);
-		if (n <= 0)
-			return;
-		body.append(buf, static_cast<size_t>(n));
-	}
 	body.resize(content_length);
 	std::string first = head.substr(0, head.find("\r\n"));
 	auto parts = Split(first, ' ');
@@ -352,17 +466,7 @@ ControlServer::Serve(int fd) {
 		UrlDecode(path, &dpath);
 		resp = Handle(parts[0], dpath, query, body, &status);
 	}
-	const char *reason = status == 200 ? "OK" : status == 404 ? "Not Found" : status == 400 ? "Bad Request" : "Error";
-	std::string out = "HTTP/1.1 " + std::to_string(status) + " " + reason +
-	                  "\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: " +
-	                  std::to_string(resp.size() + 1) + "\r\n\r\n" + resp + "\n";
-	size_t off = 0;
-	while (off < out.size()) {
-		ssize_t n = send(fd, out.data() + off, out.size() - off, MSG_NOSIGNAL);
-		if (n <= 0)
-			return;
-		off += static_cast<size_t>(n);
-	}
+	respond(status, resp);
 }
 
 std::string
@@ -370,14 +474,21 @@ ControlServer::Handle(const std::string &method, const std::string &path, const 
                       const std::string &body, int *status) {
 	auto q = ParseQuery(query);
 	Server &srv = server_;
+	// Runs fn on the event loop; 503 when sbemu is not (or no longer) running it.
+	auto run = [&](std::function<std::string()> fn) {
+		std::string out;
+		if (!srv.TryRunOnLoop(std::move(fn), &out))
+			*status = 503;
+		return out;
+	};
 	if (method == "GET" && path == "/health")
 		return "{\"status\":\"ok\"}";
 	if (method == "GET" && path == "/stats")
-		return srv.RunOnLoop([&srv] { return srv.StatsJson(); });
+		return run([&srv] { return srv.StatsJson(); });
 	if (method == "GET" && path == "/connections")
-		return srv.RunOnLoop([&srv] { return srv.ConnectionsJson(); });
+		return run([&srv] { return srv.ConnectionsJson(); });
 	if (method == "GET" && (path == "/entities" || path == "/entities/")) {
-		return srv.RunOnLoop([&srv] {
+		return run([&srv] {
 			std::string out = "[";
 			bool first = true;
 			for (Entity *e : srv.broker().All()) {
@@ -401,7 +512,7 @@ ControlServer::Handle(const std::string &method, const std::string &path, const 
 		}
 		std::string result;
 		int code = 200;
-		result = srv.RunOnLoop([&]() -> std::string {
+		result = run([&]() -> std::string {
 			Entity *e = srv.broker().Find(rest);
 			if (!e)
 				return Error(&code, 404, "no entity '" + rest + "'");
@@ -439,46 +550,43 @@ ControlServer::Handle(const std::string &method, const std::string &path, const 
 			}
 			return Error(&code, 400, "unsupported method or action");
 		});
-		*status = code;
+		if (*status == 200)
+			*status = code;
 		return result;
 	}
 	if (method == "POST" && path.compare(0, 8, "/faults/") == 0) {
 		std::string fault = path.substr(8);
 		int code = 200;
-		std::string r = srv.RunOnLoop([&]() -> std::string {
+		std::string r = run([&]() -> std::string {
 			Faults &f = srv.faults();
 			if (fault == "drop-connections")
 				srv.DropConnections();
 			else if (fault == "refuse-connections")
-				srv.RefuseConnections(IntParam(q, "ms", IntParam(q, "seconds", 5) * 1000));
+				srv.RefuseConnections(WindowMs(q, 5));
 			else if (fault == "server-busy")
-				f.server_busy_attaches = static_cast<int>(IntParam(q, "count", 1));
+				f.server_busy_attaches = static_cast<int>(IntParam(q, "count", 1, 0, INT32_MAX));
 			else if (fault == "expire-locks")
 				srv.broker().ExpireAllLocks(NowMs());
 			else if (fault == "reject-tokens")
-				f.reject_tokens = static_cast<int>(IntParam(q, "count", 1));
+				f.reject_tokens = static_cast<int>(IntParam(q, "count", 1, 0, INT32_MAX));
 			else if (fault == "delay-dispositions")
-				f.delay_dispositions_ms = IntParam(q, "ms", 0);
-			else if (fault == "clear") {
-				f.server_busy_attaches = 0;
-				f.reject_tokens = 0;
-				f.delay_dispositions_ms = 0;
-			} else
+				f.delay_dispositions_ms = IntParam(q, "ms", 0, 0, kMaxFaultMs);
+			else if (fault == "clear")
+				srv.ClearFaults();
+			else
 				return Error(&code, 404, "unknown fault '" + fault + "'");
 			return srv.StatsJson();
 		});
-		*status = code;
+		if (*status == 200)
+			*status = code;
 		return r;
 	}
 	if (method == "POST" && path == "/reset") {
-		return srv.RunOnLoop([&srv] {
+		return run([&srv] {
 			for (Entity *e : srv.broker().All())
 				srv.broker().Purge(*e);
 			srv.broker().ResetCounters();
-			Faults &f = srv.faults();
-			f.server_busy_attaches = 0;
-			f.reject_tokens = 0;
-			f.delay_dispositions_ms = 0;
+			srv.ClearFaults();
 			return std::string("{\"reset\":true}");
 		});
 	}

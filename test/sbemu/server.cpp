@@ -34,7 +34,9 @@ namespace sbemu {
 namespace {
 
 constexpr pn_millis_t kTickMs = 20;
-constexpr size_t kMaxRequestSize = 64u << 20; // $cbs and $management requests
+// The longest a session receiver's attach waits for a session (com.microsoft:timeout is the
+// client's; larger values are clamped).
+constexpr int64_t kMaxSessionWaitMs = 24 * 3600 * 1000LL;
 const char kLockLostDesc[] =
     "The lock supplied is invalid. Either the lock expired, or the message has already been removed from the queue.";
 
@@ -116,38 +118,59 @@ BuildReply(const Request &req, int status, const std::string &desc, const char *
 }
 
 // Splits a batch envelope's body into the encoded messages it carries. Proton 0.37 does not
-// expose a transfer's message-format, so a batch is recognised by its shape: a body of data
-// sections each of which is itself a complete encoded message.
+// expose a transfer's message-format, so a batch is recognised by its shape, as strictly as the
+// SDKs allow: the envelope sets no header fields (the JavaScript SDK's envelope has an empty
+// header, .NET's none), and its body is one or more data sections each of which decodes
+// completely as a message with a properties section and a body. An ordinary message whose data
+// sections happen to hold such encoded messages is still taken for a batch (see README.md).
 bool
 BatchMessages(const std::string &msg, std::vector<std::string_view> *out) {
 	amqp::Sections sec;
 	std::string err;
 	if (!amqp::SplitSections(msg, &sec, &err) || sec.body_code != amqp::kData || sec.body_sections < 1)
 		return false;
+	if (!sec.header.empty()) {
+		amqp::Value h;
+		if (!amqp::DecodeSection(sec.header, &h) || h.kind != amqp::Value::Kind::List)
+			return false;
+		for (auto &field : h.items)
+			if (!field.IsNull())
+				return false;
+	}
+	std::vector<std::string_view> parts;
 	const uint8_t *p = reinterpret_cast<const uint8_t *>(sec.body.data());
 	const uint8_t *end = p + sec.body.size();
 	while (p < end) {
-		const uint8_t *start = p;
-		if (end - p < 3 || p[0] != 0x00)
+		// Each body section is 0x00, the data descriptor (validated by SplitSections), a binary.
+		if (*p != 0x00)
 			return false;
-		// descriptor: smallulong 0x75 or ulong 0x75
-		const uint8_t *q = p + 1;
-		if (!amqp::Skip(q, end))
+		++p;
+		if (!amqp::Skip(p, end) || p >= end)
 			return false;
-		amqp::Value bin;
-		if (!amqp::Decode(q, end, &bin) || bin.kind != amqp::Value::Kind::Binary)
+		size_t len;
+		uint8_t code = *p++;
+		if (code == 0xa0 && end - p >= 1) {
+			len = *p++;
+		} else if (code == 0xb0 && end - p >= 4) {
+			len = (size_t(p[0]) << 24) | (size_t(p[1]) << 16) | (size_t(p[2]) << 8) | size_t(p[3]);
+			p += 4;
+		} else {
 			return false;
-		(void)start;
-		// Locate the binary payload inside the original buffer (avoid copying).
-		size_t len = bin.s.size();
-		std::string_view payload(reinterpret_cast<const char *>(q) - len, len);
+		}
+		if (static_cast<size_t>(end - p) < len)
+			return false;
+		std::string_view payload(reinterpret_cast<const char *>(p), len);
+		p += len;
 		amqp::Sections inner;
-		if (payload.empty() || !amqp::SplitSections(payload, &inner, &err) || inner.body_sections == 0)
+		if (payload.empty() || !amqp::SplitSections(payload, &inner, &err) || inner.properties.empty() ||
+		    inner.body_sections == 0)
 			return false;
-		out->push_back(payload);
-		p = q;
+		parts.push_back(payload);
 	}
-	return !out->empty();
+	if (parts.empty())
+		return false;
+	*out = std::move(parts);
+	return true;
 }
 
 } // namespace
@@ -419,10 +442,15 @@ Server::Start(std::function<void(const std::vector<std::string> &)> on_ready, st
 			return false;
 		}
 	}
-	for (auto &a : opts_.listen)
-		listeners_.push_back({a, false, nullptr, "", false});
-	for (auto &a : opts_.tls_listen)
-		listeners_.push_back({a, true, nullptr, "", false});
+	for (auto &a : opts_.listen) {
+		listeners_.emplace_back();
+		listeners_.back().addr = a;
+	}
+	for (auto &a : opts_.tls_listen) {
+		listeners_.emplace_back();
+		listeners_.back().addr = a;
+		listeners_.back().tls = true;
+	}
 	if (listeners_.empty()) {
 		*err = "nothing to listen on (--listen or --tls-listen)";
 		return false;
@@ -430,12 +458,27 @@ Server::Start(std::function<void(const std::vector<std::string> &)> on_ready, st
 	proactor_ = pn_proactor();
 	OpenListeners();
 	pn_proactor_set_timeout(proactor_, kTickMs);
+	{
+		std::lock_guard<std::mutex> g(control_mu_);
+		accepting_control_ = true;
+	}
 	return true;
+}
+
+size_t
+Server::MaxRequestSize() const {
+	// $cbs and $management requests: schedule-message carries several messages of up to
+	// --max-message-size each.
+	const uint64_t floor = 4u << 20;
+	uint64_t m = opts_.max_message_size > (UINT64_MAX / 4) ? UINT64_MAX : opts_.max_message_size * 4;
+	m = std::max(m, floor);
+	return m > SIZE_MAX ? SIZE_MAX : static_cast<size_t>(m);
 }
 
 void
 Server::OpenListeners() {
 	for (auto &li : listeners_) {
+		// A listener still closing (no PN_LISTENER_CLOSE yet) is reopened when that event comes.
 		if (li.listener)
 			continue;
 		li.listener = pn_listener();
@@ -465,6 +508,15 @@ Server::Run() {
 		}
 		pn_proactor_done(proactor_, batch);
 	}
+	// Control requests that came too late to run are answered rather than left waiting.
+	std::deque<std::shared_ptr<ControlRequest>> left;
+	{
+		std::lock_guard<std::mutex> g(control_mu_);
+		accepting_control_ = false;
+		left.swap(control_queue_);
+	}
+	for (auto &r : left)
+		r->result.set_value({false, "{\"error\":\"sbemu is stopping\"}"});
 }
 
 void
@@ -474,33 +526,46 @@ Server::Stop() {
 		pn_proactor_interrupt(proactor_);
 }
 
-std::string
-Server::RunOnLoop(std::function<std::string()> fn) {
-	auto prom = std::make_shared<std::promise<std::string>>();
-	std::future<std::string> fut = prom->get_future();
+bool
+Server::TryRunOnLoop(std::function<std::string()> fn, std::string *out) {
+	auto req = std::make_shared<ControlRequest>();
+	req->fn = std::move(fn);
+	std::future<std::pair<bool, std::string>> fut = req->result.get_future();
 	{
 		std::lock_guard<std::mutex> g(control_mu_);
-		control_queue_.push_back([fn, prom]() {
-			try {
-				prom->set_value(fn());
-			} catch (const std::exception &e) {
-				prom->set_value(std::string("{\"error\":\"") + JsonEscape(e.what()) + "\"}");
-			}
-		});
+		if (!accepting_control_ || !proactor_) {
+			*out = "{\"error\":\"sbemu is not running (starting or stopping)\"}";
+			return false;
+		}
+		control_queue_.push_back(req);
+		pn_proactor_interrupt(proactor_);
 	}
-	pn_proactor_interrupt(proactor_);
-	return fut.get();
+	auto r = fut.get();
+	*out = std::move(r.second);
+	return r.first;
+}
+
+std::string
+Server::RunOnLoop(std::function<std::string()> fn) {
+	std::string out;
+	TryRunOnLoop(std::move(fn), &out);
+	return out;
 }
 
 void
 Server::RunControlQueue() {
-	std::deque<std::function<void()>> q;
+	std::deque<std::shared_ptr<ControlRequest>> q;
 	{
 		std::lock_guard<std::mutex> g(control_mu_);
 		q.swap(control_queue_);
 	}
-	for (auto &fn : q)
-		fn();
+	for (auto &r : q) {
+		try {
+			r->result.set_value({true, r->fn()});
+		} catch (const std::exception &e) {
+			r->result.set_value({true, std::string("{\"error\":\"") + JsonEscape(e.what()) + "\"}"});
+		}
+	}
 }
 
 void
@@ -543,8 +608,13 @@ Server::HandleEvent(pn_event_t *e) {
 			}
 		}
 		if (li) {
+			bool ours = li->closing;
 			li->listener = nullptr;
 			li->open = false;
+			li->closing = false;
+			// Closed for refuse-connections, and the refusal ended before this event came.
+			if (ours && !faults_.refuse_until_ms && !stop_.load())
+				OpenListeners();
 		}
 		break;
 	}
@@ -655,15 +725,20 @@ Server::HandleEvent(pn_event_t *e) {
 		LinkCtx *lc = static_cast<LinkCtx *>(pn_link_get_context(l));
 		if (lc) {
 			lc->closing = true;
+			// A session receiver still waiting for a session stops waiting.
+			lc->pending_session = false;
+			pending_sessions_.erase(std::remove(pending_sessions_.begin(), pending_sessions_.end(), lc),
+			                        pending_sessions_.end());
 			if (lc->registered) {
 				lc->registered = false;
 				broker_.RemoveConsumer(*lc->entity, lc, NowMs());
 			}
-			pending_sessions_.erase(std::remove(pending_sessions_.begin(), pending_sessions_.end(), lc),
-			                        pending_sessions_.end());
 			lc->delayed.clear();
 		}
-		if (pn_link_state(l) & PN_LOCAL_ACTIVE) {
+		pn_state_t st = pn_link_state(l);
+		if (!(st & PN_LOCAL_CLOSED)) {
+			if (st & PN_LOCAL_UNINIT)
+				pn_link_open(l); // an attach not yet answered (waiting for a session): answer it, then detach
 			if (type == PN_LINK_REMOTE_CLOSE)
 				pn_link_close(l);
 			else
@@ -735,21 +810,30 @@ Server::HandleEvent(pn_event_t *e) {
 void
 Server::ReleaseConnection(Conn &c) {
 	int64_t n = NowMs();
+	// First make the connection unreachable: releasing a consumer can make a session available,
+	// and TryPendingSessions must then neither pick this connection's waiting links nor post work
+	// to it.
+	c.closed = true;
+	for (auto &kv : c.links) {
+		LinkCtx &l = *kv.second;
+		l.pending_session = false;
+		l.closing = true;
+		pending_sessions_.erase(std::remove(pending_sessions_.begin(), pending_sessions_.end(), &l),
+		                        pending_sessions_.end());
+	}
 	for (auto &kv : c.links) {
 		LinkCtx &l = *kv.second;
 		if (l.registered) {
 			l.registered = false;
 			broker_.RemoveConsumer(*l.entity, &l, n);
 		}
-		pending_sessions_.erase(std::remove(pending_sessions_.begin(), pending_sessions_.end(), &l),
-		                        pending_sessions_.end());
 		if (l.link)
 			pn_link_set_context(l.link, nullptr);
 	}
 	for (Entity *e : c.lock_entities)
 		broker_.ReleaseOwner(*e, &c, n);
 	LOG_DEBUG("connection %llu closed", (unsigned long long)c.id);
-	c.closed = true;
+	c.tasks.clear();
 	conns_.erase(c.id);
 	pn_connection_set_context(c.pc, nullptr);
 	delete &c;
@@ -922,7 +1006,7 @@ Server::OnLinkOpen(Conn &c, LinkCtx &l) {
 			if (DataToValue(pn_link_remote_properties(link), &props) && props.kind == amqp::Value::Kind::Map) {
 				const amqp::Value *tv = props.Get("com.microsoft:timeout");
 				if (tv && tv->IsInteger())
-					timeout = tv->AsInt();
+					timeout = std::clamp<int64_t>(tv->AsInt(), 0, kMaxSessionWaitMs);
 			}
 			l.session_any = any;
 			l.session_wanted = sid;
@@ -1003,12 +1087,12 @@ Server::CompletePendingSession(LinkCtx &l, bool timed_out) {
 void
 Server::TryPendingSessions(Entity &e) {
 	for (LinkCtx *l : pending_sessions_) {
-		if (l->entity != &e)
+		if (l->entity != &e || !l->pending_session || l->conn->closed)
 			continue;
 		uint64_t lid = l->id;
 		l->conn->Post([this, lid](Conn &c) {
 			auto it = c.links.find(lid);
-			if (it == c.links.end() || !it->second->pending_session)
+			if (it == c.links.end() || !it->second->pending_session || it->second->closing)
 				return;
 			LinkCtx &lc = *it->second;
 			std::string locked, cond;
@@ -1021,10 +1105,14 @@ Server::TryPendingSessions(Entity &e) {
 void
 Server::Pump(Conn &c, LinkCtx &l) {
 	(void)c;
-	if (l.role != Role::Receiver || !l.registered || !l.link)
+	if (l.role != Role::Receiver || !l.link)
 		return;
-	broker_.Pump(l, *l.entity, NowMs());
-	if (pn_link_get_drain(l.link) && pn_link_credit(l.link) > 0)
+	if (l.registered)
+		broker_.Pump(l, *l.entity, NowMs());
+	// A drain is answered whenever the link is attached, whether or not there was anything to send
+	// (a session receiver whose session lock was lost, say). A receiver still waiting for its
+	// session is answered when its attach is (CompletePendingSession pumps it).
+	if ((pn_link_state(l.link) & PN_LOCAL_ACTIVE) && pn_link_get_drain(l.link) && pn_link_credit(l.link) > 0)
 		pn_link_drained(l.link);
 }
 
@@ -1038,7 +1126,7 @@ Server::OnIncoming(Conn &c, LinkCtx &l, void *dv) {
 		pn_delivery_settle(d);
 		return;
 	}
-	size_t limit = l.role == Role::Sender ? opts_.max_message_size : kMaxRequestSize;
+	size_t limit = l.role == Role::Sender ? opts_.max_message_size : MaxRequestSize();
 	char tmp[65536];
 	ssize_t n;
 	while ((n = pn_link_recv(link, tmp, sizeof tmp)) > 0) {
@@ -1146,6 +1234,8 @@ Server::OnOutgoingUpdate(Conn &c, LinkCtx &l, void *dv) {
 	}
 	if (!pn_delivery_updated(d) && !pn_delivery_settled(d))
 		return;
+	if (!pn_delivery_settled(d) && pn_delivery_remote_state(d) == PN_RECEIVED)
+		return; // progress report, not an outcome
 	if (pn_delivery_get_context(d))
 		return; // already waiting in the delay queue
 	if (faults_.delay_dispositions_ms > 0) {
@@ -1162,6 +1252,13 @@ Server::ApplyDisposition(Conn &c, LinkCtx &l, void *dv) {
 	pn_delivery_t *d = static_cast<pn_delivery_t *>(dv);
 	uint64_t st = pn_delivery_remote_state(d);
 	bool remote_settled = pn_delivery_settled(d);
+	if (st == PN_RECEIVED) {
+		if (!remote_settled) {
+			pn_delivery_set_context(d, nullptr); // not an outcome: the delivery stays unsettled
+			return;
+		}
+		st = 0; // settled with no outcome
+	}
 	if (!st && !remote_settled)
 		return;
 	pn_delivery_tag_t tag = pn_delivery_tag(d);
@@ -1435,9 +1532,10 @@ Server::HandleManagement(Conn &c, LinkCtx &l, const std::string &msg) {
 		const amqp::Value *count = body.Get("message-count");
 		const amqp::Value *sidv = body.Get("session-id");
 		std::string sid = sidv ? sidv->ToText() : std::string();
-		int cnt = count ? static_cast<int>(count->AsInt()) : 1;
-		if (cnt <= 0)
+		int64_t cnt64 = count ? count->AsInt() : 1;
+		if (cnt64 <= 0)
 			return fail(400, "com.microsoft:argument-out-of-range", "message-count must be positive");
+		int cnt = static_cast<int>(std::min<int64_t>(cnt64, 1000));
 		auto msgs = broker_.Peek(e, from ? static_cast<uint64_t>(std::max<int64_t>(0, from->AsInt())) : 0,
 		                         std::min(cnt, 1000), sidv && !sidv->IsNull() ? &sid : nullptr);
 		if (msgs.empty()) {
@@ -1668,11 +1766,24 @@ Server::OnTick() {
 				CompletePendingSession(*it->second, true);
 		});
 	}
-	if (faults_.refuse_until_ms && n >= faults_.refuse_until_ms) {
-		faults_.refuse_until_ms = 0;
-		LOG_INFO("accepting connections again");
-		OpenListeners();
-	}
+	if (faults_.refuse_until_ms && n >= faults_.refuse_until_ms)
+		EndRefusal();
+}
+
+void
+Server::EndRefusal() {
+	faults_.refuse_until_ms = 0;
+	LOG_INFO("accepting connections again");
+	OpenListeners();
+}
+
+void
+Server::ClearFaults() {
+	faults_.server_busy_attaches = 0;
+	faults_.reject_tokens = 0;
+	faults_.delay_dispositions_ms = 0;
+	if (faults_.refuse_until_ms)
+		EndRefusal();
 }
 
 void
@@ -1686,10 +1797,14 @@ Server::DropConnections() {
 
 void
 Server::RefuseConnections(int64_t ms) {
+	ms = std::clamp<int64_t>(ms, 0, kMaxFaultMs);
 	faults_.refuse_until_ms = NowMs() + ms;
-	for (auto &li : listeners_)
-		if (li.listener)
+	for (auto &li : listeners_) {
+		if (li.listener && !li.closing) {
+			li.closing = true;
 			pn_listener_close(li.listener);
+		}
+	}
 	LOG_INFO("refusing connections for %s", FormatDuration(ms).c_str());
 }
 
@@ -1732,15 +1847,18 @@ Server::ConnectionsJson() {
 
 std::string
 Server::StatsJson() {
-	char buf[512];
+	char buf[640];
+	bool listening = std::all_of(listeners_.begin(), listeners_.end(), [](const ListenerInfo &l) { return l.open; });
+	// Refusing until the window has ended and every listener is open again.
+	bool refusing = faults_.refuse_until_ms != 0 || !listening;
 	std::snprintf(buf, sizeof buf,
 	              "{\"uptime_ms\":%lld,\"connections\":%zu,\"connections_total\":%llu,\"put_tokens_accepted\":%llu,"
-	              "\"put_tokens_refused\":%llu,\"sasl_failures\":%llu,\"faults\":{\"server_busy_attaches\":%d,"
+	              "\"put_tokens_refused\":%llu,\"sasl_failures\":%llu,\"listening\":%s,\"faults\":{\"server_busy_attaches\":%d,"
 	              "\"reject_tokens\":%d,\"delay_dispositions_ms\":%lld,\"refusing_connections\":%s}}",
 	              (long long)(NowMs() - started_ms_), conns_.size(), (unsigned long long)total_connections_,
 	              (unsigned long long)put_tokens_ok_, (unsigned long long)put_tokens_refused_,
-	              (unsigned long long)sasl_failures_, faults_.server_busy_attaches, faults_.reject_tokens,
-	              (long long)faults_.delay_dispositions_ms, faults_.refuse_until_ms ? "true" : "false");
+	              (unsigned long long)sasl_failures_, listening ? "true" : "false", faults_.server_busy_attaches,
+	              faults_.reject_tokens, (long long)faults_.delay_dispositions_ms, refusing ? "true" : "false");
 	return buf;
 }
 

@@ -12,6 +12,7 @@
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -39,6 +40,9 @@ struct ServerOptions {
 	std::string container_id = "sbemu";
 };
 
+// The longest a fault window (refuse-connections, delay-dispositions) may be asked for.
+constexpr int64_t kMaxFaultMs = 24 * 3600 * 1000LL;
+
 // Faults a test can switch on through the control interface.
 struct Faults {
 	int server_busy_attaches = 0;  // answer the next N attaches with com.microsoft:server-busy
@@ -62,12 +66,16 @@ class Server {
 	// Runs the event loop until Stop().
 	void Run();
 	void Stop(); // thread-safe
-	// Runs fn on the event thread and returns its result (thread-safe, blocking).
-	std::string RunOnLoop(std::function<std::string()> fn);
+	// Runs fn on the event thread and returns its result (thread-safe, blocking). Before Start and
+	// once the event loop has ended it runs nothing and returns false at once, with an error
+	// document in *out.
+	bool TryRunOnLoop(std::function<std::string()> fn, std::string *out);
+	std::string RunOnLoop(std::function<std::string()> fn); // the result, or the error document
 
 	// Event-thread operations for the control interface.
 	void DropConnections();
-	void RefuseConnections(int64_t ms);
+	void RefuseConnections(int64_t ms); // clamped to [0, kMaxFaultMs]
+	void ClearFaults();                 // every fault off, listeners reopened
 	Faults &faults() { return faults_; }
 	std::string ConnectionsJson();
 	std::string StatsJson();
@@ -84,6 +92,8 @@ class Server {
 	friend class LinkCtx;
 	void OnTick();
 	void OpenListeners();
+	void EndRefusal();
+	size_t MaxRequestSize() const;
 	void RunControlQueue();
 	void OnLinkOpen(Conn &c, LinkCtx &l);
 	void OnIncoming(Conn &c, LinkCtx &l, void *delivery);
@@ -112,9 +122,10 @@ class Server {
 	struct ListenerInfo {
 		std::string addr;
 		bool tls = false;
-		pn_listener_t *listener = nullptr;
+		pn_listener_t *listener = nullptr; // until PN_LISTENER_CLOSE
 		std::string bound;
-		bool open = false;
+		bool open = false;    // PN_LISTENER_OPEN seen
+		bool closing = false; // closed by refuse-connections, PN_LISTENER_CLOSE not yet seen
 	};
 	std::vector<ListenerInfo> listeners_;
 	std::function<void(const std::vector<std::string> &)> on_ready_;
@@ -124,8 +135,13 @@ class Server {
 	uint64_t next_link_id_ = 1;
 	std::vector<LinkCtx *> pending_sessions_;
 	// Control requests from other threads.
+	struct ControlRequest {
+		std::function<std::string()> fn;
+		std::promise<std::pair<bool, std::string>> result; // ran, result
+	};
 	std::mutex control_mu_;
-	std::deque<std::function<void()>> control_queue_;
+	bool accepting_control_ = false; // guarded by control_mu_: the proactor exists and the loop runs
+	std::deque<std::shared_ptr<ControlRequest>> control_queue_;
 	std::atomic<bool> stop_{false};
 	uint64_t total_connections_ = 0, put_tokens_ok_ = 0, put_tokens_refused_ = 0, sasl_failures_ = 0;
 	int64_t started_ms_ = 0;

@@ -50,6 +50,7 @@ class Script : public proton::messaging_handler {
 	std::function<void(proton::connection &)> connection_open;
 	std::function<void(proton::sender &)> sendable;
 	std::function<void(proton::receiver &)> receiver_open;
+	std::function<void(proton::receiver &)> receiver_close; // the broker's detach (or close) arrived
 	std::function<void(proton::receiver &)> drain_finish;
 	std::function<void(proton::delivery &, proton::message &)> message;
 	std::function<void(proton::tracker &)> tracker_accept, tracker_reject, tracker_settle;
@@ -118,6 +119,12 @@ class Script : public proton::messaging_handler {
 			return;
 		if (receiver_open)
 			receiver_open(r);
+	}
+	void on_receiver_close(proton::receiver &r) override {
+		if (r == cbs_receiver_)
+			return;
+		if (receiver_close)
+			receiver_close(r);
 	}
 	void on_receiver_drain_finish(proton::receiver &r) override {
 		if (drain_finish)
@@ -252,8 +259,28 @@ Audience(const Sbemu &emu, const std::string &entity) {
 }
 
 void
-SendText(Sbemu &emu, const std::string &entity, const std::string &body) {
-	emu.Post("/entities/" + harness::UrlEncode(entity) + "/messages", body);
+SendText(Sbemu &emu, const std::string &entity, const std::string &body, const std::string &query = "") {
+	emu.Post("/entities/" + harness::UrlEncode(entity) + "/messages" + query, body);
+}
+
+const char kSessionQueue[] =
+    R"({"UserConfig":{"Namespaces":[{"Name":"ns","Queues":[{"Name":"sq","Properties":{"RequiresSession":true}}]}]}})";
+
+// A receiver for a session queue: `session` names the session, or null for the next available one.
+proton::receiver_options
+SessionReceiver(const proton::value &session, int credit = 10) {
+	proton::source::filter_map f;
+	f.put(proton::symbol("com.microsoft:session-filter"), session);
+	return PeekLock(credit).source(proton::source_options().filters(f));
+}
+
+// Sends raw bytes as one delivery on a sender (for payloads a proton::message cannot express).
+void
+SendRaw(proton::sender &snd, const std::string &bytes) {
+	pn_link_t *l = harness::LinkAccess::Get(snd);
+	pn_delivery(l, pn_dtag("raw", 3));
+	pn_link_send(l, bytes.data(), bytes.size());
+	pn_link_advance(l);
 }
 
 } // namespace
@@ -574,6 +601,186 @@ TEST("limits: a message over --max-message-size is rejected with amqp:link:messa
 	CHECK_EQ(emu.Count("q", "active"), 1);
 }
 
+TEST("sessions: a session receiver closed while it waits for a session is answered, and takes no session") {
+	// Regression: the detach of a receiver still waiting for a session was never answered, and the
+	// link could later be given a session.
+	Sbemu emu({}, kSessionQueue);
+	Script s;
+	bool answered = false, delivered = false;
+	std::string got_session;
+	proton::connection conn;
+	s.start = [&](proton::container &c) { c.connect(emu.url(), Plain()); };
+	s.connection_open = [&](proton::connection &c) {
+		conn = c;
+		proton::receiver r = c.open_receiver("sq", SessionReceiver(proton::value()));
+		r.close(); // the attach and the detach go out together: the broker sees a waiting receiver detach
+	};
+	s.receiver_close = [&](proton::receiver &) {
+		if (answered)
+			return;
+		answered = true;
+		// A session that becomes available now goes to a new receiver, not to the closed one.
+		SendText(emu, "sq", "for the next receiver", "?session_id=s1");
+		conn.open_receiver("sq", SessionReceiver(proton::value()));
+	};
+	s.message = [&](proton::delivery &d, proton::message &m) {
+		delivered = true;
+		got_session = m.group_id();
+		d.accept();
+		s.Finish(conn);
+	};
+	Run(s);
+	CHECK(answered);
+	CHECK(delivered);
+	CHECK_EQ(got_session, std::string("s1"));
+	CHECK(s.errors.empty());
+}
+
+TEST("sessions: expiring locks ends the session lock once; its message is not redelivered to the receiver") {
+	// Regression: expire-locks released the messages while the receiver still held the session, so
+	// they came back to it, and the session expiry released them again (delivery count + 2).
+	Sbemu emu({}, kSessionQueue);
+	SendText(emu, "sq", "held", "?session_id=s1");
+	Script s;
+	int deliveries = 0;
+	std::string lost;
+	s.start = [&](proton::container &c) {
+		SecondMode(c.open_receiver(emu.url() + "/sq", SessionReceiver(proton::value("s1")), Plain()));
+	};
+	s.message = [&](proton::delivery &, proton::message &) {
+		if (++deliveries == 1)
+			emu.Post("/faults/expire-locks");
+	};
+	s.error = [&](const std::string &where, const std::string &name, const std::string &) {
+		if (where == "receiver") {
+			lost = name;
+			s.Finish();
+		}
+	};
+	Run(s);
+	CHECK_EQ(lost, std::string("com.microsoft:session-lock-lost"));
+	CHECK_EQ(deliveries, 1);
+	CHECK(harness::WaitUntil([&] { return emu.Count("sq", "consumers") == 0; }));
+	std::string msgs = emu.Get("/entities/sq/messages");
+	CHECK(msgs.find("\"delivery_count\":1,") != std::string::npos);
+	CHECK(msgs.find("\"state\":\"active\"") != std::string::npos);
+	CHECK_EQ(emu.Count("sq", "lock_expired"), 1);
+}
+
+TEST("cbs: a request of deeply nested described values is refused without harm") {
+	// Regression: 300000 nested described constructors in one unauthenticated $cbs request
+	// overflowed the stack of the message parser.
+	Sbemu emu({"--queue", "q"});
+	Script s;
+	bool raw_sent = false, raw_settled = false;
+	int status = 0;
+	proton::connection conn;
+	s.start = [&](proton::container &c) { c.connect(emu.url(), Anonymous()); };
+	s.connection_open = [&](proton::connection &c) {
+		conn = c;
+		c.open_sender("$cbs");
+	};
+	s.sendable = [&](proton::sender &snd) {
+		if (raw_sent)
+			return;
+		raw_sent = true;
+		SendRaw(snd, std::string("\x00\x53\x77", 3) + std::string(300000, '\0'));
+	};
+	auto after = [&](proton::tracker &t) {
+		if (raw_settled)
+			return;
+		raw_settled = true;
+		// The connection still works: a proper put-token is answered.
+		std::string tok = harness::SasToken(Audience(emu, "q"), kKeyName, kKey, harness::NowUnix() + 60);
+		s.PutToken(conn, Audience(emu, "q"), tok, "servicebus.windows.net:sastoken", [&](int st) {
+			status = st;
+			s.Finish(conn);
+		});
+		(void)t;
+	};
+	s.tracker_accept = after;
+	s.tracker_reject = after;
+	Run(s);
+	CHECK(raw_settled);
+	CHECK_EQ(status, 202);
+}
+
+TEST("settlement: a received (non-terminal) state leaves the lock alone; the later outcome applies") {
+	// Regression: a `received` disposition was taken for an abandon.
+	Sbemu emu({"--queue", "q"});
+	SendText(emu, "q", "in progress");
+	Script s;
+	bool settled = false;
+	long abandoned_meanwhile = -1, locked_meanwhile = -1;
+	proton::connection conn;
+	s.start = [&](proton::container &c) {
+		SecondMode(c.open_receiver(emu.url() + "/q", PeekLock(1), Plain()));
+	};
+	s.message = [&](proton::delivery &d, proton::message &) {
+		conn = d.connection();
+		pn_delivery_update(harness::DeliveryAccess::Get(d), PN_RECEIVED);
+		// A $cbs round trip on the same connection: when its answer comes, the broker has seen
+		// the received state (frames are handled in order).
+		std::string tok = harness::SasToken(Audience(emu, "q"), kKeyName, kKey, harness::NowUnix() + 60);
+		s.PutToken(conn, Audience(emu, "q"), tok, "servicebus.windows.net:sastoken", [&, d](int) mutable {
+			abandoned_meanwhile = emu.Count("q", "abandoned");
+			locked_meanwhile = emu.Count("q", "locked");
+			AcceptUnsettled(d);
+		});
+	};
+	s.delivery_settle = [&](proton::delivery &d) {
+		settled = pn_delivery_remote_state(harness::DeliveryAccess::Get(d)) == PN_ACCEPTED;
+		s.Finish(d.connection());
+	};
+	Run(s);
+	CHECK_EQ(abandoned_meanwhile, 0);
+	CHECK_EQ(locked_meanwhile, 1);
+	CHECK(settled);
+	CHECK_EQ(emu.Count("q", "completed"), 1);
+	CHECK_EQ(emu.Count("q", "abandoned"), 0);
+}
+
+TEST("batches: a message whose data holds an encoded message is one message unless it has a batch's shape") {
+	Sbemu emu({"--queue", "q"});
+	// 1. The envelope sets a header field (ttl): an SDK's batch envelope never does.
+	proton::message inner;
+	inner.id("inner-1");
+	inner.body(std::string("inner body"));
+	std::vector<char> enc;
+	inner.encode(enc);
+	proton::message with_ttl(proton::binary(enc.begin(), enc.end()));
+	with_ttl.inferred(true);
+	with_ttl.id("outer-1");
+	with_ttl.ttl(proton::duration(600000));
+	// 2. The data holds a message without a properties section.
+	const char bare_body[] = "\x00\x53\x77\xa1\x01x";
+	proton::message no_props(proton::binary(bare_body, bare_body + 6));
+	no_props.inferred(true);
+	no_props.id("outer-2");
+	Script s;
+	int accepted = 0;
+	bool sent = false;
+	s.start = [&](proton::container &c) { c.open_sender(emu.url() + "/q", Plain()); };
+	s.sendable = [&](proton::sender &snd) {
+		if (sent)
+			return;
+		sent = true;
+		snd.send(with_ttl);
+		snd.send(no_props);
+	};
+	s.tracker_accept = [&](proton::tracker &t) {
+		if (++accepted == 2)
+			s.Finish(t.connection());
+	};
+	Run(s);
+	CHECK_EQ(accepted, 2);
+	std::string msgs = emu.Get("/entities/q/messages");
+	CHECK(msgs.find("\"message_id\":\"outer-1\"") != std::string::npos);
+	CHECK(msgs.find("\"message_id\":\"outer-2\"") != std::string::npos);
+	CHECK(msgs.find("\"message_id\":\"inner-1\"") == std::string::npos);
+	CHECK_EQ(emu.Count("q", "messages"), 2);
+}
+
 TEST("faults: server-busy answers the next attaches with com.microsoft:server-busy") {
 	Sbemu emu({"--queue", "q"});
 	emu.Post("/faults/server-busy?count=1");
@@ -654,6 +861,63 @@ TEST("faults: refused connections fail until the window ends, then connect") {
 	};
 	Run(ok);
 	CHECK(opened);
+}
+
+TEST("faults: refusing for 0 ms, /faults/clear and /reset all reopen the listeners") {
+	// Regression: with ms=0 the listener could be reopened before its close event and then stay
+	// closed; /faults/clear and /reset did not end a refusal.
+	Sbemu emu({"--queue", "q"});
+	auto listening = [&] { return emu.Get("/stats").find("\"listening\":true") != std::string::npos; };
+	auto connects = [&] {
+		Script ok;
+		bool opened = false;
+		ok.start = [&](proton::container &c) { c.connect(emu.url(), Plain()); };
+		ok.connection_open = [&](proton::connection &c) {
+			opened = true;
+			ok.Finish(c);
+		};
+		ok.error = [&](const std::string &, const std::string &, const std::string &) { ok.Finish(); };
+		Run(ok);
+		return opened;
+	};
+	emu.Post("/faults/refuse-connections?ms=0");
+	CHECK(harness::WaitUntil(listening));
+	CHECK(emu.Get("/stats").find("\"refusing_connections\":false") != std::string::npos);
+	CHECK(connects());
+	for (const char *end : {"/faults/clear", "/reset"}) {
+		emu.Post("/faults/refuse-connections?seconds=600");
+		CHECK(harness::WaitUntil([&] { return !listening(); }));
+		emu.Post(end);
+		CHECK(harness::WaitUntil(listening));
+		CHECK(connects());
+	}
+}
+
+TEST("control: an idle client holds up no other request; chunked bodies are refused with 411") {
+	Sbemu emu({"--queue", "q"});
+	int idle = harness::ConnectTcp(emu.control_hostport());
+	REQUIRE(idle >= 0);
+	int partial = harness::ConnectTcp(emu.control_hostport());
+	REQUIRE(partial >= 0);
+	std::string half = "GET /stats HTTP/1.1\r\nHost: x\r\n";
+	REQUIRE(write(partial, half.data(), half.size()) == static_cast<ssize_t>(half.size()));
+	// Served while both are still connected and waiting.
+	CHECK(emu.Get("/stats").find("\"connections\"") != std::string::npos);
+	char b;
+	CHECK(recv(idle, &b, 1, MSG_DONTWAIT) < 0 && (errno == EAGAIN || errno == EWOULDBLOCK));
+	int fd = harness::ConnectTcp(emu.control_hostport());
+	REQUIRE(fd >= 0);
+	std::string chunked = "POST /entities/q/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+	                      "5\r\nhello\r\n0\r\n\r\n";
+	REQUIRE(write(fd, chunked.data(), chunked.size()) == static_cast<ssize_t>(chunked.size()));
+	std::string resp = harness::ReadAll(fd);
+	close(fd);
+	CHECK(resp.compare(0, 12, "HTTP/1.1 411") == 0);
+	CHECK_EQ(emu.Count("q", "messages"), 0);
+	// SIGTERM with both clients still connected: sbemu stops (the harness fails the test if not).
+	emu.Stop();
+	close(idle);
+	close(partial);
 }
 
 TEST("faults: delayed dispositions are answered late, and a drop during the delay loses the settlement") {
