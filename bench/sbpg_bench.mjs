@@ -45,7 +45,7 @@ if (mode === "throughput") {
   await listen.query(`LISTEN bench_${batch}`);
   const t0 = Date.now();
   await db.query(`SELECT sbpg.create_subscription('${queue}', '${amqp}', '${queue}', 'bench_handler(sbpg.message)', 'bench_writer', 'emu', batch_size => ${batch}, notify_channel => 'bench_${batch}')`);
-  const t1 = await Promise.race([finished, new Promise((r) => setTimeout(() => r(null), 300000))]);
+  const t1 = await Promise.race([finished, new Promise((r) => setTimeout(() => r(null), 300000).unref())]);
   if (!t1) {
     console.error(`throughput run timed out with ${got} of ${N} confirmations`);
     process.exit(1);
@@ -90,7 +90,7 @@ if (mode === "throughput") {
     sentAt.set(id, performance.now());
     sender.sendMessages({ messageId: id, body: body(1000000 + i) }).catch((e) => console.error(e.message));
   }
-  await Promise.race([finished, new Promise((r) => setTimeout(r, 120000))]);
+  await Promise.race([finished, new Promise((r) => setTimeout(r, 120000).unref())]);
   await db.query(`SELECT sbpg.disable_subscription('${queue}')`);
   console.log(`mode=latency batch=${batch} messages=${lat.length} rate=${rate} p50_ms=${pct(lat, 0.5).toFixed(1)} p99_ms=${pct(lat, 0.99).toFixed(1)}`);
   await sb.close();
