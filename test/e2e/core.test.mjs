@@ -22,7 +22,7 @@ describe("sbpg core", () => {
   before(async () => {
     emu = await startSbemu({
       config: configWith({
-        queues: ["bulk", "mixed", "raw", "perm", "transient", "rls", "restricted", "side-a", "side-b", "fields"].map((n) =>
+        queues: ["bulk", "mixed", "chunks", "raw", "perm", "transient", "rls", "restricted", "side-a", "side-b", "fields"].map((n) =>
           queue(n, { MaxDeliveryCount: 5 })),
         topics: [{ Name: "events", Properties: {}, Subscriptions: [{ Name: "audit", Properties: {} }] }],
       }),
@@ -93,6 +93,25 @@ describe("sbpg core", () => {
     for (const m of dead) await dlq.completeMessage(m);
     await dlq.close();
     assert.equal((await emu.entity("mixed")).messages, 0, "nothing left behind");
+  });
+
+  it("isolates a failing batch message by message, at most 50 subtransactions per transaction", async () => {
+    // 120 messages wait before the worker starts, so the first batch holds 100, one of them bad.
+    await sendAll("chunks", Array.from({ length: 120 }, (_, i) =>
+      ({ messageId: `c-${i}`, body: { id: 300000 + i, amount: i === 59 ? -1 : 1 } })));
+    await subscribe("chunks", "chunks");
+    await waitFor(() => listener.got.filter((x) => x.subscription === "chunks").length >= 120, { what: "120 notifications" });
+    // The batch that held the bad message was re-applied message by message; the transaction
+    // that recorded the bad one holds at most 50 messages, however large the batch was.
+    const m = /subscription "chunks": a batch of (\d+) was applied message by message after: .*orders_amount_check/.exec(pg.serverLog());
+    assert.ok(m, "the isolation is logged");
+    const perXid = (await pg.query(
+      "SELECT count(*)::int AS n FROM sbpg.inbox WHERE subscription = 'chunks' AND xid = (SELECT xid FROM sbpg.inbox WHERE subscription = 'chunks' AND message_id = 'c-59')")).rows[0].n;
+    assert.ok(perXid <= 50, `${perXid} messages in one isolated transaction`);
+    if (Number(m[1]) > 50) assert.ok(perXid < Number(m[1]), "a large isolated batch is split across transactions");
+    const dead = listener.got.filter((x) => x.subscription === "chunks" && x.status === "dead_lettered");
+    assert.deepEqual(dead.map((x) => x.message_id), ["c-59"]);
+    assert.equal(Number((await pg.query("SELECT count(*) c FROM orders WHERE id >= 300000 AND id < 400000")).rows[0].c), 119);
   });
 
   it("hands non-JSON bodies to the handler as raw_body with body NULL", async () => {
