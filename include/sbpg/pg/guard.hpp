@@ -8,8 +8,8 @@
 //   transaction if one was open, and returns false. fn itself must own no C++ objects with
 //   destructors (its frames are the ones the longjmp crosses) and must not throw.
 //
-//   C++ -> PostgreSQL: SBPG_CPP_BOUNDARY_BEGIN / END wrap the C++ body of an SQL-callable
-//   function: a C++ exception becomes ereport(ERROR) after the C++ frames have unwound.
+//   C++ -> PostgreSQL: the worker's entry point (worker.cpp) catches every C++ exception and
+//   reports it with ereport only after the C++ frames are gone. SQL-callable functions are plain C.
 #pragma once
 
 #ifndef POSTGRES_H
@@ -81,22 +81,3 @@ PgGuard(Fn &&fn, PgError *err) {
 }
 
 } // namespace sbpg::pg
-
-// For SQL-callable functions written in C++.
-#define SBPG_CPP_BOUNDARY_BEGIN                                                                                        \
-	{                                                                                                                  \
-		char sbpg_cpp_error_[512];                                                                                     \
-		sbpg_cpp_error_[0] = '\0';                                                                                     \
-		try {
-#define SBPG_CPP_BOUNDARY_END                                                                                          \
-		}                                                                                                              \
-		catch (const std::exception &e) {                                                                              \
-			std::strncpy(sbpg_cpp_error_, e.what(), sizeof sbpg_cpp_error_ - 1);                                      \
-			sbpg_cpp_error_[sizeof sbpg_cpp_error_ - 1] = '\0';                                                         \
-		}                                                                                                              \
-		catch (...) {                                                                                                  \
-			std::strncpy(sbpg_cpp_error_, "unknown C++ exception", sizeof sbpg_cpp_error_ - 1);                       \
-		}                                                                                                              \
-		if (sbpg_cpp_error_[0])                                                                                        \
-			ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR), errmsg("sbpg: %s", sbpg_cpp_error_)));                    \
-	}
