@@ -338,7 +338,7 @@ ControlServer::Loop() {
 		std::lock_guard<std::mutex> g(mu_);
 		if (client_fds_.size() >= kMaxClients) {
 			static const char busy[] = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-			                           "Connection: close\r\nContent-Length: 32\r\n\r\n{\"error\":\"too many requests\"}\n";
+			                           "Connection: close\r\nContent-Length: 30\r\n\r\n{\"error\":\"too many requests\"}\n";
 			ssize_t n = send(fd, busy, sizeof busy - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
 			(void)n;
 			close(fd);
