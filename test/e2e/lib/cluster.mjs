@@ -89,6 +89,9 @@ export async function startCluster({ conf = {}, env = {} } = {}) {
     },
     async client() {
       const c = new pg.Client(cluster.connectionOptions());
+      // A server restart (deliberate in some tests) resets connections: the pending call rejects;
+      // the client's later 'error' event must not crash the test process.
+      c.on("error", () => {});
       await c.connect();
       return c;
     },
