@@ -14,7 +14,7 @@ OBJS = $(SRCS:.cpp=.o)
 PG_CPPFLAGS = -Iinclude
 PG_CXXFLAGS = -std=c++17 -Wextra -Wno-unused-parameter -Wno-register -Wno-missing-field-initializers -MMD -MP
 # Debian 12's libqpid-proton-cpp.pc names pkg-config modules Debian does not ship: link directly.
-SHLIB_LINK = -lqpid-proton-cpp -l:libqpid-proton-core.so.10 -l:libqpid-proton-proactor.so.1 -lssl -lcrypto -lstdc++ -lpthread
+SHLIB_LINK = -lqpid-proton-cpp -l:libqpid-proton-core.so.10 -l:libqpid-proton-proactor.so.1 -lcurl -lssl -lcrypto -lstdc++ -lpthread
 # Debian's PGXS would also compile every source to LLVM bitcode with clang, without C++17.
 override with_llvm = no
 

@@ -32,6 +32,14 @@ SELECT sbpg.create_subscription('x', 'amqp://127.0.0.1', 'q', 'reg_handler(sbpg.
 SELECT sbpg.disable_subscription('orders');
 SELECT sbpg.create_identity('admins-own', 'sas', '{"key_name": "k", "key_file": "/etc/passwd"}');
 SELECT sbpg.create_identity('admins-own', 'sas', '{"key_name": "k", "key": "admin-literal-key"}');
+-- The server's own Azure identity, and options that read server files or reach other hosts, are
+-- a superuser's to configure; a client secret of the admin's own is not.
+SELECT sbpg.create_identity('admins-mi', 'managed_identity');
+SELECT sbpg.create_identity('admins-aks', 'workload_identity');
+SELECT sbpg.create_identity('admins-chain', 'default');
+SELECT sbpg.create_identity('admins-sp', 'client_secret', '{"tenant_id": "t", "client_id": "c", "secret_env": "HOME"}');
+SELECT sbpg.create_identity('admins-sp', 'client_secret', '{"tenant_id": "t", "client_id": "c", "secret": "s3", "authority_host": "https://evil.example"}');
+SELECT sbpg.create_identity('admins-sp', 'client_secret', '{"tenant_id": "t", "client_id": "c", "secret": "admin-client-secret"}');
 SELECT name, kind, options FROM sbpg.identities ORDER BY name;
 SELECT * FROM sbpg.identity_secrets;
 SELECT * FROM sbpg.inbox;
@@ -56,8 +64,16 @@ SELECT * FROM sbpg.identities;
 SELECT sbpg.enable_subscription('orders');
 RESET ROLE;
 
--- A superuser may not make a superuser the run_as role either.
+-- A superuser may not make a superuser the run_as role either, unless they say so explicitly;
+-- an sbpg_admin member cannot say so.
 SELECT sbpg.alter_subscription('orders', run_as => 'postgres');
+SELECT sbpg.alter_subscription('orders', run_as => 'postgres', options => '{"allow_superuser_run_as": "yes"}');
+SELECT sbpg.alter_subscription('orders', run_as => 'postgres', options => '{"allow_superuser_run_as": true}');
+SELECT run_as, options FROM sbpg.subscriptions WHERE name = 'orders';
+SELECT sbpg.alter_subscription('orders', run_as => 'sbpg_reg_app', options => '{}');
+SET ROLE sbpg_reg_member;
+SELECT sbpg.alter_subscription('orders', options => '{"allow_superuser_run_as": true}');
+RESET ROLE;
 
 DROP EXTENSION sbpg CASCADE;
 DROP ROLE sbpg_reg_app, sbpg_reg_team, sbpg_reg_admin, sbpg_reg_member, sbpg_reg_watcher, sbpg_reg_nobody;

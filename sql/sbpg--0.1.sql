@@ -39,7 +39,7 @@ COMMENT ON TYPE sbpg.message IS 'A Service Bus message as an sbpg handler receiv
 -- superusers (the extension owner).
 CREATE TABLE sbpg.identities (
 	name text PRIMARY KEY,
-	kind text NOT NULL CHECK (kind IN ('anonymous', 'sas')),
+	kind text NOT NULL CHECK (kind IN ('managed_identity', 'workload_identity', 'client_secret', 'default', 'sas', 'anonymous')),
 	options jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(options) = 'object'),
 	created_at timestamptz NOT NULL DEFAULT now(),
 	created_by name NOT NULL
@@ -50,7 +50,7 @@ CREATE TABLE sbpg.identity_secrets (
 	identity text PRIMARY KEY REFERENCES sbpg.identities (name) ON DELETE CASCADE,
 	secret text NOT NULL
 );
-COMMENT ON TABLE sbpg.identity_secrets IS 'Shared access keys given literally; readable by superusers only';
+COMMENT ON TABLE sbpg.identity_secrets IS 'Shared access keys and client secrets given literally; readable by superusers only';
 
 CREATE TABLE sbpg.subscriptions (
 	name text PRIMARY KEY,
@@ -104,7 +104,7 @@ CREATE FUNCTION sbpg._worker_stats(
 	OUT apply_ms_p50 double precision, OUT apply_ms_p99 double precision,
 	OUT lag_ms_p50 double precision, OUT lag_ms_p99 double precision,
 	OUT messages_per_second double precision, OUT token_expires_at timestamptz,
-	OUT last_batch_at timestamptz)
+	OUT last_batch_at timestamptz, OUT tokens_put bigint, OUT token_subject text, OUT token_error text)
 	RETURNS SETOF record
 	AS 'MODULE_PATHNAME', 'sbpg_worker_stats' LANGUAGE C STRICT;
 
@@ -140,15 +140,51 @@ BEGIN
 END
 $$;
 
+-- Checks that every option is known and a non-empty string (or, for `allowed_bool`, a boolean).
+CREATE FUNCTION sbpg._check_options(kind text, opts jsonb, allowed text[], hint text)
+RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	k text;
+BEGIN
+	FOR k IN SELECT jsonb_object_keys(opts) LOOP
+		IF NOT k = ANY (allowed) THEN
+			RAISE EXCEPTION 'unknown option "%" for identity kind %', k, kind
+				USING ERRCODE = 'invalid_parameter_value', HINT = hint;
+		END IF;
+		IF jsonb_typeof(opts -> k) <> 'string' OR opts ->> k = '' THEN
+			RAISE EXCEPTION 'option "%" of identity kind % must be a non-empty string', k, kind
+				USING ERRCODE = 'invalid_parameter_value';
+		END IF;
+	END LOOP;
+END
+$$;
+
+-- Raises insufficient_privilege when a non-superuser gives an option only superusers may give.
+CREATE FUNCTION sbpg._superuser_options(kind text, opts jsonb, guarded text[], is_super boolean, why text)
+RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	k text;
+BEGIN
+	IF is_super THEN
+		RETURN;
+	END IF;
+	FOR k IN SELECT x FROM jsonb_object_keys(opts) x WHERE x = ANY (guarded) ORDER BY 1 LOOP
+		RAISE EXCEPTION 'only superusers may give option "%" of identity kind %', k, kind
+			USING ERRCODE = 'insufficient_privilege', DETAIL = why,
+			      HINT = 'Ask a superuser to create this identity; sbpg_admin members can then use it in subscriptions.';
+	END LOOP;
+END
+$$;
+
 CREATE FUNCTION sbpg.create_identity(name text, kind text, options jsonb DEFAULT '{}')
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
 	caller regrole := sbpg._caller();
 	is_super boolean;
 	opts jsonb := coalesce(options, '{}');
-	k text;
 	refs int;
 	secret text;
+	k text;
 BEGIN
 	PERFORM sbpg._check_admin('create identity');
 	SELECT rolsuper INTO is_super FROM pg_roles WHERE oid = caller;
@@ -171,16 +207,8 @@ BEGIN
 				      DETAIL = format('Options given: %s.', (SELECT string_agg(x, ', ') FROM jsonb_object_keys(opts) x));
 		END IF;
 	ELSIF kind = 'sas' THEN
-		FOR k IN SELECT jsonb_object_keys(opts) LOOP
-			IF k NOT IN ('key_name', 'key', 'key_file', 'key_env') THEN
-				RAISE EXCEPTION 'unknown option "%" for identity kind sas', k
-					USING ERRCODE = 'invalid_parameter_value', HINT = 'Options of kind sas: key_name, and one of key, key_file, key_env.';
-			END IF;
-			IF jsonb_typeof(opts -> k) <> 'string' OR opts ->> k = '' THEN
-				RAISE EXCEPTION 'option "%" of identity kind sas must be a non-empty string', k
-					USING ERRCODE = 'invalid_parameter_value';
-			END IF;
-		END LOOP;
+		PERFORM sbpg._check_options(kind, opts, ARRAY['key_name', 'key', 'key_file', 'key_env'],
+			'Options of kind sas: key_name, and one of key, key_file, key_env.');
 		IF NOT opts ? 'key_name' THEN
 			RAISE EXCEPTION 'identity kind sas needs option key_name'
 				USING ERRCODE = 'invalid_parameter_value', HINT = 'key_name is the shared access policy name, e.g. RootManageSharedAccessKey.';
@@ -191,26 +219,94 @@ BEGIN
 				USING ERRCODE = 'invalid_parameter_value',
 				      HINT = 'Prefer key_file or key_env: a literal key in SQL text can appear in statement logs.';
 		END IF;
-		IF (opts ? 'key_file' OR opts ? 'key_env') AND NOT is_super THEN
-			RAISE EXCEPTION 'only superusers may create identities that read server files or environment variables'
-				USING ERRCODE = 'insufficient_privilege',
-				      DETAIL = 'key_file and key_env make the server read its own files and environment.',
-				      HINT = 'Ask a superuser to create this identity, or give the key with option key.';
-		END IF;
-		IF opts ? 'key_file' AND opts ->> 'key_file' !~ '^/' THEN
-			RAISE EXCEPTION 'key_file must be an absolute path' USING ERRCODE = 'invalid_parameter_value',
-				HINT = 'For example /etc/sbpg/orders.key, readable by the operating system user that runs the server.';
-		END IF;
-		IF opts ? 'key_env' AND opts ->> 'key_env' !~ '^[A-Za-z_][A-Za-z0-9_]*$' THEN
-			RAISE EXCEPTION 'key_env must be an environment variable name' USING ERRCODE = 'invalid_parameter_value',
-				HINT = 'The variable must be set in the environment the server was started with.';
-		END IF;
+		PERFORM sbpg._superuser_options(kind, opts, ARRAY['key_file', 'key_env'], is_super,
+			'key_file and key_env make the server read its own files and environment.');
 		secret := opts ->> 'key';
 		opts := opts - 'key';
+	ELSIF kind = 'client_secret' THEN
+		PERFORM sbpg._check_options(kind, opts,
+			ARRAY['tenant_id', 'client_id', 'secret', 'secret_file', 'secret_env', 'authority_host'],
+			'Options of kind client_secret: tenant_id, client_id, one of secret, secret_file, secret_env, and optionally authority_host.');
+		IF NOT (opts ? 'tenant_id' AND opts ? 'client_id') THEN
+			RAISE EXCEPTION 'identity kind client_secret needs options tenant_id and client_id'
+				USING ERRCODE = 'invalid_parameter_value',
+				      HINT = 'They are the Directory (tenant) ID and the Application (client) ID of the app registration.';
+		END IF;
+		refs := (opts ? 'secret')::int + (opts ? 'secret_file')::int + (opts ? 'secret_env')::int;
+		IF refs <> 1 THEN
+			RAISE EXCEPTION 'identity kind client_secret needs exactly one of secret, secret_file, secret_env'
+				USING ERRCODE = 'invalid_parameter_value',
+				      HINT = 'Prefer secret_file or secret_env: a literal secret in SQL text can appear in statement logs.';
+		END IF;
+		PERFORM sbpg._superuser_options(kind, opts, ARRAY['secret_file', 'secret_env', 'authority_host'], is_super,
+			'secret_file and secret_env make the server read its own files and environment; authority_host makes it send the secret to another host.');
+		secret := opts ->> 'secret';
+		opts := opts - 'secret';
+	ELSIF kind IN ('managed_identity', 'workload_identity', 'default') THEN
+		IF NOT is_super THEN
+			RAISE EXCEPTION 'only superusers may create identities of kind %', kind
+				USING ERRCODE = 'insufficient_privilege',
+				      DETAIL = format('Kind %s uses the server''s own Azure identity, which may reach more than one team''s queues.', kind),
+				      HINT = 'Ask a superuser to create it; sbpg_admin members can then use it in subscriptions.';
+		END IF;
+		IF kind = 'managed_identity' THEN
+			PERFORM sbpg._check_options(kind, opts,
+				ARRAY['client_id', 'object_id', 'resource_id', 'source', 'endpoint', 'arc_key_dir'],
+				'Options of kind managed_identity: at most one of client_id, object_id, resource_id (a user-assigned identity), and source, endpoint, arc_key_dir.');
+			IF (opts ? 'client_id')::int + (opts ? 'object_id')::int + (opts ? 'resource_id')::int > 1 THEN
+				RAISE EXCEPTION 'give at most one of client_id, object_id, resource_id'
+					USING ERRCODE = 'invalid_parameter_value',
+					      HINT = 'Each names the same user-assigned identity in a different way; without any, the system-assigned identity is used.';
+			END IF;
+			IF opts ? 'source' AND opts ->> 'source' NOT IN ('auto', 'imds', 'app_service', 'arc') THEN
+				RAISE EXCEPTION 'invalid managed identity source %', quote_literal(opts ->> 'source')
+					USING ERRCODE = 'invalid_parameter_value',
+					      HINT = 'Sources: auto (detect as the Azure SDKs do), imds, app_service, arc.';
+			END IF;
+			IF opts ->> 'source' = 'arc' AND (opts ? 'client_id' OR opts ? 'object_id' OR opts ? 'resource_id') THEN
+				RAISE EXCEPTION 'Azure Arc supports only the system-assigned identity'
+					USING ERRCODE = 'invalid_parameter_value', HINT = 'Remove client_id, object_id and resource_id.';
+			END IF;
+		ELSIF kind = 'workload_identity' THEN
+			PERFORM sbpg._check_options(kind, opts, ARRAY['tenant_id', 'client_id', 'token_file', 'authority_host'],
+				'Options of kind workload_identity: tenant_id, client_id, token_file, authority_host (each defaults to the AZURE_* variable AKS sets).');
+		ELSE
+			PERFORM sbpg._check_options(kind, opts, ARRAY['client_id'],
+				'Kind default takes only client_id (a user-assigned managed identity for its managed identity step).');
+		END IF;
+		IF opts ? 'endpoint' AND opts ->> 'endpoint' !~* '^https?://[^/?#\s]+(/[^?#\s]*)?$' THEN
+			RAISE EXCEPTION 'invalid endpoint %', quote_literal(opts ->> 'endpoint')
+				USING ERRCODE = 'invalid_parameter_value', HINT = 'An http(s) URL without query, e.g. http://169.254.169.254/metadata/identity/oauth2/token.';
+		END IF;
+		FOREACH k IN ARRAY ARRAY['arc_key_dir', 'token_file'] LOOP
+			IF opts ? k AND opts ->> k !~ '^/' THEN
+				RAISE EXCEPTION '% must be an absolute path', k USING ERRCODE = 'invalid_parameter_value';
+			END IF;
+		END LOOP;
 	ELSE
 		RAISE EXCEPTION 'unknown identity kind %', coalesce(quote_literal(kind), 'NULL')
 			USING ERRCODE = 'invalid_parameter_value',
-			      HINT = 'Kinds available in this release: anonymous, sas.';
+			      HINT = 'Kinds: managed_identity, workload_identity, client_secret, default, sas, anonymous.';
+	END IF;
+	IF opts ? 'authority_host' AND opts ->> 'authority_host' !~* '^https://[^/?#\s]+/?$' THEN
+		RAISE EXCEPTION 'invalid authority_host %', quote_literal(opts ->> 'authority_host')
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'An https URL with a host only, e.g. https://login.microsoftonline.com.';
+	END IF;
+	FOREACH k IN ARRAY ARRAY['tenant_id', 'client_id', 'object_id'] LOOP
+		IF opts ? k AND opts ->> k !~ '^[A-Za-z0-9._-]{1,128}$' THEN
+			RAISE EXCEPTION 'invalid %: %', k, quote_literal(opts ->> k)
+				USING ERRCODE = 'invalid_parameter_value', HINT = 'Tenant, client and object IDs are GUIDs (a tenant may also be a domain name).';
+		END IF;
+	END LOOP;
+	IF opts ? 'key_file' AND opts ->> 'key_file' !~ '^/' OR opts ? 'secret_file' AND opts ->> 'secret_file' !~ '^/' THEN
+		RAISE EXCEPTION '% must be an absolute path', CASE WHEN opts ? 'key_file' THEN 'key_file' ELSE 'secret_file' END
+			USING ERRCODE = 'invalid_parameter_value',
+			      HINT = 'For example /etc/sbpg/orders.key, readable by the operating system user that runs the server.';
+	END IF;
+	IF coalesce(opts ->> 'key_env', opts ->> 'secret_env') !~ '^[A-Za-z_][A-Za-z0-9_]*$' THEN
+		RAISE EXCEPTION '% must be an environment variable name', CASE WHEN opts ? 'key_env' THEN 'key_env' ELSE 'secret_env' END
+			USING ERRCODE = 'invalid_parameter_value',
+			      HINT = 'The variable must be set in the environment the server was started with.';
 	END IF;
 	INSERT INTO sbpg.identities (name, kind, options, created_by) VALUES (name, kind, opts, caller::text);
 	IF secret IS NOT NULL THEN
@@ -218,7 +314,8 @@ BEGIN
 	END IF;
 END
 $$;
-COMMENT ON FUNCTION sbpg.create_identity(text, text, jsonb) IS 'Registers credentials for workers (kinds: anonymous, sas)';
+COMMENT ON FUNCTION sbpg.create_identity(text, text, jsonb)
+	IS 'Registers how workers authenticate (kinds: managed_identity, workload_identity, client_secret, default, sas, anonymous)';
 
 CREATE FUNCTION sbpg.drop_identity(name text)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -297,11 +394,28 @@ BEGIN
 	IF run_as IS NULL THEN
 		RAISE EXCEPTION 'run_as must be given' USING ERRCODE = 'null_value_not_allowed';
 	END IF;
-	IF (SELECT rolsuper FROM pg_roles WHERE oid = run_as) THEN
+	IF jsonb_typeof(coalesce(options, '{}')) <> 'object' THEN
+		RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	FOR k IN SELECT jsonb_object_keys(coalesce(options, '{}')) LOOP
+		IF k <> 'allow_superuser_run_as' THEN
+			RAISE EXCEPTION 'unknown subscription option "%"', k
+				USING ERRCODE = 'invalid_parameter_value', HINT = 'Subscription options: allow_superuser_run_as.';
+		END IF;
+		IF jsonb_typeof(options -> k) <> 'boolean' THEN
+			RAISE EXCEPTION 'subscription option "%" must be true or false', k USING ERRCODE = 'invalid_parameter_value';
+		END IF;
+	END LOOP;
+	IF (options -> 'allow_superuser_run_as') = 'true' AND NOT (SELECT rolsuper FROM pg_roles WHERE oid = caller) THEN
+		RAISE EXCEPTION 'only superusers may set allow_superuser_run_as'
+			USING ERRCODE = 'insufficient_privilege',
+			      DETAIL = 'A handler running as a superuser can do anything in the server.';
+	END IF;
+	IF (SELECT rolsuper FROM pg_roles WHERE oid = run_as) AND (options -> 'allow_superuser_run_as') IS DISTINCT FROM 'true' THEN
 		RAISE EXCEPTION 'run_as role % is a superuser', run_as
 			USING ERRCODE = 'insufficient_privilege',
 			      DETAIL = 'Handlers run with exactly the rights of run_as; a superuser has every right.',
-			      HINT = 'Create a NOLOGIN role with only the privileges the handler needs.';
+			      HINT = 'Create a NOLOGIN role with only the privileges the handler needs (a superuser may override this with the subscription option allow_superuser_run_as).';
 	END IF;
 	IF NOT has_function_privilege(run_as, handler, 'EXECUTE') THEN
 		RAISE EXCEPTION 'run_as role % may not execute handler %', run_as, handler
@@ -330,13 +444,6 @@ BEGIN
 		RAISE EXCEPTION 'invalid notify_channel %', quote_literal(notify_channel)
 			USING ERRCODE = 'invalid_parameter_value', HINT = 'A channel name has 1 to 63 bytes; NULL turns notifications off.';
 	END IF;
-	IF jsonb_typeof(coalesce(options, '{}')) <> 'object' THEN
-		RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
-	END IF;
-	FOR k IN SELECT jsonb_object_keys(coalesce(options, '{}')) LOOP
-		RAISE EXCEPTION 'unknown subscription option "%"', k
-			USING ERRCODE = 'invalid_parameter_value', HINT = 'This release takes no subscription options.';
-	END LOOP;
 END
 $$;
 
@@ -443,7 +550,7 @@ SELECT s.name AS subscription,
        w.pid, w.connected_since, w.received, w.applied, w.dead_lettered, w.duplicates, w.abandoned,
        w.batches, w.settle_failures, w.reconnects, w.last_error, w.last_error_at,
        w.apply_ms_p50, w.apply_ms_p99, w.lag_ms_p50, w.lag_ms_p99, w.messages_per_second,
-       w.token_expires_at, w.last_batch_at
+       w.token_expires_at, w.tokens_put, w.token_subject, w.token_error, w.last_batch_at
 FROM sbpg.subscriptions s
 LEFT JOIN sbpg._worker_stats() w ON w.subscription = s.name;
 COMMENT ON VIEW sbpg.stats IS 'Per subscription: worker state, counters, latency and lag percentiles, throughput';

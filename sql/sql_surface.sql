@@ -16,15 +16,38 @@ SELECT sbpg.create_identity('x', 'sas', '{"key_name": "k", "key_file": "relative
 SELECT sbpg.create_identity('x', 'sas', '{"key_name": "k", "key_env": "not-a-name"}');
 SELECT sbpg.create_identity('x', 'anonymous', '{"user": "u"}');
 SELECT sbpg.create_identity('x', 'sas', '[1]');
+-- Entra ID kinds: validation.
+SELECT sbpg.create_identity('x', 'managed_identity', '{"client_id": "a", "object_id": "b"}');
+SELECT sbpg.create_identity('x', 'managed_identity', '{"source": "cloud-shell"}');
+SELECT sbpg.create_identity('x', 'managed_identity', '{"source": "arc", "client_id": "a"}');
+SELECT sbpg.create_identity('x', 'managed_identity', '{"endpoint": "ftp://example/token"}');
+SELECT sbpg.create_identity('x', 'managed_identity', '{"arc_key_dir": "tokens"}');
+SELECT sbpg.create_identity('x', 'managed_identity', '{"tenant_id": "t"}');
+SELECT sbpg.create_identity('x', 'managed_identity', '{"client_id": "a b"}');
+SELECT sbpg.create_identity('x', 'workload_identity', '{"token_file": "token"}');
+SELECT sbpg.create_identity('x', 'workload_identity', '{"authority_host": "http://login.example"}');
+SELECT sbpg.create_identity('x', 'client_secret', '{"client_id": "c", "secret": "s"}');
+SELECT sbpg.create_identity('x', 'client_secret', '{"tenant_id": "t", "client_id": "c"}');
+SELECT sbpg.create_identity('x', 'client_secret', '{"tenant_id": "t", "client_id": "c", "secret": "s", "secret_env": "S"}');
+SELECT sbpg.create_identity('x', 'client_secret', '{"tenant_id": "t", "client_id": "c", "secret_file": "s.txt"}');
+SELECT sbpg.create_identity('x', 'client_secret', '{"tenant_id": "t", "client_id": "c", "secret_env": "1X"}');
+SELECT sbpg.create_identity('x', 'default', '{"tenant_id": "t"}');
 
 -- Identities that work; the literal key is kept apart from the options.
 SELECT sbpg.create_identity('emu', 'sas', '{"key_name": "RootManageSharedAccessKey", "key": "SAS_KEY_VALUE"}');
 SELECT sbpg.create_identity('from-file', 'sas', '{"key_name": "listen", "key_file": "/etc/sbpg/listen.key"}');
 SELECT sbpg.create_identity('from-env', 'sas', '{"key_name": "listen", "key_env": "SBPG_LISTEN_KEY"}');
 SELECT sbpg.create_identity('plain', 'anonymous');
+SELECT sbpg.create_identity('vm', 'managed_identity');
+SELECT sbpg.create_identity('vm-user', 'managed_identity', '{"client_id": "6e0b3a6c-3f2e-4a43-9d36-2c1a4f5e8b71"}');
+SELECT sbpg.create_identity('app-service', 'managed_identity', '{"source": "app_service"}');
+SELECT sbpg.create_identity('aks', 'workload_identity');
+SELECT sbpg.create_identity('sp', 'client_secret', '{"tenant_id": "contoso.onmicrosoft.com", "client_id": "c", "secret": "client-secret-value"}');
+SELECT sbpg.create_identity('sp-file', 'client_secret', '{"tenant_id": "t", "client_id": "c", "secret_file": "/etc/sbpg/sp.secret"}');
+SELECT sbpg.create_identity('chain', 'default');
 SELECT sbpg.create_identity('emu', 'anonymous');
 SELECT name, kind, options FROM sbpg.identities ORDER BY name;
-SELECT identity, secret = 'SAS_KEY_VALUE' AS stored FROM sbpg.identity_secrets;
+SELECT identity, secret IN ('SAS_KEY_VALUE', 'client-secret-value') AS stored FROM sbpg.identity_secrets ORDER BY 1;
 
 -- Handlers and roles for the subscriptions below.
 CREATE ROLE sbpg_reg_app NOLOGIN;

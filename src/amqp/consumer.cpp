@@ -115,8 +115,14 @@ struct Consumer::Impl : public proton::messaging_handler {
 	bool broker_settles_first = false; // broker answered rcv-settle-mode first: settle locally
 	int64_t reconnect_at = 0;
 	int attempts = 0;
-	int64_t refresh_at = 0;
+	int64_t refresh_at = 0;           // SAS: when to put the next token
 	bool receiver_open = false;
+	bool put_pending = false;         // a put-token awaits its answer
+	uint64_t put_serial = 0;          // JWT: the token last put (or being put) on this connection
+	int64_t put_expires_ms = 0;       // JWT: its expiry
+	int64_t accepted_expires_ms = 0;  // the token the broker last accepted on this connection
+	uint64_t refused_serial = 0;      // JWT: the broker refused this token; wait for another
+	bool waiting_noted = false;
 	std::mt19937_64 rng{std::random_device{}()};
 
 	Impl(ConsumerConfig c, int fd) : cfg(std::move(c)), wake_fd(fd) {}
@@ -143,12 +149,24 @@ struct Consumer::Impl : public proton::messaging_handler {
 			return;
 		int64_t n = Now();
 		if (!conn && reconnect_at && n >= reconnect_at) {
-			reconnect_at = 0;
-			Connect();
+			if (cfg.auth == ConsumerConfig::Auth::Jwt && !TokenReady()) {
+				// No usable token yet: the TokenSource is fetching or backing off. Connecting now
+				// would only be refused; keep waiting (the worker shows why in sbpg.stats).
+				SetWaiting(true);
+			} else {
+				SetWaiting(false);
+				reconnect_at = 0;
+				Connect();
+			}
 		}
 		if (conn && refresh_at && n >= refresh_at && cfg.auth == ConsumerConfig::Auth::Sas) {
 			refresh_at = 0;
 			PutToken();
+		}
+		if (conn && cbs_sender && !put_pending && cfg.auth == ConsumerConfig::Auth::Jwt) {
+			BearerToken t;
+			if (cfg.current_token(&t) && t.serial != put_serial && t.serial != refused_serial)
+				PutJwt(t);
 		}
 		container->schedule(proton::duration(100), [this] { Tick(); });
 	}
@@ -159,8 +177,11 @@ struct Consumer::Impl : public proton::messaging_handler {
 		o.sasl_enabled(true);
 		o.sasl_allowed_mechs("ANONYMOUS");
 		if (cfg.tls) {
-			o.ssl_client_options(cfg.ca_file.empty() ? proton::ssl_client_options()
-			                                         : proton::ssl_client_options(cfg.ca_file, proton::ssl::VERIFY_PEER_NAME));
+			// The system's CA store, host-name verification, and the extra CA if one is set (Proton
+			// adds it to the default paths).
+			o.ssl_client_options(cfg.extra_ca_file.empty()
+			                         ? proton::ssl_client_options()
+			                         : proton::ssl_client_options(cfg.extra_ca_file, proton::ssl::VERIFY_PEER_NAME));
 			o.virtual_host(cfg.host);
 		}
 		std::string url = std::string(cfg.tls ? "amqps://" : "amqp://") + cfg.host + ":" + std::to_string(cfg.port);
@@ -202,6 +223,9 @@ struct Consumer::Impl : public proton::messaging_handler {
 		ids.clear();
 		receiver_open = false;
 		refresh_at = 0;
+		put_pending = false;
+		put_serial = 0;
+		accepted_expires_ms = 0;
 		++gen;
 		int64_t cap = std::min<int64_t>(cfg.reconnect_max_ms, static_cast<int64_t>(cfg.reconnect_min_ms) << std::min(attempts, 16));
 		int64_t delay = static_cast<int64_t>(rng() % static_cast<uint64_t>(cap + 1)); // full jitter
@@ -215,8 +239,21 @@ struct Consumer::Impl : public proton::messaging_handler {
 		      why + "; retrying in " + std::to_string(reconnect_at - Now()) + " ms");
 	}
 
+	bool TokenReady() {
+		BearerToken t;
+		return cfg.current_token && cfg.current_token(&t) && t.serial != refused_serial;
+	}
+
+	void SetWaiting(bool w) {
+		std::lock_guard<std::mutex> g(mu);
+		status.waiting_for_token = w;
+	}
+
 	void on_container_start(proton::container &) override {
-		Connect();
+		if (cfg.auth == ConsumerConfig::Auth::Jwt)
+			reconnect_at = Now(); // Tick connects once a token is there
+		else
+			Connect();
 		container->schedule(proton::duration(100), [this] { Tick(); });
 	}
 
@@ -226,12 +263,21 @@ struct Consumer::Impl : public proton::messaging_handler {
 			std::lock_guard<std::mutex> g(mu);
 			wq = &c.work_queue();
 		}
-		if (cfg.auth == ConsumerConfig::Auth::Sas) {
+		if (cfg.auth != ConsumerConfig::Auth::Anonymous) {
 			cbs_reply = "cbs-" + NewGuid();
 			cbs_sender = c.open_sender("$cbs");
 			cbs_receiver = c.open_receiver("$cbs", proton::receiver_options().credit_window(10).target(
 			                                          proton::target_options().address(cbs_reply)));
-			PutToken();
+			if (cfg.auth == ConsumerConfig::Auth::Sas) {
+				PutToken();
+			} else {
+				BearerToken t;
+				if (!cfg.current_token(&t)) {
+					Lost("the token expired before it could be put");
+					return;
+				}
+				PutJwt(t);
+			}
 		} else {
 			OpenReceiver();
 		}
@@ -247,11 +293,28 @@ struct Consumer::Impl : public proton::messaging_handler {
 		m.properties().put("type", "servicebus.windows.net:sastoken");
 		m.properties().put("name", cfg.audience);
 		m.body(MakeSasToken(cfg.audience, cfg.sas_key_name, cfg.sas_key, expiry));
-		pending_token_expiry = expiry * 1000;
+		put_expires_ms = expiry * 1000;
+		put_pending = true;
 		cbs_queue.push_back(std::move(m));
 		FlushCbs();
 	}
-	int64_t pending_token_expiry = 0;
+
+	// An Entra ID token, put for the entity's audience as the Azure SDKs do.
+	void PutJwt(const BearerToken &t) {
+		proton::message m;
+		m.id(proton::message_id(NewGuid()));
+		m.reply_to(cbs_reply);
+		m.to("$cbs");
+		m.properties().put("operation", "put-token");
+		m.properties().put("type", "jwt");
+		m.properties().put("name", cfg.audience);
+		m.body(t.jwt);
+		put_serial = t.serial;
+		put_expires_ms = t.expires_ms;
+		put_pending = true;
+		cbs_queue.push_back(std::move(m));
+		FlushCbs();
+	}
 
 	void FlushCbs() {
 		while (!cbs_queue.empty() && cbs_sender && cbs_sender.credit() > 0) {
@@ -271,20 +334,38 @@ struct Consumer::Impl : public proton::messaging_handler {
 		} catch (const std::exception &e) {
 			desc = std::string("unreadable put-token answer: ") + e.what();
 		}
+		put_pending = false;
+		bool jwt = cfg.auth == ConsumerConfig::Auth::Jwt;
 		if (code >= 200 && code < 300) {
+			accepted_expires_ms = put_expires_ms;
 			{
 				std::lock_guard<std::mutex> g(mu);
-				status.token_expires_ms = pending_token_expiry;
+				status.token_expires_ms = put_expires_ms;
+				++status.tokens_put;
 			}
-			// Renew at half the token's life, on this connection.
-			refresh_at = Now() + cfg.sas_token_lifetime_s * 500;
+			if (jwt)
+				cfg.token_answer(put_serial, true, "");
+			else // Renew at half the token's life, on this connection.
+				refresh_at = Now() + cfg.sas_token_lifetime_s * 500;
 			if (!receiver)
 				OpenReceiver();
 			else
-				Event(ConsumerEvent::Kind::TokenRenewed, "token renewed for " + cfg.audience);
+				Event(ConsumerEvent::Kind::TokenRenewed,
+				      "token renewed for " + cfg.audience + " until " + FormatTime(put_expires_ms));
 			return;
 		}
-		Lost("put-token for " + cfg.audience + " was refused (" + std::to_string(code) + " " + desc + ")");
+		std::string why = "put-token for " + cfg.audience + " was refused (" + std::to_string(code) + " " + desc + ")";
+		if (jwt) {
+			refused_serial = put_serial;
+			cfg.token_answer(put_serial, false, std::to_string(code) + " " + desc);
+			// A renewal refused while the accepted token still holds: keep the links (and their
+			// locks) and put the next token when it comes.
+			if (receiver && accepted_expires_ms > Now()) {
+				Event(ConsumerEvent::Kind::TokenRefused, why + "; the accepted token holds until " + FormatTime(accepted_expires_ms));
+				return;
+			}
+		}
+		Lost(why);
 	}
 
 	void OpenReceiver() {

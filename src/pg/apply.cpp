@@ -18,6 +18,7 @@ extern "C" {
 
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "commands/async.h"
 #include "executor/spi.h"
@@ -140,6 +141,16 @@ Stamp(const SubConfig *cfg, const int64 *seqs, int nseqs, const char *const *ids
 		elog(ERROR, "sbpg: cannot stamp settled_at");
 }
 
+bool
+HandlerIsSecurityDefiner(Oid fn) {
+	HeapTuple tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(fn));
+	if (!HeapTupleIsValid(tup))
+		return false;
+	bool secdef = reinterpret_cast<Form_pg_proc>(GETSTRUCT(tup))->prosecdef;
+	ReleaseSysCache(tup);
+	return secdef;
+}
+
 // Whether the handler can run at all; false fills why.
 bool
 HandlerUsable(const SubConfig *cfg, char *why, size_t whylen) {
@@ -149,6 +160,20 @@ HandlerUsable(const SubConfig *cfg, char *why, size_t whylen) {
 	}
 	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(cfg->run_as))) {
 		snprintf(why, whylen, "run_as role (oid %u) no longer exists", cfg->run_as);
+		return false;
+	}
+	// Checked again at run time: the role or the function may have changed since the
+	// subscription was created.
+	if (superuser_arg(cfg->run_as) && !cfg->allow_superuser) {
+		snprintf(why, whylen,
+		         "run_as role %s is a superuser; handlers run with exactly run_as's rights (a superuser may allow it with "
+		         "the subscription option allow_superuser_run_as)",
+		         cfg->run_as_name);
+		return false;
+	}
+	if (HandlerIsSecurityDefiner(cfg->handler)) {
+		snprintf(why, whylen, "handler %s is SECURITY DEFINER and would run as its owner, not as %s",
+		         format_procedure(cfg->handler), cfg->run_as_name);
 		return false;
 	}
 	if (pg_proc_aclcheck(cfg->handler, cfg->run_as, ACL_EXECUTE) != ACLCHECK_OK) {
@@ -570,7 +595,8 @@ LoadSubConfig(const char *name, SubConfig *out) {
 	Datum args[1] = {CStringGetTextDatum(name)};
 	const char *q = "SELECT s.namespace, s.entity, s.handler::oid, s.run_as::oid, s.run_as::text, s.identity, i.kind, "
 	                "i.options ->> 'key_name', k.secret, i.options ->> 'key_file', i.options ->> 'key_env', "
-	                "s.batch_size, s.prefetch, s.notify_channel, s.enabled, 'sbpg.message'::regtype::oid "
+	                "s.batch_size, s.prefetch, s.notify_channel, s.enabled, 'sbpg.message'::regtype::oid, i.options::text, "
+	                "coalesce((s.options ->> 'allow_superuser_run_as')::boolean, false) "
 	                "FROM sbpg.subscriptions s LEFT JOIN sbpg.identities i ON i.name = s.identity "
 	                "LEFT JOIN sbpg.identity_secrets k ON k.identity = s.identity WHERE s.name = $1";
 	if (SPI_execute_with_args(q, 1, types, args, nullptr, true, 1) != SPI_OK_SELECT)
@@ -597,6 +623,8 @@ LoadSubConfig(const char *name, SubConfig *out) {
 		out->notify_channel = GetText(t, d, 14);
 		out->enabled = DatumGetBool(SPI_getbinval(t, d, 15, &isnull));
 		out->message_type = DatumGetObjectId(SPI_getbinval(t, d, 16, &isnull));
+		out->identity_options = GetText(t, d, 17);
+		out->allow_superuser = DatumGetBool(SPI_getbinval(t, d, 18, &isnull));
 		// The search_path a session of run_as would get: role in this database, role, database,
 		// the configuration file, the built-in default.
 		Oid ptypes[2] = {OIDOID, OIDOID};

@@ -45,6 +45,7 @@ int guc_log_messages = kLogFailures;
 int guc_inbox_retention_s = 7 * 24 * 3600;
 int guc_max_json_depth = 1000;
 char *guc_test_fault = nullptr;
+char *guc_ca_file = nullptr;
 SharedState *shared = nullptr;
 
 namespace {
@@ -162,6 +163,8 @@ WorkerStateName(int state) {
 		return "failed";
 	case kStatePaused:
 		return "paused";
+	case kStateWaitingForToken:
+		return "waiting_for_token";
 	default:
 		return "free";
 	}
@@ -244,6 +247,10 @@ _PG_init(void) {
 	DefineCustomIntVariable("sbpg.max_json_depth", "Deepest JSON nesting a message body may have.",
 	                        "Deeper bodies are dead-lettered instead of reaching jsonb.", &guc_max_json_depth, 1000,
 	                        1, 100000, PGC_SIGHUP, 0, nullptr, nullptr, nullptr);
+	DefineCustomStringVariable("sbpg.ca_file", "A PEM file of CA certificates trusted in addition to the system's.",
+	                           "Used for amqps:// connections and the HTTPS token endpoints, with host-name "
+	                           "verification. Empty: only the system's CA store.",
+	                           &guc_ca_file, "", PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr, nullptr, nullptr);
 	DefineCustomStringVariable("sbpg.test_fault", "Fault injection for sbpg's own tests; leave empty.",
 	                           "exit_after_commit#TAG makes a worker exit after a batch commits and before it "
 	                           "settles, once per TAG.",
@@ -290,8 +297,8 @@ sbpg_worker_stats(PG_FUNCTION_ARGS) {
 		CopySlot(i, slot);
 		if (!slot->in_use)
 			continue;
-		Datum values[21];
-		bool nulls[21];
+		Datum values[24];
+		bool nulls[24];
 		std::memset(nulls, 0, sizeof nulls);
 		int k = 0;
 		values[k++] = CStringGetTextDatum(slot->name);
@@ -334,6 +341,11 @@ sbpg_worker_stats(PG_FUNCTION_ARGS) {
 		values[k++] = TimestampTzGetDatum(slot->token_expires_at);
 		nulls[k] = slot->last_batch_at == 0;
 		values[k++] = TimestampTzGetDatum(slot->last_batch_at);
+		values[k++] = Int64GetDatum(static_cast<int64>(slot->tokens_put));
+		nulls[k] = slot->token_subject[0] == '\0';
+		values[k++] = CStringGetTextDatum(slot->token_subject);
+		nulls[k] = slot->token_error[0] == '\0';
+		values[k++] = CStringGetTextDatum(slot->token_error);
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	pfree(slot);

@@ -9,6 +9,7 @@
 //   goes through PgGuard, so a PostgreSQL error never longjmps across these frames.
 #include "sbpg/amqp/consumer.hpp"
 #include "sbpg/core/text.hpp"
+#include "sbpg/identity/token.hpp"
 #include "sbpg/message/message.hpp"
 
 #include <algorithm>
@@ -50,6 +51,7 @@ namespace sbpg::pg {
 namespace {
 
 Consumer *g_consumer = nullptr; // for the exit callback
+TokenSource *g_tokens = nullptr;
 WorkerSlot *g_slot = nullptr;
 
 TimestampTz
@@ -64,6 +66,8 @@ void
 OnExit(int, Datum) {
 	if (g_consumer)
 		g_consumer->Stop();
+	if (g_tokens)
+		g_tokens->Abort();
 	if (g_slot) {
 		SpinLockAcquire(&g_slot->mutex);
 		g_slot->pid = 0;
@@ -271,8 +275,12 @@ class Worker {
 	void Housekeeping();
 	bool Interrupts();
 
+	bool SetupTokens(ConsumerConfig *cc);
+
 	WorkerStart start_;
 	SubConfig cfg_{};
+	std::string ca_file_;                 // sbpg.ca_file when the worker started
+	std::unique_ptr<TokenSource> tokens_; // Entra ID identities; outlives the consumer
 	std::unique_ptr<Consumer> consumer_;
 	int efd_ = -1;
 	WaitEventSet *wait_set_ = nullptr;
@@ -293,6 +301,11 @@ Worker::Interrupts() {
 		    if (ConfigReloadPending) {
 			    ConfigReloadPending = false;
 			    ProcessConfigFile(PGC_SIGHUP);
+			    if (ca_file_ != (guc_ca_file ? guc_ca_file : "")) {
+				    ereport(LOG, (errmsg("sbpg: subscription \"%s\": sbpg.ca_file changed; restarting to use it",
+				                         start_.name)));
+				    stop_ = true; // the launcher starts the worker again
+			    }
 		    }
 	    },
 	    &err);
@@ -332,7 +345,18 @@ Worker::Setup() {
 	cc.prefetch = static_cast<uint32_t>(cfg_.prefetch);
 	cc.container_id = std::string("sbpg-") + start_.name + "-" + NewGuid().substr(0, 8);
 	cc.max_json_depth = guc_max_json_depth;
-	if (cfg_.identity_kind && std::string(cfg_.identity_kind) == "sas") {
+	ca_file_ = guc_ca_file ? guc_ca_file : "";
+	cc.extra_ca_file = ca_file_;
+	efd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (efd_ < 0) {
+		SetError(std::string("eventfd: ") + strerror(errno));
+		return false;
+	}
+	std::string kind = cfg_.identity_kind ? cfg_.identity_kind : "anonymous";
+	if (kind == "managed_identity" || kind == "workload_identity" || kind == "client_secret" || kind == "default") {
+		if (!SetupTokens(&cc))
+			return false;
+	} else if (kind == "sas") {
 		cc.auth = ConsumerConfig::Auth::Sas;
 		cc.sas_key_name = cfg_.key_name ? cfg_.key_name : "";
 		std::string why;
@@ -347,11 +371,6 @@ Worker::Setup() {
 		cc.auth = ConsumerConfig::Auth::Anonymous;
 		cc.release_to_abandon = true; // plain AMQP brokers do not all accept `modified`
 	}
-	efd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-	if (efd_ < 0) {
-		SetError(std::string("eventfd: ") + strerror(errno));
-		return false;
-	}
 	if (!PgGuard(
 	        [&] {
 		        wait_set_ = CreateWaitEventSet(TopMemoryContext, 3);
@@ -365,6 +384,8 @@ Worker::Setup() {
 	}
 	consumer_.reset(new Consumer(cc, efd_));
 	g_consumer = consumer_.get();
+	if (tokens_)
+		tokens_->Start();
 	consumer_->Start();
 	SetState(kStateConnecting);
 	Log(LOG, std::string("sbpg: subscription \"") + start_.name + "\": consuming " + cfg_.entity + " from " +
@@ -373,11 +394,69 @@ Worker::Setup() {
 	return true;
 }
 
+// An Entra ID identity: a TokenSource on its own thread keeps the token fresh; the consumer puts
+// each new one on the live connection. The token never reaches PostgreSQL memory.
+bool
+Worker::SetupTokens(ConsumerConfig *cc) {
+	IdentityConfig ic;
+	std::string why;
+	bool ok = IdentityConfigFromJson(cfg_.identity_kind, cfg_.identity_options ? cfg_.identity_options : "{}", &ic, &why);
+	if (ok) {
+		if (cfg_.key)
+			ic.client_secret = cfg_.key; // a client secret given literally
+		ic.extra_ca_file = ca_file_;
+	}
+	std::unique_ptr<TokenProvider> provider;
+	if (ok) {
+		provider = MakeTokenProvider(ic, ProcessEnv(), &why);
+		ok = provider != nullptr;
+	}
+	if (!ok) {
+		std::string msg = std::string("identity \"") + cfg_.identity + "\" (" + cfg_.identity_kind + "): " + why;
+		SetError(msg);
+		SetState(kStateFailed);
+		Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": " + msg);
+		return false;
+	}
+	int fd = efd_;
+	tokens_.reset(new TokenSource(std::move(provider), [fd] {
+		uint64_t one = 1;
+		ssize_t r = ::write(fd, &one, sizeof one);
+		(void)r;
+	}));
+	g_tokens = tokens_.get();
+	TokenSource *t = tokens_.get();
+	cc->auth = ConsumerConfig::Auth::Jwt;
+	cc->current_token = [t](BearerToken *out) {
+		AccessToken a;
+		if (!t->Current(&a))
+			return false;
+		out->jwt = std::move(a.token);
+		out->expires_ms = a.expires_ms;
+		out->serial = a.serial;
+		return true;
+	};
+	cc->token_answer = [t](uint64_t serial, bool accepted, const std::string &why) {
+		if (accepted)
+			t->Accepted(serial);
+		else
+			t->Invalidate(serial, why);
+	};
+	return true;
+}
+
 void
 Worker::HandleEvents() {
+	if (tokens_) {
+		for (auto &l : tokens_->TakeLog())
+			Log(l.routine ? DEBUG1 : LOG,
+			    std::string("sbpg: {\"event\":\"token\",\"subscription\":\"") + JsonEscape(start_.name) +
+			        "\",\"identity\":\"" + JsonEscape(cfg_.identity) + "\",\"detail\":\"" + JsonEscape(l.text) + "\"}");
+	}
 	std::vector<ConsumerEvent> events;
 	consumer_->TakeEvents(&events);
 	for (auto &e : events) {
+		int level = LOG;
 		std::string line = std::string("sbpg: {\"event\":\"connection\",\"subscription\":\"") + JsonEscape(start_.name) +
 		                   "\",\"state\":\"";
 		switch (e.kind) {
@@ -392,6 +471,11 @@ Worker::HandleEvents() {
 			break;
 		case ConsumerEvent::Kind::TokenRenewed:
 			line += "token_renewed";
+			level = DEBUG1; // routine
+			break;
+		case ConsumerEvent::Kind::TokenRefused:
+			line += "token_refused";
+			SetError(e.text);
 			break;
 		case ConsumerEvent::Kind::Error:
 			line += "error";
@@ -400,13 +484,29 @@ Worker::HandleEvents() {
 			break;
 		}
 		line += "\",\"detail\":\"" + JsonEscape(e.text) + "\"}";
-		Log(LOG, line);
+		Log(level, line);
 	}
 	ConsumerStatus st = consumer_->Status();
+	TokenSource::Status ts;
+	if (tokens_)
+		ts = tokens_->GetStatus();
+	std::string no_token = ts.last_error.empty() ? "" : "no token: " + ts.last_error;
 	SpinLockAcquire(&g_slot->mutex);
 	g_slot->connected_since = st.connected ? ToTimestamp(st.connected_since_ms) : 0;
 	g_slot->token_expires_at = st.token_expires_ms ? ToTimestamp(st.token_expires_ms) : 0;
 	g_slot->reconnects = st.reconnects;
+	g_slot->tokens_put = st.tokens_put;
+	strlcpy(g_slot->token_subject, ts.subject.c_str(), sizeof g_slot->token_subject);
+	strlcpy(g_slot->token_error, ts.last_error.c_str(), sizeof g_slot->token_error);
+	if (!st.connected && st.waiting_for_token && g_slot->state != kStateFailed) {
+		g_slot->state = kStateWaitingForToken;
+		if (!no_token.empty()) {
+			strlcpy(g_slot->last_error, no_token.c_str(), sizeof g_slot->last_error);
+			g_slot->last_error_at = ToTimestamp(ts.last_error_ms);
+		}
+	} else if (!st.connected && g_slot->state == kStateWaitingForToken) {
+		g_slot->state = kStateConnecting;
+	}
 	SpinLockRelease(&g_slot->mutex);
 	if (st.dead) {
 		SetState(kStateFailed);

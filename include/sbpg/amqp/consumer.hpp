@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -16,18 +17,30 @@
 
 namespace sbpg {
 
+// An Entra ID token as the consumer puts it on $cbs.
+struct BearerToken {
+	std::string jwt; // never logged
+	int64_t expires_ms = 0;
+	uint64_t serial = 0; // changes with every new token
+};
+
 struct ConsumerConfig {
 	std::string host;
 	int port = 5672;
 	bool tls = false;
 	std::string entity;   // "orders" or "orders/subscriptions/audit"
 	std::string audience; // "sb://host[:port]/entity", the put-token name
-	enum class Auth { Anonymous, Sas } auth = Auth::Anonymous;
+	enum class Auth { Anonymous, Sas, Jwt } auth = Auth::Anonymous;
 	std::string sas_key_name;
 	std::string sas_key; // never logged
 	int64_t sas_token_lifetime_s = 3600;
+	// Auth::Jwt: the current token, if there is one (called on the AMQP thread; thread-safe), and
+	// what to do when the broker refuses one. Tokens are put again, on the live connection, as
+	// soon as a new one is there; the consumer waits for a token before it connects.
+	std::function<bool(BearerToken *)> current_token;
+	std::function<void(uint64_t serial, bool accepted, const std::string &why)> token_answer;
 	uint32_t prefetch = 100; // messages held (unsettled) at most: credit + in flight
-	std::string ca_file;     // TLS trust store; empty means the system's
+	std::string extra_ca_file; // TLS: trusted in addition to the system's CA store
 	std::string container_id;
 	int max_json_depth = 1000;
 	bool release_to_abandon = false; // plain AMQP brokers: abandon with `released`, not `modified`
@@ -52,7 +65,7 @@ struct SettleResult {
 };
 
 struct ConsumerEvent {
-	enum class Kind : uint8_t { Connected, Disconnected, TokenRenewed, Error } kind = Kind::Error;
+	enum class Kind : uint8_t { Connected, Disconnected, TokenRenewed, TokenRefused, Error } kind = Kind::Error;
 	std::string text;
 	int64_t at_ms = 0;
 };
@@ -62,6 +75,8 @@ struct ConsumerStatus {
 	int64_t connected_since_ms = 0;
 	int64_t token_expires_ms = 0;
 	uint64_t reconnects = 0;
+	uint64_t tokens_put = 0; // put-token requests the broker accepted
+	bool waiting_for_token = false;
 	uint32_t in_flight = 0;
 	std::string last_error;
 	bool dead = false; // the AMQP thread stopped on an unexpected error

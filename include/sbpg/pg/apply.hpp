@@ -26,9 +26,10 @@ struct SubConfig {
 	Oid run_as;
 	char *run_as_name;
 	char *identity;      // NULL: anonymous
-	char *identity_kind; // "anonymous", "sas"
+	char *identity_kind; // "anonymous", "sas", "managed_identity", "workload_identity", "client_secret", "default"
+	char *identity_options; // the identity's options as JSON text (never holds a literal secret)
 	char *key_name;
-	char *key;      // literal key (from sbpg.identity_secrets), NULL otherwise
+	char *key;      // literal key or client secret (from sbpg.identity_secrets), NULL otherwise
 	char *key_file;
 	char *key_env;
 	int batch_size;
@@ -36,6 +37,7 @@ struct SubConfig {
 	char *notify_channel; // NULL: no notifications
 	char *search_path;    // what a session of run_as would have
 	Oid message_type;
+	bool allow_superuser; // subscription option allow_superuser_run_as (set by a superuser)
 };
 
 void LoadSubConfig(const char *name, SubConfig *out);

@@ -23,6 +23,7 @@ extern int guc_log_messages; // LogMessages
 extern int guc_inbox_retention_s;
 extern int guc_max_json_depth;
 extern char *guc_test_fault;
+extern char *guc_ca_file;
 
 enum LogMessages { kLogNone = 0, kLogFailures = 1, kLogAll = 2 };
 
@@ -39,6 +40,7 @@ enum WorkerState : int {
 	kStateStopped,
 	kStateFailed,
 	kStatePaused, // the handler cannot run; see last_error
+	kStateWaitingForToken, // no Entra ID token yet (or the last one expired); see token_error
 };
 const char *WorkerStateName(int state);
 
@@ -55,6 +57,9 @@ struct WorkerSlot {
 	TimestampTz token_expires_at;
 	uint64 received, applied, dead_lettered, duplicates, abandoned, batches, settle_failures, reconnects;
 	char last_error[256];
+	uint64 tokens_put;       // put-token requests the broker accepted
+	char token_subject[64];  // the Entra ID principal (oid) of the current token
+	char token_error[256];   // why the last token request failed; empty once one succeeds
 	float apply_ms[kSamples];
 	uint32 apply_next, apply_count;
 	float lag_ms[kSamples];
