@@ -19,6 +19,8 @@
 #include <proton/disposition.h>
 #include <proton/error_condition.hpp>
 #include <proton/link.h>
+#include <proton/logger.h>
+#include <proton/transport.h>
 #include <proton/message.hpp>
 #include <proton/message_id.hpp>
 #include <proton/messaging_handler.hpp>
@@ -58,12 +60,27 @@ struct LinkAccess : proton::receiver {
 		return (l.*fn)();
 	}
 };
+struct TransportAccess : proton::transport {
+	static pn_transport_t *Get(const proton::transport &t) {
+		auto fn = &TransportAccess::pn_object;
+		return (t.*fn)();
+	}
+};
 struct DeliveryAccess : proton::delivery {
 	static pn_delivery_t *Get(const proton::transfer &t) {
 		auto fn = &DeliveryAccess::pn_object;
 		return (t.*fn)();
 	}
 };
+
+// Proton's frame trace (PN_TRACE_FRM, PN_LOG in the environment) would print put-token bodies,
+// that is tokens and SAS signatures, to the server log. Keep only errors, whatever the
+// environment says.
+void
+QuietLogger(pn_logger_t *l) {
+	if (l)
+		pn_logger_reset_mask(l, PN_SUBSYSTEM_ALL, PN_LEVEL_ALL & ~(PN_LEVEL_CRITICAL | PN_LEVEL_ERROR));
+}
 
 int64_t
 Now() {
@@ -248,6 +265,8 @@ struct Consumer::Impl : public proton::messaging_handler {
 		std::lock_guard<std::mutex> g(mu);
 		status.waiting_for_token = w;
 	}
+
+	void on_transport_open(proton::transport &t) override { QuietLogger(pn_transport_logger(TransportAccess::Get(t))); }
 
 	void on_container_start(proton::container &) override {
 		if (cfg.auth == ConsumerConfig::Auth::Jwt)
@@ -531,7 +550,15 @@ struct Consumer::Impl : public proton::messaging_handler {
 			return "closed by the peer";
 		return e.name() + (e.description().empty() ? "" : ": " + e.description());
 	}
-	void on_transport_error(proton::transport &t) override { Lost("connection failed: " + Describe(t.error())); }
+	void on_transport_error(proton::transport &t) override {
+		std::string why = Describe(t.error());
+		// Proton matches the host name against the certificate's DNS names only.
+		if (cfg.tls && why.find("certificate verify failed") != std::string::npos &&
+		    cfg.host.find_first_not_of("0123456789.:[]abcdefABCDEF") == std::string::npos)
+			why += " (the certificate is checked against the host name, and an IP address never matches: use a host name "
+			       "that the certificate names)";
+		Lost("connection failed: " + why);
+	}
 	void on_connection_error(proton::connection &c) override { Lost("connection closed: " + Describe(c.error())); }
 	void on_receiver_error(proton::receiver &r) override {
 		Lost((r == cbs_receiver ? "the $cbs link was detached: " : "the receiver was detached: ") + Describe(r.error()));
@@ -572,6 +599,7 @@ Consumer::Start() {
 	Impl &i = *impl_;
 	if (i.started)
 		return;
+	QuietLogger(pn_default_logger());
 	i.container.reset(new proton::container(i, i.cfg.container_id));
 	sigset_t all, old;
 	sigfillset(&all);
