@@ -22,7 +22,7 @@ describe("sbpg core", () => {
   before(async () => {
     emu = await startSbemu({
       config: configWith({
-        queues: ["bulk", "mixed", "chunks", "raw", "perm", "transient", "rls", "restricted", "side-a", "side-b", "fields"].map((n) =>
+        queues: ["bulk", "mixed", "chunks", "raw", "perm", "transient", "rls", "restricted", "side-a", "side-b", "fields", "promoted"].map((n) =>
           queue(n, { MaxDeliveryCount: 5 })),
         topics: [{ Name: "events", Properties: {}, Subscriptions: [{ Name: "audit", Properties: {} }] }],
       }),
@@ -167,7 +167,9 @@ describe("sbpg core", () => {
       GRANT EXECUTE ON FUNCTION tenant_insert(sbpg.message) TO app;
       CREATE FUNCTION escape_role(m sbpg.message) RETURNS void LANGUAGE plpgsql AS $$
       BEGIN
-        IF m.body->>'how' = 'reset' THEN RESET ROLE; ELSE EXECUTE 'SET ROLE postgres'; END IF;
+        IF m.body->>'how' = 'reset' THEN RESET ROLE;
+        ELSIF m.body->>'how' = 'session' THEN EXECUTE 'SET SESSION AUTHORIZATION postgres';
+        ELSE EXECUTE 'SET ROLE postgres'; END IF;
         INSERT INTO public.tenant_rows VALUES ('evil', 0);
       END $$;
       GRANT EXECUTE ON FUNCTION escape_role(sbpg.message) TO app;`);
@@ -180,8 +182,9 @@ describe("sbpg core", () => {
     await sb.createSender("restricted").sendMessages([
       { messageId: "set", body: { how: "set" } },
       { messageId: "reset", body: { how: "reset" } },
+      { messageId: "session", body: { how: "session" } },
     ]);
-    await waitFor(() => listener.got.filter((x) => x.subscription === "rls" || x.subscription === "restricted").length >= 4, { what: "4 notifications" });
+    await waitFor(() => listener.got.filter((x) => x.subscription === "rls" || x.subscription === "restricted").length >= 5, { what: "5 notifications" });
     const got = Object.fromEntries(listener.got.filter((x) => ["rls", "restricted"].includes(x.subscription)).map((x) => [x.message_id, x]));
     assert.equal(got.acme.status, "applied");
     assert.equal(got.other.status, "dead_lettered");
@@ -189,8 +192,45 @@ describe("sbpg core", () => {
     assert.equal(got.set.status, "dead_lettered");
     assert.match(got.set.reason, /cannot set parameter "role" within/);
     assert.equal(got.reset.status, "dead_lettered");
+    assert.equal(got.session.status, "dead_lettered");
+    assert.match(got.session.reason, /cannot set parameter "session_authorization" within/);
     const rows = (await pg.query("SELECT tenant FROM tenant_rows ORDER BY tenant")).rows.map((r) => r.tenant);
     assert.deepEqual(rows, ["acme"]);
+  });
+
+  it("pauses, leaving messages on the broker, when run_as became a superuser or the handler SECURITY DEFINER", async () => {
+    await pg.psql(`
+      CREATE ROLE promoted NOLOGIN;
+      CREATE TABLE promoted_rows (v int);
+      GRANT INSERT ON promoted_rows TO promoted;
+      CREATE FUNCTION promoted_insert(m sbpg.message) RETURNS void LANGUAGE sql AS $$ INSERT INTO public.promoted_rows VALUES (1) $$;
+      GRANT EXECUTE ON FUNCTION promoted_insert(sbpg.message) TO promoted;
+      SELECT sbpg.create_subscription('promoted', '${url()}', 'promoted', 'promoted_insert(sbpg.message)', 'promoted', 'emu');
+      ALTER ROLE promoted SUPERUSER;`);
+    const count = async () => (await pg.query("SELECT count(*)::int c FROM promoted_rows")).rows[0].c;
+    await sb.createSender("promoted").sendMessages({ messageId: "pr1", body: {} });
+    let st = await waitFor(async () => {
+      const r = (await pg.query("SELECT state, last_error FROM sbpg.stats WHERE subscription = 'promoted'")).rows[0];
+      return r?.state === "paused" ? r : null;
+    }, { what: "paused for a superuser run_as" });
+    assert.match(st.last_error, /run_as role promoted is a superuser/);
+    assert.equal(await count(), 0);
+    assert.equal((await emu.entity("promoted")).dead_lettered, 0, "nothing dead-lettered");
+    // A superuser may allow it explicitly.
+    await pg.psql(`SELECT sbpg.alter_subscription('promoted', options => '{"allow_superuser_run_as": true}')`);
+    await waitFor(async () => (await count()) === 1, { what: "applied once allowed" });
+    await pg.psql(`
+      ALTER ROLE promoted NOSUPERUSER;
+      SELECT sbpg.alter_subscription('promoted', options => '{}');
+      ALTER FUNCTION promoted_insert(sbpg.message) SECURITY DEFINER;`);
+    await sb.createSender("promoted").sendMessages({ messageId: "pr2", body: {} });
+    st = await waitFor(async () => {
+      const r = (await pg.query("SELECT state, last_error FROM sbpg.stats WHERE subscription = 'promoted'")).rows[0];
+      return r?.state === "paused" && /SECURITY DEFINER/.test(r.last_error) ? r : null;
+    }, { what: "paused for a SECURITY DEFINER handler" });
+    assert.equal(await count(), 1);
+    await pg.psql("ALTER FUNCTION promoted_insert(sbpg.message) SECURITY INVOKER");
+    await waitFor(async () => (await count()) === 2, { timeout: 30000, what: "applied after the fix" });
   });
 
   it("retries a transient error: the message is abandoned, comes back and is applied once", async () => {
