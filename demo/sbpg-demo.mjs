@@ -1,5 +1,6 @@
 // demo/sbpg-demo.mjs: the producer and the observer of demo/run. Sends orders with the official
-// Azure SDK, watches them arrive in PostgreSQL and through LISTEN, then reads the dead-letter queue.
+// Azure SDK (with the emulator's key: the producer is not sbpg), watches them arrive in PostgreSQL
+// and through LISTEN, then reads the dead-letter queue.
 // Arguments: AMQP_URL PGHOST PGPORT.
 import { ServiceBusClient } from "@azure/service-bus";
 import pg from "pg";
@@ -75,10 +76,12 @@ if (rows !== N - bad.size) process.exitCode = 1;
 
 const stats = (await db.query(
   "SELECT state, received, applied, dead_lettered, batches, round(apply_ms_p50::numeric, 3) AS apply_ms_p50, " +
-  "round(apply_ms_p99::numeric, 3) AS apply_ms_p99, round(lag_ms_p50::numeric) AS lag_ms_p50, round(lag_ms_p99::numeric) AS lag_ms_p99 " +
+  "round(apply_ms_p99::numeric, 3) AS apply_ms_p99, round(lag_ms_p50::numeric) AS lag_ms_p50, round(lag_ms_p99::numeric) AS lag_ms_p99, " +
+  "token_subject, token_expires_at, tokens_put " +
   "FROM sbpg.stats WHERE subscription = 'orders'")).rows[0];
 say("\n== SELECT ... FROM sbpg.stats");
-for (const [k, v] of Object.entries(stats)) say(`   ${k.padEnd(14)} ${v}`);
+for (const [k, v] of Object.entries(stats)) say(`   ${k.padEnd(16)} ${v instanceof Date ? v.toISOString() : v}`);
+say("   (the worker authenticated with a managed identity token; no key or secret was given to sbpg)");
 
 say("\n== the dead-letter queue, read back with the SDK");
 const dlq = sb.createReceiver("orders", { subQueueType: "deadLetter" });
