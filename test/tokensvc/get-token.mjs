@@ -13,6 +13,9 @@
 // args:       positional constructor arguments before `options` (e.g. tenantId, clientId, secret).
 // arcKeyDir:  test-only patch: msal-node insists that the Azure Arc key file lives in
 //             /var/opt/azcmagent/tokens/ on Linux; this replaces that directory for this process.
+// serviceBus: {"host": H, "queue": Q} — instead of calling getToken itself, hand the credential to
+//             @azure/service-bus's ServiceBusClient(H, credential), send one message to Q and
+//             receive it back (H as sbemu's credentialHost()); adds "received" to the result.
 // Prints {"ok":true,"token":..,"expiresOnTimestamp":..,"refreshAfterTimestamp":..,"ms":..} or
 // {"ok":false,"name":..,"message":..,"statusCode":..,"errorCode":..}.
 import { readFileSync } from "node:fs";
@@ -40,8 +43,12 @@ try {
   } else {
     cred = new Cred(...(spec.args || []), options);
   }
-  const t = await cred.getToken(spec.scopes || "https://servicebus.azure.net/.default", spec.getTokenOptions || {});
-  out = { ok: true, token: t.token, expiresOnTimestamp: t.expiresOnTimestamp, refreshAfterTimestamp: t.refreshAfterTimestamp ?? null, tokenType: t.tokenType };
+  if (spec.serviceBus) {
+    out = { ok: true, received: await sendAndReceive(cred, spec.serviceBus) };
+  } else {
+    const t = await cred.getToken(spec.scopes || "https://servicebus.azure.net/.default", spec.getTokenOptions || {});
+    out = { ok: true, token: t.token, expiresOnTimestamp: t.expiresOnTimestamp, refreshAfterTimestamp: t.refreshAfterTimestamp ?? null, tokenType: t.tokenType };
+  }
 } catch (e) {
   out = {
     ok: false,
@@ -54,3 +61,19 @@ try {
 }
 out.ms = Date.now() - started;
 process.stdout.write(JSON.stringify(out) + "\n");
+
+/** Sends one message to the queue with the credential and receives it back; returns its body. */
+async function sendAndReceive(credential, { host, queue, body = "via tokensvc" }) {
+  const { ServiceBusClient } = await import("@azure/service-bus");
+  const client = new ServiceBusClient(host, credential, { retryOptions: { maxRetries: 0, timeoutInMs: 10000 } });
+  try {
+    await client.createSender(queue).sendMessages({ body });
+    const receiver = client.createReceiver(queue);
+    const [m] = await receiver.receiveMessages(1, { maxWaitTimeInMs: 10000 });
+    if (!m) throw new Error("no message received");
+    await receiver.completeMessage(m);
+    return m.body;
+  } finally {
+    await client.close();
+  }
+}

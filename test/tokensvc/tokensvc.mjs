@@ -3,22 +3,39 @@
 // Entra ID v2 token endpoint). It issues RS256 JWTs signed with a throwaway key so that sbpg's
 // token providers and sbemu's JWT verification can be exercised without Azure. See README.md.
 //
-//   node test/tokensvc/tokensvc.mjs --dir DIR [--listen 127.0.0.1:0]
-//        [--tls-listen 127.0.0.1:0 --tls-cert FILE --tls-key FILE] [--lifetime SECONDS]
-//        [--tenant TENANT] [--client-secret S] [--federated-token T] [--identity-header H]
-//
-// Writes DIR/signing.pub.pem, DIR/jwks.json, DIR/federated-token, DIR/arc/<random>.key, then prints
-//   tokensvc ready http=http://127.0.0.1:P [https=https://127.0.0.1:Q] dir=DIR
-// Secrets (client secret, identity header, federated token, Arc key, issued tokens) are never
-// printed; DIR/tokensvc.log gets one line per request, without query strings or bodies.
+// Nothing but the standard library. Secrets (client secret, identity header, federated token, Arc
+// keys, issued tokens) never go to stdout, stderr or DIR/tokensvc.log; GET /control/tokens is the
+// one place that lists them (for leak tests).
 import http from "node:http";
 import https from "node:https";
-import { createHash, createHmac, generateKeyPairSync, randomBytes, randomUUID, sign as cryptoSign } from "node:crypto";
-import { appendFileSync, chmodSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { createHash, createHmac, generateKeyPairSync, randomBytes, randomUUID, sign as cryptoSign, verify as cryptoVerify } from "node:crypto";
+import { appendFileSync, chmodSync, chownSync, mkdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 
 // ---------------------------------------------------------------------------------------------
 // Options
+
+const USAGE = `usage: node test/tokensvc/tokensvc.mjs --dir DIR [options]
+
+  --dir DIR                 created if missing; gets the key material and secrets (see README.md)
+  --listen HOST:PORT        plain HTTP listener (default 127.0.0.1:0)
+  --tls-listen HOST:PORT    HTTPS listener (default 127.0.0.1:0 when --tls-cert is given)
+  --tls-cert FILE           PEM certificate chain for the HTTPS listener
+  --tls-key FILE            PEM private key for the HTTPS listener
+  --lifetime SECONDS        token lifetime, exp = iat + lifetime (default 3600)
+  --refresh-in SECONDS      add refresh_in to every token answer (default: not sent)
+  --tenant TENANT           the one tenant the Entra routes know (default 72f988bf-0000-0000-0000-000000000001)
+  --client-id ID            the only client id the Entra token endpoint accepts (default: any)
+  --client-secret SECRET    the accepted client_secret (default test-client-secret)
+  --identity-header VALUE   the App Service X-IDENTITY-HEADER (default test-identity-header)
+  --federated-token TOKEN   use this literal as DIR/federated-token and accept exactly the file's
+                            content as client_assertion (default: a JWT signed by tokensvc)
+  --arc-group GROUP         give DIR/arc (0750) and the Arc key files (0640) to this group, like the
+                            himds group of a real Arc agent (default: DIR/arc 0700, keys 0600)
+  --help                    this text
+
+Prints "tokensvc ready http=URL [https=URL] dir=DIR" when listening; SIGTERM or SIGINT stops it.
+`;
 
 const DEFAULTS = {
   listen: "127.0.0.1:0",
@@ -28,41 +45,27 @@ const DEFAULTS = {
   identityHeader: "test-identity-header",
 };
 
-// A fixed, JWT-shaped projected service account token (header.payload.signature, base64url). It is
-// never verified; the token endpoint only compares it with the content of DIR/federated-token.
-const b64u = (buf) => Buffer.from(buf).toString("base64url");
-const DEFAULT_FEDERATED_TOKEN = [
-  b64u(JSON.stringify({ alg: "RS256", kid: "tokensvc-federation", typ: "JWT" })),
-  b64u(JSON.stringify({
-    aud: ["api://AzureADTokenExchange"],
-    exp: 4102444800,
-    iat: 1700000000,
-    iss: "https://oidc.tokensvc.test/",
-    nbf: 1700000000,
-    sub: "system:serviceaccount:default:sbpg",
-  })),
-  b64u(createHash("sha256").update("tokensvc federated token signature").digest()),
-].join(".");
-
 function usage(msg) {
-  process.stderr.write(`tokensvc: ${msg}\n` +
-    "usage: tokensvc.mjs --dir DIR [--listen HOST:PORT] [--tls-listen HOST:PORT --tls-cert FILE --tls-key FILE]\n" +
-    "       [--lifetime SECONDS] [--tenant TENANT] [--client-secret S] [--federated-token T] [--identity-header H]\n");
+  process.stderr.write(`tokensvc: ${msg}\n${USAGE}`);
   process.exit(2);
 }
 
 function parseArgs(argv) {
   const names = {
     "--dir": "dir", "--listen": "listen", "--tls-listen": "tlsListen", "--tls-cert": "tlsCert",
-    "--tls-key": "tlsKey", "--lifetime": "lifetime", "--tenant": "tenant", "--client-secret": "clientSecret",
-    "--federated-token": "federatedToken", "--identity-header": "identityHeader",
+    "--tls-key": "tlsKey", "--lifetime": "lifetime", "--refresh-in": "refreshIn", "--tenant": "tenant",
+    "--client-id": "clientId", "--client-secret": "clientSecret", "--identity-header": "identityHeader",
+    "--federated-token": "federatedToken", "--arc-group": "arcGroup",
   };
   const o = { ...DEFAULTS };
   for (let i = 0; i < argv.length; i++) {
     let a = argv[i], v;
     const eq = a.indexOf("=");
     if (a.startsWith("--") && eq > 0) { v = a.slice(eq + 1); a = a.slice(0, eq); }
-    if (a === "--help" || a === "-h") usage("help");
+    if (a === "--help" || a === "-h") {
+      process.stdout.write(USAGE);
+      process.exit(0);
+    }
     const key = names[a];
     if (!key) usage(`unknown option ${a}`);
     if (v === undefined) {
@@ -72,10 +75,18 @@ function parseArgs(argv) {
     o[key] = v;
   }
   if (!o.dir) usage("--dir is required");
-  o.lifetime = Number(o.lifetime);
-  if (!Number.isInteger(o.lifetime) || o.lifetime < 1) usage("--lifetime must be a positive integer (seconds)");
-  if (o.tlsListen && (!o.tlsCert || !o.tlsKey)) usage("--tls-listen needs --tls-cert and --tls-key");
+  const posInt = (name, v) => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 1) usage(`${name} must be a positive integer (seconds)`);
+    return n;
+  };
+  o.lifetime = posInt("--lifetime", o.lifetime);
+  o.refreshIn = o.refreshIn === undefined ? null : posInt("--refresh-in", o.refreshIn);
+  if (Boolean(o.tlsCert) !== Boolean(o.tlsKey)) usage("--tls-cert and --tls-key go together");
+  if (o.tlsListen && !o.tlsCert) usage("--tls-listen needs --tls-cert and --tls-key");
+  if (o.tlsCert && !o.tlsListen) o.tlsListen = "127.0.0.1:0";
   if (!o.tenant) usage("--tenant must not be empty");
+  if (o.clientId === "") usage("--client-id must not be empty");
   return o;
 }
 
@@ -85,11 +96,23 @@ function parseHostPort(s, what) {
   return { host: m[1] ?? m[2], port: Number(m[3]) };
 }
 
+/** A numeric gid, or a group name looked up in /etc/group. */
+function groupId(g) {
+  if (/^\d+$/.test(g)) return Number(g);
+  const line = readFileSync("/etc/group", "utf8").split("\n").find((l) => l.split(":")[0] === g);
+  if (!line) usage(`--arc-group: no group ${g}`);
+  return Number(line.split(":")[2]);
+}
+
 const opts = parseArgs(process.argv.slice(2));
 const dir = resolve(opts.dir);
+const arcGid = opts.arcGroup === undefined ? null : groupId(opts.arcGroup);
 
 // ---------------------------------------------------------------------------------------------
 // Key material and files
+
+const b64u = (buf) => Buffer.from(buf).toString("base64url");
+const nowS = () => Math.floor(Date.now() / 1000);
 
 const { privateKey, publicKey } = generateKeyPairSync("rsa", { modulusLength: 2048 });
 const jwk = publicKey.export({ format: "jwk" });
@@ -97,95 +120,148 @@ const jwk = publicKey.export({ format: "jwk" });
 const kid = b64u(createHash("sha256").update(JSON.stringify({ e: jwk.e, kty: "RSA", n: jwk.n })).digest());
 const jwks = { keys: [{ kty: "RSA", use: "sig", alg: "RS256", kid, n: jwk.n, e: jwk.e }] };
 
-mkdirSync(join(dir, "arc"), { recursive: true, mode: 0o755 });
 const files = {
   publicKey: join(dir, "signing.pub.pem"),
   jwks: join(dir, "jwks.json"),
   federatedToken: join(dir, "federated-token"),
-  arcKey: join(dir, "arc", `${randomBytes(8).toString("hex")}.key`),
+  clientSecret: join(dir, "client-secret"),
+  identityHeader: join(dir, "identity-header"),
+  arcDir: join(dir, "arc"),
   log: join(dir, "tokensvc.log"),
 };
-// Test fixture: readable by other local users (sbpg's backend runs as the postgres user).
-const writePublic = (path, text) => { writeFileSync(path, text); chmodSync(path, 0o644); };
-writePublic(files.publicKey, publicKey.export({ type: "spki", format: "pem" }));
-writePublic(files.jwks, JSON.stringify(jwks, null, 2) + "\n");
-writePublic(files.federatedToken, opts.federatedToken ?? DEFAULT_FEDERATED_TOKEN);
-const arcSecret = randomBytes(32).toString("hex");
-writePublic(files.arcKey, arcSecret);
+
+// Fixtures are readable by other local users: sbpg's backends run as the postgres user and read
+// the federated token (and a client secret given as secret_file) themselves. Files are replaced
+// atomically so that a reader never sees half a token.
+function writeFixture(path, text, mode = 0o644, gid = null) {
+  const tmp = `${path}.${process.pid}.tmp`;
+  writeFileSync(tmp, text, { mode });
+  chmodSync(tmp, mode); // the umask may have narrowed it
+  if (gid !== null) chownSync(tmp, -1, gid);
+  renameSync(tmp, path);
+}
+
+mkdirSync(dir, { recursive: true });
+mkdirSync(files.arcDir, { recursive: true });
+chmodSync(files.arcDir, arcGid === null ? 0o700 : 0o750);
+if (arcGid !== null) chownSync(files.arcDir, -1, arcGid);
+writeFixture(files.publicKey, publicKey.export({ type: "spki", format: "pem" }));
+writeFixture(files.jwks, JSON.stringify(jwks, null, 2) + "\n");
+writeFixture(files.clientSecret, opts.clientSecret);
+writeFixture(files.identityHeader, opts.identityHeader);
 writeFileSync(files.log, "");
 
-// The accepted client assertion is what DIR/federated-token holds now (re-read per request, so a
-// test can rotate it the way kubelet does); the start value if the file cannot be read.
-function currentFederatedToken() {
+// Everything secret this process ever handed out, for GET /control/tokens. Never cleared.
+const vault = { tokens: [], arcKeys: new Map() /* secret -> key file */, federated: [] };
+
+function signJwt(payload, header = {}) {
+  const input = `${b64u(JSON.stringify({ typ: "JWT", alg: "RS256", kid, ...header }))}.${b64u(JSON.stringify(payload))}`;
+  return `${input}.${b64u(cryptoSign("RSA-SHA256", Buffer.from(input), privateKey))}`;
+}
+
+/**
+ * Checks that `jwt` is an RS256 JWT signed by this process's key. Returns { claims } or
+ * { error: "malformed" | "signature" }. Time and audience are the caller's business.
+ */
+function verifyOwnJwt(jwt) {
+  const parts = String(jwt).split(".");
+  if (parts.length !== 3) return { error: "malformed" };
+  let header, claims;
   try {
-    return readFileSync(files.federatedToken, "utf8").replace(/\r?\n$/, "");
+    header = JSON.parse(Buffer.from(parts[0], "base64url"));
+    claims = JSON.parse(Buffer.from(parts[1], "base64url"));
   } catch {
-    return opts.federatedToken ?? DEFAULT_FEDERATED_TOKEN;
+    return { error: "malformed" };
   }
+  if (!header || typeof claims !== "object" || claims === null) return { error: "malformed" };
+  if (header.alg !== "RS256" || (header.kid !== undefined && header.kid !== kid)) return { error: "signature" };
+  const ok = cryptoVerify("RSA-SHA256", Buffer.from(`${parts[0]}.${parts[1]}`), publicKey, Buffer.from(parts[2], "base64url"));
+  return ok ? { claims } : { error: "signature" };
+}
+
+// The federated token plays an AKS projected service account token: issuer = the cluster's OIDC
+// issuer, audience api://AzureADTokenExchange, subject = the service account. Real ones live 1 h
+// and kubelet rewrites the file; this one lives 24 h unless POST /control/federated-token says so.
+const FEDERATED_AUDIENCE = "api://AzureADTokenExchange";
+const FEDERATED_ISSUER = `https://oidc.tokensvc.test/${opts.tenant}/`;
+const FEDERATED_SUBJECT = "system:serviceaccount:default:sbpg";
+
+function federatedClaims(lifetime = 86400, extra = {}) {
+  const now = nowS();
+  return {
+    aud: [FEDERATED_AUDIENCE],
+    exp: now + lifetime,
+    iat: now,
+    nbf: now,
+    iss: FEDERATED_ISSUER,
+    sub: FEDERATED_SUBJECT,
+    jti: randomUUID(),
+    "kubernetes.io": { namespace: "default", serviceaccount: { name: "sbpg", uid: guidFrom("serviceaccount|default|sbpg") } },
+    ...extra,
+  };
+}
+
+function writeFederatedToken(token) {
+  writeFixture(files.federatedToken, token);
+  vault.federated.push(token);
 }
 
 // ---------------------------------------------------------------------------------------------
 // State: counters, issued tokens, faults, runtime config
 
-const AUDIENCE_SB = "https://servicebus.azure.net";
+const ROUTES = ["imds", "app_service", "arc", "entra"];
 const WRONG_AUDIENCE = "https://storage.azure.com";
-const ISSUED_KEEP = 200;
+const KEEP = 10000; // issued tokens remembered (a guard against unbounded growth, never reached in tests)
 
-const state = {
-  lifetime: opts.lifetime,
-  requests: null,
-  errorsServed: 0,
-  dropped: 0,
-  issued: [],
-  faults: null,
-};
+const state = { config: null, counters: null, issued: [], faults: [], timed: null, nextFaultId: 1 };
+
 function resetState() {
-  state.lifetime = opts.lifetime;
-  state.requests = { imds: 0, app_service: 0, arc_challenge: 0, arc: 0, entra_secret: 0, entra_assertion: 0, openid: 0 };
-  state.errorsServed = 0;
-  state.dropped = 0;
+  state.config = { lifetime: opts.lifetime, refresh_in: opts.refreshIn };
+  const c = {};
+  for (const r of ROUTES) c[r] = { requests: 0, issued: 0, failed: {} };
+  c.arc.challenges = 0; // 401 answers to requests without Authorization: protocol, not failure
+  c.entra.client_secret = 0; // token requests by credential type
+  c.entra.client_assertion = 0;
+  c.openid = { requests: 0 };
+  state.counters = c;
   state.issued = [];
-  state.faults = { status: 0, count: 0, delay_ms: 0, wrong_audience: 0, down_until: 0 };
+  state.faults = [];
+  state.timed = { delay_ms: 0, down_until: 0 }; // the legacy query form's time-based faults
 }
 resetState();
 
 const urls = { http: null, https: null };
 
-function faultsView() {
-  const f = state.faults;
-  return {
-    status: f.count > 0 ? f.status : null,
-    count: f.count,
-    delay_ms: f.delay_ms,
-    wrong_audience: f.wrong_audience,
-    down_ms_remaining: Math.max(0, f.down_until - Date.now()),
-  };
-}
-
 function configView() {
   return {
     tenant: opts.tenant,
-    lifetime: state.lifetime,
+    client_id: opts.clientId ?? null,
+    lifetime: state.config.lifetime,
+    refresh_in: state.config.refresh_in,
     start_lifetime: opts.lifetime,
     issuer: issuer(),
     kid,
     dir,
     http: urls.http,
     https: urls.https,
-    public_key_file: files.publicKey,
-    jwks_file: files.jwks,
-    federated_token_file: files.federatedToken,
-    arc_key_file: files.arcKey,
-    log_file: files.log,
+    federated_literal: opts.federatedToken !== undefined,
+    system_identities: Object.fromEntries(["imds", "app_service", "arc"].map((r) => {
+      const id = managedIdentity(r, new URLSearchParams(), {});
+      return [r, { oid: id.oid, client_id: id.clientId }];
+    })),
+    files: {
+      public_key: files.publicKey, jwks: files.jwks, federated_token: files.federatedToken,
+      client_secret: files.clientSecret, identity_header: files.identityHeader, arc_dir: files.arcDir, log: files.log,
+    },
   };
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tokens
+// Tokens and identities
 
 const issuer = () => `https://sts.windows.net/${opts.tenant}/`;
 
-/** A stable GUID-formatted id derived from a string. */
+/** A stable GUID-formatted id derived from a string (the same across runs). */
 function guidFrom(s) {
   const h = createHmac("sha256", "tokensvc").update(s).digest("hex");
   // Shape it like a version-4/variant-1 UUID.
@@ -202,24 +278,17 @@ function audienceOf(resourceOrScope) {
   return a.replace(/\/+$/, "");
 }
 
-function signJwt(header, payload) {
-  const input = `${b64u(JSON.stringify(header))}.${b64u(JSON.stringify(payload))}`;
-  return `${input}.${b64u(cryptoSign("RSA-SHA256", Buffer.from(input), privateKey))}`;
-}
-
 /**
- * Issues a token. `identity` = { kind, clientId, oid, appidacr, miResId? }.
- * Returns { token, now, exp, lifetime, aud }.
+ * Issues a token for `identity` = { clientId, oid, appidacr, miResId? }. `fault` is the token fault
+ * taken for this request, if any (wrong_audience, lifetime). Returns { token, now, exp, lifetime }.
  */
-function issue(kind, identity, resourceOrScope) {
-  const lifetime = state.lifetime;
-  const now = Math.floor(Date.now() / 1000);
+function issue(route, kind, identity, resourceOrScope, fault) {
+  const lifetime = fault?.lifetime ?? state.config.lifetime;
+  const now = nowS();
   const exp = now + lifetime;
   let aud = audienceOf(resourceOrScope);
-  if (state.faults.wrong_audience > 0) {
-    state.faults.wrong_audience--;
-    aud = WRONG_AUDIENCE;
-  }
+  if (fault?.wrong_audience) aud = typeof fault.wrong_audience === "string" ? fault.wrong_audience : WRONG_AUDIENCE;
+  const uti = b64u(randomBytes(16)); // unique per token, as in Entra's v1 tokens
   const payload = {
     aud,
     iss: issuer(),
@@ -236,41 +305,45 @@ function issue(kind, identity, resourceOrScope) {
     rh: b64u(randomBytes(12)) + ".",
     sub: identity.oid,
     tid: opts.tenant,
-    uti: b64u(randomBytes(16)),
+    uti,
     ver: "1.0",
   };
   if (identity.miResId) payload.xms_mirid = identity.miResId;
-  const token = signJwt({ typ: "JWT", alg: "RS256", kid }, payload);
-  state.issued.push({ kind, sub: payload.sub, oid: payload.oid, aud, iat: now, exp, lifetime, client_id: identity.clientId });
-  if (state.issued.length > ISSUED_KEEP) state.issued.splice(0, state.issued.length - ISSUED_KEEP);
-  return { token, now, exp, lifetime, aud };
+  const token = signJwt(payload);
+  state.counters[route].issued++;
+  state.issued.push({ route, kind, sub: payload.sub, oid: payload.oid, aud, iat: now, exp, lifetime, client_id: identity.clientId, jti: uti });
+  if (state.issued.length > KEEP) state.issued.splice(0, state.issued.length - KEEP);
+  vault.tokens.push({ route, jti: uti, token });
+  if (vault.tokens.length > KEEP) vault.tokens.splice(0, vault.tokens.length - KEEP);
+  return { token, now, exp, lifetime };
 }
 
 /**
  * The managed identity a request selects. `selectors` maps query names to their meaning
- * ("client_id" | "object_id" | "resource_id"). System-assigned when none is given.
+ * ("client_id" | "object_id" | "resource_id"). System-assigned when none is given: one per source.
+ * A user-assigned identity is the same whichever source asks for it.
  */
-function managedIdentity(kind, query, selectors) {
+function managedIdentity(source, query, selectors) {
   const given = Object.keys(selectors).filter((k) => query.get(k));
   if (given.length > 1) return { error: `Only one of ${Object.keys(selectors).join(", ")} may be given` };
-  if (given.length === 0) {
-    const oid = guidFrom(`${kind}|system|oid`);
-    return { kind, system: true, clientId: guidFrom(`${kind}|system|client_id`), oid, appidacr: "2" };
-  }
+  if (given.length === 0)
+    return { clientId: guidFrom(`${source}|system|client_id`), oid: guidFrom(`${source}|system|oid`), appidacr: "2" };
   const name = given[0];
   const value = query.get(name);
-  const meaning = selectors[name];
-  const id = { kind, system: false, appidacr: "2" };
-  if (meaning === "client_id") {
+  const id = { appidacr: "2" };
+  switch (selectors[name]) {
+  case "client_id":
     id.clientId = value;
-    id.oid = guidFrom(`${kind}|client_id|${value.toLowerCase()}`);
-  } else if (meaning === "object_id") {
-    id.oid = GUID_RE.test(value) ? value.toLowerCase() : guidFrom(`${kind}|object_id|${value}`);
-    id.clientId = guidFrom(`${kind}|object_id|${value.toLowerCase()}|client_id`);
-  } else {
+    id.oid = guidFrom(`user|client_id|${value.toLowerCase()}`);
+    break;
+  case "object_id":
+    id.oid = GUID_RE.test(value) ? value.toLowerCase() : guidFrom(`user|object_id|${value}`);
+    id.clientId = guidFrom(`user|object_id|${value.toLowerCase()}|client_id`);
+    break;
+  default:
     id.miResId = value;
-    id.oid = guidFrom(`${kind}|resource_id|${value.toLowerCase()}`);
-    id.clientId = guidFrom(`${kind}|resource_id|${value.toLowerCase()}|client_id`);
+    id.oid = guidFrom(`user|resource_id|${value.toLowerCase()}`);
+    id.clientId = guidFrom(`user|resource_id|${value.toLowerCase()}|client_id`);
   }
   return id;
 }
@@ -285,11 +358,16 @@ function log(req, status, started, listener) {
   } catch { /* the log is best effort */ }
 }
 
+/** Answers JSON and counts failures of token routes. */
 function send(ctx, status, body, headers = {}) {
   const { res } = ctx;
   if (ctx.answered || res.destroyed) return;
   ctx.answered = true;
-  if (ctx.tokenRoute && status >= 400 && !ctx.challenge) state.errorsServed++;
+  if (ctx.route && status >= 400) {
+    const c = state.counters[ctx.route];
+    if (ctx.challenge) c.challenges++;
+    else c.failed[status] = (c.failed[status] || 0) + 1;
+  }
   const text = body === undefined ? "" : JSON.stringify(body);
   res.writeHead(status, {
     "Content-Type": "application/json; charset=utf-8",
@@ -301,7 +379,19 @@ function send(ctx, status, body, headers = {}) {
   log(ctx.req, status, ctx.started, ctx.listener);
 }
 
-const oauthError = (error, description, extra = {}) => ({ error, error_description: description, ...extra });
+/** Closes the connection without an answer (fault "down"). */
+function drop(ctx) {
+  ctx.answered = true;
+  const c = state.counters[ctx.route];
+  c.failed.down = (c.failed.down || 0) + 1;
+  log(ctx.req, "dropped", ctx.started, ctx.listener);
+  ctx.req.socket.destroy();
+}
+
+const oauthError = (error, description) => ({ error, error_description: description });
+
+/** App Service's error shape (msal-node reads message and correlationId). */
+const appServiceError = (status, message) => ({ statusCode: status, message, correlationId: randomUUID() });
 
 /** An Entra-style error body (MSAL reads error_codes, timestamp, trace_id, correlation_id). */
 function entraError(error, code, description, req) {
@@ -335,51 +425,173 @@ function readBody(req, limit = 64 * 1024) {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-const FAULT_BODIES = {
-  404: ["not_found", "tokensvc fault: identity not found (IMDS is updating)"],
-  410: ["gone", "tokensvc fault: IMDS is upgrading"],
-  429: ["too_many_requests", "tokensvc fault: too many requests"],
-  500: ["server_error", "tokensvc fault: internal server error"],
-  502: ["bad_gateway", "tokensvc fault: bad gateway"],
-  503: ["temporarily_unavailable", "tokensvc fault: service unavailable"],
-  504: ["gateway_timeout", "tokensvc fault: gateway timeout"],
+// ---------------------------------------------------------------------------------------------
+// Faults
+//
+// A fault is { route, count, ... }. Two kinds:
+//  - an answer fault (has `status` or `down`) is taken by the next matching request on arrival,
+//    before any validation: it waits delay_ms, then answers `status` (with Retry-After) or drops
+//    the connection;
+//  - a token fault (only delay_ms / wrong_audience / lifetime) is taken by the next matching
+//    request that is about to get a token: it waits delay_ms, then issues the modified token.
+// Within a kind the first matching fault in the list wins; `count` decrements per request taken
+// ("forever" never does) and a fault is removed when it reaches 0.
+
+const FAULT_FIELDS = new Set(["route", "status", "count", "retry_after", "delay_ms", "wrong_audience", "lifetime", "down"]);
+
+function badRequest(msg) {
+  return Object.assign(new Error(msg), { status: 400 });
+}
+
+function parseFault(f) {
+  if (!f || typeof f !== "object" || Array.isArray(f)) throw badRequest("a fault is a JSON object");
+  for (const k of Object.keys(f)) if (!FAULT_FIELDS.has(k)) throw badRequest(`unknown fault field ${k}`);
+  const int = (name, min, max = Infinity) => {
+    const v = f[name];
+    if (!Number.isInteger(v) || v < min || v > max) throw badRequest(`${name} must be an integer from ${min}${max < Infinity ? ` to ${max}` : ""}`);
+    return v;
+  };
+  const out = { id: state.nextFaultId, route: f.route ?? "any" };
+  if (out.route !== "any" && !ROUTES.includes(out.route)) throw badRequest(`route must be one of any, ${ROUTES.join(", ")}`);
+  out.count = f.count === "forever" ? "forever" : f.count === undefined ? 1 : int("count", 1);
+  if (f.status !== undefined) out.status = int("status", 400, 599);
+  if (f.retry_after !== undefined) out.retry_after = int("retry_after", 0);
+  if (f.delay_ms !== undefined) out.delay_ms = int("delay_ms", 0);
+  if (f.lifetime !== undefined) out.lifetime = int("lifetime", 1);
+  if (f.wrong_audience !== undefined) {
+    if (f.wrong_audience !== true && !(typeof f.wrong_audience === "string" && f.wrong_audience))
+      throw badRequest("wrong_audience is true or an audience string");
+    out.wrong_audience = f.wrong_audience;
+  }
+  if (f.down !== undefined) {
+    if (f.down !== true) throw badRequest("down must be true");
+    out.down = true;
+  }
+  const modifiesToken = out.wrong_audience !== undefined || out.lifetime !== undefined;
+  if (out.down && (out.status !== undefined || out.retry_after !== undefined || modifiesToken))
+    throw badRequest("down goes with delay_ms only");
+  if (out.status !== undefined && modifiesToken) throw badRequest("a status fault issues no token: no wrong_audience or lifetime");
+  if (out.retry_after !== undefined && out.status === undefined) throw badRequest("retry_after needs status");
+  if (out.status === undefined && !out.down && !modifiesToken && out.delay_ms === undefined)
+    throw badRequest("a fault needs status, down, delay_ms, wrong_audience or lifetime");
+  out.kind = out.status !== undefined || out.down ? "answer" : "token";
+  out.applied = 0;
+  state.nextFaultId++;
+  return out;
+}
+
+function takeFault(route, kind) {
+  const i = state.faults.findIndex((f) => f.kind === kind && (f.route === "any" || f.route === route));
+  if (i < 0) return null;
+  const f = state.faults[i];
+  f.applied++;
+  if (f.count !== "forever" && --f.count === 0) state.faults.splice(i, 1);
+  return f;
+}
+
+const FAULT_REASONS = {
+  404: ["not_found", "identity not found (IMDS is updating)"],
+  410: ["gone", "IMDS is upgrading"],
+  429: ["too_many_requests", "too many requests"],
+  500: ["server_error", "internal server error"],
+  502: ["bad_gateway", "bad gateway"],
+  503: ["temporarily_unavailable", "service unavailable"],
+  504: ["gateway_timeout", "gateway timeout"],
 };
 
+function faultBody(route, status, req) {
+  const [error, reason] = FAULT_REASONS[status] ?? [status >= 500 ? "server_error" : "invalid_request", `status ${status}`];
+  const description = `tokensvc fault: ${reason}`;
+  if (route === "app_service") return appServiceError(status, description);
+  if (route === "entra") {
+    const entraName = status === 429 || status === 503 ? "temporarily_unavailable" : status >= 500 ? "server_error" : error;
+    return entraError(entraName, 90033, `${description}.`, req);
+  }
+  return oauthError(error, description);
+}
+
 /**
- * Applies the faults to a token-route request. Returns true when the request has been dealt with
- * (dropped or answered with a fault status).
+ * Applies the answer fault of a token route, if any. Returns true when the request was dealt with
+ * (dropped or answered).
  */
-async function applyFaults(ctx) {
-  const f = state.faults;
-  if (f.down_until > Date.now()) {
-    state.dropped++;
-    ctx.answered = true;
-    log(ctx.req, "dropped", ctx.started, ctx.listener);
-    ctx.req.socket.destroy();
+async function answerFault(ctx) {
+  if (state.timed.down_until > Date.now()) {
+    drop(ctx);
     return true;
   }
-  if (f.delay_ms > 0) await sleep(f.delay_ms);
-  if (f.count > 0) {
-    f.count--;
-    const [error, description] = FAULT_BODIES[f.status] ?? ["fault", `tokensvc fault: status ${f.status}`];
-    send(ctx, f.status, oauthError(error, description), f.status === 429 ? { "Retry-After": "1" } : {});
+  if (state.timed.delay_ms) await sleep(state.timed.delay_ms);
+  const f = takeFault(ctx.route, "answer");
+  if (!f) return false;
+  if (f.delay_ms) await sleep(f.delay_ms);
+  if (f.down) {
+    drop(ctx);
     return true;
   }
-  return false;
+  const retryAfter = f.retry_after ?? (f.status === 429 ? 1 : undefined);
+  send(ctx, f.status, faultBody(ctx.route, f.status, ctx.req), retryAfter === undefined ? {} : { "Retry-After": String(retryAfter) });
+  return true;
+}
+
+/**
+ * The legacy query form of POST /control/faults, kept for callers written against it (see
+ * harness.mjs): ?status=S[&count=N] adds {route: any, status, count}; ?wrong_audience=N adds
+ * {route: any, wrong_audience: true, count: N}; ?delay_ms=M delays every token-route answer until
+ * reset (0 ends it); ?down_ms=M drops token-route connections for the next M ms.
+ */
+function legacyFaults(q) {
+  const int = (name, min) => {
+    const v = Number(q.get(name));
+    if (!Number.isInteger(v) || v < min) throw badRequest(`${name} must be an integer >= ${min}`);
+    return v;
+  };
+  for (const k of q.keys())
+    if (!["status", "count", "wrong_audience", "delay_ms", "down_ms"].includes(k)) throw badRequest(`unknown fault parameter ${k}`);
+  if (q.has("count") && !q.has("status")) throw badRequest("count needs status");
+  const added = [];
+  if (q.has("status")) {
+    const status = int("status", 400);
+    const count = q.has("count") ? int("count", 0) : 1;
+    if (count > 0) added.push(parseFault({ status, count }));
+  }
+  if (q.has("wrong_audience")) {
+    const n = int("wrong_audience", 0);
+    if (n > 0) added.push(parseFault({ wrong_audience: true, count: n }));
+  }
+  const delay = q.has("delay_ms") ? int("delay_ms", 0) : null;
+  const down = q.has("down_ms") ? int("down_ms", 0) : null;
+  state.faults.push(...added);
+  if (delay !== null) state.timed.delay_ms = delay;
+  if (down !== null) state.timed.down_until = Date.now() + down;
+}
+
+/** Takes the token fault of a request that is about to get a token; waits its delay. */
+async function tokenFault(ctx) {
+  const f = takeFault(ctx.route, "token");
+  if (f?.delay_ms) await sleep(f.delay_ms);
+  return f;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Routes
+// Managed identity routes
 
-/** 2019-11-01 or a later date-versioned api-version (with an optional suffix such as -preview). */
-function arcApiVersionOk(v) {
-  const m = /^(\d{4}-\d{2}-\d{2})(-[A-Za-z0-9.]+)?$/.exec(v || "");
-  return Boolean(m) && m[1] >= "2019-11-01";
+/** IMDS-shaped answer (IMDS and Arc): numbers as strings, as IMDS sends them. */
+function imdsBody(t, resource, clientId) {
+  const body = {
+    access_token: t.token,
+    refresh_token: "",
+    expires_in: String(t.lifetime),
+    expires_on: String(t.exp),
+    ext_expires_in: String(t.lifetime),
+    not_before: String(t.now),
+    resource,
+    token_type: "Bearer",
+  };
+  if (clientId) body.client_id = clientId;
+  if (state.config.refresh_in) body.refresh_in = String(state.config.refresh_in);
+  return body;
 }
 
 async function imds(ctx, url) {
-  state.requests.imds++;
-  if (await applyFaults(ctx)) return;
   const q = url.searchParams;
   if (ctx.req.headers["metadata"] !== "true")
     return send(ctx, 400, oauthError("invalid_request", "Required metadata header not specified"));
@@ -389,54 +601,47 @@ async function imds(ctx, url) {
     return send(ctx, 400, oauthError("invalid_request", "Required query variable 'resource' is missing"));
   const id = managedIdentity("imds", q, { client_id: "client_id", object_id: "object_id", msi_res_id: "resource_id", mi_res_id: "resource_id" });
   if (id.error) return send(ctx, 400, oauthError("invalid_request", id.error));
-  const t = issue("imds", id, q.get("resource"));
-  send(ctx, 200, imdsBody(t, q.get("resource"), id));
-}
-
-function imdsBody(t, resource, id) {
-  return {
-    access_token: t.token,
-    refresh_token: "",
-    expires_in: String(t.lifetime),
-    expires_on: String(t.exp),
-    ext_expires_in: String(t.lifetime),
-    not_before: String(t.now),
-    resource,
-    token_type: "Bearer",
-    client_id: id.clientId,
-  };
+  const fault = await tokenFault(ctx);
+  const t = issue("imds", "imds", id, q.get("resource"), fault);
+  send(ctx, 200, imdsBody(t, q.get("resource"), id.clientId));
 }
 
 async function appService(ctx, url) {
-  state.requests.app_service++;
-  if (await applyFaults(ctx)) return;
   const q = url.searchParams;
   const header = ctx.req.headers["x-identity-header"];
   if (header === undefined)
-    return send(ctx, 400, oauthError("invalid_request", "Required header X-IDENTITY-HEADER is missing"));
+    return send(ctx, 400, appServiceError(400, "Required header X-IDENTITY-HEADER is missing"));
   if (header !== opts.identityHeader)
-    return send(ctx, 401, oauthError("unauthorized", "X-IDENTITY-HEADER does not match"));
+    return send(ctx, 401, appServiceError(401, "X-IDENTITY-HEADER does not match"));
   if (!q.get("api-version"))
-    return send(ctx, 400, oauthError("invalid_request", "Required query variable 'api-version' is missing"));
+    return send(ctx, 400, appServiceError(400, "Required query variable 'api-version' is missing"));
   if (!q.get("resource"))
-    return send(ctx, 400, oauthError("invalid_request", "Required query variable 'resource' is missing"));
+    return send(ctx, 400, appServiceError(400, "Required query variable 'resource' is missing"));
   const id = managedIdentity("app_service", q, { client_id: "client_id", principal_id: "object_id", object_id: "object_id", mi_res_id: "resource_id" });
-  if (id.error) return send(ctx, 400, oauthError("invalid_request", id.error));
-  const t = issue("app_service", id, q.get("resource"));
-  send(ctx, 200, {
-    access_token: t.token,
-    expires_on: String(t.exp),
-    resource: q.get("resource"),
-    token_type: "Bearer",
-    client_id: id.clientId,
-  });
+  if (id.error) return send(ctx, 400, appServiceError(400, id.error));
+  const fault = await tokenFault(ctx);
+  const t = issue("app_service", "app_service", id, q.get("resource"), fault);
+  const body = { access_token: t.token, expires_on: String(t.exp), resource: q.get("resource"), token_type: "Bearer", client_id: id.clientId };
+  if (state.config.refresh_in) body.refresh_in = String(state.config.refresh_in);
+  send(ctx, 200, body);
+}
+
+/** 2019-11-01 or a later date-versioned api-version (with an optional suffix such as -preview). */
+function arcApiVersionOk(v) {
+  const m = /^(\d{4}-\d{2}-\d{2})(-[A-Za-z0-9.]+)?$/.exec(v || "");
+  return Boolean(m) && m[1] >= "2019-11-01";
+}
+
+/** Writes a fresh Arc key file, as the agent does for every challenge; returns the header. */
+function arcChallenge() {
+  const path = join(files.arcDir, `${randomUUID()}.key`);
+  const secret = randomBytes(32).toString("hex");
+  writeFixture(path, secret, arcGid === null ? 0o600 : 0o640, arcGid);
+  vault.arcKeys.set(secret, path);
+  return { "WWW-Authenticate": `Basic realm=${path}` };
 }
 
 async function arc(ctx, url) {
-  const auth = ctx.req.headers["authorization"];
-  if (auth === undefined) state.requests.arc_challenge++;
-  else state.requests.arc++;
-  if (await applyFaults(ctx)) return;
   const q = url.searchParams;
   if (ctx.req.headers["metadata"] !== "true")
     return send(ctx, 400, oauthError("invalid_request", "Required metadata header not specified"));
@@ -444,24 +649,53 @@ async function arc(ctx, url) {
     return send(ctx, 400, oauthError("invalid_request", "api-version must be 2019-11-01 or later"));
   if (!q.get("resource"))
     return send(ctx, 400, oauthError("invalid_request", "Required query variable 'resource' is missing"));
-  const challenge = { "WWW-Authenticate": `Basic realm=${files.arcKey}` };
+  const auth = ctx.req.headers["authorization"];
   if (auth === undefined) {
     ctx.challenge = true;
-    return send(ctx, 401, oauthError("unauthorized", "Authorization header is required; read the key file named in WWW-Authenticate"), challenge);
+    return send(ctx, 401, oauthError("unauthorized_client", "Authorization header is required; send the content of the key file named in WWW-Authenticate"), arcChallenge());
   }
-  if (auth !== `Basic ${arcSecret}`)
-    return send(ctx, 401, oauthError("unauthorized", "The Authorization header does not carry the current key"), challenge);
-  // Azure Arc only has a system-assigned identity.
+  const m = /^Basic (.+)$/.exec(auth);
+  if (!m || !vault.arcKeys.has(m[1]))
+    return send(ctx, 401, oauthError("unauthorized_client", "The Authorization header does not carry a key this agent wrote"), arcChallenge());
+  // Azure Arc only has a system-assigned identity; selectors are ignored.
   const id = managedIdentity("arc", new URLSearchParams(), {});
-  const t = issue("arc", id, q.get("resource"));
-  send(ctx, 200, imdsBody(t, q.get("resource"), id));
+  const fault = await tokenFault(ctx);
+  const t = issue("arc", "arc", id, q.get("resource"), fault);
+  send(ctx, 200, imdsBody(t, q.get("resource"), null));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Entra ID routes
+
 const ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
-const ALLOWED_SCOPES = new Set([`${AUDIENCE_SB}/.default`, `${AUDIENCE_SB}//.default`]);
 const OIDC_SCOPES = new Set(["openid", "profile", "offline_access", "email"]);
 
 const tenantMatches = (t) => t.toLowerCase() === opts.tenant.toLowerCase();
+
+/**
+ * Checks a client assertion. With --federated-token it must equal the current content of
+ * DIR/federated-token; otherwise it must be a JWT this process signed, within its validity, for
+ * the audience api://AzureADTokenExchange (what a federated identity credential requires).
+ * Returns null when accepted, else [status, error, code, description].
+ */
+function assertionProblem(assertion) {
+  if (opts.federatedToken !== undefined) {
+    let current = null;
+    try { current = readFileSync(files.federatedToken, "utf8").replace(/\r?\n$/, ""); } catch { /* refused below */ }
+    return assertion === current ? null : [401, "invalid_client", 700211, "No matching federated identity record found for presented assertion."];
+  }
+  const v = verifyOwnJwt(assertion);
+  if (v.error === "malformed") return [400, "invalid_request", 50027, "JWT token is invalid or malformed."];
+  if (v.error) return [401, "invalid_client", 700027, "Client assertion failed signature validation."];
+  const now = nowS();
+  const { exp, nbf, aud } = v.claims;
+  if (typeof exp !== "number" || exp <= now || (typeof nbf === "number" && nbf > now))
+    return [400, "invalid_client", 700024, `Client assertion is not within its valid time range. Current time: ${new Date(now * 1000).toISOString()}, expiry time of assertion ${typeof exp === "number" ? new Date(exp * 1000).toISOString() : "(none)"}.`];
+  const auds = Array.isArray(aud) ? aud : [aud];
+  if (!auds.includes(FEDERATED_AUDIENCE))
+    return [400, "invalid_request", 700212, `No matching federated identity record found for presented assertion audience '${auds.join(",")}'.`];
+  return null;
+}
 
 async function entraToken(ctx, tenant) {
   const { req } = ctx;
@@ -473,57 +707,58 @@ async function entraToken(ctx, tenant) {
   }
   const p = new URLSearchParams(body);
   const isAssertion = p.has("client_assertion") || p.has("client_assertion_type");
-  if (isAssertion) state.requests.entra_assertion++;
-  else state.requests.entra_secret++;
-  if (await applyFaults(ctx)) return;
+  state.counters.entra[isAssertion ? "client_assertion" : "client_secret"]++;
+  if (await answerFault(ctx)) return;
+  const err = (status, error, code, description) => send(ctx, status, entraError(error, code, description, req));
   if (!tenantMatches(tenant))
-    return send(ctx, 400, entraError("invalid_request", 90002, `Tenant '${tenant}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud.`, req));
+    return err(400, "invalid_request", 90002, `Tenant '${tenant}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud.`);
   const ctype = (req.headers["content-type"] || "").split(";")[0].trim().toLowerCase();
-  if (ctype !== "application/x-www-form-urlencoded")
-    return send(ctx, 400, entraError("invalid_request", 900144, "The request body must contain the following parameter: 'grant_type'.", req));
-  const grant = p.get("grant_type");
-  if (!grant) return send(ctx, 400, entraError("invalid_request", 900144, "The request body must contain the following parameter: 'grant_type'.", req));
+  const grant = ctype === "application/x-www-form-urlencoded" ? p.get("grant_type") : null;
+  if (!grant) return err(400, "invalid_request", 900144, "The request body must contain the following parameter: 'grant_type'.");
   if (grant !== "client_credentials")
-    return send(ctx, 400, entraError("unsupported_grant_type", 70003, `The app requested an unsupported grant type '${grant}'.`, req));
+    return err(400, "unsupported_grant_type", 70003, `The app requested an unsupported grant type '${grant}'.`);
   const clientId = p.get("client_id");
-  if (!clientId) return send(ctx, 400, entraError("invalid_request", 900144, "The request body must contain the following parameter: 'client_id'.", req));
+  if (!clientId) return err(400, "invalid_request", 900144, "The request body must contain the following parameter: 'client_id'.");
   const scopes = (p.get("scope") || "").split(/\s+/).filter((s) => s && !OIDC_SCOPES.has(s));
-  if (scopes.length !== 1 || !ALLOWED_SCOPES.has(scopes[0]))
-    return send(ctx, 400, entraError("invalid_scope", 1002012, `The provided value for scope ${p.get("scope") || "(none)"} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI); this service only knows ${AUDIENCE_SB}.`, req));
+  if (scopes.length === 0) return err(400, "invalid_request", 900144, "The request body must contain the following parameter: 'scope'.");
+  if (scopes.length > 1)
+    return err(400, "invalid_scope", 70011, `The provided value for the input parameter 'scope' is not valid. The scope ${scopes.join(" ")} is not valid: client credential flows take one resource.`);
+  if (!scopes[0].endsWith("/.default") || audienceOf(scopes[0]) === "")
+    return err(400, "invalid_scope", 1002012, `The provided value for scope ${scopes[0]} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI).`);
+  if (opts.clientId !== undefined && clientId.toLowerCase() !== opts.clientId.toLowerCase())
+    return err(400, "unauthorized_client", 700016, `Application with identifier '${clientId}' was not found in the directory '${opts.tenant}'.`);
   let kind;
   if (isAssertion) {
     if (p.get("client_assertion_type") !== ASSERTION_TYPE)
-      return send(ctx, 400, entraError("invalid_request", 700010, `client_assertion_type must be ${ASSERTION_TYPE}.`, req));
-    if (p.get("client_assertion") !== currentFederatedToken())
-      return send(ctx, 401, entraError("invalid_client", 700211, "No matching federated identity record found for presented assertion.", req));
+      return err(400, "invalid_request", 700010, `client_assertion_type must be ${ASSERTION_TYPE}.`);
+    const problem = assertionProblem(p.get("client_assertion") ?? "");
+    if (problem) return err(...problem);
     kind = "entra_assertion";
   } else if (p.has("client_secret")) {
     if (p.get("client_secret") !== opts.clientSecret)
-      return send(ctx, 401, entraError("invalid_client", 7000215, "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID.", req));
+      return err(401, "invalid_client", 7000215, `Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '${clientId}'.`);
     kind = "entra_secret";
   } else {
-    return send(ctx, 401, entraError("invalid_client", 7000218, "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.", req));
+    return err(401, "invalid_client", 7000218, "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.");
   }
   // One app registration per (tenant, client id): the secret and the federated credential are two
-  // ways to authenticate the same service principal.
+  // ways to sign in as the same service principal, whose object id is derived from the client id.
   const id = { clientId, oid: guidFrom(`entra|${opts.tenant.toLowerCase()}|${clientId.toLowerCase()}`), appidacr: kind === "entra_secret" ? "1" : "2" };
-  const t = issue(kind, id, scopes[0]);
-  send(ctx, 200, {
-    token_type: "Bearer",
-    expires_in: t.lifetime,
-    ext_expires_in: t.lifetime,
-    access_token: t.token,
-  });
+  const fault = await tokenFault(ctx);
+  const t = issue("entra", kind, id, scopes[0], fault);
+  const answer = { token_type: "Bearer", expires_in: t.lifetime, ext_expires_in: t.lifetime, access_token: t.token };
+  if (state.config.refresh_in) answer.refresh_in = state.config.refresh_in;
+  send(ctx, 200, answer);
 }
 
 function baseUrl(req) {
   const scheme = req.socket.encrypted ? "https" : "http";
-  const host = req.headers.host || (scheme === "https" ? new URL(urls.https).host : new URL(urls.http).host);
+  const host = req.headers.host || new URL(scheme === "https" ? urls.https : urls.http).host;
   return `${scheme}://${host}`;
 }
 
 function openidConfiguration(ctx, tenantSeg, v2) {
-  state.requests.openid++;
+  state.counters.openid.requests++;
   const { req } = ctx;
   const known = tenantMatches(tenantSeg) || ["common", "organizations"].includes(tenantSeg.toLowerCase());
   if (!known)
@@ -571,51 +806,98 @@ function instanceDiscovery(ctx) {
 // ---------------------------------------------------------------------------------------------
 // Control
 
-function control(ctx, url, path) {
-  const { req } = ctx;
-  const q = url.searchParams;
-  const int = (name, min = 0) => {
-    const v = Number(q.get(name));
-    if (!Number.isInteger(v) || v < min) throw Object.assign(new Error(`${name} must be an integer >= ${min}`), { status: 400 });
-    return v;
-  };
+async function jsonBody(req) {
+  const text = await readBody(req);
+  if (!text.trim()) return {};
   try {
-    if (path === "/control/stats") {
-      if (req.method !== "GET") return send(ctx, 405, oauthError("method_not_allowed", "use GET"), { Allow: "GET" });
+    return JSON.parse(text);
+  } catch {
+    throw badRequest("the body is not JSON");
+  }
+}
+
+const faultsView = () => state.faults.map(({ kind, applied, ...f }) => ({ ...f, type: kind, applied }));
+const timedView = () => ({ delay_ms: state.timed.delay_ms, down_ms_remaining: Math.max(0, state.timed.down_until - Date.now()) });
+
+async function control(ctx, path, query) {
+  const { req } = ctx;
+  const routes = {
+    "/control/stats": ["GET"], "/control/tokens": ["GET"], "/control/config": ["GET", "POST"],
+    "/control/faults": ["GET", "POST"], "/control/reset": ["POST"], "/control/sign": ["POST"],
+    "/control/federated-token": ["POST"],
+  };
+  if (!routes[path]) return send(ctx, 404, oauthError("not_found", `no control route ${path}`));
+  if (!routes[path].includes(req.method))
+    return send(ctx, 405, oauthError("method_not_allowed", `use ${routes[path].join(" or ")}`), { Allow: routes[path].join(", ") });
+  try {
+    const body = req.method === "POST" ? await jsonBody(req) : null;
+    // POST with a query string and no body: the legacy form (faults, config).
+    const legacy = req.method === "POST" && [...query.keys()].length > 0;
+    if (legacy && !["/control/faults", "/control/config"].includes(path)) throw badRequest("this route takes a JSON body");
+    if (legacy && !(typeof body === "object" && body !== null && Object.keys(body).length === 0))
+      throw badRequest("give either a query string or a JSON body");
+    const isObject = (v) => typeof v === "object" && v !== null && !Array.isArray(v);
+    const obj = () => {
+      if (!isObject(body)) throw badRequest("the body must be a JSON object");
+      if (body.claims !== undefined && !isObject(body.claims)) throw badRequest("claims must be a JSON object");
+      return body;
+    };
+    switch (path) {
+    case "/control/stats":
+      return send(ctx, 200, { ...state.counters, issued: state.issued, faults: faultsView(), timed: timedView(), config: configView() });
+    case "/control/tokens":
       return send(ctx, 200, {
-        requests: state.requests,
-        errors_served: state.errorsServed,
-        dropped: state.dropped,
-        issued: state.issued,
-        config: configView(),
-        faults: faultsView(),
+        tokens: vault.tokens,
+        secrets: {
+          client_secret: opts.clientSecret,
+          identity_header: opts.identityHeader,
+          arc_keys: [...vault.arcKeys].map(([secret, file]) => ({ file, secret })),
+          federated_tokens: vault.federated,
+        },
       });
-    }
-    if (req.method !== "POST") return send(ctx, 405, oauthError("method_not_allowed", "use POST"), { Allow: "POST" });
-    if (path === "/control/config") {
-      if (q.has("lifetime")) state.lifetime = int("lifetime", 1);
+    case "/control/config": {
+      if (req.method === "POST") {
+        const b = legacy ? Object.fromEntries([...query].map(([k, v]) => [k, v === "" || v === "null" ? null : Number(v)])) : obj();
+        for (const k of Object.keys(b)) if (k !== "lifetime" && k !== "refresh_in") throw badRequest(`unknown config field ${k}`);
+        const ok = (v) => Number.isInteger(v) && v >= 1;
+        if (b.lifetime !== undefined && !ok(b.lifetime)) throw badRequest("lifetime must be an integer >= 1");
+        if (b.refresh_in !== undefined && b.refresh_in !== null && !ok(b.refresh_in)) throw badRequest("refresh_in must be an integer >= 1 or null");
+        if (b.lifetime !== undefined) state.config.lifetime = b.lifetime;
+        if (b.refresh_in !== undefined) state.config.refresh_in = b.refresh_in;
+      }
       return send(ctx, 200, configView());
     }
-    if (path === "/control/faults") {
-      const f = state.faults;
-      if (q.has("status")) {
-        const status = int("status", 400);
-        if (status > 599) throw Object.assign(new Error("status must be 400..599"), { status: 400 });
-        f.status = status;
-        f.count = q.has("count") ? int("count") : 1;
-      } else if (q.has("count")) {
-        throw Object.assign(new Error("count needs status"), { status: 400 });
+    case "/control/faults":
+      if (legacy) {
+        legacyFaults(query);
+      } else if (req.method === "POST") {
+        // Validate all before adding any.
+        const added = (Array.isArray(body) ? body : [obj()]).map(parseFault);
+        state.faults.push(...added);
       }
-      if (q.has("delay_ms")) f.delay_ms = int("delay_ms");
-      if (q.has("wrong_audience")) f.wrong_audience = int("wrong_audience");
-      if (q.has("down_ms")) f.down_until = Date.now() + int("down_ms");
-      return send(ctx, 200, faultsView());
-    }
-    if (path === "/control/reset") {
+      return send(ctx, 200, { faults: faultsView(), timed: timedView() });
+    case "/control/reset":
       resetState();
-      return send(ctx, 200, { ok: true, config: configView(), faults: faultsView() });
+      return send(ctx, 200, { ok: true, config: configView() });
+    case "/control/sign": {
+      // A JWT signed by tokensvc's key: the federated token's claims, overridden by `claims`.
+      const b = obj();
+      const lifetime = b.lifetime ?? 3600;
+      if (!Number.isInteger(lifetime)) throw badRequest("lifetime must be an integer (may be negative)");
+      const token = signJwt(federatedClaims(lifetime, b.claims ?? {}));
+      vault.tokens.push({ route: "control", jti: null, token });
+      return send(ctx, 200, { token });
     }
-    return send(ctx, 404, oauthError("not_found", `no control route ${path}`));
+    case "/control/federated-token": {
+      // Rewrites DIR/federated-token the way kubelet rotates a projected token.
+      const b = obj();
+      const lifetime = b.lifetime ?? 86400;
+      if (!Number.isInteger(lifetime)) throw badRequest("lifetime must be an integer (may be negative)");
+      const token = signJwt(federatedClaims(lifetime, b.claims ?? {}));
+      writeFederatedToken(token);
+      return send(ctx, 200, { token, file: files.federatedToken });
+    }
+    }
   } catch (e) {
     return send(ctx, e.status || 500, oauthError("invalid_request", e.message));
   }
@@ -624,8 +906,14 @@ function control(ctx, url, path) {
 // ---------------------------------------------------------------------------------------------
 // Dispatch
 
+const TOKEN_ROUTES = {
+  "/metadata/identity/oauth2/token": ["imds", "GET", imds],
+  "/msi/token": ["app_service", "GET", appService],
+  "/arc/token": ["arc", "GET", arc],
+};
+
 async function handle(req, res, listener) {
-  const ctx = { req, res, listener, started: Date.now(), answered: false, tokenRoute: false, challenge: false };
+  const ctx = { req, res, listener, started: Date.now(), answered: false, route: null, challenge: false };
   try {
     const url = new URL(req.url || "/", "http://tokensvc.invalid");
     // msal-node appends a slash to the IMDS endpoint (".../oauth2/token/?api-version=...").
@@ -633,25 +921,20 @@ async function handle(req, res, listener) {
     const lower = path.toLowerCase();
     let m;
 
-    if (lower === "/metadata/identity/oauth2/token") {
-      ctx.tokenRoute = true;
-      if (req.method !== "GET") return send(ctx, 405, oauthError("invalid_request", "use GET"), { Allow: "GET" });
-      return await imds(ctx, url);
-    }
-    if (lower === "/msi/token") {
-      ctx.tokenRoute = true;
-      if (req.method !== "GET") return send(ctx, 405, oauthError("invalid_request", "use GET"), { Allow: "GET" });
-      return await appService(ctx, url);
-    }
-    if (lower === "/arc/token") {
-      ctx.tokenRoute = true;
-      if (req.method !== "GET") return send(ctx, 405, oauthError("invalid_request", "use GET"), { Allow: "GET" });
-      return await arc(ctx, url);
+    const tr = TOKEN_ROUTES[lower];
+    if (tr) {
+      const [route, method, handler] = tr;
+      if (req.method !== method) return send(ctx, 405, oauthError("invalid_request", `use ${method}`), { Allow: method });
+      ctx.route = route;
+      state.counters[route].requests++;
+      if (await answerFault(ctx)) return;
+      return await handler(ctx, url);
     }
     if ((m = /^\/([^/]+)\/oauth2\/v2\.0\/token$/i.exec(path))) {
-      ctx.tokenRoute = true;
       if (req.method !== "POST") return send(ctx, 405, oauthError("invalid_request", "use POST"), { Allow: "POST" });
-      return await entraToken(ctx, decodeURIComponent(m[1]));
+      ctx.route = "entra";
+      state.counters.entra.requests++;
+      return await entraToken(ctx, decodeURIComponent(m[1])); // takes its fault after reading the body
     }
     if ((m = /^\/([^/]+)\/(v2\.0\/)?\.well-known\/openid-configuration$/i.exec(path)) && req.method === "GET")
       return openidConfiguration(ctx, decodeURIComponent(m[1]), Boolean(m[2]));
@@ -660,7 +943,7 @@ async function handle(req, res, listener) {
     if (lower === "/common/discovery/instance" && req.method === "GET")
       return instanceDiscovery(ctx);
     if (lower.startsWith("/control/"))
-      return control(ctx, url, lower);
+      return await control(ctx, lower, url.searchParams);
     return send(ctx, 404, oauthError("not_found", `no route ${req.method} ${path}`));
   } catch (e) {
     process.stderr.write(`tokensvc: ${req.method} ${(req.url || "").split("?")[0]}: ${e && e.message}\n`);
@@ -669,7 +952,9 @@ async function handle(req, res, listener) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Listeners
+// Start
+
+writeFederatedToken(opts.federatedToken ?? signJwt(federatedClaims()));
 
 function listen(server, hp) {
   return new Promise((res, rej) => {
@@ -706,5 +991,7 @@ function stop() {
 }
 process.on("SIGTERM", stop);
 process.on("SIGINT", stop);
+// A parent that went away must not kill us with EPIPE on the one line we print.
+process.stdout.on("error", () => {});
 
 process.stdout.write(`tokensvc ready http=${urls.http}${urls.https ? ` https=${urls.https}` : ""} dir=${dir}\n`);
