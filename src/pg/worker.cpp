@@ -264,6 +264,16 @@ MessageLogLine(const std::string &sub, const ApplyItem &it, uint64 xid) {
 class Worker {
   public:
 	explicit Worker(const WorkerStart &start) : start_(start) {}
+	// The exit callback must not reach the consumer or the token source once they are gone (the
+	// loop ended by itself, e.g. when sbpg.ca_file changed). Runs before the members are destroyed.
+	~Worker() {
+		if (consumer_)
+			consumer_->Stop();
+		if (tokens_)
+			tokens_->Abort();
+		g_consumer = nullptr;
+		g_tokens = nullptr;
+	}
 	void Run();
 
   private:
