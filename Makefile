@@ -36,6 +36,8 @@ sbemu:
 clean: clean-sbemu
 clean-sbemu:
 	$(MAKE) -C test/sbemu clean
+	$(MAKE) -C test/unit clean
+	rm -rf test/unit/build-asan
 
 -include $(SRCS:.cpp=.d)
 .PHONY: sbemu clean-sbemu
