@@ -45,9 +45,17 @@ SELECT * FROM sbpg.identity_secrets;
 SELECT * FROM sbpg.inbox;
 RESET ROLE;
 
--- An sbpg_admin member who belongs to run_as (and to another team role).
+-- An sbpg_admin member who belongs to run_as (and to another team role). Using an identity takes
+-- a grant from its creator or a superuser; the admin may neither grant nor drop it.
 SET ROLE sbpg_reg_member;
 SELECT sbpg.create_subscription('team', 'amqp://127.0.0.1', 'team-q', 'reg_handler(sbpg.message)', 'sbpg_reg_team', 'emu');
+SELECT sbpg.grant_identity('emu', 'sbpg_reg_member');
+SELECT sbpg.drop_identity('emu');
+RESET ROLE;
+SELECT sbpg.grant_identity('emu', 'sbpg_reg_team');
+SET ROLE sbpg_reg_member;
+SELECT sbpg.create_subscription('team', 'amqp://127.0.0.1', 'team-q', 'reg_handler(sbpg.message)', 'sbpg_reg_team', 'emu');
+SELECT identity, grantee, granted_by FROM sbpg.identity_usage;
 SELECT sbpg.alter_subscription('orders', batch_size => 20);
 SELECT sbpg.alter_subscription('orders', run_as => 'sbpg_reg_admin');
 SELECT sbpg.disable_subscription('orders');
@@ -74,6 +82,24 @@ SELECT sbpg.alter_subscription('orders', run_as => 'sbpg_reg_app', options => '{
 SET ROLE sbpg_reg_member;
 SELECT sbpg.alter_subscription('orders', options => '{"allow_superuser_run_as": true}');
 RESET ROLE;
+-- A flag a superuser set does not stop an admin from changing the rest.
+SELECT sbpg.alter_subscription('orders', options => '{"allow_superuser_run_as": true}');
+SET ROLE sbpg_reg_member;
+SELECT sbpg.disable_subscription('orders');
+SELECT sbpg.alter_subscription('orders', options => '{}');
+RESET ROLE;
+
+-- Entra ID tokens go only to Service Bus namespaces, or to brokers the identity names.
+SELECT sbpg.create_identity('mi', 'managed_identity');
+SELECT sbpg.create_identity('mi-dev', 'managed_identity', '{"allowed_namespaces": ["amqps://localhost:5671"]}');
+SELECT sbpg.create_identity('mi-bad', 'managed_identity', '{"allowed_namespaces": "amqps://localhost:5671"}');
+SELECT sbpg.create_identity('mi-bad', 'managed_identity', '{"allowed_namespaces": ["https://localhost"]}');
+SELECT sbpg.alter_subscription('orders', identity => 'mi');
+SELECT sbpg.alter_subscription('orders', namespace => 'amqps://evil.example:5671', identity => 'mi');
+SELECT sbpg.alter_subscription('orders', namespace => 'contoso.servicebus.windows.net', identity => 'mi');
+SELECT sbpg.alter_subscription('orders', namespace => 'amqps://localhost:5671/', identity => 'mi-dev');
+SELECT sbpg.alter_subscription('orders', namespace => 'amqp://localhost:5672', identity => 'mi-dev');
+SELECT name, namespace, identity FROM sbpg.subscriptions WHERE name = 'orders';
 
 DROP EXTENSION sbpg CASCADE;
 DROP ROLE sbpg_reg_app, sbpg_reg_team, sbpg_reg_admin, sbpg_reg_member, sbpg_reg_watcher, sbpg_reg_nobody;

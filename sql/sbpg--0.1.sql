@@ -52,6 +52,16 @@ CREATE TABLE sbpg.identity_secrets (
 );
 COMMENT ON TABLE sbpg.identity_secrets IS 'Shared access keys and client secrets given literally; readable by superusers only';
 
+-- Who besides superusers and its creator may use an identity in subscriptions (sbpg.grant_identity).
+CREATE TABLE sbpg.identity_usage (
+	identity text NOT NULL REFERENCES sbpg.identities (name) ON DELETE CASCADE,
+	grantee regrole NOT NULL,
+	granted_by name NOT NULL,
+	granted_at timestamptz NOT NULL DEFAULT now(),
+	PRIMARY KEY (identity, grantee)
+);
+COMMENT ON TABLE sbpg.identity_usage IS 'Roles whose members may use an identity in the subscriptions they manage';
+
 CREATE TABLE sbpg.subscriptions (
 	name text PRIMARY KEY,
 	namespace text NOT NULL,
@@ -151,6 +161,16 @@ BEGIN
 			RAISE EXCEPTION 'unknown option "%" for identity kind %', k, kind
 				USING ERRCODE = 'invalid_parameter_value', HINT = hint;
 		END IF;
+		IF k = 'allowed_namespaces' THEN
+			IF jsonb_typeof(opts -> k) <> 'array' OR EXISTS (
+				SELECT 1 FROM jsonb_array_elements(opts -> k) e
+				WHERE jsonb_typeof(e) <> 'string' OR e #>> '{}' !~* '^amqps?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?/?$') THEN
+				RAISE EXCEPTION 'option allowed_namespaces must be an array of AMQP URLs'
+					USING ERRCODE = 'invalid_parameter_value',
+					      HINT = 'For example ["amqps://localhost:5671"]: brokers other than Service Bus namespaces this identity''s tokens may be sent to.';
+			END IF;
+			CONTINUE;
+		END IF;
 		IF jsonb_typeof(opts -> k) <> 'string' OR opts ->> k = '' THEN
 			RAISE EXCEPTION 'option "%" of identity kind % must be a non-empty string', k, kind
 				USING ERRCODE = 'invalid_parameter_value';
@@ -225,7 +245,7 @@ BEGIN
 		opts := opts - 'key';
 	ELSIF kind = 'client_secret' THEN
 		PERFORM sbpg._check_options(kind, opts,
-			ARRAY['tenant_id', 'client_id', 'secret', 'secret_file', 'secret_env', 'authority_host'],
+			ARRAY['tenant_id', 'client_id', 'secret', 'secret_file', 'secret_env', 'authority_host', 'allowed_namespaces'],
 			'Options of kind client_secret: tenant_id, client_id, one of secret, secret_file, secret_env, and optionally authority_host.');
 		IF NOT (opts ? 'tenant_id' AND opts ? 'client_id') THEN
 			RAISE EXCEPTION 'identity kind client_secret needs options tenant_id and client_id'
@@ -251,7 +271,7 @@ BEGIN
 		END IF;
 		IF kind = 'managed_identity' THEN
 			PERFORM sbpg._check_options(kind, opts,
-				ARRAY['client_id', 'object_id', 'resource_id', 'source', 'endpoint', 'arc_key_dir'],
+				ARRAY['client_id', 'object_id', 'resource_id', 'source', 'endpoint', 'arc_key_dir', 'allowed_namespaces'],
 				'Options of kind managed_identity: at most one of client_id, object_id, resource_id (a user-assigned identity), and source, endpoint, arc_key_dir.');
 			IF (opts ? 'client_id')::int + (opts ? 'object_id')::int + (opts ? 'resource_id')::int > 1 THEN
 				RAISE EXCEPTION 'give at most one of client_id, object_id, resource_id'
@@ -268,10 +288,10 @@ BEGIN
 					USING ERRCODE = 'invalid_parameter_value', HINT = 'Remove client_id, object_id and resource_id.';
 			END IF;
 		ELSIF kind = 'workload_identity' THEN
-			PERFORM sbpg._check_options(kind, opts, ARRAY['tenant_id', 'client_id', 'token_file', 'authority_host'],
+			PERFORM sbpg._check_options(kind, opts, ARRAY['tenant_id', 'client_id', 'token_file', 'authority_host', 'allowed_namespaces'],
 				'Options of kind workload_identity: tenant_id, client_id, token_file, authority_host (each defaults to the AZURE_* variable AKS sets).');
 		ELSE
-			PERFORM sbpg._check_options(kind, opts, ARRAY['client_id'],
+			PERFORM sbpg._check_options(kind, opts, ARRAY['client_id', 'allowed_namespaces'],
 				'Kind default takes only client_id (a user-assigned managed identity for its managed identity step).');
 		END IF;
 		IF opts ? 'endpoint' AND opts ->> 'endpoint' !~* '^https?://[^/?#\s]+(/[^?#\s]*)?$' THEN
@@ -317,16 +337,79 @@ $$;
 COMMENT ON FUNCTION sbpg.create_identity(text, text, jsonb)
 	IS 'Registers how workers authenticate (kinds: managed_identity, workload_identity, client_secret, default, sas, anonymous)';
 
+-- Raises unless the identity exists and the caller is a superuser or the role that created it.
+CREATE FUNCTION sbpg._check_identity_owner(identity text, action text)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	caller regrole := sbpg._caller();
+	creator name;
+BEGIN
+	SELECT i.created_by INTO creator FROM sbpg.identities i WHERE i.name = identity;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'identity "%" does not exist', identity
+			USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM sbpg.identities lists them.';
+	END IF;
+	IF NOT (SELECT rolsuper FROM pg_roles WHERE oid = caller) AND creator IS DISTINCT FROM caller::text THEN
+		RAISE EXCEPTION 'permission denied to % identity "%"', action, identity
+			USING ERRCODE = 'insufficient_privilege',
+			      DETAIL = format('Identity "%s" was created by %s; only its creator and superusers may %s it.', identity, creator, action);
+	END IF;
+END
+$$;
+
+-- Whether the caller may use an identity in a subscription: superusers, the identity's creator,
+-- and members of a role it was granted to.
+CREATE FUNCTION sbpg._check_identity_usage(identity text)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	caller regrole := sbpg._caller();
+BEGIN
+	IF (SELECT rolsuper FROM pg_roles WHERE oid = caller)
+	   OR EXISTS (SELECT 1 FROM sbpg.identities i WHERE i.name = identity AND i.created_by = caller::text)
+	   OR EXISTS (SELECT 1 FROM sbpg.identity_usage u JOIN pg_roles r ON r.oid = u.grantee
+	              WHERE u.identity = _check_identity_usage.identity AND pg_has_role(caller, r.oid, 'MEMBER')) THEN
+		RETURN;
+	END IF;
+	RAISE EXCEPTION 'permission denied to use identity "%"', identity
+		USING ERRCODE = 'insufficient_privilege',
+		      DETAIL = format('%s did not create identity "%s" and belongs to no role it was granted to.', caller, identity),
+		      HINT = format('Its creator or a superuser can run SELECT sbpg.grant_identity(%L, %L).', identity, caller::text);
+END
+$$;
+
+CREATE FUNCTION sbpg.grant_identity(identity text, grantee regrole)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+	PERFORM sbpg._check_admin('grant identity');
+	PERFORM sbpg._check_identity_owner(identity, 'grant');
+	IF grantee IS NULL THEN
+		RAISE EXCEPTION 'grantee must be given' USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	INSERT INTO sbpg.identity_usage (identity, grantee, granted_by) VALUES (identity, grantee, sbpg._caller()::text)
+	ON CONFLICT DO NOTHING;
+END
+$$;
+COMMENT ON FUNCTION sbpg.grant_identity(text, regrole)
+	IS 'Lets members of a role use an identity in the subscriptions they manage';
+
+CREATE FUNCTION sbpg.revoke_identity(identity text, grantee regrole)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+	PERFORM sbpg._check_admin('revoke identity');
+	PERFORM sbpg._check_identity_owner(identity, 'revoke');
+	DELETE FROM sbpg.identity_usage u WHERE u.identity = revoke_identity.identity AND u.grantee = revoke_identity.grantee;
+END
+$$;
+COMMENT ON FUNCTION sbpg.revoke_identity(text, regrole)
+	IS 'Stops members of a role from putting an identity into new or changed subscriptions';
+
 CREATE FUNCTION sbpg.drop_identity(name text)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
 	users text;
 BEGIN
 	PERFORM sbpg._check_admin('drop identity');
-	IF NOT EXISTS (SELECT 1 FROM sbpg.identities i WHERE i.name = drop_identity.name) THEN
-		RAISE EXCEPTION 'identity "%" does not exist', name
-			USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM sbpg.identities lists them.';
-	END IF;
+	PERFORM sbpg._check_identity_owner(name, 'drop');
 	SELECT string_agg(s.name, ', ' ORDER BY s.name) INTO users FROM sbpg.subscriptions s WHERE s.identity = drop_identity.name;
 	IF users IS NOT NULL THEN
 		RAISE EXCEPTION 'identity "%" is used by subscriptions', name
@@ -339,10 +422,12 @@ $$;
 
 -- Validates a subscription's settings; raises a clear error for the first problem found.
 CREATE FUNCTION sbpg._validate_subscription(name text, namespace text, entity text, handler regprocedure,
-	run_as regrole, identity text, batch_size integer, prefetch integer, notify_channel text, options jsonb)
+	run_as regrole, identity text, batch_size integer, prefetch integer, notify_channel text, options jsonb,
+	old_options jsonb DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
 	p pg_proc;
+	ident sbpg.identities;
 	k text;
 	caller regrole := sbpg._caller();
 BEGIN
@@ -406,7 +491,9 @@ BEGIN
 			RAISE EXCEPTION 'subscription option "%" must be true or false', k USING ERRCODE = 'invalid_parameter_value';
 		END IF;
 	END LOOP;
-	IF (options -> 'allow_superuser_run_as') = 'true' AND NOT (SELECT rolsuper FROM pg_roles WHERE oid = caller) THEN
+	-- Setting the flag is a superuser's decision; keeping a flag a superuser set is not.
+	IF (options -> 'allow_superuser_run_as') = 'true' AND (old_options -> 'allow_superuser_run_as') IS DISTINCT FROM 'true'
+	   AND NOT (SELECT rolsuper FROM pg_roles WHERE oid = caller) THEN
 		RAISE EXCEPTION 'only superusers may set allow_superuser_run_as'
 			USING ERRCODE = 'insufficient_privilege',
 			      DETAIL = 'A handler running as a superuser can do anything in the server.';
@@ -421,9 +508,23 @@ BEGIN
 		RAISE EXCEPTION 'run_as role % may not execute handler %', run_as, handler
 			USING ERRCODE = 'insufficient_privilege', HINT = format('GRANT EXECUTE ON FUNCTION %s TO %s.', handler, run_as);
 	END IF;
-	IF identity IS NOT NULL AND NOT EXISTS (SELECT 1 FROM sbpg.identities i WHERE i.name = identity) THEN
-		RAISE EXCEPTION 'identity "%" does not exist', identity
-			USING ERRCODE = 'undefined_object', HINT = 'Create it with sbpg.create_identity(name, kind, options).';
+	IF identity IS NOT NULL THEN
+		SELECT * INTO ident FROM sbpg.identities i WHERE i.name = identity;
+		IF NOT FOUND THEN
+			RAISE EXCEPTION 'identity "%" does not exist', identity
+				USING ERRCODE = 'undefined_object', HINT = 'Create it with sbpg.create_identity(name, kind, options).';
+		END IF;
+		-- An Entra ID token is a bearer token valid at every namespace its principal may reach:
+		-- it goes only to Service Bus namespaces, or to brokers the identity names.
+		IF ident.kind IN ('managed_identity', 'workload_identity', 'client_secret', 'default')
+		   AND namespace !~* '\.servicebus\.(windows\.net|chinacloudapi\.cn|usgovcloudapi\.net|cloudapi\.de)$'
+		   AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements_text(coalesce(ident.options -> 'allowed_namespaces', '[]')) a
+		                   WHERE lower(rtrim(a, '/')) = lower(rtrim(namespace, '/'))) THEN
+			RAISE EXCEPTION 'identity "%" sends Entra ID tokens only to Service Bus namespaces, not to %', identity, namespace
+				USING ERRCODE = 'insufficient_privilege',
+				      DETAIL = 'A token is valid at every namespace its principal may read; any other broker would receive it.',
+				      HINT = format('To use a development broker, the identity''s creator lists it when creating the identity: {"allowed_namespaces": ["%s"]}.', rtrim(namespace, '/'));
+		END IF;
 	END IF;
 	IF identity IS NULL AND namespace ~* '\.servicebus\.' THEN
 		RAISE EXCEPTION 'a Service Bus namespace needs an identity'
@@ -461,6 +562,9 @@ BEGIN
 	prefetch := coalesce(prefetch, batch_size);
 	PERFORM sbpg._validate_subscription(name, namespace, entity, handler, run_as, identity, batch_size, prefetch,
 	                                    notify_channel, options);
+	IF identity IS NOT NULL THEN
+		PERFORM sbpg._check_identity_usage(identity);
+	END IF;
 	INSERT INTO sbpg.subscriptions (name, namespace, entity, handler, run_as, identity, batch_size, prefetch,
 	                                notify_channel, enabled, options, created_by)
 	VALUES (name, namespace, entity, handler, run_as, identity, batch_size, prefetch, notify_channel,
@@ -498,7 +602,10 @@ BEGIN
 	END IF;
 	PERFORM sbpg._validate_subscription(s.name, coalesce(namespace, s.namespace), coalesce(entity, s.entity),
 		coalesce(handler, s.handler), coalesce(run_as, s.run_as), new_identity, coalesce(batch_size, s.batch_size),
-		coalesce(prefetch, s.prefetch), new_channel, coalesce(options, s.options));
+		coalesce(prefetch, s.prefetch), new_channel, coalesce(options, s.options), s.options);
+	IF new_identity IS DISTINCT FROM s.identity THEN
+		PERFORM sbpg._check_identity_usage(new_identity);
+	END IF;
 	-- The inbox is keyed by the source's sequence numbers: a new source starts a new inbox.
 	IF coalesce(namespace, s.namespace) IS DISTINCT FROM s.namespace OR lower(coalesce(entity, s.entity)) IS DISTINCT FROM lower(s.entity) THEN
 		DELETE FROM sbpg.inbox i WHERE i.subscription = s.name;
@@ -562,10 +669,11 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA sbpg FROM PUBLIC;
 -- are not.
 GRANT USAGE ON SCHEMA sbpg TO PUBLIC;
 GRANT EXECUTE ON FUNCTION sbpg.create_identity(text, text, jsonb), sbpg.drop_identity(text),
+	sbpg.grant_identity(text, regrole), sbpg.revoke_identity(text, regrole),
 	sbpg.create_subscription(text, text, text, regprocedure, regrole, text, integer, integer, text, boolean, jsonb),
 	sbpg.alter_subscription(text, text, text, regprocedure, regrole, text, integer, integer, text, boolean, jsonb),
 	sbpg.drop_subscription(text), sbpg.enable_subscription(text), sbpg.disable_subscription(text)
 	TO sbpg_admin;
-GRANT SELECT ON sbpg.identities, sbpg.subscriptions TO sbpg_admin;
+GRANT SELECT ON sbpg.identities, sbpg.identity_usage, sbpg.subscriptions TO sbpg_admin;
 GRANT SELECT ON sbpg.subscriptions, sbpg.stats, sbpg.inbox TO sbpg_monitor;
 GRANT EXECUTE ON FUNCTION sbpg._worker_stats() TO sbpg_monitor, sbpg_admin;

@@ -1,7 +1,7 @@
 -- pgTAP: who may create which identity, where secrets go, and who may let a superuser be run_as.
 -- Runs in the database test/pg/run prepares (extensions pgtap and sbpg); everything is rolled back.
 BEGIN;
-SELECT plan(24);
+SELECT plan(29);
 
 CREATE ROLE tap_nobody NOLOGIN;
 CREATE ROLE tap_admin NOLOGIN IN ROLE sbpg_admin;
@@ -53,8 +53,17 @@ SELECT is((SELECT secret FROM sbpg.identity_secrets WHERE identity = 'a-sp'), 't
     'the literal secret is kept in sbpg.identity_secrets');
 SELECT is((SELECT count(*)::int FROM sbpg.identity_secrets WHERE identity = 's-sp'), 0, 'a secret by file stores only the path');
 SET ROLE tap_admin;
+SELECT throws_ok($$SELECT sbpg.create_subscription('a-sub', 'contoso.servicebus.windows.net', 'orders', 'tap_handler(sbpg.message)', 'tap_app', 's-mi')$$,
+    '42501', 'permission denied to use identity "s-mi"', 'an admin may not use a superuser''s identity without a grant');
+SELECT throws_ok($$SELECT sbpg.grant_identity('s-mi', 'tap_admin')$$, '42501', NULL, 'an admin cannot grant themselves an identity');
+SELECT throws_ok($$SELECT sbpg.drop_identity('s-mi')$$, '42501', NULL, 'an admin cannot drop a superuser''s identity');
+RESET ROLE;
+SELECT lives_ok($$SELECT sbpg.grant_identity('s-mi', 'tap_app')$$, 'a superuser grants the identity to a team role');
+SET ROLE tap_admin;
 SELECT lives_ok($$SELECT sbpg.create_subscription('a-sub', 'contoso.servicebus.windows.net', 'orders', 'tap_handler(sbpg.message)', 'tap_app', 's-mi')$$,
-    'an admin subscribes with the managed identity a superuser created');
+    'a member of the grantee subscribes with the managed identity a superuser created');
+SELECT throws_ok($$SELECT sbpg.alter_subscription('a-sub', namespace => 'amqps://attacker.example:5671')$$, '42501', NULL,
+    'the server''s token is never sent to a broker that is not a Service Bus namespace');
 SELECT throws_ok($$SELECT sbpg.alter_subscription('a-sub', options => '{"allow_superuser_run_as": true}')$$, '42501',
     'only superusers may set allow_superuser_run_as', 'an admin cannot allow a superuser run_as');
 RESET ROLE;
