@@ -118,6 +118,11 @@ SELECT name FROM sbpg.identities ORDER BY name;
 SELECT count(*) AS secrets FROM sbpg.identity_secrets;
 SELECT name FROM sbpg.subscriptions ORDER BY name;
 
+-- sbpg.ca_file is checked where it is set.
+ALTER SYSTEM SET sbpg.ca_file = 'relative/ca.pem';
+ALTER SYSTEM SET sbpg.ca_file = '/nonexistent/ca.pem';
+ALTER SYSTEM SET sbpg.ca_file = '/etc/passwd';
+
 DROP EXTENSION sbpg CASCADE;
 DROP TABLE reg_orders;
 DROP FUNCTION reg_args(integer);

@@ -74,8 +74,8 @@ struct DeliveryAccess : proton::delivery {
 };
 
 // Proton's frame trace (PN_TRACE_FRM, PN_LOG in the environment) would print put-token bodies,
-// that is tokens and SAS signatures, to the server log. Keep only errors, whatever the
-// environment says.
+// that is tokens and SAS signatures, to the server log. Clear every level but CRITICAL, whatever
+// the environment says (connection errors reach the log through the worker's own lines).
 void
 QuietLogger(pn_logger_t *l) {
 	if (l)
@@ -135,6 +135,7 @@ struct Consumer::Impl : public proton::messaging_handler {
 	int64_t refresh_at = 0;           // SAS: when to put the next token
 	bool receiver_open = false;
 	bool put_pending = false;         // a put-token awaits its answer
+	int64_t put_sent_ms = 0;
 	uint64_t put_serial = 0;          // JWT: the token last put (or being put) on this connection
 	int64_t put_expires_ms = 0;       // JWT: its expiry
 	int64_t accepted_expires_ms = 0;  // the token the broker last accepted on this connection
@@ -180,29 +181,34 @@ struct Consumer::Impl : public proton::messaging_handler {
 			refresh_at = 0;
 			PutToken();
 		}
+		if (conn && put_pending && n - put_sent_ms > 60000) {
+			Lost("no answer to put-token for " + cfg.audience + " within 60 s");
+			return Rearm();
+		}
 		if (conn && cbs_sender && !put_pending && cfg.auth == ConsumerConfig::Auth::Jwt) {
 			BearerToken t;
 			if (cfg.current_token(&t) && t.serial != put_serial && t.serial != refused_serial)
 				PutJwt(t);
 		}
-		container->schedule(proton::duration(100), [this] { Tick(); });
+		Rearm();
 	}
+	void Rearm() { container->schedule(proton::duration(100), [this] { Tick(); }); }
 
 	void Connect() {
-		proton::connection_options o;
-		o.idle_timeout(proton::duration(60000));
-		o.sasl_enabled(true);
-		o.sasl_allowed_mechs("ANONYMOUS");
-		if (cfg.tls) {
-			// The system's CA store, host-name verification, and the extra CA if one is set (Proton
-			// adds it to the default paths).
-			o.ssl_client_options(cfg.extra_ca_file.empty()
-			                         ? proton::ssl_client_options()
-			                         : proton::ssl_client_options(cfg.extra_ca_file, proton::ssl::VERIFY_PEER_NAME));
-			o.virtual_host(cfg.host);
-		}
 		std::string url = std::string(cfg.tls ? "amqps://" : "amqp://") + cfg.host + ":" + std::to_string(cfg.port);
 		try {
+			proton::connection_options o;
+			o.idle_timeout(proton::duration(60000));
+			o.sasl_enabled(true);
+			o.sasl_allowed_mechs("ANONYMOUS");
+			if (cfg.tls) {
+				// The system's CA store, host-name verification, and the extra CA if one is set
+				// (Proton adds it to the default paths). An unreadable CA file throws here.
+				o.ssl_client_options(cfg.extra_ca_file.empty()
+				                         ? proton::ssl_client_options()
+				                         : proton::ssl_client_options(cfg.extra_ca_file, proton::ssl::VERIFY_PEER_NAME));
+				o.virtual_host(cfg.host);
+			}
 			container->connect(url, o);
 		} catch (const std::exception &e) {
 			Lost(std::string("cannot connect to ") + url + ": " + e.what());
@@ -256,9 +262,14 @@ struct Consumer::Impl : public proton::messaging_handler {
 		      why + "; retrying in " + std::to_string(reconnect_at - Now()) + " ms");
 	}
 
+	// A token worth connecting with: not refused, and with enough life left to be put and used
+	// (a quarter of its lifetime, at most 30 s); otherwise wait for the renewal.
 	bool TokenReady() {
 		BearerToken t;
-		return cfg.current_token && cfg.current_token(&t) && t.serial != refused_serial;
+		if (!cfg.current_token || !cfg.current_token(&t) || t.serial == refused_serial)
+			return false;
+		int64_t margin = std::min<int64_t>(30000, (t.expires_ms - t.obtained_ms) / 4);
+		return t.expires_ms - Now() >= margin;
 	}
 
 	void SetWaiting(bool w) {
@@ -314,6 +325,7 @@ struct Consumer::Impl : public proton::messaging_handler {
 		m.body(MakeSasToken(cfg.audience, cfg.sas_key_name, cfg.sas_key, expiry));
 		put_expires_ms = expiry * 1000;
 		put_pending = true;
+		put_sent_ms = Now();
 		cbs_queue.push_back(std::move(m));
 		FlushCbs();
 	}
@@ -331,6 +343,7 @@ struct Consumer::Impl : public proton::messaging_handler {
 		put_serial = t.serial;
 		put_expires_ms = t.expires_ms;
 		put_pending = true;
+		put_sent_ms = Now();
 		cbs_queue.push_back(std::move(m));
 		FlushCbs();
 	}

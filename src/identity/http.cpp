@@ -142,6 +142,7 @@ Http(const HttpRequest &req) {
 			curl_slist_free_all(headers);
 			curl_easy_cleanup(h);
 			resp.error = why;
+			resp.local_error = true;
 			return resp;
 		}
 		struct curl_blob blob = {const_cast<char *>(trust.data()), trust.size(), CURL_BLOB_NOCOPY};

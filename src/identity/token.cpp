@@ -8,6 +8,7 @@
 #include "sbpg/identity/http.hpp"
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
@@ -15,7 +16,9 @@
 #include <fstream>
 #include <random>
 #include <sstream>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <pthread.h>
 
@@ -26,20 +29,26 @@ namespace {
 constexpr char kImdsDefault[] = "http://169.254.169.254/metadata/identity/oauth2/token";
 constexpr char kAuthorityDefault[] = "https://login.microsoftonline.com";
 
+// A count of seconds from a JSON number or numeric string; -1 when absent, malformed or beyond a
+// century (so that * 1000 and sums with the current time cannot overflow).
 int64_t
 JsonInt(const rapidjson::Value &v) {
-	if (v.IsInt64())
-		return v.GetInt64();
-	if (v.IsNumber())
-		return static_cast<int64_t>(v.GetDouble());
-	if (v.IsString()) {
+	constexpr int64_t kMax = 100LL * 366 * 24 * 3600 + 4'000'000'000LL; // past 2096 as epoch seconds
+	int64_t n = -1;
+	if (v.IsInt64()) {
+		n = v.GetInt64();
+	} else if (v.IsNumber()) {
+		double d = v.GetDouble();
+		n = d >= 0 && d <= static_cast<double>(kMax) ? static_cast<int64_t>(d) : -1;
+	} else if (v.IsString()) {
 		const char *s = v.GetString();
 		char *end = nullptr;
-		long long n = std::strtoll(s, &end, 10);
-		if (end && end != s && *end == '\0')
-			return n;
+		errno = 0;
+		long long x = std::strtoll(s, &end, 10);
+		if (end && end != s && *end == '\0' && errno == 0)
+			n = x;
 	}
-	return -1;
+	return n >= 0 && n <= kMax ? n : -1;
 }
 
 // App Service's 2017 API wrote expires_on as a date ("11/26/2026 17:07:32 +00:00").
@@ -74,8 +83,6 @@ JsonError(const std::string &body) {
 				desc = d["error_description"].GetString();
 			else if (d.HasMember("message") && d["message"].IsString())
 				desc = d["message"].GetString();
-			if (desc.size() > 300)
-				desc = desc.substr(0, 300) + "...";
 			if (!e.empty() || !desc.empty())
 				return e + (desc.empty() ? "" : ": " + desc);
 		}
@@ -85,14 +92,28 @@ JsonError(const std::string &body) {
 	return "";
 }
 
-// Turns an HTTP exchange into a TokenResult. retry_statuses: answers a retry may cure.
+// Replaces every occurrence of each secret (an endpoint could echo what it was sent).
+void
+Redact(std::string *text, const std::vector<std::string> &secrets) {
+	for (auto &sec : secrets) {
+		if (sec.size() < 4)
+			continue;
+		for (size_t at; (at = text->find(sec)) != std::string::npos;)
+			text->replace(at, sec.size(), "[redacted]");
+	}
+}
+
+// Turns an HTTP exchange into a TokenResult. retry_404: a 404 or 410 is worth retrying (the
+// managed identity endpoints answer it while they start). `secrets` are what the request carried:
+// they never reach the error text.
 TokenResult
-FromHttp(const HttpResponse &r, const std::string &what, bool retry_404) {
+FromHttp(const HttpResponse &r, const std::string &what, bool retry_404, const std::vector<std::string> &secrets = {}) {
 	TokenResult res;
 	res.http_status = r.status;
 	if (r.status == 0) {
 		res.error = what + ": " + (r.timed_out ? "timed out" : r.error);
-		res.retryable = true;
+		Redact(&res.error, secrets);
+		res.retryable = !r.local_error;
 		return res;
 	}
 	if (r.status == 200) {
@@ -103,6 +124,9 @@ FromHttp(const HttpResponse &r, const std::string &what, bool retry_404) {
 		return res;
 	}
 	std::string detail = JsonError(r.body);
+	Redact(&detail, secrets);
+	if (detail.size() > 300)
+		detail = detail.substr(0, 300) + "...";
 	res.error = what + " answered HTTP " + std::to_string(r.status) + (detail.empty() ? "" : " (" + detail + ")");
 	res.retryable = r.status == 408 || r.status == 429 || r.status >= 500 || (retry_404 && (r.status == 404 || r.status == 410));
 	auto ra = r.headers.find("retry-after");
@@ -143,6 +167,7 @@ class ImdsProvider : public TokenProvider {
 		req.no_proxy = true;
 		req.timeout_ms = cfg_.timeout_ms;
 		req.abort = abort_;
+		req.extra_ca_file = cfg_.extra_ca_file;
 		req.connect_timeout_ms = std::min<long>(cfg_.timeout_ms, 2000);
 		TokenResult r = FromHttp(Http(req), "the instance metadata endpoint", true);
 		if (r.http_status == 400)
@@ -176,7 +201,8 @@ class AppServiceProvider : public TokenProvider {
 		req.no_proxy = true;
 		req.timeout_ms = cfg_.timeout_ms;
 		req.abort = abort_;
-		return FromHttp(Http(req), "the App Service identity endpoint", true);
+		req.extra_ca_file = cfg_.extra_ca_file;
+		return FromHttp(Http(req), "the App Service identity endpoint", true, {header_});
 	}
 	std::string Describe() const override { return "managed identity (App Service identity endpoint " + endpoint_ + ")"; }
 
@@ -198,6 +224,7 @@ class ArcProvider : public TokenProvider {
 		req.no_proxy = true;
 		req.timeout_ms = cfg_.timeout_ms;
 		req.abort = abort_;
+		req.extra_ca_file = cfg_.extra_ca_file;
 		HttpResponse first = Http(req);
 		if (first.status != 401)
 			return FromHttp(first, "the Azure Arc identity endpoint", true);
@@ -225,16 +252,25 @@ class ArcProvider : public TokenProvider {
 			bad.error = "the Azure Arc identity endpoint named a key file outside " + dir + " or not ending in .key";
 			return bad;
 		}
+		// No symbolic links, a regular file, small: read through the descriptor that was checked.
+		int fd = open(realm.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
 		struct stat st;
-		if (stat(realm.c_str(), &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > 4096) {
-			bad.error = "the Azure Arc key file " + realm + " is missing, not a file, or larger than 4096 bytes";
+		if (fd < 0 || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > 4096) {
+			if (fd >= 0)
+				close(fd);
+			bad.error = "the Azure Arc key file " + realm + " is missing, unreadable, a link, not a file, or larger than 4096 bytes";
 			return bad;
 		}
-		std::ifstream f(realm, std::ios::binary);
-		std::stringstream ss;
-		ss << f.rdbuf();
-		req.headers.push_back("Authorization: Basic " + ss.str());
-		return FromHttp(Http(req), "the Azure Arc identity endpoint", true);
+		std::string key(static_cast<size_t>(st.st_size), '\0');
+		ssize_t got = read(fd, &key[0], key.size());
+		close(fd);
+		if (got < 0) {
+			bad.error = "cannot read the Azure Arc key file " + realm;
+			return bad;
+		}
+		key.resize(static_cast<size_t>(got));
+		req.headers.push_back("Authorization: Basic " + key);
+		return FromHttp(Http(req), "the Azure Arc identity endpoint", true, {key});
 	}
 	std::string Describe() const override { return "managed identity (Azure Arc identity endpoint " + endpoint_ + ")"; }
 
@@ -259,6 +295,7 @@ class EntraProvider : public TokenProvider {
 			if (!f) {
 				TokenResult r;
 				r.error = "cannot read the federated token file " + cfg_.token_file;
+				r.retryable = false; // until someone fixes it: retried slowly
 				return r;
 			}
 			std::stringstream ss;
@@ -273,6 +310,7 @@ class EntraProvider : public TokenProvider {
 			if (secret.empty() && !ReadSecret(cfg_.client_secret_file, cfg_.client_secret_env, ProcessEnv(), &secret, &why)) {
 				TokenResult r;
 				r.error = why;
+				r.retryable = false;
 				return r;
 			}
 			form.emplace_back("client_secret", secret);
@@ -282,16 +320,14 @@ class EntraProvider : public TokenProvider {
 		req.url = authority_ + "/" + cfg_.tenant_id + "/oauth2/v2.0/token";
 		req.headers = {"Content-Type: application/x-www-form-urlencoded", "Accept: application/json"};
 		req.body = FormEncode(form);
-		req.extra_ca_file = cfg_.extra_ca_file;
 		req.timeout_ms = cfg_.timeout_ms;
 		req.abort = abort_;
-		TokenResult r = FromHttp(Http(req), "the Entra ID token endpoint " + authority_, false);
-		// An endpoint could echo what it was sent: keep the secret and the assertion out of errors.
+		req.extra_ca_file = cfg_.extra_ca_file;
+		std::vector<std::string> sent;
 		for (auto &f : form)
-			if ((f.first == "client_secret" || f.first == "client_assertion") && f.second.size() >= 4)
-				for (size_t at; (at = r.error.find(f.second)) != std::string::npos;)
-					r.error.replace(at, f.second.size(), "[redacted]");
-		return r;
+			if (f.first == "client_secret" || f.first == "client_assertion")
+				sent.push_back(f.second);
+		return FromHttp(Http(req), "the Entra ID token endpoint " + authority_, false, sent);
 	}
 	std::string Describe() const override {
 		return std::string(assertion_ ? "workload identity" : "client secret") + " (tenant " + cfg_.tenant_id +
@@ -499,7 +535,9 @@ PeekJwtClaims(const std::string &jwt, std::string *subject, std::string *audienc
 int64_t
 RefreshAt(int64_t obtained_ms, int64_t expires_ms, int64_t refresh_in_s) {
 	int64_t lifetime = std::max<int64_t>(expires_ms - obtained_ms, 0);
-	int64_t at = refresh_in_s > 0 ? obtained_ms + refresh_in_s * 1000 : obtained_ms + lifetime / 2;
+	// At half-life, or later when the endpoint says so (refresh_in), never sooner: an endpoint
+	// cannot make the worker renew more often than every half-life.
+	int64_t at = obtained_ms + std::max<int64_t>(lifetime / 2, refresh_in_s > 0 ? refresh_in_s * 1000 : 0);
 	// Long tokens: renew no later than a couple of minutes before they expire.
 	at = std::min(at, expires_ms - std::min<int64_t>(120000, lifetime / 2));
 	return std::max(at, obtained_ms + 1000);
@@ -667,7 +705,7 @@ MakeTokenProvider(const IdentityConfig &cfg, const EnvLookup &env, std::string *
 // ---- TokenSource
 
 TokenSource::TokenSource(std::unique_ptr<TokenProvider> provider, std::function<void()> on_change)
-    : provider_(std::move(provider)), on_change_(std::move(on_change)) {
+    : provider_(std::move(provider)), on_change_(std::move(on_change)), rng_(std::random_device{}()) {
 	status_.provider = provider_->Describe();
 }
 
@@ -742,17 +780,18 @@ TokenSource::Invalidate(uint64_t serial, const std::string &why) {
 		if (serial != token_.serial)
 			return; // a newer token is already there
 		++refusals_;
+		int64_t now = WallMs();
 		int64_t ceiling = std::min<int64_t>(300000, 1000LL << std::min(refusals_ - 1, 16));
-		static thread_local std::mt19937_64 rng{std::random_device{}()};
-		int64_t delay = ceiling / 2 + static_cast<int64_t>(rng() % static_cast<uint64_t>(ceiling / 2 + 1));
-		int64_t at = WallMs() + (refusals_ == 1 ? 0 : delay);
-		if (refusals_ == 1)
+		int64_t delay = ceiling / 2 + static_cast<int64_t>(rng_() % static_cast<uint64_t>(ceiling / 2 + 1));
+		// Never sooner than a failure backoff or Retry-After the endpoint asked for.
+		int64_t at = std::max(now + (refusals_ == 1 ? 0 : delay), backoff_until_);
+		if (at <= now)
 			force_ = true;
 		else if (at < next_ms_)
 			next_ms_ = at;
 		log_.push_back({false, "the broker refused token " + std::to_string(serial) + " (" + why + "); " +
-		                           (refusals_ == 1 ? std::string("asking for a new one now")
-		                                           : "asking for a new one in " + std::to_string(at - WallMs()) + " ms")});
+		                           (at <= now ? std::string("asking for a new one now")
+		                                      : "asking for a new one in " + std::to_string(at - now) + " ms")});
 	}
 	cv_.notify_all();
 }
@@ -793,6 +832,7 @@ TokenSource::Run() {
 				token_.serial = next_serial_++;
 				failures = 0;
 				next_ms_ = r.token.refresh_ms;
+				backoff_until_ = 0;
 				bool routine = token_.serial > 1 && !recovering;
 				log_.push_back({routine, "token " + std::to_string(token_.serial) + " obtained from " + status_.provider +
 				                             (recovering ? " after " + std::to_string(recovering) + " failed attempts" : "") +
@@ -815,6 +855,7 @@ TokenSource::Run() {
 				// ...but never sooner than the endpoint asked, nor in a tight loop.
 				delay = std::max<int64_t>({delay, r.retry_after_ms, 250});
 				next_ms_ = now + delay;
+				backoff_until_ = next_ms_;
 				changed = status_.last_error != r.error || failures == 1;
 				status_.last_error = r.error;
 				status_.last_error_ms = now;

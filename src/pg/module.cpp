@@ -224,6 +224,33 @@ CopySlot(int slot, WorkerSlot *out) {
 
 using namespace sbpg::pg;
 
+// sbpg.ca_file must name a readable PEM file holding at least one certificate: a mistake is
+// reported where it is made (SET, reload) rather than as a connection failure later.
+static bool
+CheckCaFile(char **newval, void **extra, GucSource source) {
+	if (!*newval || !**newval)
+		return true;
+	if (**newval != '/') {
+		GUC_check_errdetail("sbpg.ca_file must be an absolute path.");
+		return false;
+	}
+	FILE *f = fopen(*newval, "r");
+	if (!f) {
+		GUC_check_errdetail("The file \"%s\" cannot be read by the server: %s.", *newval, strerror(errno));
+		return false;
+	}
+	char line[256];
+	bool found = false;
+	while (!found && fgets(line, sizeof line, f))
+		found = strncmp(line, "-----BEGIN CERTIFICATE-----", 27) == 0;
+	fclose(f);
+	if (!found) {
+		GUC_check_errdetail("The file \"%s\" holds no PEM certificate.", *newval);
+		return false;
+	}
+	return true;
+}
+
 void
 _PG_init(void) {
 	if (!process_shared_preload_libraries_in_progress)
@@ -250,7 +277,7 @@ _PG_init(void) {
 	DefineCustomStringVariable("sbpg.ca_file", "A PEM file of CA certificates trusted in addition to the system's.",
 	                           "Used for amqps:// connections and the HTTPS token endpoints, with host-name "
 	                           "verification. Empty: only the system's CA store.",
-	                           &guc_ca_file, "", PGC_SIGHUP, GUC_SUPERUSER_ONLY, nullptr, nullptr, nullptr);
+	                           &guc_ca_file, "", PGC_SIGHUP, GUC_SUPERUSER_ONLY, CheckCaFile, nullptr, nullptr);
 	DefineCustomStringVariable("sbpg.test_fault", "Fault injection for sbpg's own tests; leave empty.",
 	                           "exit_after_commit#TAG makes a worker exit after a batch commits and before it "
 	                           "settles, once per TAG.",

@@ -442,6 +442,7 @@ Worker::SetupTokens(ConsumerConfig *cc) {
 		if (!t->Current(&a))
 			return false;
 		out->jwt = std::move(a.token);
+		out->obtained_ms = a.obtained_ms;
 		out->expires_ms = a.expires_ms;
 		out->serial = a.serial;
 		return true;
@@ -508,7 +509,7 @@ Worker::HandleEvents() {
 	g_slot->tokens_put = st.tokens_put;
 	strlcpy(g_slot->token_subject, ts.subject.c_str(), sizeof g_slot->token_subject);
 	strlcpy(g_slot->token_error, ts.last_error.c_str(), sizeof g_slot->token_error);
-	if (!st.connected && st.waiting_for_token && g_slot->state != kStateFailed) {
+	if (!st.connected && st.waiting_for_token && g_slot->state != kStateFailed && g_slot->state != kStatePaused) {
 		g_slot->state = kStateWaitingForToken;
 		if (!no_token.empty()) {
 			strlcpy(g_slot->last_error, no_token.c_str(), sizeof g_slot->last_error);

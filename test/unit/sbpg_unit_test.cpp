@@ -325,9 +325,13 @@ TEST("ParseTokenResponse reads Entra ID's answer and honours refresh_in") {
 	TokenResult r = ParseTokenResponse(TokenJson(Jwt("{}"), 3599), now);
 	REQUIRE(r.ok);
 	CHECK_EQ(r.token.expires_ms, now + 3'599'000);
-	r = ParseTokenResponse("{\"access_token\":\"a.b.c\",\"expires_in\":86399,\"refresh_in\":43199}", now);
+	r = ParseTokenResponse("{\"access_token\":\"a.b.c\",\"expires_in\":86399,\"refresh_in\":60000}", now);
 	REQUIRE(r.ok);
-	CHECK_EQ(r.token.refresh_ms, now + 43'199'000);
+	CHECK_EQ(r.token.refresh_ms, now + 60'000'000);
+	// An endpoint cannot make renewals more frequent than every half-life.
+	r = ParseTokenResponse("{\"access_token\":\"a.b.c\",\"expires_in\":8,\"refresh_in\":1}", now);
+	REQUIRE(r.ok);
+	CHECK_EQ(r.token.refresh_ms, now + 4'000);
 }
 
 TEST("ParseTokenResponse reads App Service's 2017 date form of expires_on") {
@@ -356,6 +360,12 @@ TEST("ParseTokenResponse refuses unusable answers without quoting the token") {
 	CHECK(!Contains(r.error, secret));
 	r = ParseTokenResponse("{\"access_token\":\"\",\"expires_in\":3600}", now);
 	CHECK(!r.ok);
+	// Absurd numbers are refused rather than overflowing.
+	for (const char *exp : {"\"expires_in\":1e300", "\"expires_in\":-5", "\"expires_on\":\"99999999999999999999\"",
+	                        "\"expires_in\":9223372036854775807", "\"expires_on\":1e19"}) {
+		r = ParseTokenResponse(std::string("{\"access_token\":\"a.b.c\",") + exp + "}", now);
+		CHECK(!r.ok);
+	}
 }
 
 TEST("RefreshAt: half-life, refresh_in, a few minutes before long expiries, never sooner than a second") {
@@ -569,6 +579,21 @@ TEST("App Service: X-IDENTITY-HEADER from the environment, api-version 2019-08-0
 	CHECK_EQ(QueryParam(reqs[0].query, "principal_id"), std::string("obj-1"));
 }
 
+TEST("App Service: an identity header echoed in an error never reaches the error text") {
+	TinyHttp srv([&](const Request &r) {
+		return Answer{401, "{\"error\":\"unauthorized\",\"error_description\":\"bad header " + r.headers.at("x-identity-header") + "\"}"};
+	});
+	IdentityConfig c;
+	c.kind = "managed_identity";
+	std::string why;
+	auto p = MakeTokenProvider(c, Env({{"IDENTITY_ENDPOINT", srv.Url("/msi/token")}, {"IDENTITY_HEADER", "hdr-secret-value"}}), &why);
+	REQUIRE(p);
+	TokenResult r = p->Fetch();
+	CHECK(!r.ok);
+	CHECK(Contains(r.error, "bad header [redacted]"));
+	CHECK(!Contains(r.error, "hdr-secret-value"));
+}
+
 TEST("Azure Arc: answers the challenge with the key file, only from the agent's directory") {
 	std::string dir = TempDir(), realm = dir + "/abc.key", outside = TempDir() + "/evil.key";
 	WriteFile(realm, "arc-secret-content");
@@ -609,8 +634,27 @@ TEST("Azure Arc: answers the challenge with the key file, only from the agent's 
 	r = p->Fetch();
 	CHECK(!r.ok);
 	CHECK(Contains(r.error, "larger than 4096"));
+	// A symbolic link in the directory is not followed.
+	REQUIRE(symlink(outside.c_str(), (dir + "/link.key").c_str()) == 0);
+	challenge = dir + "/link.key";
+	r = p->Fetch();
+	CHECK(!r.ok);
+	CHECK(Contains(r.error, "a link"));
 	for (auto &q : srv.Requests())
 		CHECK(!Contains(q.headers["authorization"], "not-for-you"));
+	// The key file's content, echoed by the endpoint, is not shown.
+	challenge = realm;
+	TinyHttp echo([&](const Request &q) {
+		if (!q.headers.count("authorization"))
+			return Answer{401, "", {"WWW-Authenticate: Basic realm=" + realm}};
+		return Answer{403, "{\"error\":\"denied\",\"error_description\":\"" + q.headers.at("authorization") + "\"}"};
+	});
+	c.endpoint = echo.Url("/arc/token");
+	p = MakeTokenProvider(c, Env({}), &why);
+	r = p->Fetch();
+	CHECK(!r.ok);
+	CHECK(!Contains(r.error, "arc-secret-content"));
+	CHECK(Contains(r.error, "[redacted]"));
 }
 
 TEST("client secret: the v2 token request over TLS, and a secret echoed by the endpoint never reaches the error") {
@@ -690,6 +734,7 @@ TEST("workload identity posts the federated token as a jwt-bearer assertion, rea
 	REQUIRE(p);
 	TokenResult r = p->Fetch();
 	CHECK(!r.ok);
+	CHECK(!r.retryable); // a configuration problem: retried slowly
 	CHECK(Contains(r.error, "cannot read the federated token file " + dir + "/token"));
 	CHECK(srv.Requests().empty());
 	WriteFile(dir + "/token", "assertion-1\n");
@@ -906,6 +951,31 @@ TEST("TokenSource: a refused token is replaced at once, repeated refusals back o
 	ts.Accepted(3);
 	ts.Invalidate(3, "refused again");
 	REQUIRE(Eventually([&] { return Contains(AllLog(acc, ts), "refused token 3 (refused again); asking for a new one now"); }));
+	ts.Stop();
+}
+
+TEST("TokenSource: a refusal never brings a request forward past the endpoint's Retry-After") {
+	auto *prov = new ScriptedProvider({ScriptedProvider::ok(3600), ScriptedProvider::fail("HTTP 429", 30000)});
+	TokenSource ts(std::unique_ptr<TokenProvider>(prov), nullptr);
+	ts.Start();
+	AccessToken t;
+	REQUIRE(Eventually([&] { return ts.Current(&t); }));
+	ts.Invalidate(1, "refused");          // fetches at once: the endpoint answers 429, Retry-After 30 s
+	REQUIRE(Eventually([&] { return prov->Calls() == 2; }));
+	REQUIRE(Eventually([&] { return ts.GetStatus().failures == 1; }));
+	ts.Invalidate(1, "refused again");    // must wait for the Retry-After
+	std::vector<TokenSource::LogLine> acc;
+	std::string log;
+	REQUIRE(Eventually([&] {
+		log = AllLog(acc, ts);
+		return Contains(log, "refused again");
+	}));
+	const char *lead = "(refused again); asking for a new one in ";
+	size_t at = log.find(lead);
+	REQUIRE(at != std::string::npos);
+	long ms = std::atol(log.c_str() + at + std::strlen(lead));
+	CHECK(ms > 20000);
+	CHECK_EQ(prov->Calls(), 2);
 	ts.Stop();
 }
 

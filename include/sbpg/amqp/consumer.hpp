@@ -20,6 +20,7 @@ namespace sbpg {
 // An Entra ID token as the consumer puts it on $cbs.
 struct BearerToken {
 	std::string jwt; // never logged
+	int64_t obtained_ms = 0;
 	int64_t expires_ms = 0;
 	uint64_t serial = 0; // changes with every new token
 };

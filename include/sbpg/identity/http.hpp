@@ -31,6 +31,7 @@ struct HttpResponse {
 	std::map<std::string, std::string> headers; // lower-case names
 	std::string error;     // transport error (no status)
 	bool timed_out = false;
+	bool local_error = false; // the request could not be made here (e.g. the CA file): not worth a fast retry
 };
 
 // Must be called once per process before any thread uses Http (libcurl's global init).

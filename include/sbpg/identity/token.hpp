@@ -11,6 +11,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -145,6 +146,8 @@ class TokenSource {
 	int refusals_ = 0;           // consecutive refusals by the broker
 	uint64_t next_serial_ = 1;
 	int64_t next_ms_ = 0;        // when the thread fetches next
+	int64_t backoff_until_ = 0;  // after a failure: no request before this
+	std::mt19937_64 rng_;        // jitter (under mu_)
 	AccessToken token_;
 	Status status_;
 	std::vector<LogLine> log_;
