@@ -89,6 +89,7 @@ CREATE TABLE sbpg.inbox (
 	status text NOT NULL CHECK (status IN ('applied', 'dead_lettered')),
 	reason text,
 	delivery_count integer,
+	attempts integer NOT NULL DEFAULT 1, -- how many times sbpg ran the handler (1 + retries)
 	xid xid8 NOT NULL,
 	recorded_at timestamptz NOT NULL DEFAULT now(),
 	settled_at timestamptz
@@ -97,6 +98,24 @@ CREATE UNIQUE INDEX inbox_by_sequence ON sbpg.inbox (subscription, sequence_numb
 CREATE UNIQUE INDEX inbox_by_message_id ON sbpg.inbox (subscription, message_id) WHERE sequence_number IS NULL;
 CREATE INDEX inbox_by_time ON sbpg.inbox (recorded_at);
 COMMENT ON TABLE sbpg.inbox IS 'Outcome of every message (applied or dead_lettered); settled_at is set once the broker confirmed the settlement';
+
+-- Messages whose last attempt failed with a transient error and that wait for their next one.
+-- Written in the transaction of the failed attempt; removed in the one that records the outcome.
+CREATE TABLE sbpg.retries (
+	subscription text NOT NULL,
+	sequence_number bigint,
+	message_id text,
+	attempts integer NOT NULL,           -- failed attempts so far
+	first_failed_at timestamptz NOT NULL DEFAULT now(),
+	last_failed_at timestamptz NOT NULL DEFAULT now(),
+	next_attempt_at timestamptz NOT NULL,
+	last_error text NOT NULL,
+	deferred boolean NOT NULL DEFAULT false -- set aside on the broker (Service Bus deferral) until next_attempt_at
+);
+CREATE UNIQUE INDEX retries_by_sequence ON sbpg.retries (subscription, sequence_number) WHERE sequence_number IS NOT NULL;
+CREATE UNIQUE INDEX retries_by_message_id ON sbpg.retries (subscription, message_id) WHERE sequence_number IS NULL;
+CREATE INDEX retries_due ON sbpg.retries (subscription, next_attempt_at) WHERE deferred;
+COMMENT ON TABLE sbpg.retries IS 'Messages waiting for another attempt after a transient error: how often tried, why, and when next';
 
 -- Who called a SECURITY DEFINER function (the role after SET ROLE, not the definer).
 CREATE FUNCTION sbpg._caller() RETURNS regrole
@@ -114,7 +133,9 @@ CREATE FUNCTION sbpg._worker_stats(
 	OUT apply_ms_p50 double precision, OUT apply_ms_p99 double precision,
 	OUT lag_ms_p50 double precision, OUT lag_ms_p99 double precision,
 	OUT messages_per_second double precision, OUT token_expires_at timestamptz,
-	OUT last_batch_at timestamptz, OUT tokens_put bigint, OUT token_subject text, OUT token_error text)
+	OUT last_batch_at timestamptz, OUT tokens_put bigint, OUT token_subject text, OUT token_error text,
+	OUT retries bigint, OUT retried_messages bigint, OUT max_retries_exceeded bigint, OUT waiting_retry integer,
+	OUT deferred bigint, OUT lock_renewals bigint, OUT locks_lost bigint)
 	RETURNS SETOF record
 	AS 'MODULE_PATHNAME', 'sbpg_worker_stats' LANGUAGE C STRICT;
 
@@ -429,6 +450,7 @@ DECLARE
 	p pg_proc;
 	ident sbpg.identities;
 	k text;
+	lim record;
 	caller regrole := sbpg._caller();
 BEGIN
 	IF name IS NULL OR name !~ '^[A-Za-z0-9_.-]{1,63}$' THEN
@@ -483,14 +505,37 @@ BEGIN
 		RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
 	END IF;
 	FOR k IN SELECT jsonb_object_keys(coalesce(options, '{}')) LOOP
-		IF k <> 'allow_superuser_run_as' THEN
-			RAISE EXCEPTION 'unknown subscription option "%"', k
-				USING ERRCODE = 'invalid_parameter_value', HINT = 'Subscription options: allow_superuser_run_as.';
+		IF k = 'allow_superuser_run_as' THEN
+			IF jsonb_typeof(options -> k) <> 'boolean' THEN
+				RAISE EXCEPTION 'subscription option "%" must be true or false', k USING ERRCODE = 'invalid_parameter_value';
+			END IF;
+			CONTINUE;
 		END IF;
-		IF jsonb_typeof(options -> k) <> 'boolean' THEN
-			RAISE EXCEPTION 'subscription option "%" must be true or false', k USING ERRCODE = 'invalid_parameter_value';
+		SELECT lo, hi, what, dflt INTO lim FROM (VALUES
+			('max_retries', 0::bigint, 1000::bigint, 'how many times a transient failure is retried after the first attempt', 5),
+			('retry_base_ms', 1, 3600000, 'the ceiling of the first retry''s delay, in milliseconds', 1000),
+			('retry_cap_ms', 1, 86400000, 'the largest delay ceiling, in milliseconds', 300000),
+			('retry_hold_ms', 0, 600000, 'delays up to this many milliseconds are waited out holding the lock; longer ones defer the message', 30000),
+			('max_lock_renewal_s', 0, 86400, 'how long after receipt a held message''s lock is renewed at most, in seconds', 300))
+			AS t(key, lo, hi, what, dflt) WHERE t.key = k;
+		IF NOT FOUND THEN
+			RAISE EXCEPTION 'unknown subscription option "%"', k
+				USING ERRCODE = 'invalid_parameter_value',
+				      HINT = 'Subscription options: max_retries, retry_base_ms, retry_cap_ms, retry_hold_ms, max_lock_renewal_s, allow_superuser_run_as.';
+		END IF;
+		IF jsonb_typeof(options -> k) <> 'number' OR (options ->> k) !~ '^[0-9]+$' OR (options ->> k)::numeric NOT BETWEEN lim.lo AND lim.hi THEN
+			RAISE EXCEPTION 'subscription option "%" must be an integer from % to %', k, lim.lo, lim.hi
+				USING ERRCODE = 'invalid_parameter_value', DETAIL = format('%s is %s; %s was given.', k, lim.what, options -> k),
+				      HINT = format('Leave it out for the default, %s. docs/retries.md explains the retry policy.', lim.dflt);
 		END IF;
 	END LOOP;
+	IF coalesce((options ->> 'retry_cap_ms')::bigint, 300000) < coalesce((options ->> 'retry_base_ms')::bigint, 1000) THEN
+		RAISE EXCEPTION 'retry_cap_ms must be at least retry_base_ms'
+			USING ERRCODE = 'invalid_parameter_value',
+			      DETAIL = format('retry_base_ms is %s and retry_cap_ms is %s (defaults 1000 and 300000).',
+			                      coalesce(options ->> 'retry_base_ms', '1000'), coalesce(options ->> 'retry_cap_ms', '300000')),
+			      HINT = 'Each retry''s delay is drawn at random below min(retry_cap_ms, retry_base_ms * 2^(attempt - 1)).';
+	END IF;
 	-- Setting the flag is a superuser's decision; keeping a flag a superuser set is not.
 	IF (options -> 'allow_superuser_run_as') = 'true' AND (old_options -> 'allow_superuser_run_as') IS DISTINCT FROM 'true'
 	   AND NOT (SELECT rolsuper FROM pg_roles WHERE oid = caller) THEN
@@ -610,6 +655,7 @@ BEGIN
 	IF coalesce(namespace, s.namespace) IS DISTINCT FROM s.namespace OR lower(coalesce(entity, s.entity)) IS DISTINCT FROM lower(s.entity) THEN
 		DELETE FROM sbpg.inbox i WHERE i.subscription = s.name;
 		GET DIAGNOSTICS inbox_rows = ROW_COUNT;
+		DELETE FROM sbpg.retries r WHERE r.subscription = s.name;
 		RAISE NOTICE 'subscription "%" now reads another source; its % inbox rows were removed', s.name, inbox_rows;
 	END IF;
 	UPDATE sbpg.subscriptions x SET
@@ -640,6 +686,7 @@ BEGIN
 	END IF;
 	PERFORM sbpg._check_admin('drop subscription', s.run_as);
 	DELETE FROM sbpg.inbox i WHERE i.subscription = s.name;
+	DELETE FROM sbpg.retries r WHERE r.subscription = s.name;
 	DELETE FROM sbpg.subscriptions x WHERE x.name = s.name;
 END
 $$;
@@ -657,7 +704,9 @@ SELECT s.name AS subscription,
        w.pid, w.connected_since, w.received, w.applied, w.dead_lettered, w.duplicates, w.abandoned,
        w.batches, w.settle_failures, w.reconnects, w.last_error, w.last_error_at,
        w.apply_ms_p50, w.apply_ms_p99, w.lag_ms_p50, w.lag_ms_p99, w.messages_per_second,
-       w.token_expires_at, w.tokens_put, w.token_subject, w.token_error, w.last_batch_at
+       w.token_expires_at, w.tokens_put, w.token_subject, w.token_error, w.last_batch_at,
+       w.retries, w.retried_messages, w.max_retries_exceeded, w.waiting_retry, w.deferred,
+       w.lock_renewals, w.locks_lost
 FROM sbpg.subscriptions s
 LEFT JOIN sbpg._worker_stats() w ON w.subscription = s.name;
 COMMENT ON VIEW sbpg.stats IS 'Per subscription: worker state, counters, latency and lag percentiles, throughput';
@@ -675,5 +724,5 @@ GRANT EXECUTE ON FUNCTION sbpg.create_identity(text, text, jsonb), sbpg.drop_ide
 	sbpg.drop_subscription(text), sbpg.enable_subscription(text), sbpg.disable_subscription(text)
 	TO sbpg_admin;
 GRANT SELECT ON sbpg.identities, sbpg.identity_usage, sbpg.subscriptions TO sbpg_admin;
-GRANT SELECT ON sbpg.subscriptions, sbpg.stats, sbpg.inbox TO sbpg_monitor;
+GRANT SELECT ON sbpg.subscriptions, sbpg.stats, sbpg.inbox, sbpg.retries TO sbpg_monitor;
 GRANT EXECUTE ON FUNCTION sbpg._worker_stats() TO sbpg_monitor, sbpg_admin;

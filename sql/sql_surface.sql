@@ -83,6 +83,8 @@ SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders', 'reg_good(sbp
 SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu', prefetch => 5001);
 SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu', notify_channel => '');
 SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu', options => '{"speed": "fast"}');
+SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu', options => '{"max_retries": -2}');
+SELECT sbpg.create_subscription('s', 'amqp://127.0.0.1', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu', options => '{"retry_base_ms": 60000, "retry_cap_ms": 1000}');
 
 -- Subscriptions that work: queues, topic subscriptions, Service Bus namespaces, IPv6, defaults.
 SELECT sbpg.create_subscription('orders', 'amqp://127.0.0.1:5672', 'orders', 'reg_good(sbpg.message)', 'sbpg_reg_app', 'emu');

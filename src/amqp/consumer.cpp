@@ -31,6 +31,9 @@
 #include <proton/ssl.hpp>
 #include <proton/target_options.hpp>
 #include <proton/transport.hpp>
+#include <proton/types.hpp>
+#include <proton/uuid.hpp>
+#include <proton/value.hpp>
 #include <proton/work_queue.hpp>
 
 #include <atomic>
@@ -38,6 +41,7 @@
 #include <csignal>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <random>
@@ -110,6 +114,8 @@ struct Consumer::Impl : public proton::messaging_handler {
 	std::vector<Settlement> to_settle;
 	std::vector<SettleResult> results;
 	std::vector<ConsumerEvent> events;
+	std::vector<int64_t> to_fetch;                  // deferred messages the main thread asked for
+	std::vector<Consumer::FetchFailure> fetch_failures;
 	ConsumerStatus status;
 	proton::work_queue *wq = nullptr; // of the live connection, or null
 	std::atomic<bool> stopping{false};
@@ -141,6 +147,32 @@ struct Consumer::Impl : public proton::messaging_handler {
 	int64_t accepted_expires_ms = 0;  // the token the broker last accepted on this connection
 	uint64_t refused_serial = 0;      // JWT: the broker refused this token; wait for another
 	bool waiting_noted = false;
+
+	// Locks of the messages held (delivered on the receiver, or fetched over $management).
+	struct Lock {
+		uint8_t token[16];          // as the broker's $management expects it (RFC order)
+		bool has_token = false;
+		int64_t received_ms = 0;
+		int64_t locked_until_ms = 0; // 0: the broker gave no lock expiry (never renewed)
+		bool renewing = false;
+		bool single = false;         // renew alone (a batch renewal was refused as lock-lost)
+		bool lost = false;
+		bool fetched = false;        // received by sequence number: settled over $management
+	};
+	std::unordered_map<uint64_t, Lock> locks;
+	proton::sender mgmt_sender;
+	proton::receiver mgmt_receiver;
+	std::string mgmt_reply;
+	bool mgmt_sender_open = false, mgmt_receiver_open = false;
+	uint64_t mgmt_next = 0;
+	using MgmtDone = std::function<void(int64_t code, const std::string &desc, const proton::value &body)>;
+	struct MgmtCall {
+		MgmtDone done;
+		int64_t sent_ms;
+	};
+	std::map<std::string, MgmtCall> mgmt_pending;
+	std::deque<proton::message> mgmt_queue;
+	int64_t next_renew_scan = 0;
 	std::mt19937_64 rng{std::random_device{}()};
 
 	Impl(ConsumerConfig c, int fd) : cfg(std::move(c)), wake_fd(fd) {}
@@ -190,6 +222,11 @@ struct Consumer::Impl : public proton::messaging_handler {
 			if (cfg.current_token(&t) && t.serial != put_serial && t.serial != refused_serial)
 				PutJwt(t);
 		}
+		if (conn && MgmtReady() && n >= next_renew_scan) {
+			next_renew_scan = n + 250;
+			RenewLocks(n);
+		}
+		ExpireMgmtCalls(n);
 		Rearm();
 	}
 	void Rearm() { container->schedule(proton::duration(100), [this] { Tick(); }); }
@@ -237,6 +274,16 @@ struct Consumer::Impl : public proton::messaging_handler {
 			for (auto &s : orphaned)
 				results.push_back({s.delivery_id, false, "the connection was lost before the settlement was sent"});
 		}
+		FailMgmtCalls("the connection was lost");
+		locks.clear();
+		mgmt_sender = proton::sender();
+		mgmt_receiver = proton::receiver();
+		mgmt_sender_open = mgmt_receiver_open = false;
+		mgmt_queue.clear();
+		{
+			std::lock_guard<std::mutex> g(mu);
+			status.management_ready = false;
+		}
 		conn = proton::connection();
 		receiver = proton::receiver();
 		cbs_sender = proton::sender();
@@ -257,6 +304,7 @@ struct Consumer::Impl : public proton::messaging_handler {
 		{
 			std::lock_guard<std::mutex> g(mu);
 			++status.reconnects;
+			status.generation = gen;
 		}
 		Event(was_connected ? ConsumerEvent::Kind::Disconnected : ConsumerEvent::Kind::Error,
 		      why + "; retrying in " + std::to_string(reconnect_at - Now()) + " ms");
@@ -404,9 +452,330 @@ struct Consumer::Impl : public proton::messaging_handler {
 		receiver = conn.open_receiver(cfg.entity, proton::receiver_options().credit_window(0).auto_accept(false));
 		// Peek-lock as Service Bus clients do it: the broker confirms each settlement.
 		pn_link_set_rcv_settle_mode(LinkAccess::Get(receiver), PN_RCV_SECOND);
+		if (cfg.management) {
+			std::string addr = cfg.entity + "/$management";
+			mgmt_reply = "mgmt-" + NewGuid();
+			mgmt_sender = conn.open_sender(addr);
+			mgmt_receiver = conn.open_receiver(
+			    addr, proton::receiver_options().credit_window(50).target(proton::target_options().address(mgmt_reply)));
+		}
+	}
+
+	// ---- $management: lock renewal, deferred messages (AMQP thread)
+
+	bool MgmtReady() const { return mgmt_sender_open && mgmt_receiver_open && mgmt_sender && mgmt_sender.active(); }
+
+	void MgmtFailed(const std::string &why) {
+		bool first;
+		{
+			std::lock_guard<std::mutex> g(mu);
+			first = !status.management_failed;
+			status.management_failed = true;
+			status.management_ready = false;
+		}
+		mgmt_sender_open = mgmt_receiver_open = false;
+		FailMgmtCalls(why);
+		if (first)
+			Event(ConsumerEvent::Kind::Error, "the broker's $management link is unavailable (" + why +
+			                                      "): message locks are not renewed and nothing is deferred");
+	}
+
+	void Request(const std::string &operation, proton::value body, MgmtDone done) {
+		proton::message m;
+		std::string id = "sbpg-" + std::to_string(++mgmt_next);
+		m.id(proton::message_id(id));
+		m.reply_to(mgmt_reply);
+		m.properties().put("operation", operation);
+		if (receiver)
+			m.properties().put("associated-link-name", receiver.name());
+		m.body(body);
+		mgmt_pending[id] = MgmtCall{std::move(done), Now()};
+		mgmt_queue.push_back(std::move(m));
+		FlushMgmt();
+	}
+
+	void FlushMgmt() {
+		while (!mgmt_queue.empty() && mgmt_sender && mgmt_sender.credit() > 0) {
+			mgmt_sender.send(mgmt_queue.front());
+			mgmt_queue.pop_front();
+		}
+	}
+
+	void OnMgmtReply(proton::message &m) {
+		std::string id;
+		try {
+			id = proton::coerce<std::string>(m.correlation_id());
+		} catch (const std::exception &) {
+			return;
+		}
+		auto it = mgmt_pending.find(id);
+		if (it == mgmt_pending.end())
+			return;
+		MgmtDone done = std::move(it->second.done);
+		mgmt_pending.erase(it);
+		int64_t code = 0;
+		std::string desc;
+		try {
+			auto props = m.properties();
+			if (props.exists("statusCode"))
+				code = proton::coerce<int64_t>(props.get("statusCode"));
+			else if (props.exists("status-code"))
+				code = proton::coerce<int64_t>(props.get("status-code"));
+			if (props.exists("statusDescription"))
+				desc = proton::coerce<std::string>(props.get("statusDescription"));
+			else if (props.exists("status-description"))
+				desc = proton::coerce<std::string>(props.get("status-description"));
+			if (props.exists("errorCondition"))
+				desc = proton::coerce<std::string>(props.get("errorCondition")) + (desc.empty() ? "" : ": " + desc);
+		} catch (const std::exception &e) {
+			code = 0;
+			desc = std::string("unreadable $management answer: ") + e.what();
+		}
+		done(code, desc, m.body());
+	}
+
+	// Answers every outstanding request with code -1 (connection lost, or no $management).
+	void FailMgmtCalls(const std::string &why) {
+		std::map<std::string, MgmtCall> pending;
+		pending.swap(mgmt_pending);
+		mgmt_queue.clear();
+		for (auto &p : pending)
+			p.second.done(-1, why, proton::value());
+	}
+
+	void ExpireMgmtCalls(int64_t n) {
+		std::vector<std::string> late;
+		for (auto &p : mgmt_pending)
+			if (n - p.second.sent_ms > 60000)
+				late.push_back(p.first);
+		for (auto &id : late) {
+			MgmtDone done = std::move(mgmt_pending[id].done);
+			mgmt_pending.erase(id);
+			done(-1, "no answer within 60 s", proton::value());
+		}
+	}
+
+	// Finds a key (string or symbol) in a $management body map.
+	static bool Field(const proton::value &body, const char *key, proton::value *out) {
+		try {
+			std::map<proton::value, proton::value> m;
+			proton::get(body, m);
+			for (auto &kv : m) {
+				if (proton::coerce<std::string>(kv.first) == key) {
+					*out = kv.second;
+					return true;
+				}
+			}
+		} catch (const std::exception &) {
+		}
+		return false;
+	}
+
+	// Renews the locks of held messages before they run out: once less than half the lock
+	// duration (at least 2 s) is left, for at most max_lock_renewal_ms after receipt.
+	void RenewLocks(int64_t n) {
+		std::vector<uint64_t> batch;
+		for (auto &kv : locks) {
+			Lock &l = kv.second;
+			if (l.renewing || l.lost || !l.has_token || !l.locked_until_ms)
+				continue;
+			if (n - l.received_ms >= cfg.max_lock_renewal_ms)
+				continue; // the bound on total renewal: the lock is let go
+			int64_t duration = std::max<int64_t>(1000, l.locked_until_ms - l.received_ms);
+			int64_t margin = std::max<int64_t>(duration / 2, 2000);
+			if (l.locked_until_ms - n > margin)
+				continue;
+			if (l.single) {
+				SendRenewal({kv.first});
+				continue;
+			}
+			batch.push_back(kv.first);
+			if (batch.size() == 100) {
+				SendRenewal(batch);
+				batch.clear();
+			}
+		}
+		if (!batch.empty())
+			SendRenewal(batch);
+	}
+
+	void SendRenewal(const std::vector<uint64_t> &ids) {
+		std::vector<proton::uuid> tokens;
+		for (uint64_t id : ids) {
+			Lock &l = locks[id];
+			l.renewing = true;
+			proton::uuid u;
+			std::memcpy(&u[0], l.token, 16);
+			tokens.push_back(u);
+		}
+		std::map<std::string, proton::value> body;
+		body["lock-tokens"] = tokens;
+		Request("com.microsoft:renew-lock", body, [this, ids](int64_t code, const std::string &desc, const proton::value &b) {
+			for (uint64_t id : ids) {
+				auto it = locks.find(id);
+				if (it != locks.end())
+					it->second.renewing = false;
+			}
+			if (code == 200) {
+				std::vector<proton::timestamp> until;
+				proton::value v;
+				try {
+					if (Field(b, "expirations", &v))
+						proton::get(v, until);
+				} catch (const std::exception &) {
+					until.clear();
+				}
+				uint64_t renewed = 0;
+				for (size_t i = 0; i < ids.size(); ++i) {
+					auto it = locks.find(ids[i]);
+					if (it == locks.end())
+						continue;
+					it->second.locked_until_ms = i < until.size() ? until[i].milliseconds() : Now() + 30000;
+					++renewed;
+				}
+				std::lock_guard<std::mutex> g(mu);
+				status.lock_renewals += renewed;
+				return;
+			}
+			if (code == 410) {
+				// A lock in the batch is gone: find which by renewing each alone.
+				if (ids.size() == 1) {
+					auto it = locks.find(ids[0]);
+					if (it != locks.end())
+						it->second.lost = true;
+					std::lock_guard<std::mutex> g(mu);
+					++status.locks_lost;
+				} else {
+					for (uint64_t id : ids) {
+						auto it = locks.find(id);
+						if (it != locks.end())
+							it->second.single = true;
+					}
+				}
+				return;
+			}
+			if (code == -1)
+				return; // connection gone: its locks are gone with it
+			// Anything else: try again at the next scan.
+		});
+	}
+
+	void FetchOne(int64_t seq) {
+		std::map<std::string, proton::value> body;
+		body["sequence-numbers"] = std::vector<int64_t>{seq};
+		body["receiver-settle-mode"] = static_cast<uint32_t>(1); // peek-lock
+		uint64_t g0 = gen;
+		Request("com.microsoft:receive-by-sequence-number", body,
+		        [this, seq, g0](int64_t code, const std::string &desc, const proton::value &b) {
+			        if (code == 200 && g0 == gen) {
+				        proton::value list;
+				        std::vector<proton::value> items;
+				        try {
+					        if (Field(b, "messages", &list))
+						        proton::get(list, items);
+				        } catch (const std::exception &) {
+					        items.clear();
+				        }
+				        for (auto &item : items) {
+					        proton::value tok, bin;
+					        if (!Field(item, "lock-token", &tok) || !Field(item, "message", &bin))
+						        continue;
+					        ReceivedMessage rm;
+					        rm.delivery_id = ++next_id;
+					        rm.connection_gen = gen;
+					        rm.received_ms = Now();
+					        Lock l;
+					        try {
+						        proton::uuid u = proton::get<proton::uuid>(tok);
+						        std::memcpy(l.token, &u[0], 16);
+						        l.has_token = true;
+						        proton::binary raw = proton::get<proton::binary>(bin);
+						        DecodeMessage(std::string_view(reinterpret_cast<const char *>(raw.data()), raw.size()),
+						                      cfg.max_json_depth, &rm);
+					        } catch (const std::exception &e) {
+						        rm.decode_error = std::string("the deferred message could not be decoded: ") + e.what();
+					        }
+					        l.received_ms = rm.received_ms;
+					        l.locked_until_ms = rm.locked_until_ms;
+					        l.fetched = true;
+					        locks[rm.delivery_id] = l;
+					        {
+						        std::lock_guard<std::mutex> g(mu);
+						        inbox.push_back(std::move(rm));
+					        }
+				        }
+				        if (items.empty()) {
+					        std::lock_guard<std::mutex> g(mu);
+					        fetch_failures.push_back({seq, false, "the broker answered without the message"});
+				        }
+				        Wake();
+				        return;
+			        }
+			        {
+				        std::lock_guard<std::mutex> g(mu);
+				        fetch_failures.push_back({seq, code == 404, std::to_string(code) + " " + desc});
+			        }
+			        Wake();
+		        });
+	}
+
+	void DrainFetches() {
+		std::vector<int64_t> seqs;
+		{
+			std::lock_guard<std::mutex> g(mu);
+			seqs.swap(to_fetch);
+		}
+		for (int64_t seq : seqs) {
+			if (!MgmtReady()) {
+				std::lock_guard<std::mutex> g(mu);
+				fetch_failures.push_back({seq, false, "the $management link is not open"});
+				continue;
+			}
+			FetchOne(seq);
+		}
+		Wake();
+	}
+
+	// Settles a message received by sequence number: over $management, with its lock token.
+	void SettleFetched(const Settlement &s, Lock &l) {
+		std::map<std::string, proton::value> body;
+		proton::uuid u;
+		std::memcpy(&u[0], l.token, 16);
+		body["lock-tokens"] = std::vector<proton::uuid>{u};
+		switch (s.outcome) {
+		case Outcome::Complete:
+			body["disposition-status"] = std::string("completed");
+			break;
+		case Outcome::DeadLetter:
+			body["disposition-status"] = std::string("suspended");
+			body["deadletter-reason"] = Truncate(s.reason, 4096);
+			body["deadletter-description"] = Truncate(s.description, 4096);
+			break;
+		case Outcome::Abandon:
+			body["disposition-status"] = std::string("abandoned");
+			break;
+		case Outcome::Defer:
+			body["disposition-status"] = std::string("defered"); // sic: the service's spelling
+			break;
+		}
+		uint64_t id = s.delivery_id;
+		l.renewing = true; // no renewal races the settlement
+		Request("com.microsoft:update-disposition", body, [this, id](int64_t code, const std::string &desc, const proton::value &) {
+			locks.erase(id);
+			{
+				std::lock_guard<std::mutex> g(mu);
+				results.push_back({id, code == 200, code == 200 ? "" : std::to_string(code) + " " + desc});
+			}
+			Wake();
+		});
 	}
 
 	void on_receiver_open(proton::receiver &r) override {
+		if (r == mgmt_receiver) {
+			mgmt_receiver_open = true;
+			MgmtOpened();
+			return;
+		}
 		if (r != receiver)
 			return;
 		receiver_open = true;
@@ -418,20 +787,41 @@ struct Consumer::Impl : public proton::messaging_handler {
 			status.connected = true;
 			status.connected_since_ms = Now();
 			status.in_flight = 0;
+			status.generation = gen;
 		}
 		Event(ConsumerEvent::Kind::Connected, "receiving from " + cfg.entity + " on " + cfg.host + ":" +
 		                                          std::to_string(cfg.port) + (cfg.tls ? " (TLS)" : ""));
 	}
 
+	void MgmtOpened() {
+		if (!mgmt_sender_open || !mgmt_receiver_open)
+			return;
+		std::lock_guard<std::mutex> g(mu);
+		status.management_ready = true;
+	}
+	void on_sender_open(proton::sender &s) override {
+		if (s == mgmt_sender) {
+			mgmt_sender_open = true;
+			MgmtOpened();
+		}
+	}
+
 	void on_sendable(proton::sender &s) override {
 		if (s == cbs_sender)
 			FlushCbs();
+		else if (s == mgmt_sender)
+			FlushMgmt();
 	}
 
 	void on_message(proton::delivery &d, proton::message &m) override {
 		if (d.receiver() == cbs_receiver) {
 			d.accept();
 			OnCbsReply(m);
+			return;
+		}
+		if (d.receiver() == mgmt_receiver) {
+			d.accept();
+			OnMgmtReply(m);
 			return;
 		}
 		ReceivedMessage rm;
@@ -447,6 +837,18 @@ struct Consumer::Impl : public proton::messaging_handler {
 		}
 		unsettled[rm.delivery_id] = d;
 		ids[DeliveryAccess::Get(d)] = rm.delivery_id;
+		{
+			// The lock token is the delivery tag (.NET byte order); $management wants RFC order.
+			Lock l;
+			proton::binary tag = d.tag();
+			if (tag.size() == 16) {
+				DotNetGuidSwap(reinterpret_cast<const uint8_t *>(tag.data()), l.token);
+				l.has_token = true;
+			}
+			l.received_ms = rm.received_ms;
+			l.locked_until_ms = rm.locked_until_ms;
+			locks[rm.delivery_id] = l;
+		}
 		{
 			std::lock_guard<std::mutex> g(mu);
 			inbox.push_back(std::move(rm));
@@ -464,6 +866,11 @@ struct Consumer::Impl : public proton::messaging_handler {
 		}
 		std::vector<SettleResult> done;
 		for (auto &s : batch) {
+			auto lk = locks.find(s.delivery_id);
+			if (s.connection_gen == gen && lk != locks.end() && lk->second.fetched) {
+				SettleFetched(s, lk->second);
+				continue;
+			}
 			auto it = unsettled.find(s.delivery_id);
 			if (s.connection_gen != gen || it == unsettled.end()) {
 				done.push_back({s.delivery_id, false, "the delivering connection is gone"});
@@ -491,6 +898,12 @@ struct Consumer::Impl : public proton::messaging_handler {
 				pn_data_exit(info);
 				break;
 			}
+			case Outcome::Defer:
+				// Service Bus defers on `modified` with undeliverable-here.
+				state = PN_MODIFIED;
+				pn_disposition_set_failed(local, false);
+				pn_disposition_set_undeliverable(local, true);
+				break;
 			case Outcome::Abandon:
 				if (cfg.release_to_abandon) {
 					state = PN_RELEASED;
@@ -525,6 +938,7 @@ struct Consumer::Impl : public proton::messaging_handler {
 		proton::delivery d = it->second;
 		ids.erase(DeliveryAccess::Get(d));
 		unsettled.erase(it);
+		locks.erase(id);
 		d.settle();
 		if (receiver && receiver.active())
 			receiver.add_credit(1);
@@ -574,9 +988,15 @@ struct Consumer::Impl : public proton::messaging_handler {
 	}
 	void on_connection_error(proton::connection &c) override { Lost("connection closed: " + Describe(c.error())); }
 	void on_receiver_error(proton::receiver &r) override {
+		if (r == mgmt_receiver)
+			return MgmtFailed("the $management link was detached: " + Describe(r.error()));
 		Lost((r == cbs_receiver ? "the $cbs link was detached: " : "the receiver was detached: ") + Describe(r.error()));
 	}
-	void on_sender_error(proton::sender &s) override { Lost("the $cbs link was detached: " + Describe(s.error())); }
+	void on_sender_error(proton::sender &s) override {
+		if (s == mgmt_sender)
+			return MgmtFailed("the $management link was detached: " + Describe(s.error()));
+		Lost("the $cbs link was detached: " + Describe(s.error()));
+	}
 	void on_session_error(proton::session &s) override { Lost("the session ended: " + Describe(s.error())); }
 	void on_receiver_close(proton::receiver &r) override {
 		if (r == receiver && !stopping.load() && conn)
@@ -665,6 +1085,30 @@ Consumer::Settle(std::vector<Settlement> settlements) {
 			i.results.push_back({s.delivery_id, false, "the connection is closing: the settlement could not be sent"});
 		i.to_settle.clear();
 	}
+}
+
+void
+Consumer::FetchDeferred(std::vector<int64_t> seqs) {
+	Impl &i = *impl_;
+	std::lock_guard<std::mutex> g(i.mu);
+	if (!i.wq || !i.status.management_ready) {
+		for (int64_t s : seqs)
+			i.fetch_failures.push_back({s, false, "not connected"});
+		return;
+	}
+	i.to_fetch.insert(i.to_fetch.end(), seqs.begin(), seqs.end());
+	if (!i.wq->add([&i] { i.DrainFetches(); })) {
+		for (int64_t s : i.to_fetch)
+			i.fetch_failures.push_back({s, false, "the connection is closing"});
+		i.to_fetch.clear();
+	}
+}
+
+void
+Consumer::TakeFetchFailures(std::vector<FetchFailure> *out) {
+	std::lock_guard<std::mutex> g(impl_->mu);
+	out->insert(out->end(), impl_->fetch_failures.begin(), impl_->fetch_failures.end());
+	impl_->fetch_failures.clear();
 }
 
 void

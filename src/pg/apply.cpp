@@ -28,6 +28,7 @@ extern "C" {
 #include "pgstat.h"
 #include "utils/acl.h"
 #include "utils/array.h"
+#include "common/pg_prng.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/json.h"
@@ -61,6 +62,11 @@ constexpr int kNotifyMax = 7900; // NOTIFY payloads are limited to 8000 bytes
 SPIPlanPtr insert_plan = nullptr;
 SPIPlanPtr lookup_plan = nullptr;
 SPIPlanPtr stamp_plan = nullptr;
+SPIPlanPtr retry_lookup_plan = nullptr;
+SPIPlanPtr retry_upsert_seq_plan = nullptr;
+SPIPlanPtr retry_upsert_id_plan = nullptr;
+SPIPlanPtr retry_delete_plan = nullptr;
+SPIPlanPtr retry_defer_plan = nullptr;
 Oid cached_handler = InvalidOid;
 FmgrInfo handler_finfo;
 TupleDesc message_desc = nullptr;
@@ -90,10 +96,35 @@ Prepare(const char *sql, int nargs, Oid *types) {
 void
 EnsurePlans(const SubConfig *cfg) {
 	if (!insert_plan) {
-		Oid types[8] = {TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, XID8OID};
+		Oid types[9] = {TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, XID8OID, INT4OID};
 		insert_plan = Prepare("INSERT INTO sbpg.inbox (subscription, sequence_number, message_id, correlation_id, "
-		                      "status, reason, delivery_count, xid) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-		                      8, types);
+		                      "status, reason, delivery_count, xid, attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+		                      9, types);
+	}
+	if (!retry_lookup_plan) {
+		Oid types[3] = {TEXTOID, INT8ARRAYOID, TEXTARRAYOID};
+		retry_lookup_plan = Prepare("SELECT sequence_number, message_id, attempts, next_attempt_at, deferred FROM sbpg.retries "
+		                            "WHERE subscription = $1 AND (sequence_number = ANY ($2) "
+		                            "OR (sequence_number IS NULL AND message_id = ANY ($3)))",
+		                            3, types);
+		Oid up[7] = {TEXTOID, INT8OID, TEXTOID, INT4OID, TIMESTAMPTZOID, TEXTOID, BOOLOID};
+		const char *cols = "INSERT INTO sbpg.retries (subscription, sequence_number, message_id, attempts, next_attempt_at, "
+		                   "last_error, deferred) VALUES ($1, $2, $3, $4, $5, $6, $7) ";
+		const char *set = " DO UPDATE SET attempts = excluded.attempts, last_failed_at = now(), "
+		                  "next_attempt_at = excluded.next_attempt_at, last_error = excluded.last_error, deferred = excluded.deferred";
+		char sql[1024];
+		snprintf(sql, sizeof sql, "%sON CONFLICT (subscription, sequence_number) WHERE sequence_number IS NOT NULL%s", cols, set);
+		retry_upsert_seq_plan = Prepare(sql, 7, up);
+		snprintf(sql, sizeof sql, "%sON CONFLICT (subscription, message_id) WHERE sequence_number IS NULL%s", cols, set);
+		retry_upsert_id_plan = Prepare(sql, 7, up);
+		Oid del[3] = {TEXTOID, INT8OID, TEXTOID};
+		retry_delete_plan = Prepare("DELETE FROM sbpg.retries WHERE subscription = $1 AND CASE WHEN $2::bigint IS NOT NULL "
+		                            "THEN sequence_number = $2 ELSE sequence_number IS NULL AND message_id = $3 END",
+		                            3, del);
+		retry_defer_plan = Prepare("UPDATE sbpg.retries SET deferred = true WHERE subscription = $1 AND CASE WHEN "
+		                           "$2::bigint IS NOT NULL THEN sequence_number = $2 ELSE sequence_number IS NULL AND "
+		                           "message_id = $3 END",
+		                           3, del);
 	}
 	if (!lookup_plan) {
 		Oid types[3] = {TEXTOID, INT8ARRAYOID, TEXTARRAYOID};
@@ -240,6 +271,91 @@ LookupDuplicates(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
 	}
 }
 
+// The key columns ($2 sequence number, $3 message id) of a message's sbpg.retries row.
+bool
+RetryKey(const SubConfig *cfg, const ReceivedMessage *m, Datum *args, char *nulls) {
+	args[0] = CStringGetTextDatum(cfg->name);
+	nulls[0] = nulls[1] = nulls[2] = ' ';
+	args[1] = Int64GetDatum(m->sequence_number);
+	if (!m->has_sequence_number)
+		nulls[1] = 'n';
+	if (m->message_id.empty()) {
+		nulls[2] = 'n';
+		args[2] = 0;
+	} else {
+		args[2] = CStringGetTextDatum(m->message_id.c_str());
+	}
+	return m->has_sequence_number || !m->message_id.empty();
+}
+
+// Loads earlier failed attempts; a message whose next attempt is still to come is kDelayed.
+void
+LookupRetries(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
+	int n = hi - lo;
+	int64 *seqs = static_cast<int64 *>(palloc(sizeof(int64) * (n + 1)));
+	const char **ids = static_cast<const char **>(palloc(sizeof(char *) * (n + 1)));
+	int nseqs = 0, nids = 0;
+	for (int i = lo; i < hi; ++i) {
+		const ReceivedMessage *m = items[i].msg;
+		if (items[i].status == kDuplicate)
+			continue;
+		if (m->has_sequence_number)
+			seqs[nseqs++] = m->sequence_number;
+		else if (!m->message_id.empty())
+			ids[nids++] = m->message_id.c_str();
+	}
+	if (nseqs == 0 && nids == 0)
+		return;
+	Datum args[3] = {CStringGetTextDatum(cfg->name), Int8Array(seqs, nseqs), TextArray(ids, nids)};
+	if (SPI_execute_plan(retry_lookup_plan, args, nullptr, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "sbpg: cannot read sbpg.retries");
+	SPITupleTable *tt = SPI_tuptable;
+	uint64 rows = SPI_processed;
+	TimestampTz now = GetCurrentTimestamp();
+	for (uint64 r = 0; r < rows; ++r) {
+		HeapTuple t = tt->vals[r];
+		TupleDesc d = tt->tupdesc;
+		bool seq_null, isnull;
+		int64 seq = DatumGetInt64(SPI_getbinval(t, d, 1, &seq_null));
+		char *mid = SPI_getvalue(t, d, 2);
+		int attempts = DatumGetInt32(SPI_getbinval(t, d, 3, &isnull));
+		TimestampTz next = DatumGetTimestampTz(SPI_getbinval(t, d, 4, &isnull));
+		bool deferred = DatumGetBool(SPI_getbinval(t, d, 5, &isnull));
+		for (int i = lo; i < hi; ++i) {
+			ApplyItem *it = &items[i];
+			const ReceivedMessage *m = it->msg;
+			bool match = seq_null ? (!m->has_sequence_number && mid && m->message_id == mid)
+			                      : (m->has_sequence_number && m->sequence_number == seq);
+			if (!match || it->status == kDuplicate)
+				continue;
+			it->attempts = attempts;
+			if (next <= now)
+				continue;
+			// Back before its time (a lost lock, a restart, a deferral undone): wait again.
+			it->status = kDelayed;
+			it->next_attempt = next;
+			it->defer = cfg->can_defer && (next - now) / 1000 > cfg->retry_hold_ms;
+			if (it->defer && !deferred) {
+				Datum a[3];
+				char nl[3];
+				RetryKey(cfg, m, a, nl);
+				if (SPI_execute_plan(retry_defer_plan, a, nl, false, 0) != SPI_OK_UPDATE)
+					elog(ERROR, "sbpg: cannot update sbpg.retries");
+			}
+		}
+	}
+}
+
+void
+DeleteRetry(const SubConfig *cfg, const ApplyItem *it) {
+	Datum a[3];
+	char nl[3];
+	if (!RetryKey(cfg, it->msg, a, nl))
+		return;
+	if (SPI_execute_plan(retry_delete_plan, a, nl, false, 0) != SPI_OK_DELETE)
+		elog(ERROR, "sbpg: cannot update sbpg.retries");
+}
+
 const char *
 StatusName(int status) {
 	switch (status) {
@@ -249,6 +365,8 @@ StatusName(int status) {
 		return "dead_lettered";
 	case kDuplicate:
 		return "duplicate";
+	case kDelayed:
+		return "delayed";
 	default:
 		return "retry";
 	}
@@ -278,7 +396,16 @@ Notify(const SubConfig *cfg, const ApplyItem *it, uint64 xid) {
 	else
 		appendStringInfoString(&b, ",\"sequence_number\":null");
 	appendStringInfo(&b, ",\"status\":\"%s\",\"xid\":\"" UINT64_FORMAT "\"", StatusName(it->status), xid);
-	bool has_reason = it->status == kDeadLettered || (it->status == kDuplicate && it->recorded == kDeadLettered);
+	if (it->status == kTransient) {
+		// attempt: the one that just failed; next_attempt_at: when the next one runs.
+		appendStringInfo(&b, ",\"attempt\":%d,\"next_attempt_at\":", it->attempts);
+		escape_json(&b, timestamptz_to_str(it->next_attempt));
+		appendStringInfo(&b, ",\"deferred\":%s", it->defer ? "true" : "false");
+	} else if (it->status == kApplied || it->status == kDeadLettered) {
+		appendStringInfo(&b, ",\"attempts\":%d", it->attempts + 1);
+	}
+	bool has_reason = it->status == kDeadLettered || it->status == kTransient ||
+	                  (it->status == kDuplicate && it->recorded == kDeadLettered);
 	appendStringInfoString(&b, ",\"reason\":");
 	if (has_reason) {
 		char reason[1200];
@@ -300,8 +427,8 @@ Notify(const SubConfig *cfg, const ApplyItem *it, uint64 xid) {
 void
 InsertInbox(const SubConfig *cfg, const ApplyItem *it, uint64 xid) {
 	const ReceivedMessage *m = it->msg;
-	Datum args[8];
-	char nulls[8];
+	Datum args[9];
+	char nulls[9];
 	memset(nulls, ' ', sizeof nulls);
 	args[0] = CStringGetTextDatum(cfg->name);
 	args[1] = Int64GetDatum(m->sequence_number);
@@ -320,6 +447,7 @@ InsertInbox(const SubConfig *cfg, const ApplyItem *it, uint64 xid) {
 	}
 	args[6] = Int32GetDatum(static_cast<int32>(m->delivery_count));
 	args[7] = FullTransactionIdGetDatum(FullTransactionIdFromU64(xid));
+	args[8] = Int32GetDatum(it->attempts + 1);
 	if (SPI_execute_plan(insert_plan, args, nulls, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "sbpg: cannot write sbpg.inbox");
 }
@@ -328,6 +456,8 @@ void
 Record(const SubConfig *cfg, ApplyItem *it, int status, uint64 xid) {
 	it->status = status;
 	InsertInbox(cfg, it, xid);
+	if (it->attempts > 0)
+		DeleteRetry(cfg, it);
 	Notify(cfg, it, xid);
 }
 
@@ -456,6 +586,50 @@ IsTransient(int sqlerrcode) {
 	return sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE || sqlerrcode == ERRCODE_OBJECT_IN_USE; // 55P03, 55006
 }
 
+// A transient failure: schedule another attempt (with full jitter under a doubling ceiling), or,
+// past max_retries, dead-letter with MaxRetriesExceeded and the last error. In the transaction
+// that records the failed attempt.
+void
+ScheduleRetry(const SubConfig *cfg, ApplyItem *it, const char *reason, const char *desc, uint64 xid) {
+	const ReceivedMessage *m = it->msg;
+	int failed = it->attempts + 1;
+	Datum a[7];
+	char nl[7];
+	bool keyed = RetryKey(cfg, m, a, nl);
+	if (!keyed) // nothing to remember it by: the broker's delivery count stands in
+		failed = std::max<int>(failed, static_cast<int>(m->delivery_count) + 1);
+	if (failed > cfg->max_retries) {
+		char d[1024];
+		snprintf(d, sizeof d, "%d attempt%s failed; the last with %s: %s", failed, failed == 1 ? "" : "s", reason, desc);
+		it->attempts = failed - 1;
+		it->gave_up = true;
+		SetReason(it, "MaxRetriesExceeded", d);
+		Record(cfg, it, kDeadLettered, xid);
+		return;
+	}
+	int shift = std::min(failed - 1, 30);
+	int64 ceiling = std::min<int64>(cfg->retry_cap_ms, static_cast<int64>(cfg->retry_base_ms) << shift);
+	int64 delay_ms = static_cast<int64>(pg_prng_uint64_range(&pg_global_prng_state, 0, static_cast<uint64>(ceiling)));
+	it->status = kTransient;
+	it->attempts = failed;
+	it->next_attempt = GetCurrentTimestamp() + delay_ms * 1000;
+	it->defer = cfg->can_defer && delay_ms > cfg->retry_hold_ms;
+	SetReason(it, reason, desc);
+	if (keyed) {
+		char err[1200];
+		snprintf(err, sizeof err, "%s: %s", reason, desc);
+		a[3] = Int32GetDatum(failed);
+		a[4] = TimestampTzGetDatum(it->next_attempt);
+		a[5] = CStringGetTextDatum(err);
+		a[6] = BoolGetDatum(it->defer);
+		nl[3] = nl[4] = nl[5] = nl[6] = ' ';
+		if (SPI_execute_plan(m->has_sequence_number ? retry_upsert_seq_plan : retry_upsert_id_plan, a, nl, false, 0) !=
+		    SPI_OK_INSERT)
+			elog(ERROR, "sbpg: cannot write sbpg.retries");
+	}
+	Notify(cfg, it, xid);
+}
+
 void
 DescribeError(const ErrorData *e, char *out, size_t len) {
 	if (e->detail)
@@ -490,8 +664,7 @@ ApplyIsolated(const SubConfig *cfg, ApplyItem *it, uint64 xid, MemoryContext msg
 		char desc[1024];
 		DescribeError(e, desc, sizeof desc);
 		if (IsTransient(e->sqlerrcode)) {
-			it->status = kTransient;
-			SetReason(it, "TransientError", desc);
+			ScheduleRetry(cfg, it, "TransientError", desc, xid);
 		} else {
 			SetReason(it, e->sqlerrcode == ERRCODE_INSUFFICIENT_PRIVILEGE ? "PermissionDenied"
 			                                                            : "HandlerError",
@@ -515,6 +688,8 @@ ApplyRange(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate,
 			Notify(cfg, it, xid);
 			continue;
 		}
+		if (it->status == kDelayed)
+			continue;
 		if (!isolate) {
 			ApplyOne(cfg, it, xid, msgcxt);
 			continue;
@@ -534,6 +709,10 @@ RunPass(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate, co
 		items[i].status = kPending;
 		items[i].reason[0] = items[i].description[0] = '\0';
 		items[i].apply_ms = 0;
+		items[i].attempts = 0;
+		items[i].next_attempt = 0;
+		items[i].defer = false;
+		items[i].gave_up = false;
 	}
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
@@ -549,12 +728,14 @@ RunPass(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate, co
 			strlcpy(out->handler_error, why, sizeof out->handler_error);
 			for (int i = lo; i < hi; ++i) {
 				items[i].status = kTransient;
+				items[i].next_attempt = GetCurrentTimestamp() + 5 * USECS_PER_SEC;
 				SetReason(&items[i], "HandlerUnusable", why);
 			}
 		} else {
 			uint64 xid = U64FromFullTransactionId(GetTopFullTransactionId());
 			out->xid = xid;
 			LookupDuplicates(cfg, items, lo, hi);
+			LookupRetries(cfg, items, lo, hi);
 			ApplyRange(cfg, items, lo, hi, isolate, xid);
 		}
 		PopActiveSnapshot();
@@ -566,12 +747,11 @@ RunPass(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate, co
 	}
 	PG_CATCH();
 	{
-		if (isolate)
-			PG_RE_THROW();
 		MemoryContextSwitchTo(caller);
 		ErrorData *e = CopyErrorData();
 		FlushErrorState();
 		DescribeError(e, out->batch_error, sizeof out->batch_error);
+		out->batch_sqlerrcode = e->sqlerrcode;
 		FreeErrorData(e);
 		AbortCurrentTransaction();
 		MemoryContextSwitchTo(caller);
@@ -580,6 +760,43 @@ RunPass(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate, co
 	PG_END_TRY();
 	MemoryContextSwitchTo(caller);
 	return ok;
+}
+
+// Records the failure of a message whose own transaction failed, in a transaction of its own.
+// Errors propagate: then the server itself is in trouble and the caller retries the batch.
+void
+RecordFailure(const SubConfig *cfg, ApplyItem *it, int sqlerrcode, const char *error, BatchResult *out) {
+	char desc[1024];
+	strlcpy(desc, error, sizeof desc);
+	it->status = kPending;
+	it->reason[0] = it->description[0] = '\0';
+	it->attempts = 0;
+	it->next_attempt = 0;
+	it->defer = it->gave_up = false;
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	EnsurePlans(cfg);
+	uint64 xid = U64FromFullTransactionId(GetTopFullTransactionId());
+	out->xid = xid;
+	LookupDuplicates(cfg, it, 0, 1);
+	LookupRetries(cfg, it, 0, 1);
+	if (it->status == kDuplicate) {
+		Notify(cfg, it, xid);
+	} else if (it->status == kPending) {
+		if (IsTransient(sqlerrcode)) {
+			ScheduleRetry(cfg, it, "TransientError", desc, xid);
+		} else {
+			SetReason(it, sqlerrcode == ERRCODE_INSUFFICIENT_PRIVILEGE ? "PermissionDenied" : "HandlerError", desc);
+			Record(cfg, it, kDeadLettered, xid);
+		}
+	}
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+	XLogFlush(XactLastCommitEnd);
+	out->committed_at = GetCurrentTimestamp();
 }
 
 } // namespace
@@ -596,7 +813,10 @@ LoadSubConfig(const char *name, SubConfig *out) {
 	const char *q = "SELECT s.namespace, s.entity, s.handler::oid, s.run_as::oid, s.run_as::text, s.identity, i.kind, "
 	                "i.options ->> 'key_name', k.secret, i.options ->> 'key_file', i.options ->> 'key_env', "
 	                "s.batch_size, s.prefetch, s.notify_channel, s.enabled, 'sbpg.message'::regtype::oid, i.options::text, "
-	                "coalesce((s.options ->> 'allow_superuser_run_as')::boolean, false) "
+	                "coalesce((s.options ->> 'allow_superuser_run_as')::boolean, false), "
+	                "coalesce((s.options ->> 'max_retries')::int, 5), coalesce((s.options ->> 'retry_base_ms')::int, 1000), "
+	                "coalesce((s.options ->> 'retry_cap_ms')::int, 300000), coalesce((s.options ->> 'retry_hold_ms')::int, 30000), "
+	                "coalesce((s.options ->> 'max_lock_renewal_s')::int, 300) "
 	                "FROM sbpg.subscriptions s LEFT JOIN sbpg.identities i ON i.name = s.identity "
 	                "LEFT JOIN sbpg.identity_secrets k ON k.identity = s.identity WHERE s.name = $1";
 	if (SPI_execute_with_args(q, 1, types, args, nullptr, true, 1) != SPI_OK_SELECT)
@@ -625,6 +845,11 @@ LoadSubConfig(const char *name, SubConfig *out) {
 		out->message_type = DatumGetObjectId(SPI_getbinval(t, d, 16, &isnull));
 		out->identity_options = GetText(t, d, 17);
 		out->allow_superuser = DatumGetBool(SPI_getbinval(t, d, 18, &isnull));
+		out->max_retries = DatumGetInt32(SPI_getbinval(t, d, 19, &isnull));
+		out->retry_base_ms = DatumGetInt32(SPI_getbinval(t, d, 20, &isnull));
+		out->retry_cap_ms = DatumGetInt32(SPI_getbinval(t, d, 21, &isnull));
+		out->retry_hold_ms = DatumGetInt32(SPI_getbinval(t, d, 22, &isnull));
+		out->max_lock_renewal_s = DatumGetInt32(SPI_getbinval(t, d, 23, &isnull));
 		// The search_path a session of run_as would get: role in this database, role, database,
 		// the configuration file, the built-in default.
 		Oid ptypes[2] = {OIDOID, OIDOID};
@@ -654,10 +879,22 @@ ApplyBatch(const SubConfig *cfg, ApplyItem *items, int n, const int64 *seqs, int
 		return;
 	// Apply message by message, in chunks that keep subtransactions within PostgreSQL's cache.
 	out->isolated = true;
+	bool stamped = false;
 	for (int lo = 0; lo < n; lo += kMaxSubxacts) {
 		int hi = std::min(n, lo + kMaxSubxacts);
-		RunPass(cfg, items, lo, hi, true, lo == 0 ? seqs : nullptr, lo == 0 ? nseqs : 0, lo == 0 ? ids : nullptr,
-		        lo == 0 ? nids : 0, out);
+		if (RunPass(cfg, items, lo, hi, true, stamped ? nullptr : seqs, stamped ? 0 : nseqs, stamped ? nullptr : ids,
+		            stamped ? 0 : nids, out)) {
+			stamped = true;
+			continue;
+		}
+		// The chunk's transaction itself failed (at COMMIT: a deferred constraint, a serialization
+		// failure; or the server is in trouble): one transaction per message, and a message whose
+		// own transaction fails has that failure recorded in another.
+		for (int i = lo; i < hi; ++i) {
+			if (RunPass(cfg, items, i, i + 1, false, nullptr, 0, nullptr, 0, out))
+				continue;
+			RecordFailure(cfg, &items[i], out->batch_sqlerrcode, out->batch_error, out);
+		}
 	}
 }
 
@@ -675,22 +912,69 @@ StampSettled(const SubConfig *cfg, const int64 *seqs, int nseqs, const char *con
 }
 
 int64
-PruneInbox(const SubConfig *cfg, int retention_s) {
+PruneInbox(const SubConfig *cfg, int retention_s, int limit) {
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	Oid types[3] = {TEXTOID, INT4OID, INT4OID};
+	Datum args[3] = {CStringGetTextDatum(cfg->name), Int32GetDatum(retention_s), Int32GetDatum(limit)};
+	// Only rows whose settlement the broker confirmed: the message is gone from the entity and
+	// cannot come back. Rows still waiting for a confirmation stay: they recognise a redelivery.
+	int rc = SPI_execute_with_args(
+	    "DELETE FROM sbpg.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM sbpg.inbox WHERE subscription = $1 "
+	    "AND recorded_at < now() - make_interval(secs => $2) AND settled_at IS NOT NULL LIMIT $3))",
+	    3, types, args, nullptr, false, 0);
+	int64 n = rc == SPI_OK_DELETE ? static_cast<int64>(SPI_processed) : 0;
+	// Retry rows of messages that never came back (expired, received elsewhere) within the period.
+	rc = SPI_execute_with_args(
+	    "DELETE FROM sbpg.retries WHERE ctid = ANY (ARRAY(SELECT ctid FROM sbpg.retries WHERE subscription = $1 "
+	    "AND last_failed_at < now() - make_interval(secs => $2) AND next_attempt_at < now() - make_interval(secs => $2) "
+	    "LIMIT $3))",
+	    3, types, args, nullptr, false, 0);
+	n += rc == SPI_OK_DELETE ? static_cast<int64>(SPI_processed) : 0;
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+	return n;
+}
+
+int
+DueDeferred(const SubConfig *cfg, int64 *out, int max) {
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	Oid types[2] = {TEXTOID, INT4OID};
-	Datum args[2] = {CStringGetTextDatum(cfg->name), Int32GetDatum(retention_s)};
-	int rc = SPI_execute_with_args(
-	    "DELETE FROM sbpg.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM sbpg.inbox WHERE subscription = $1 "
-	    "AND settled_at < now() - make_interval(secs => $2) LIMIT 10000))",
-	    2, types, args, nullptr, false, 0);
-	int64 n = rc == SPI_OK_DELETE ? static_cast<int64>(SPI_processed) : 0;
+	Datum args[2] = {CStringGetTextDatum(cfg->name), Int32GetDatum(max)};
+	int got = 0;
+	if (SPI_execute_with_args("SELECT sequence_number FROM sbpg.retries WHERE subscription = $1 AND deferred "
+	                          "AND sequence_number IS NOT NULL AND next_attempt_at <= now() ORDER BY next_attempt_at LIMIT $2",
+	                          2, types, args, nullptr, true, 0) == SPI_OK_SELECT) {
+		for (uint64 r = 0; r < SPI_processed && got < max; ++r) {
+			bool isnull;
+			out[got++] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1, &isnull));
+		}
+	}
 	PopActiveSnapshot();
 	SPI_finish();
 	CommitTransactionCommand();
-	return n;
+	return got;
+}
+
+void
+ForgetDeferred(const SubConfig *cfg, int64 seq) {
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	Oid types[2] = {TEXTOID, INT8OID};
+	Datum args[2] = {CStringGetTextDatum(cfg->name), Int64GetDatum(seq)};
+	SPI_execute_with_args("UPDATE sbpg.retries SET deferred = false WHERE subscription = $1 AND sequence_number = $2",
+	                      2, types, args, nullptr, false, 0);
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
 }
 
 } // namespace sbpg::pg

@@ -324,8 +324,8 @@ sbpg_worker_stats(PG_FUNCTION_ARGS) {
 		CopySlot(i, slot);
 		if (!slot->in_use)
 			continue;
-		Datum values[24];
-		bool nulls[24];
+		Datum values[31];
+		bool nulls[31];
 		std::memset(nulls, 0, sizeof nulls);
 		int k = 0;
 		values[k++] = CStringGetTextDatum(slot->name);
@@ -373,6 +373,13 @@ sbpg_worker_stats(PG_FUNCTION_ARGS) {
 		values[k++] = CStringGetTextDatum(slot->token_subject);
 		nulls[k] = slot->token_error[0] == '\0';
 		values[k++] = CStringGetTextDatum(slot->token_error);
+		values[k++] = Int64GetDatum(static_cast<int64>(slot->retries));
+		values[k++] = Int64GetDatum(static_cast<int64>(slot->retried_messages));
+		values[k++] = Int64GetDatum(static_cast<int64>(slot->max_retries_exceeded));
+		values[k++] = Int32GetDatum(slot->waiting_retry);
+		values[k++] = Int64GetDatum(static_cast<int64>(slot->deferred));
+		values[k++] = Int64GetDatum(static_cast<int64>(slot->lock_renewals));
+		values[k++] = Int64GetDatum(static_cast<int64>(slot->locks_lost));
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	pfree(slot);

@@ -21,6 +21,7 @@
 #include <sstream>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include <sys/eventfd.h>
@@ -191,6 +192,7 @@ struct InboxKey {
 
 struct Stats {
 	uint64_t received = 0, applied = 0, dead = 0, dup = 0, abandoned = 0, settle_failures = 0;
+	uint64_t retries = 0, retried = 0, gave_up = 0, deferred = 0;
 	std::vector<float> apply_ms, lag_ms;
 };
 
@@ -204,6 +206,10 @@ Publish(Stats &st, bool batch, TimestampTz at) {
 	g_slot->duplicates += st.dup;
 	g_slot->abandoned += st.abandoned;
 	g_slot->settle_failures += st.settle_failures;
+	g_slot->retries += st.retries;
+	g_slot->retried_messages += st.retried;
+	g_slot->max_retries_exceeded += st.gave_up;
+	g_slot->deferred += st.deferred;
 	if (batch) {
 		++g_slot->batches;
 		g_slot->last_batch_at = at;
@@ -245,6 +251,7 @@ MessageLogLine(const std::string &sub, const ApplyItem &it, uint64 xid) {
 	const char *status = it.status == kApplied        ? "applied"
 	                     : it.status == kDeadLettered ? "dead_lettered"
 	                     : it.status == kDuplicate    ? "duplicate"
+	                     : it.status == kDelayed      ? "delayed"
 	                                                  : "retry";
 	std::string s = "sbpg: {\"event\":\"message\",\"subscription\":\"" + JsonEscape(sub) + "\"";
 	s += JsonField("message_id", m.message_id);
@@ -255,6 +262,13 @@ MessageLogLine(const std::string &sub, const ApplyItem &it, uint64 xid) {
 	s += std::string(",\"status\":\"") + status + "\"";
 	std::string reason = it.reason[0] ? std::string(it.reason) + ": " + it.description : "";
 	s += JsonField("reason", reason);
+	if (it.status == kTransient || it.status == kDelayed) {
+		s += ",\"attempts\":" + std::to_string(it.attempts);
+		s += JsonField("next_attempt_at", timestamptz_to_str(it.next_attempt));
+		s += std::string(",\"deferred\":") + (it.defer ? "true" : "false");
+	} else if (it.status == kApplied || it.status == kDeadLettered) {
+		s += ",\"attempts\":" + std::to_string(it.attempts + 1);
+	}
 	char ms[32];
 	snprintf(ms, sizeof ms, "%.3f", it.apply_ms);
 	s += std::string(",\"apply_ms\":") + ms + "}";
@@ -286,6 +300,10 @@ class Worker {
 	bool Interrupts();
 
 	bool SetupTokens(ConsumerConfig *cc);
+	void Hold(ReceivedMessage &&m, TimestampTz due);
+	TimestampTz NextDue() const;
+	void TakeDue(std::vector<ReceivedMessage> *msgs, size_t max);
+	void FetchDue();
 
 	WorkerStart start_;
 	SubConfig cfg_{};
@@ -300,6 +318,16 @@ class Worker {
 	TimestampTz last_stamp_ = 0, last_prune_ = 0;
 	TimestampTz paused_until_ = 0;
 	bool stop_ = false;
+	// Messages waiting for their next attempt while the worker holds their locks (renewed on the
+	// AMQP thread), and deferred messages asked for by sequence number and not back yet.
+	struct Held {
+		ReceivedMessage msg;
+		TimestampTz due;
+	};
+	std::vector<Held> held_;
+	std::unordered_map<int64_t, TimestampTz> fetching_;
+	TimestampTz last_fetch_ = 0;
+	int64 batch_backoff_ms_ = 0; // after a batch failed as a whole
 };
 
 bool
@@ -355,6 +383,7 @@ Worker::Setup() {
 	cc.prefetch = static_cast<uint32_t>(cfg_.prefetch);
 	cc.container_id = std::string("sbpg-") + start_.name + "-" + NewGuid().substr(0, 8);
 	cc.max_json_depth = guc_max_json_depth;
+	cc.max_lock_renewal_ms = static_cast<int64_t>(cfg_.max_lock_renewal_s) * 1000;
 	ca_file_ = guc_ca_file ? guc_ca_file : "";
 	cc.extra_ca_file = ca_file_;
 	efd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -380,6 +409,7 @@ Worker::Setup() {
 	} else {
 		cc.auth = ConsumerConfig::Auth::Anonymous;
 		cc.release_to_abandon = true; // plain AMQP brokers do not all accept `modified`
+		cc.management = false;        // nor have Service Bus's $management
 	}
 	if (!PgGuard(
 	        [&] {
@@ -547,7 +577,95 @@ Worker::HandleResults() {
 }
 
 void
+Worker::Hold(ReceivedMessage &&m, TimestampTz due) {
+	held_.push_back(Held{std::move(m), due});
+}
+
+TimestampTz
+Worker::NextDue() const {
+	TimestampTz next = 0;
+	for (auto &h : held_)
+		if (!next || h.due < next)
+			next = h.due;
+	return next;
+}
+
+// Moves held messages that are due (oldest due first) into msgs, up to max; drops those of a
+// connection that is gone (their locks went with it: the broker delivers them again).
+void
+Worker::TakeDue(std::vector<ReceivedMessage> *msgs, size_t max) {
+	if (held_.empty())
+		return;
+	uint64_t gen = consumer_->Status().generation;
+	TimestampTz now = GetCurrentTimestamp();
+	std::stable_sort(held_.begin(), held_.end(), [](const Held &a, const Held &b) { return a.due < b.due; });
+	std::vector<Held> keep;
+	for (auto &h : held_) {
+		if (h.msg.connection_gen != gen)
+			continue;
+		if (h.due <= now && msgs->size() < max)
+			msgs->push_back(std::move(h.msg));
+		else
+			keep.push_back(std::move(h));
+	}
+	held_.swap(keep);
+}
+
+// Asks the broker for deferred messages whose next attempt is due.
+void
+Worker::FetchDue() {
+	TimestampTz now = GetCurrentTimestamp();
+	for (auto it = fetching_.begin(); it != fetching_.end();)
+		it = now - it->second > 120 * USECS_PER_SEC ? fetching_.erase(it) : std::next(it);
+	std::vector<Consumer::FetchFailure> failures;
+	consumer_->TakeFetchFailures(&failures);
+	PgError err;
+	for (auto &f : failures) {
+		fetching_.erase(f.sequence_number);
+		if (f.not_found) {
+			// Not deferred on the broker (a deferral that never took effect, or the message is
+			// gone): a normal delivery brings it back, if it still exists.
+			int64 seq = f.sequence_number;
+			PgGuard([&] { ForgetDeferred(&cfg_, seq); }, &err);
+			Log(DEBUG1, std::string("sbpg: subscription \"") + start_.name + "\": deferred message " +
+			                std::to_string(seq) + " is not deferred on the broker: " + f.error);
+		}
+	}
+	ConsumerStatus st = consumer_->Status();
+	if (!st.management_ready || now - last_fetch_ < USECS_PER_SEC)
+		return;
+	last_fetch_ = now;
+	int room = cfg_.prefetch - static_cast<int>(st.in_flight) - static_cast<int>(held_.size()) -
+	           static_cast<int>(fetching_.size());
+	if (room <= 0)
+		return;
+	int want = std::min(room, 100) + static_cast<int>(fetching_.size());
+	std::vector<int64> due(static_cast<size_t>(want));
+	int n = 0;
+	if (!PgGuard([&] { n = DueDeferred(&cfg_, due.data(), want); }, &err))
+		return;
+	std::vector<int64_t> ask;
+	for (int i = 0; i < n && static_cast<int>(ask.size()) < room; ++i) {
+		if (fetching_.count(due[i]))
+			continue;
+		fetching_[due[i]] = now;
+		ask.push_back(due[i]);
+	}
+	if (!ask.empty())
+		consumer_->FetchDeferred(std::move(ask));
+}
+
+void
 Worker::ProcessBatch(std::vector<ReceivedMessage> &msgs) {
+	// Messages of a connection that is gone cannot be settled: leave them to the redelivery.
+	uint64_t gen = consumer_->Status().generation;
+	msgs.erase(std::remove_if(msgs.begin(), msgs.end(), [gen](const ReceivedMessage &m) { return m.connection_gen != gen; }),
+	           msgs.end());
+	for (auto &m : msgs)
+		if (m.has_sequence_number)
+			fetching_.erase(m.sequence_number);
+	if (msgs.empty())
+		return;
 	std::vector<ApplyItem> items(msgs.size());
 	for (size_t i = 0; i < msgs.size(); ++i) {
 		std::memset(&items[i], 0, sizeof items[i]);
@@ -564,6 +682,8 @@ Worker::ProcessBatch(std::vector<ReceivedMessage> &msgs) {
 	BatchResult res;
 	PgError err;
 	stats_.received += msgs.size();
+	ConsumerStatus cst = consumer_->Status();
+	cfg_.can_defer = cst.management_ready;
 	bool ok = PgGuard(
 	    [&] {
 		    ApplyBatch(&cfg_, items.data(), static_cast<int>(items.size()), seqs.data(), static_cast<int>(seqs.size()),
@@ -573,17 +693,20 @@ Worker::ProcessBatch(std::vector<ReceivedMessage> &msgs) {
 	std::vector<Settlement> settle;
 	settle.reserve(msgs.size());
 	if (!ok) {
-		// Nothing was recorded: leave every message to come back.
+		// The server could not record anything (what committed before is recognised when the
+		// messages come again): hold the batch and try again after a growing pause, locks renewed.
+		batch_backoff_ms_ = std::min<int64>(30000, batch_backoff_ms_ ? batch_backoff_ms_ * 2 : 1000);
 		SetError(std::string("batch failed: ") + err.message);
 		Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": batch of " +
-		                 std::to_string(msgs.size()) + " failed and will be retried: " + err.message);
+		                 std::to_string(msgs.size()) + " failed and will be tried again in " +
+		                 std::to_string(batch_backoff_ms_) + " ms: " + err.message);
+		TimestampTz due = GetCurrentTimestamp() + batch_backoff_ms_ * 1000;
 		for (auto &m : msgs)
-			settle.push_back({m.delivery_id, m.connection_gen, Outcome::Abandon, "", ""});
-		stats_.abandoned += msgs.size();
-		consumer_->Settle(std::move(settle));
-		paused_until_ = GetCurrentTimestamp() + USECS_PER_SEC;
+			Hold(std::move(m), due);
+		paused_until_ = due;
 		return;
 	}
+	batch_backoff_ms_ = 0;
 	confirmed_.clear();
 	last_stamp_ = GetCurrentTimestamp();
 	if (res.handler_unusable) {
@@ -600,11 +723,16 @@ Worker::ProcessBatch(std::vector<ReceivedMessage> &msgs) {
 		Log(LOG, std::string("sbpg: test fault ") + guc_test_fault + ": exiting after commit, before settlement");
 		proc_exit(1);
 	}
+	// Holding needs a lock that is renewed (Service Bus with $management) or none that expires
+	// (plain AMQP brokers); otherwise give the message back.
+	bool can_hold = cst.management_ready || !cst.management_failed;
 	int64_t commit_ms = WallMs();
-	for (auto &it : items) {
-		const ReceivedMessage &m = *it.msg;
+	for (size_t i = 0; i < items.size(); ++i) {
+		ApplyItem &it = items[i];
+		ReceivedMessage &m = msgs[i];
 		Settlement s{m.delivery_id, m.connection_gen, Outcome::Complete, "", ""};
 		int effective = it.status == kDuplicate ? it.recorded : it.status;
+		bool held = false;
 		switch (effective) {
 		case kApplied:
 			s.outcome = Outcome::Complete;
@@ -613,6 +741,17 @@ Worker::ProcessBatch(std::vector<ReceivedMessage> &msgs) {
 			s.outcome = Outcome::DeadLetter;
 			s.reason = it.reason;
 			s.description = it.description;
+			break;
+		case kTransient:
+		case kDelayed:
+			if (it.defer) {
+				s.outcome = Outcome::Defer;
+				++stats_.deferred;
+			} else if (can_hold) {
+				held = true;
+			} else {
+				s.outcome = Outcome::Abandon;
+			}
 			break;
 		default:
 			s.outcome = Outcome::Abandon;
@@ -624,11 +763,17 @@ Worker::ProcessBatch(std::vector<ReceivedMessage> &msgs) {
 			++stats_.dead;
 		else if (it.status == kDuplicate)
 			++stats_.dup;
-		else
+		else if (!held && s.outcome == Outcome::Abandon)
 			++stats_.abandoned;
+		if (it.status == kTransient && strcmp(it.reason, "HandlerUnusable") != 0)
+			++stats_.retries;
+		if ((it.status == kApplied || it.status == kDeadLettered) && it.attempts > 0)
+			++stats_.retried;
+		if (it.gave_up)
+			++stats_.gave_up;
 		if (it.status == kApplied)
 			stats_.apply_ms.push_back(static_cast<float>(it.apply_ms));
-		if (m.enqueued_ms > 0 && it.status != kTransient)
+		if (m.enqueued_ms > 0 && (it.status == kApplied || it.status == kDeadLettered))
 			stats_.lag_ms.push_back(static_cast<float>(commit_ms - m.enqueued_ms));
 		if (effective == kApplied || effective == kDeadLettered)
 			awaiting_[m.delivery_id] = InboxKey{m.has_sequence_number, m.sequence_number, m.message_id};
@@ -636,7 +781,10 @@ Worker::ProcessBatch(std::vector<ReceivedMessage> &msgs) {
 		               (it.status == kDuplicate && it.recorded == kDeadLettered);
 		if (guc_log_messages == kLogAll || (guc_log_messages == kLogFailures && failure))
 			Log(LOG, MessageLogLine(start_.name, it, res.xid));
-		settle.push_back(std::move(s));
+		if (held)
+			Hold(std::move(m), it.next_attempt);
+		else
+			settle.push_back(std::move(s));
 	}
 	if (res.isolated)
 		Log(LOG, std::string("sbpg: subscription \"") + start_.name + "\": a batch of " + std::to_string(items.size()) +
@@ -665,15 +813,31 @@ Worker::Housekeeping() {
 			confirmed_.clear();
 		last_stamp_ = now;
 	}
-	if (guc_inbox_retention_s > 0 && now - last_prune_ > 600 * USECS_PER_SEC) {
+	// Retention: small batches, each its own short transaction, at most 20 a minute, so pruning
+	// never holds locks for long or competes with applying messages.
+	if (guc_inbox_retention_s > 0 && now - last_prune_ > 60 * USECS_PER_SEC) {
 		last_prune_ = now;
-		int64 removed = 0;
-		if (PgGuard([&] { removed = PruneInbox(&cfg_, guc_inbox_retention_s); }, &err)) {
-			if (removed > 0)
-				Log(DEBUG1, std::string("sbpg: subscription \"") + start_.name + "\": pruned " +
-				                std::to_string(removed) + " inbox rows");
+		int64 removed = 0, round = 0;
+		for (int i = 0; i < 20; ++i) {
+			if (!PgGuard([&] { round = PruneInbox(&cfg_, guc_inbox_retention_s, 1000); }, &err))
+				break;
+			removed += round;
+			if (round < 1000)
+				break;
+			if (consumer_->Status().in_flight > held_.size())
+				break; // messages are waiting: they come first
 		}
+		if (removed > 0)
+			Log(DEBUG1, std::string("sbpg: subscription \"") + start_.name + "\": pruned " + std::to_string(removed) +
+			                " inbox and retry rows");
 	}
+	FetchDue();
+	ConsumerStatus cst = consumer_->Status();
+	SpinLockAcquire(&g_slot->mutex);
+	g_slot->waiting_retry = static_cast<int32>(held_.size());
+	g_slot->lock_renewals = cst.lock_renewals;
+	g_slot->locks_lost = cst.locks_lost;
+	SpinLockRelease(&g_slot->mutex);
 	PgGuard([&] { pgstat_report_activity(STATE_IDLE, "waiting for messages"); }, &err);
 }
 
@@ -687,6 +851,8 @@ Worker::Loop() {
 		TimestampTz now = GetCurrentTimestamp();
 		if (paused_until_ > now)
 			timeout = std::max<long>(1, (paused_until_ - now) / 1000);
+		else if (TimestampTz due = NextDue(); due && !more)
+			timeout = std::min<long>(timeout, std::max<long>(1, (due - now) / 1000 + 1));
 		WaitEvent ev;
 		int nev = 0;
 		PgGuard([&] { nev = WaitEventSetWait(wait_set_, timeout, &ev, 1, PG_WAIT_EXTENSION); }, &err);
@@ -702,7 +868,8 @@ Worker::Loop() {
 		more = false;
 		if (GetCurrentTimestamp() >= paused_until_) {
 			msgs.clear();
-			consumer_->TakeMessages(&msgs, static_cast<size_t>(cfg_.batch_size));
+			TakeDue(&msgs, static_cast<size_t>(cfg_.batch_size));
+			consumer_->TakeMessages(&msgs, static_cast<size_t>(cfg_.batch_size) - msgs.size());
 			if (!msgs.empty()) {
 				if (consumer_->Status().in_flight >= static_cast<uint32_t>(cfg_.batch_size))
 					more = true;

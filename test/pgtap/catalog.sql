@@ -27,7 +27,7 @@ SELECT has_table('sbpg', 'subscriptions', 'table sbpg.subscriptions');
 SELECT has_table('sbpg', 'inbox', 'table sbpg.inbox');
 SELECT has_view('sbpg', 'stats', 'view sbpg.stats');
 SELECT columns_are('sbpg', 'inbox', ARRAY['subscription', 'sequence_number', 'message_id', 'correlation_id', 'status',
-    'reason', 'delivery_count', 'xid', 'recorded_at', 'settled_at']);
+    'reason', 'delivery_count', 'attempts', 'xid', 'recorded_at', 'settled_at']);
 SELECT col_type_is('sbpg', 'inbox', 'xid', 'xid8', 'sbpg.inbox.xid is xid8');
 SELECT has_index('sbpg', 'inbox', 'inbox_by_sequence', ARRAY['subscription', 'sequence_number']);
 SELECT index_is_unique('sbpg', 'inbox', 'inbox_by_sequence');

@@ -45,11 +45,17 @@ struct ConsumerConfig {
 	std::string container_id;
 	int max_json_depth = 1000;
 	bool release_to_abandon = false; // plain AMQP brokers: abandon with `released`, not `modified`
+	// Service Bus's request/response link (<entity>/$management): lock renewal, deferred messages.
+	// Off for plain AMQP brokers, which have neither.
+	bool management = true;
+	// Locks are renewed while a message is held (in the queue to the main thread, in a
+	// transaction, or waiting for a retry), for at most this long after it was received.
+	int64_t max_lock_renewal_ms = 300000;
 	int reconnect_min_ms = 500;
 	int reconnect_max_ms = 30000;
 };
 
-enum class Outcome : uint8_t { Complete, DeadLetter, Abandon };
+enum class Outcome : uint8_t { Complete, DeadLetter, Abandon, Defer };
 
 struct Settlement {
 	uint64_t delivery_id = 0;
@@ -79,6 +85,11 @@ struct ConsumerStatus {
 	uint64_t tokens_put = 0; // put-token requests the broker accepted
 	bool waiting_for_token = false;
 	uint32_t in_flight = 0;
+	uint64_t generation = 0;       // changes with every connection; messages of older ones cannot be settled
+	uint64_t lock_renewals = 0;    // message locks the broker renewed
+	uint64_t locks_lost = 0;       // renewals the broker refused because the lock was gone
+	bool management_ready = false; // the $management link pair is open
+	bool management_failed = false; // the broker has no $management (no renewal, no deferral)
 	std::string last_error;
 	bool dead = false; // the AMQP thread stopped on an unexpected error
 };
@@ -102,6 +113,16 @@ class Consumer {
 	// as failed when that connection is gone.
 	void Settle(std::vector<Settlement> settlements);
 	void TakeResults(std::vector<SettleResult> *out);
+	// Asks the broker for deferred messages by sequence number (peek-lock, over $management); they
+	// arrive with the other messages. Those the broker does not have come back from
+	// TakeFetchFailures with `not_found` set.
+	void FetchDeferred(std::vector<int64_t> sequence_numbers);
+	struct FetchFailure {
+		int64_t sequence_number = 0;
+		bool not_found = false;
+		std::string error;
+	};
+	void TakeFetchFailures(std::vector<FetchFailure> *out);
 	void TakeEvents(std::vector<ConsumerEvent> *out);
 	ConsumerStatus Status();
 

@@ -38,11 +38,21 @@ struct SubConfig {
 	char *search_path;    // what a session of run_as would have
 	Oid message_type;
 	bool allow_superuser; // subscription option allow_superuser_run_as (set by a superuser)
+	// Retry policy (subscription options; see docs/retries.md).
+	int max_retries;        // retries after the first attempt (default 5)
+	int retry_base_ms;      // ceiling of the first retry's delay (default 1000)
+	int retry_cap_ms;       // largest ceiling (default 300000)
+	int retry_hold_ms;      // delays up to this are waited out holding the lock (default 30000)
+	int max_lock_renewal_s; // how long a held message's lock is renewed at most (default 300)
+	bool can_defer;         // set by the worker: the broker defers (Service Bus $management is up)
 };
 
 void LoadSubConfig(const char *name, SubConfig *out);
 
-enum ItemStatus : int { kPending = 0, kApplied, kDeadLettered, kDuplicate, kTransient };
+// kTransient: this attempt failed with a transient error and another is scheduled (next_attempt).
+// kDelayed: not attempted; an earlier attempt scheduled the next one for later (a redelivery or a
+// deferred message that came back early).
+enum ItemStatus : int { kPending = 0, kApplied, kDeadLettered, kDuplicate, kTransient, kDelayed };
 
 struct ApplyItem {
 	const ReceivedMessage *msg; // owned by the caller
@@ -51,6 +61,10 @@ struct ApplyItem {
 	char reason[64];   // dead-letter reason, or why a retry is needed
 	char description[1024];
 	double apply_ms;
+	int attempts;             // failed attempts before this one (from sbpg.retries)
+	TimestampTz next_attempt; // kTransient, kDelayed: when to try again
+	bool defer;               // kTransient, kDelayed: set the message aside on the broker until then
+	bool gave_up;             // kDeadLettered with MaxRetriesExceeded
 };
 
 struct BatchResult {
@@ -59,6 +73,7 @@ struct BatchResult {
 	char handler_error[512];
 	bool isolated;             // the batch failed as a whole and was applied message by message
 	char batch_error[512];     // the error that made it isolate
+	int batch_sqlerrcode;      // its SQLSTATE
 	TimestampTz committed_at;
 };
 
@@ -70,7 +85,14 @@ void ApplyBatch(const SubConfig *cfg, ApplyItem *items, int n, const int64 *conf
 // Only the settled_at stamping, in its own transaction.
 void StampSettled(const SubConfig *cfg, const int64 *seqs, int nseqs, const char *const *ids, int nids);
 
-// Deletes confirmed inbox rows older than sbpg.inbox_retention; returns how many.
-int64 PruneInbox(const SubConfig *cfg, int retention_s);
+// Deletes up to `limit` confirmed inbox rows older than retention_s, and retry rows of messages
+// not seen for that long, in one short transaction; returns how many.
+int64 PruneInbox(const SubConfig *cfg, int retention_s, int limit);
+
+// Deferred messages due for their next attempt (up to max), excluding those in `skip`.
+int DueDeferred(const SubConfig *cfg, int64 *out, int max);
+
+// The broker has no deferred message with this sequence number: stop waiting for it there.
+void ForgetDeferred(const SubConfig *cfg, int64 seq);
 
 } // namespace sbpg::pg

@@ -60,6 +60,13 @@ struct WorkerSlot {
 	uint64 tokens_put;       // put-token requests the broker accepted
 	char token_subject[64];  // the Entra ID principal (oid) of the current token
 	char token_error[256];   // why the last token request failed; empty once one succeeds
+	uint64 retries;            // transient failures that scheduled another attempt
+	uint64 retried_messages;   // messages that needed more than one attempt to reach an outcome
+	uint64 max_retries_exceeded; // dead-lettered with MaxRetriesExceeded
+	int32 waiting_retry;       // messages the worker holds for a retry right now
+	uint64 deferred;           // messages set aside on the broker (deferral) for a later retry
+	uint64 lock_renewals;      // message locks renewed
+	uint64 locks_lost;         // renewals refused because the lock was gone
 	float apply_ms[kSamples];
 	uint32 apply_next, apply_count;
 	float lag_ms[kSamples];
