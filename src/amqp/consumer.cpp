@@ -173,6 +173,7 @@ struct Consumer::Impl : public proton::messaging_handler {
 	std::map<std::string, MgmtCall> mgmt_pending;
 	std::deque<proton::message> mgmt_queue;
 	int64_t next_renew_scan = 0;
+	bool conn_work_queued = false;
 	std::mt19937_64 rng{std::random_device{}()};
 
 	Impl(ConsumerConfig c, int fd) : cfg(std::move(c)), wake_fd(fd) {}
@@ -209,25 +210,39 @@ struct Consumer::Impl : public proton::messaging_handler {
 				Connect();
 			}
 		}
-		if (conn && refresh_at && n >= refresh_at && cfg.auth == ConsumerConfig::Auth::Sas) {
+		// What the connection does by itself runs in its own context (its work queue): frames
+		// written from a timer callback would wait for the connection's next I/O event.
+		if (conn && !conn_work_queued) {
+			conn_work_queued = true;
+			if (!conn.work_queue().add([this] { ConnectionWork(); }))
+				conn_work_queued = false;
+		}
+		Rearm();
+	}
+
+	void ConnectionWork() {
+		conn_work_queued = false;
+		if (stopping.load() || !conn)
+			return;
+		int64_t n = Now();
+		if (refresh_at && n >= refresh_at && cfg.auth == ConsumerConfig::Auth::Sas) {
 			refresh_at = 0;
 			PutToken();
 		}
-		if (conn && put_pending && n - put_sent_ms > 60000) {
+		if (put_pending && n - put_sent_ms > 60000) {
 			Lost("no answer to put-token for " + cfg.audience + " within 60 s");
-			return Rearm();
+			return;
 		}
-		if (conn && cbs_sender && !put_pending && cfg.auth == ConsumerConfig::Auth::Jwt) {
+		if (cbs_sender && !put_pending && cfg.auth == ConsumerConfig::Auth::Jwt) {
 			BearerToken t;
 			if (cfg.current_token(&t) && t.serial != put_serial && t.serial != refused_serial)
 				PutJwt(t);
 		}
-		if (conn && MgmtReady() && n >= next_renew_scan) {
+		if (MgmtReady() && n >= next_renew_scan) {
 			next_renew_scan = n + 250;
 			RenewLocks(n);
 		}
 		ExpireMgmtCalls(n);
-		Rearm();
 	}
 	void Rearm() { container->schedule(proton::duration(100), [this] { Tick(); }); }
 

@@ -60,6 +60,7 @@ constexpr int kMaxSubxacts = 50; // per transaction in the isolated pass (the ca
 constexpr int kNotifyMax = 7900; // NOTIFY payloads are limited to 8000 bytes
 
 SPIPlanPtr insert_plan = nullptr;
+int applying = -1; // the item ApplyOne is applying in a pass without subtransactions
 SPIPlanPtr lookup_plan = nullptr;
 SPIPlanPtr stamp_plan = nullptr;
 SPIPlanPtr retry_lookup_plan = nullptr;
@@ -638,6 +639,17 @@ DescribeError(const ErrorData *e, char *out, size_t len) {
 		snprintf(out, len, "%s (SQLSTATE %s)", e->message, unpack_sql_state(e->sqlerrcode));
 }
 
+// A message's attempt failed: a transient error schedules a retry, any other dead-letters it.
+void
+FailItem(const SubConfig *cfg, ApplyItem *it, int sqlerrcode, const char *desc, uint64 xid) {
+	if (IsTransient(sqlerrcode)) {
+		ScheduleRetry(cfg, it, "TransientError", desc, xid);
+		return;
+	}
+	SetReason(it, sqlerrcode == ERRCODE_INSUFFICIENT_PRIVILEGE ? "PermissionDenied" : "HandlerError", desc);
+	Record(cfg, it, kDeadLettered, xid);
+}
+
 // Applies one message in a subtransaction of its own.
 void
 ApplyIsolated(const SubConfig *cfg, ApplyItem *it, uint64 xid, MemoryContext msgcxt) {
@@ -663,14 +675,7 @@ ApplyIsolated(const SubConfig *cfg, ApplyItem *it, uint64 xid, MemoryContext msg
 		MemoryContextReset(msgcxt);
 		char desc[1024];
 		DescribeError(e, desc, sizeof desc);
-		if (IsTransient(e->sqlerrcode)) {
-			ScheduleRetry(cfg, it, "TransientError", desc, xid);
-		} else {
-			SetReason(it, e->sqlerrcode == ERRCODE_INSUFFICIENT_PRIVILEGE ? "PermissionDenied"
-			                                                            : "HandlerError",
-			          desc);
-			Record(cfg, it, kDeadLettered, xid);
-		}
+		FailItem(cfg, it, e->sqlerrcode, desc, xid);
 		FreeErrorData(e);
 	}
 	PG_END_TRY();
@@ -691,11 +696,33 @@ ApplyRange(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate,
 		if (it->status == kDelayed)
 			continue;
 		if (!isolate) {
+			applying = i;
 			ApplyOne(cfg, it, xid, msgcxt);
+			applying = -1;
+			continue;
+		}
+		if (it->failed_errcode) {
+			// It failed in the batch's first pass: that was its attempt; record it, do not run it again.
+			int code = it->failed_errcode;
+			it->failed_errcode = 0;
+			FailItem(cfg, it, code, it->failed_error, xid);
 			continue;
 		}
 		ApplyIsolated(cfg, it, xid, msgcxt);
 	}
+}
+
+// Test-only fault point (sbpg.test_fault = 'fail_commit#<message id>'): the transaction that
+// applied that message fails as a whole just before COMMIT, as a deferred constraint would.
+void
+TestCommitFault(const ApplyItem *items, int lo, int hi) {
+	if (!guc_test_fault || strncmp(guc_test_fault, "fail_commit#", 12) != 0)
+		return;
+	const char *id = guc_test_fault + 12;
+	for (int i = lo; i < hi; ++i)
+		if (items[i].status == kApplied && items[i].msg->message_id == id)
+			ereport(ERROR, (errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
+			                errmsg("sbpg test fault: the transaction that applied message %s fails at COMMIT", id)));
 }
 
 // One transaction over items[lo..hi). isolate: each message in a subtransaction. Returns false
@@ -714,6 +741,7 @@ RunPass(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate, co
 		items[i].defer = false;
 		items[i].gave_up = false;
 	}
+	applying = -1;
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	PG_TRY();
@@ -738,6 +766,7 @@ RunPass(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate, co
 			LookupRetries(cfg, items, lo, hi);
 			ApplyRange(cfg, items, lo, hi, isolate, xid);
 		}
+		TestCommitFault(items, lo, hi);
 		PopActiveSnapshot();
 		SPI_finish();
 		CommitTransactionCommand();
@@ -752,6 +781,13 @@ RunPass(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate, co
 		FlushErrorState();
 		DescribeError(e, out->batch_error, sizeof out->batch_error);
 		out->batch_sqlerrcode = e->sqlerrcode;
+		if (applying >= lo && applying < hi) {
+			// The message being applied failed: remember it, so the isolated pass records this
+			// attempt's failure instead of running the handler a second time.
+			items[applying].failed_errcode = e->sqlerrcode;
+			strlcpy(items[applying].failed_error, out->batch_error, sizeof items[applying].failed_error);
+		}
+		applying = -1;
 		FreeErrorData(e);
 		AbortCurrentTransaction();
 		MemoryContextSwitchTo(caller);

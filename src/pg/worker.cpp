@@ -723,9 +723,6 @@ Worker::ProcessBatch(std::vector<ReceivedMessage> &msgs) {
 		Log(LOG, std::string("sbpg: test fault ") + guc_test_fault + ": exiting after commit, before settlement");
 		proc_exit(1);
 	}
-	// Holding needs a lock that is renewed (Service Bus with $management) or none that expires
-	// (plain AMQP brokers); otherwise give the message back.
-	bool can_hold = cst.management_ready || !cst.management_failed;
 	int64_t commit_ms = WallMs();
 	for (size_t i = 0; i < items.size(); ++i) {
 		ApplyItem &it = items[i];
@@ -744,13 +741,15 @@ Worker::ProcessBatch(std::vector<ReceivedMessage> &msgs) {
 			break;
 		case kTransient:
 		case kDelayed:
+			// Deferred when the delay is long and the broker can; held otherwise. (Giving the
+			// message back would only bring it straight back: on a broker without deferral, or
+			// whose locks cannot be renewed, holding it is the lesser cost, and a lock that
+			// lapses brings a redelivery the retry row recognises.)
 			if (it.defer) {
 				s.outcome = Outcome::Defer;
 				++stats_.deferred;
-			} else if (can_hold) {
-				held = true;
 			} else {
-				s.outcome = Outcome::Abandon;
+				held = true;
 			}
 			break;
 		default:

@@ -57,7 +57,8 @@ describe("sbpg core", () => {
     await waitFor(async () => (await emu.entity("bulk")).completed === n, { what: "all completed on the broker" });
     assert.equal((await emu.entity("bulk")).messages, 0);
     const sample = mine[0];
-    assert.deepEqual(Object.keys(sample).sort(), ["correlation_id", "message_id", "reason", "sequence_number", "status", "subscription", "xid"]);
+    assert.deepEqual(Object.keys(sample).sort(), ["attempts", "correlation_id", "message_id", "reason", "sequence_number", "status", "subscription", "xid"]);
+    assert.equal(sample.attempts, 1);
     assert.match(sample.xid, /^[0-9]+$/);
   });
 
@@ -233,13 +234,15 @@ describe("sbpg core", () => {
     await waitFor(async () => (await count()) === 2, { timeout: 30000, what: "applied after the fix" });
   });
 
-  it("retries a transient error: the message is abandoned, comes back and is applied once", async () => {
+  it("retries a transient error: the message is held, tried again and applied once", async () => {
     await pg.psql(`
       CREATE TABLE attempts (message_id text, delivery_count int);
+      CREATE SEQUENCE flaky_calls;
       GRANT INSERT ON attempts TO app;
+      GRANT USAGE ON SEQUENCE flaky_calls TO app;
       CREATE FUNCTION flaky(m sbpg.message) RETURNS void LANGUAGE plpgsql AS $$
       BEGIN
-        IF m.delivery_count = 0 THEN
+        IF nextval('public.flaky_calls') = 1 THEN
           RAISE EXCEPTION 'simulated serialization failure' USING ERRCODE = 'serialization_failure';
         END IF;
         INSERT INTO public.attempts VALUES (m.message_id, m.delivery_count);
@@ -247,13 +250,19 @@ describe("sbpg core", () => {
       GRANT EXECUTE ON FUNCTION flaky(sbpg.message) TO app;`);
     await subscribe("transient", "transient", "flaky");
     await sb.createSender("transient").sendMessages({ messageId: "t1", body: { x: 1 } });
-    const n = await waitFor(() => listener.got.find((x) => x.subscription === "transient"), { what: "transient notification" });
-    assert.equal(n.status, "applied");
-    assert.deepEqual((await pg.query("SELECT message_id, delivery_count FROM attempts")).rows, [{ message_id: "t1", delivery_count: 1 }]);
-    const st = (await pg.query("SELECT abandoned, applied FROM sbpg.stats WHERE subscription = 'transient'")).rows[0];
-    assert.equal(Number(st.abandoned), 1);
+    const n = await waitFor(() => listener.got.find((x) => x.subscription === "transient" && x.status === "applied"),
+      { what: "transient applied" });
+    assert.equal(n.attempts, 2);
+    const retry = listener.got.filter((x) => x.subscription === "transient" && x.status === "retry");
+    assert.equal(retry.length, 1);
+    assert.match(retry[0].reason, /^TransientError: simulated serialization failure \(SQLSTATE 40001\)/);
+    assert.deepEqual((await pg.query("SELECT message_id, delivery_count FROM attempts")).rows, [{ message_id: "t1", delivery_count: 0 }],
+      "the lock was held, so the broker never delivered it again");
+    const st = (await pg.query("SELECT abandoned, applied, retries FROM sbpg.stats WHERE subscription = 'transient'")).rows[0];
+    assert.equal(Number(st.abandoned), 0);
     assert.equal(Number(st.applied), 1);
-    assert.equal((await emu.entity("transient")).abandoned, 1);
+    assert.equal(Number(st.retries), 1);
+    assert.equal((await emu.entity("transient")).abandoned, 0);
   });
 
   it("consumes a topic subscription like a queue, and runs two subscriptions side by side", async () => {

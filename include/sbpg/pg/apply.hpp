@@ -65,6 +65,8 @@ struct ApplyItem {
 	TimestampTz next_attempt; // kTransient, kDelayed: when to try again
 	bool defer;               // kTransient, kDelayed: set the message aside on the broker until then
 	bool gave_up;             // kDeadLettered with MaxRetriesExceeded
+	int failed_errcode;       // set when it failed in a pass without subtransactions
+	char failed_error[512];
 };
 
 struct BatchResult {

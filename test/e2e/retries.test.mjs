@@ -1,0 +1,255 @@
+// The retry policy (docs/retries.md) end to end: transient errors retried with growing delays and
+// counted, permanent errors dead-lettered at once, MaxRetriesExceeded after the limit, a waiting
+// retry that does not hold up other messages, long delays deferred on the broker and fetched back
+// by sequence number, lock renewal for a handler slower than the lock duration, the bound on
+// renewal, and a failure at COMMIT (a deferred constraint) isolated to its message.
+import { describe, it, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { ServiceBusClient } from "@azure/service-bus";
+import { startSbemu, configWith, queue } from "../conformance/lib/sbemu.mjs";
+import { startCluster, waitFor } from "./lib/cluster.mjs";
+
+const retryOptions = { maxRetries: 0, timeoutInMs: 20000 };
+const names = ["flaky", "permanent", "exhaust", "busy", "defer", "slow", "bound", "commit", "deferred"];
+
+describe("retry policy", () => {
+  let emu, pg, sb, listener;
+  const got = (sub) => listener.got.filter((x) => x.subscription === sub);
+  const send = async (q, msgs) => {
+    const s = sb.createSender(q);
+    await s.sendMessages(msgs);
+    await s.close();
+  };
+  const subscribe = (name, options, extra = "") =>
+    pg.psql(`SELECT sbpg.create_subscription('${name}', '${emu.amqp}', '${name}', 'handle(sbpg.message)', 'app', 'emu',
+             batch_size => 10, options => '${JSON.stringify(options)}'${extra});`);
+  const stats = async (name) => (await pg.query("SELECT * FROM sbpg.stats WHERE subscription = $1", [name])).rows[0];
+
+  before(async () => {
+    emu = await startSbemu({
+      config: configWith({
+        queues: [
+          ...names.filter((n) => !["slow", "bound"].includes(n)).map((n) => queue(n, { MaxDeliveryCount: 50 })),
+          queue("slow", { LockDuration: "PT5S", MaxDeliveryCount: 50 }),
+          queue("bound", { LockDuration: "PT2S", MaxDeliveryCount: 50 }),
+        ],
+      }),
+    });
+    pg = await startCluster();
+    // The handler: fails transiently while a message's row in `failing` says so (a deadlock
+    // error, SQLSTATE 40P01), or a fixed number of times counted by a sequence (sequences are
+    // not rolled back); fails permanently on a negative amount; sleeps when told to.
+    await pg.psql(`
+      CREATE EXTENSION sbpg;
+      CREATE ROLE app NOLOGIN;
+      CREATE TABLE orders (id bigint PRIMARY KEY, amount numeric NOT NULL CHECK (amount >= 0), message_id text);
+      CREATE TABLE failing (message_id text PRIMARY KEY, times int);
+      CREATE SEQUENCE tries;
+      GRANT SELECT, INSERT ON orders TO app;
+      GRANT SELECT ON failing TO app;
+      GRANT USAGE ON SEQUENCE tries TO app;
+      CREATE FUNCTION handle(m sbpg.message) RETURNS void LANGUAGE plpgsql AS $f$
+      DECLARE f failing;
+      BEGIN
+        SELECT * INTO f FROM public.failing WHERE message_id = m.message_id;
+        IF FOUND AND (f.times IS NULL OR nextval('public.tries') <= f.times) THEN
+          RAISE EXCEPTION 'simulated deadlock for %', m.message_id USING ERRCODE = '40P01';
+        END IF;
+        IF m.body ? 'sleep' THEN
+          PERFORM pg_sleep((m.body->>'sleep')::float8);
+        END IF;
+        INSERT INTO public.orders VALUES ((m.body->>'id')::bigint, (m.body->>'amount')::numeric, m.message_id);
+      END $f$;
+      GRANT EXECUTE ON FUNCTION handle(sbpg.message) TO app;
+      SELECT sbpg.create_identity('emu', 'sas', '{"key_name": "RootManageSharedAccessKey", "key": "SAS_KEY_VALUE"}');
+    `);
+    listener = await pg.listen();
+    const orig = listener.got.push.bind(listener.got);
+    listener.got.push = (...xs) => orig(...xs.map((x) => ({ ...x, received_at: Date.now() })));
+    sb = new ServiceBusClient(emu.connectionString(), { retryOptions });
+  });
+  after(async () => {
+    await listener?.close();
+    await sb?.close();
+    await pg?.stop();
+    await emu?.stop();
+  });
+
+  it("retries a transient error with growing delay ceilings, holding the lock, then applies it once", async () => {
+    await pg.query("INSERT INTO failing VALUES ('flaky-1', 3)");
+    await subscribe("flaky", { max_retries: 5, retry_base_ms: 400, retry_cap_ms: 1600, retry_hold_ms: 30000 });
+    await send("flaky", [{ messageId: "flaky-1", body: { id: 1, amount: 1 } }]);
+    await waitFor(() => got("flaky").some((x) => x.status === "applied"), { timeout: 30000, what: "flaky-1 applied" });
+    const events = got("flaky");
+    const retries = events.filter((x) => x.status === "retry");
+    assert.deepEqual(retries.map((x) => x.attempt), [1, 2, 3], "three failed attempts, numbered");
+    for (const r of retries) {
+      assert.match(r.reason, /^TransientError: simulated deadlock for flaky-1 \(SQLSTATE 40P01\)/);
+      assert.equal(r.deferred, false, "short delays are waited out holding the lock");
+    }
+    // Each delay is drawn below min(cap, base * 2^(attempt-1)): 400, 800, 1600 ms (generous slack
+    // for the notification's trip), and no attempt runs before its time.
+    const ceilings = [400, 800, 1600];
+    const next = [...retries.slice(1), events.find((x) => x.status === "applied")];
+    retries.forEach((r, i) => {
+      const planned = Date.parse(r.next_attempt_at) - r.received_at;
+      assert.ok(planned <= ceilings[i] + 500, `delay ${i + 1} planned ${planned} ms, ceiling ${ceilings[i]}`);
+      assert.ok(next[i].received_at >= Date.parse(r.next_attempt_at) - 50,
+        `attempt ${i + 2} ran at or after its time (${next[i].received_at} vs ${r.next_attempt_at})`);
+    });
+    const applied = events.filter((x) => x.status === "applied");
+    assert.equal(applied.length, 1);
+    assert.equal(applied[0].attempts, 4);
+    const inbox = (await pg.query("SELECT status, attempts FROM sbpg.inbox WHERE subscription = 'flaky'")).rows;
+    assert.deepEqual(inbox, [{ status: "applied", attempts: 4 }]);
+    assert.equal(Number((await pg.query("SELECT count(*) FROM sbpg.retries WHERE subscription = 'flaky'")).rows[0].count), 0,
+      "the retry row goes with the outcome");
+    assert.equal(Number((await pg.query("SELECT count(*) FROM orders WHERE message_id = 'flaky-1'")).rows[0].count), 1);
+    await waitFor(async () => (await emu.entity("flaky")).completed === 1, { what: "completed on the broker" });
+    const e = await emu.entity("flaky");
+    assert.equal(e.delivered, 1, "held, not given back: the broker delivered it once");
+    assert.equal(e.abandoned, 0);
+    const st = await stats("flaky");
+    assert.equal(Number(st.retries), 3);
+    assert.equal(Number(st.retried_messages), 1);
+    assert.equal(Number(st.max_retries_exceeded), 0);
+    assert.match(pg.serverLog(), /"event":"message","subscription":"flaky".*"status":"retry".*"attempts":1,"next_attempt_at"/);
+  });
+
+  it("dead-letters a permanent error on the first attempt, without retrying", async () => {
+    await subscribe("permanent", { max_retries: 5, retry_base_ms: 100 });
+    await send("permanent", [{ messageId: "neg-1", body: { id: 2, amount: -5 } }]);
+    await waitFor(() => got("permanent").some((x) => x.status === "dead_lettered"), { what: "neg-1 dead-lettered" });
+    assert.equal(got("permanent").filter((x) => x.status === "retry").length, 0);
+    const dl = got("permanent").find((x) => x.status === "dead_lettered");
+    assert.equal(dl.attempts, 1);
+    assert.match(dl.reason, /^HandlerError: .*orders_amount_check.*SQLSTATE 23514/);
+    await waitFor(async () => (await emu.entity("permanent")).dead_letter_moves === 1, { what: "moved to the DLQ" });
+    const [m] = await emu.messages("permanent/$deadletterqueue");
+    assert.equal(m.dead_letter_reason, "HandlerError");
+    assert.equal(Number((await stats("permanent")).retries), 0);
+  });
+
+  it("dead-letters with MaxRetriesExceeded and the last error after max_retries", async () => {
+    await pg.query("INSERT INTO failing VALUES ('stuck-1', NULL)");
+    await subscribe("exhaust", { max_retries: 2, retry_base_ms: 50, retry_cap_ms: 200 });
+    await send("exhaust", [{ messageId: "stuck-1", body: { id: 3, amount: 1 } }]);
+    await waitFor(() => got("exhaust").some((x) => x.status === "dead_lettered"), { timeout: 20000, what: "stuck-1 given up" });
+    assert.deepEqual(got("exhaust").filter((x) => x.status === "retry").map((x) => x.attempt), [1, 2]);
+    const dl = got("exhaust").find((x) => x.status === "dead_lettered");
+    assert.equal(dl.attempts, 3);
+    assert.match(dl.reason, /^MaxRetriesExceeded: 3 attempts failed; the last with TransientError: simulated deadlock for stuck-1/);
+    await waitFor(async () => (await emu.entity("exhaust")).dead_letter_moves === 1, { what: "moved to the DLQ" });
+    const [m] = await emu.messages("exhaust/$deadletterqueue");
+    assert.equal(m.dead_letter_reason, "MaxRetriesExceeded");
+    assert.match(m.dead_letter_description, /3 attempts failed; the last with TransientError/);
+    const inbox = (await pg.query("SELECT status, attempts, reason FROM sbpg.inbox WHERE subscription = 'exhaust'")).rows;
+    assert.equal(inbox.length, 1);
+    assert.equal(inbox[0].attempts, 3);
+    assert.equal(Number((await stats("exhaust")).max_retries_exceeded), 1);
+    assert.equal(Number((await pg.query("SELECT count(*) FROM sbpg.retries WHERE subscription = 'exhaust'")).rows[0].count), 0);
+  });
+
+  it("keeps applying other messages while one waits for its retries", async () => {
+    await pg.query("INSERT INTO failing VALUES ('busy-stuck', NULL)");
+    await subscribe("busy", { max_retries: 1000, retry_base_ms: 100, retry_cap_ms: 300 });
+    await send("busy", [{ messageId: "busy-stuck", body: { id: 100, amount: 1 } }]);
+    await waitFor(() => got("busy").some((x) => x.status === "retry"), { what: "the first retry" });
+    await send("busy", Array.from({ length: 50 }, (_, i) => ({ messageId: `busy-${i}`, body: { id: 101 + i, amount: 1 } })));
+    await waitFor(() => got("busy").filter((x) => x.status === "applied").length === 50, { what: "the 50 others applied" });
+    assert.ok(!got("busy").some((x) => x.message_id === "busy-stuck" && x.status !== "retry"), "the failing one still waits");
+    const st = await stats("busy");
+    assert.equal(st.waiting_retry, 1, "one message held for its retry");
+    await pg.query("DELETE FROM failing WHERE message_id = 'busy-stuck'");
+    await waitFor(() => got("busy").some((x) => x.message_id === "busy-stuck" && x.status === "applied"), { what: "busy-stuck applied" });
+    const attempts = got("busy").find((x) => x.message_id === "busy-stuck" && x.status === "applied").attempts;
+    assert.equal(attempts, got("busy").filter((x) => x.status === "retry").length + 1);
+    assert.equal(Number((await pg.query("SELECT count(*) FROM orders WHERE message_id LIKE 'busy-%'")).rows[0].count), 51);
+  });
+
+  it("defers a message whose delay exceeds retry_hold_ms and fetches it back by sequence number", async () => {
+    await pg.query("INSERT INTO failing VALUES ('later-1', 2)");
+    await pg.query("ALTER SEQUENCE tries RESTART");
+    await subscribe("defer", { max_retries: 5, retry_base_ms: 1500, retry_cap_ms: 1500, retry_hold_ms: 0 });
+    await send("defer", [{ messageId: "later-1", body: { id: 4, amount: 1 } }]);
+    await waitFor(() => got("defer").some((x) => x.status === "applied"), { timeout: 30000, what: "later-1 applied" });
+    const retries = got("defer").filter((x) => x.status === "retry");
+    assert.equal(retries.length, 2);
+    const deferred = retries.filter((x) => x.deferred).length;
+    const e = await emu.entity("defer");
+    assert.equal(e.deferrals, deferred, "each deferred retry was a deferral on the broker");
+    assert.ok(deferred >= 1, "a delay above 0 ms is deferred (a zero draw is held instead)");
+    await waitFor(async () => (await emu.entity("defer")).completed === 1, { what: "completed over $management" });
+    assert.equal((await emu.entity("defer")).messages, 0);
+    assert.equal(Number((await stats("defer")).deferred), deferred);
+    assert.equal(Number((await pg.query("SELECT count(*) FROM orders WHERE message_id = 'later-1'")).rows[0].count), 1);
+    assert.equal((await pg.query("SELECT attempts FROM sbpg.inbox WHERE subscription = 'defer'")).rows[0].attempts, 3);
+  });
+
+  it("renews the lock of a message whose handler runs longer than the lock duration, and applies it once", async () => {
+    await subscribe("slow", { max_lock_renewal_s: 300 });
+    await send("slow", [{ messageId: "slow-1", body: { id: 5, amount: 1, sleep: 12 } }]);
+    await waitFor(() => got("slow").some((x) => x.status === "applied"), { timeout: 40000, what: "slow-1 applied" });
+    await waitFor(async () => (await emu.entity("slow")).completed === 1, { what: "completed" });
+    const e = await emu.entity("slow");
+    assert.ok(e.lock_renewals >= 2, `a 12-s handler under a 5-s lock needs at least 2 renewals (${e.lock_renewals})`);
+    assert.equal(e.lock_lost, 0);
+    assert.equal(e.delivered, 1, "never redelivered");
+    assert.equal(got("slow").filter((x) => x.status === "duplicate").length, 0);
+    assert.equal(Number((await stats("slow")).lock_renewals), e.lock_renewals);
+  });
+
+  it("stops renewing after max_lock_renewal_s; the redelivery is recognised, never applied twice", async () => {
+    await subscribe("bound", { max_lock_renewal_s: 1 });
+    await send("bound", [{ messageId: "bound-1", body: { id: 6, amount: 1, sleep: 5 } }]);
+    await waitFor(() => got("bound").some((x) => x.status === "duplicate"), { timeout: 40000, what: "the redelivery settled as a duplicate" });
+    await waitFor(async () => (await emu.entity("bound")).completed === 1, { what: "completed" });
+    const e = await emu.entity("bound");
+    assert.ok(e.delivered >= 2, "the lock lapsed and the broker delivered it again");
+    assert.equal(Number((await pg.query("SELECT count(*) FROM orders WHERE message_id = 'bound-1'")).rows[0].count), 1);
+    assert.equal(got("bound").filter((x) => x.status === "applied").length, 1);
+    assert.ok(Number((await stats("bound")).settle_failures) >= 1, "the first settlement found the lock gone");
+  });
+
+  it("records a failure at COMMIT against its own message, the others applied", async () => {
+    // PostgreSQL refuses to queue deferred triggers in the security-restricted context handlers
+    // run in, so a deferred constraint cannot fail at COMMIT; the test fault makes the COMMIT of
+    // any transaction that applied "orphan" fail the way one would (SQLSTATE 23503).
+    await pg.query("ALTER SYSTEM SET sbpg.test_fault = 'fail_commit#orphan'");
+    await pg.query("SELECT pg_reload_conf()");
+    await waitFor(async () => (await pg.query("SELECT current_setting('sbpg.test_fault') v")).rows[0].v === "fail_commit#orphan",
+      { what: "fault armed" });
+    await subscribe("commit", {}, ", enabled => false");
+    await send("commit", [
+      ...Array.from({ length: 4 }, (_, i) => ({ messageId: `c-${i}`, body: { id: 300 + i, amount: 1 } })),
+      { messageId: "orphan", body: { id: 399, amount: 1 } },
+      ...Array.from({ length: 4 }, (_, i) => ({ messageId: `c-${4 + i}`, body: { id: 310 + i, amount: 1 } })),
+    ]);
+    await pg.psql("SELECT sbpg.enable_subscription('commit')");
+    await waitFor(() => got("commit").filter((x) => ["applied", "dead_lettered"].includes(x.status)).length === 9, { what: "9 outcomes" });
+    const dead = got("commit").filter((x) => x.status === "dead_lettered");
+    assert.deepEqual(dead.map((x) => x.message_id), ["orphan"]);
+    assert.match(dead[0].reason, /^HandlerError: sbpg test fault: the transaction that applied message orphan fails at COMMIT \(SQLSTATE 23503\)/);
+    const ids = (await pg.query("SELECT id FROM orders WHERE id >= 300 ORDER BY id")).rows.map((r) => Number(r.id));
+    assert.deepEqual(ids, [300, 301, 302, 303, 310, 311, 312, 313]);
+    assert.match(pg.serverLog(), /subscription "commit": a batch of 9 was applied message by message/);
+    await waitFor(async () => (await emu.entity("commit")).dead_letter_moves === 1, { what: "orphan on the DLQ" });
+    await pg.query("ALTER SYSTEM RESET sbpg.test_fault");
+    await pg.query("SELECT pg_reload_conf()");
+  });
+
+  it("refuses deferred constraints in handlers with a readable reason", async () => {
+    await pg.psql(`
+      CREATE TABLE parents (id int PRIMARY KEY);
+      CREATE TABLE children (id bigint PRIMARY KEY, parent int REFERENCES parents DEFERRABLE INITIALLY DEFERRED);
+      GRANT SELECT, INSERT ON parents, children TO app;
+      CREATE FUNCTION handle_child(m sbpg.message) RETURNS void LANGUAGE sql AS $$
+        INSERT INTO public.children VALUES ((m.body->>'id')::bigint, (m.body->>'parent')::int) $$;
+      GRANT EXECUTE ON FUNCTION handle_child(sbpg.message) TO app;
+      SELECT sbpg.create_subscription('deferred', '${emu.amqp}', 'deferred', 'handle_child(sbpg.message)', 'app', 'emu');
+    `);
+    await send("deferred", [{ messageId: "child-1", body: { id: 1, parent: 1 } }]);
+    await waitFor(() => got("deferred").some((x) => x.status === "dead_lettered"), { what: "child-1 dead-lettered" });
+    assert.match(got("deferred")[0].reason, /^PermissionDenied: cannot fire deferred trigger within security-restricted operation/);
+  });
+});
