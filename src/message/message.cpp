@@ -13,6 +13,66 @@ namespace sbpg {
 
 namespace {
 
+bool NumericFits(std::string_view num);
+
+// RFC 3629 UTF-8 as PostgreSQL verifies it: no overlong forms, no surrogates, nothing past
+// U+10FFFF. (sbpg::IsValidUtf8 checks only the byte pattern.) Text fields reach PostgreSQL text
+// without another check, so they must pass this.
+bool
+IsStrictUtf8(std::string_view s) {
+	const unsigned char *p = reinterpret_cast<const unsigned char *>(s.data()), *end = p + s.size();
+	while (p < end) {
+		unsigned c = *p;
+		if (c < 0x80) {
+			++p;
+			continue;
+		}
+		int n = c >= 0xc2 && c <= 0xdf ? 1 : c >= 0xe0 && c <= 0xef ? 2 : c >= 0xf0 && c <= 0xf4 ? 3 : 0;
+		if (n == 0 || end - p <= n)
+			return false;
+		for (int k = 1; k <= n; ++k)
+			if ((p[k] & 0xc0) != 0x80)
+				return false;
+		// Second-byte ranges that exclude overlong forms, surrogates and code points past U+10FFFF.
+		if ((c == 0xe0 && p[1] < 0xa0) || (c == 0xed && p[1] > 0x9f) || (c == 0xf0 && p[1] < 0x90) ||
+		    (c == 0xf4 && p[1] > 0x8f))
+			return false;
+		p += n + 1;
+	}
+	return true;
+}
+
+// The JSON number grammar: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?
+bool
+IsJsonNumber(std::string_view n) {
+	size_t i = 0;
+	auto digits = [&] {
+		size_t s = i;
+		while (i < n.size() && n[i] >= '0' && n[i] <= '9')
+			++i;
+		return i > s;
+	};
+	if (i < n.size() && n[i] == '-')
+		++i;
+	if (i < n.size() && n[i] == '0')
+		++i;
+	else if (!digits())
+		return false;
+	if (i < n.size() && n[i] == '.') {
+		++i;
+		if (!digits())
+			return false;
+	}
+	if (i < n.size() && (n[i] == 'e' || n[i] == 'E')) {
+		++i;
+		if (i < n.size() && (n[i] == '+' || n[i] == '-'))
+			++i;
+		if (!digits())
+			return false;
+	}
+	return i == n.size();
+}
+
 // A SAX handler that tracks nesting and refuses what jsonb refuses.
 struct JsonChecker : rapidjson::BaseReaderHandler<rapidjson::UTF8<>, JsonChecker> {
 	int depth = 0, max_depth = 0;
@@ -24,7 +84,6 @@ struct JsonChecker : rapidjson::BaseReaderHandler<rapidjson::UTF8<>, JsonChecker
 	bool EndArray(rapidjson::SizeType) { return Leave(); }
 	bool String(const char *s, rapidjson::SizeType len, bool) { return Text(s, len); }
 	bool Key(const char *s, rapidjson::SizeType len, bool) { return Text(s, len); }
-	bool RawNumber(const char *, rapidjson::SizeType, bool) { return true; }
 	bool Enter() {
 		if (++depth > max_depth) {
 			error = "JSON nesting is deeper than " + std::to_string(max_depth) + " levels";
@@ -41,9 +100,98 @@ struct JsonChecker : rapidjson::BaseReaderHandler<rapidjson::UTF8<>, JsonChecker
 			error = "JSON string contains \\u0000, which jsonb cannot store";
 			return false;
 		}
+		// The input is valid UTF-8, so a surrogate in the decoded text (ED A0..BF ..) came from an
+		// escape: RapidJSON pairs a high surrogate but lets a lone low one (\udc00-\udfff) through,
+		// which jsonb refuses.
+		for (const char *p = s, *end = s + len; (p = static_cast<const char *>(std::memchr(p, '\xed', end - p)));
+		     ++p) {
+			if (p + 1 < end && (static_cast<unsigned char>(p[1]) & 0xe0) == 0xa0) {
+				error = "JSON string contains an unpaired UTF-16 surrogate escape, which jsonb cannot store";
+				return false;
+			}
+		}
+		return true;
+	}
+	bool RawNumber(const char *s, rapidjson::SizeType len, bool) {
+		if (!NumericFits(std::string_view(s, len))) {
+			error = "JSON number " + std::string(s, std::min<size_t>(len, 40)) + (len > 40 ? "..." : "") +
+			        " is out of the range PostgreSQL's numeric can store";
+			return false;
+		}
 		return true;
 	}
 };
+
+// A JSON number (grammar checked) as PostgreSQL 15's numeric_in takes it: exponent magnitude
+// below INT_MAX / 2, display scale (fraction digits minus exponent) at most 16383, and for a
+// non-zero value the leading digit at most 10^131071.
+bool
+NumericFits(std::string_view num) {
+	size_t i = num.size() && num[0] == '-' ? 1 : 0;
+	int64_t int_digits = 0, frac_digits = 0, lead = -1; // lead: index (in all digits) of the first non-zero
+	for (; i < num.size() && num[i] >= '0' && num[i] <= '9'; ++i, ++int_digits)
+		if (lead < 0 && num[i] != '0')
+			lead = int_digits;
+	if (i < num.size() && num[i] == '.')
+		for (++i; i < num.size() && num[i] >= '0' && num[i] <= '9'; ++i, ++frac_digits)
+			if (lead < 0 && num[i] != '0')
+				lead = int_digits + frac_digits;
+	int64_t exp = 0;
+	if (i < num.size() && (num[i] == 'e' || num[i] == 'E')) {
+		bool neg = ++i < num.size() && num[i] == '-';
+		if (i < num.size() && (num[i] == '-' || num[i] == '+'))
+			++i;
+		for (; i < num.size(); ++i)
+			if (exp < (int64_t(1) << 40))
+				exp = exp * 10 + (num[i] - '0');
+		if (neg)
+			exp = -exp;
+	}
+	constexpr int64_t kExpLimit = 1073741823; // INT_MAX / 2
+	if (exp >= kExpLimit || exp <= -kExpLimit || frac_digits - exp > 16383)
+		return false;
+	return lead < 0 || int_digits - 1 - lead + exp <= 131071;
+}
+
+// Copies text with every number outside strings replaced by 0 (after checking that numeric can
+// store it), for a second parse when RapidJSON refused a number too large for a double, which
+// jsonb stores as numeric. Returns false, with a reason, for a number numeric cannot store.
+bool
+NumbersToZero(std::string_view text, std::string *out, std::string *why) {
+	out->clear();
+	out->reserve(text.size());
+	for (size_t i = 0; i < text.size();) {
+		char c = text[i];
+		if (c == '"') { // copy the string, escapes included
+			size_t j = i + 1;
+			while (j < text.size() && text[j] != '"')
+				j += text[j] == '\\' ? 2 : 1;
+			j = std::min(j + 1, text.size());
+			out->append(text.substr(i, j - i));
+			i = j;
+		} else if (c == '-' || (c >= '0' && c <= '9')) {
+			size_t j = i;
+			while (j < text.size() && (std::strchr("0123456789+-.eE", text[j]) && text[j] != '\0'))
+				++j;
+			std::string_view num = text.substr(i, j - i);
+			if (IsJsonNumber(num)) {
+				if (!NumericFits(num)) {
+					*why = "JSON number " + std::string(num.substr(0, 40)) + (num.size() > 40 ? "..." : "") +
+					       " is out of the range PostgreSQL's numeric can store";
+					return false;
+				}
+				out->push_back('0');
+			} else {
+				out->append(num); // the parser reports it
+			}
+			i = j;
+		} else {
+			out->push_back(c);
+			++i;
+		}
+	}
+	return true;
+}
 
 void
 AppendJsonString(std::string *out, std::string_view s) {
@@ -157,6 +305,37 @@ Classify(ReceivedMessage *m, int max_depth) {
 	}
 }
 
+// One validating parse. Returns kParseErrorNone when text is JSON jsonb accepts; otherwise the
+// error code with *why set.
+rapidjson::ParseErrorCode
+ParseChecked(std::string_view text, int max_depth, std::string *why) {
+	JsonChecker h;
+	h.max_depth = max_depth;
+	rapidjson::Reader reader;
+	rapidjson::MemoryStream ms(text.data(), text.size());
+	rapidjson::EncodedInputStream<rapidjson::UTF8<>, rapidjson::MemoryStream> is(ms);
+	rapidjson::ParseResult r =
+	    reader.Parse<rapidjson::kParseIterativeFlag | rapidjson::kParseValidateEncodingFlag |
+	                 rapidjson::kParseNumbersAsStringsFlag | rapidjson::kParseStopWhenDoneFlag>(is, h);
+	if (!r) {
+		if (!h.error.empty())
+			*why = h.error;
+		else
+			*why = std::string("not valid JSON: ") + rapidjson::GetParseError_En(r.Code()) + " (at byte " +
+			       std::to_string(r.Offset()) + ")";
+		return r.Code() == rapidjson::kParseErrorNone ? rapidjson::kParseErrorTermination : r.Code();
+	}
+	// kParseStopWhenDoneFlag stops after one value: anything but white space after it is an error.
+	for (size_t k = is.Tell(); k < text.size(); ++k) {
+		char c = text[k];
+		if (c != ' ' && c != '\t' && c != '\n' && c != '\r') {
+			*why = "not valid JSON: unexpected data after the value (at byte " + std::to_string(k) + ")";
+			return rapidjson::kParseErrorDocumentRootNotSingular;
+		}
+	}
+	return rapidjson::kParseErrorNone;
+}
+
 } // namespace
 
 bool
@@ -183,30 +362,18 @@ CheckJson(std::string_view text, int max_depth, std::string *why) {
 		return false;
 	}
 	try {
-		JsonChecker h;
-		h.max_depth = max_depth;
-		rapidjson::Reader reader;
-		rapidjson::MemoryStream ms(text.data(), text.size());
-		rapidjson::EncodedInputStream<rapidjson::UTF8<>, rapidjson::MemoryStream> is(ms);
-		rapidjson::ParseResult r =
-		    reader.Parse<rapidjson::kParseIterativeFlag | rapidjson::kParseValidateEncodingFlag |
-		                 rapidjson::kParseNumbersAsStringsFlag | rapidjson::kParseStopWhenDoneFlag>(is, h);
-		if (!r) {
-			if (!h.error.empty())
-				*why = h.error;
-			else
-				*why = std::string("not valid JSON: ") + rapidjson::GetParseError_En(r.Code()) + " (at byte " +
-				       std::to_string(r.Offset()) + ")";
-			return false;
-		}
-		// kParseStopWhenDoneFlag stops after one value: anything but white space after it is an error.
-		for (size_t k = is.Tell(); k < text.size(); ++k) {
-			char c = text[k];
-			if (c != ' ' && c != '\t' && c != '\n' && c != '\r') {
-				*why = "not valid JSON: unexpected data after the value (at byte " + std::to_string(k) + ")";
+		rapidjson::ParseErrorCode code = ParseChecked(text, max_depth, why);
+		if (code == rapidjson::kParseErrorNumberTooBig) {
+			// RapidJSON refuses numbers beyond a double even when it hands them over as text;
+			// jsonb stores them as numeric. Check them here and parse again with them as 0.
+			std::string zeroed;
+			if (!NumbersToZero(text, &zeroed, why))
 				return false;
-			}
+			code = ParseChecked(zeroed, max_depth, why);
 		}
+		if (code != rapidjson::kParseErrorNone)
+			return false;
+		why->clear();
 		return true;
 	} catch (const std::exception &e) {
 		*why = std::string("not valid JSON: ") + e.what();
@@ -275,7 +442,7 @@ DecodeMessage(std::string_view encoded, int max_json_depth, ReceivedMessage *m) 
 		}
 		for (const std::string *f : {&m->message_id, &m->to, &m->subject, &m->reply_to, &m->correlation_id,
 		                             &m->content_type, &m->session_id}) {
-			if (!IsValidUtf8(*f) || f->find('\0') != std::string::npos) {
+			if (!IsStrictUtf8(*f) || f->find('\0') != std::string::npos) {
 				m->decode_error = "a message property is not valid UTF-8 text";
 				return;
 			}

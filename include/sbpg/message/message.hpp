@@ -47,7 +47,8 @@ void DecodeMessage(std::string_view encoded, int max_json_depth, ReceivedMessage
 // parameters such as "; charset=utf-8" allowed).
 bool IsJsonContentType(std::string_view content_type);
 
-// Checks that text is JSON PostgreSQL's jsonb accepts: valid UTF-8, no \u0000, nesting at most
+// Checks that text is JSON PostgreSQL's jsonb accepts: valid UTF-8, no \u0000 and no unpaired
+// surrogate escape, numbers within numeric's range (beyond a double is fine), nesting at most
 // max_depth. Returns false with a readable reason.
 bool CheckJson(std::string_view text, int max_depth, std::string *why);
 
