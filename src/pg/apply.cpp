@@ -253,6 +253,12 @@ LookupDuplicates(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
 			                      : (m->has_sequence_number && m->sequence_number == seq);
 			if (!match)
 				continue;
+			if (!seq_null && (mid ? m->message_id != mid : !m->message_id.empty())) {
+				// The same sequence number for another message: the entity was recreated, or the
+				// broker lost its state. A redelivery always keeps its message id.
+				items[i].stale = true;
+				continue;
+			}
 			items[i].status = kDuplicate;
 			items[i].recorded = strcmp(status, "applied") == 0 ? kApplied : kDeadLettered;
 			// The recorded reason is "Reason: description".
@@ -287,6 +293,28 @@ RetryKey(const SubConfig *cfg, const ReceivedMessage *m, Datum *args, char *null
 		args[2] = CStringGetTextDatum(m->message_id.c_str());
 	}
 	return m->has_sequence_number || !m->message_id.empty();
+}
+
+// Inbox and retry rows left by another message with the same sequence number go, with a warning.
+void
+ReplaceStale(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
+	for (int i = lo; i < hi; ++i) {
+		ApplyItem *it = &items[i];
+		if (!it->stale)
+			continue;
+		Oid types[2] = {TEXTOID, INT8OID};
+		Datum args[2] = {CStringGetTextDatum(cfg->name), Int64GetDatum(it->msg->sequence_number)};
+		SPI_execute_with_args("DELETE FROM sbpg.inbox WHERE subscription = $1 AND sequence_number = $2", 2, types, args,
+		                      nullptr, false, 0);
+		SPI_execute_with_args("DELETE FROM sbpg.retries WHERE subscription = $1 AND sequence_number = $2", 2, types, args,
+		                      nullptr, false, 0);
+		ereport(WARNING,
+		        (errmsg("sbpg: subscription \"%s\": sequence number " INT64_FORMAT
+		                " was recorded for another message; the entity was recreated or the broker lost its state",
+		                cfg->name, it->msg->sequence_number),
+		         errdetail("Message \"%s\" is applied; the inbox row of the earlier message with that sequence number is replaced.",
+		                   it->msg->message_id.c_str())));
+	}
 }
 
 // Loads earlier failed attempts; a message whose next attempt is still to come is kDelayed.
@@ -326,7 +354,8 @@ LookupRetries(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
 			ApplyItem *it = &items[i];
 			const ReceivedMessage *m = it->msg;
 			bool match = seq_null ? (!m->has_sequence_number && mid && m->message_id == mid)
-			                      : (m->has_sequence_number && m->sequence_number == seq);
+			                      : (m->has_sequence_number && m->sequence_number == seq &&
+			                         (mid ? m->message_id == mid : m->message_id.empty()));
 			if (!match || it->status == kDuplicate)
 				continue;
 			it->attempts = attempts;
@@ -740,6 +769,7 @@ RunPass(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate, co
 		items[i].next_attempt = 0;
 		items[i].defer = false;
 		items[i].gave_up = false;
+		items[i].stale = false;
 	}
 	applying = -1;
 	SetCurrentStatementStartTimestamp();
@@ -763,6 +793,7 @@ RunPass(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate, co
 			uint64 xid = U64FromFullTransactionId(GetTopFullTransactionId());
 			out->xid = xid;
 			LookupDuplicates(cfg, items, lo, hi);
+			ReplaceStale(cfg, items, lo, hi);
 			LookupRetries(cfg, items, lo, hi);
 			ApplyRange(cfg, items, lo, hi, isolate, xid);
 		}
@@ -808,7 +839,7 @@ RecordFailure(const SubConfig *cfg, ApplyItem *it, int sqlerrcode, const char *e
 	it->reason[0] = it->description[0] = '\0';
 	it->attempts = 0;
 	it->next_attempt = 0;
-	it->defer = it->gave_up = false;
+	it->defer = it->gave_up = it->stale = false;
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	SPI_connect();
@@ -817,6 +848,7 @@ RecordFailure(const SubConfig *cfg, ApplyItem *it, int sqlerrcode, const char *e
 	uint64 xid = U64FromFullTransactionId(GetTopFullTransactionId());
 	out->xid = xid;
 	LookupDuplicates(cfg, it, 0, 1);
+	ReplaceStale(cfg, it, 0, 1);
 	LookupRetries(cfg, it, 0, 1);
 	if (it->status == kDuplicate) {
 		Notify(cfg, it, xid);

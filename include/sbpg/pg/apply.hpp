@@ -65,6 +65,7 @@ struct ApplyItem {
 	TimestampTz next_attempt; // kTransient, kDelayed: when to try again
 	bool defer;               // kTransient, kDelayed: set the message aside on the broker until then
 	bool gave_up;             // kDeadLettered with MaxRetriesExceeded
+	bool stale;               // its sequence number is recorded for another message (entity recreated)
 	int failed_errcode;       // set when it failed in a pass without subtransactions
 	char failed_error[512];
 };
