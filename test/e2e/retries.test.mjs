@@ -252,4 +252,34 @@ describe("retry policy", () => {
     await waitFor(() => got("deferred").some((x) => x.status === "dead_lettered"), { what: "child-1 dead-lettered" });
     assert.match(got("deferred")[0].reason, /^PermissionDenied: cannot fire deferred trigger within security-restricted operation/);
   });
+
+  it("prunes confirmed inbox rows past sbpg.inbox_retention in small batches, and keeps unconfirmed ones", async () => {
+    // 2,500 confirmed rows and 40 unconfirmed ones, all a day old, plus 10 recent confirmed rows and
+    // two retry rows of messages not seen for a day.
+    await pg.psql(`
+      INSERT INTO sbpg.inbox (subscription, sequence_number, message_id, status, xid, recorded_at, settled_at)
+      SELECT 'old', g, 'm-' || g, 'applied', '1', now() - interval '1 day', now() - interval '1 day' FROM generate_series(1, 2500) g;
+      INSERT INTO sbpg.inbox (subscription, sequence_number, message_id, status, xid, recorded_at)
+      SELECT 'old', g, 'm-' || g, 'applied', '1', now() - interval '1 day' FROM generate_series(2501, 2540) g;
+      INSERT INTO sbpg.inbox (subscription, sequence_number, message_id, status, xid, recorded_at, settled_at)
+      SELECT 'old', g, 'm-' || g, 'applied', '1', now(), now() FROM generate_series(2541, 2550) g;
+      INSERT INTO sbpg.retries (subscription, sequence_number, attempts, first_failed_at, last_failed_at, next_attempt_at, last_error)
+      VALUES ('old', 9001, 2, now() - interval '1 day', now() - interval '1 day', now() - interval '1 day', 'TransientError: x'),
+             ('old', 9002, 1, now(), now(), now() + interval '1 minute', 'TransientError: y');
+    `);
+    await pg.query("ALTER SYSTEM SET sbpg.inbox_retention = '1h'");
+    await pg.query("SELECT pg_reload_conf()");
+    await pg.psql(`SELECT sbpg.create_subscription('old', '${emu.amqp}', 'permanent', 'handle(sbpg.message)', 'app', 'emu');`);
+    await waitFor(async () => Number((await pg.query("SELECT count(*) FROM sbpg.inbox WHERE subscription = 'old'")).rows[0].count) === 50,
+      { timeout: 30000, what: "the old confirmed rows pruned" });
+    const left = (await pg.query(`SELECT count(*) FILTER (WHERE settled_at IS NULL)::int unconfirmed,
+                                         count(*) FILTER (WHERE settled_at IS NOT NULL)::int recent
+                                  FROM sbpg.inbox WHERE subscription = 'old'`)).rows[0];
+    assert.deepEqual(left, { unconfirmed: 40, recent: 10 }, "unconfirmed rows recognise a redelivery at any age; recent ones stay");
+    const retries = (await pg.query("SELECT sequence_number FROM sbpg.retries WHERE subscription = 'old'")).rows.map((r) => Number(r.sequence_number));
+    assert.deepEqual(retries, [9002], "a retry row of a message not seen for the period goes; a live one stays");
+    await pg.query("ALTER SYSTEM RESET sbpg.inbox_retention");
+    await pg.query("SELECT pg_reload_conf()");
+    await pg.psql("SELECT sbpg.drop_subscription('old');");
+  });
 });
