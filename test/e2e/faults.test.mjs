@@ -74,6 +74,18 @@ describe("faults", () => {
     assert.equal((await stats("late")).state, "connected");
   });
 
+  it("keeps retrying a host name that does not resolve, and consumes once it is corrected", async () => {
+    await pg.psql(`SELECT sbpg.create_subscription('dns', 'amqp://sbpg-no-such-host.invalid:${port}', 'late', 'apply_slow(sbpg.message)', 'app', 'emu');`);
+    await waitFor(async () => Number((await stats("dns")).reconnects) >= 2, { timeout: 30000, what: "two failed attempts" });
+    const st = await stats("dns");
+    assert.notEqual(st.state, "connected");
+    assert.match(st.last_error, /sbpg-no-such-host\.invalid|resolve|Name or service not known|not known/i);
+    await sendRange("late", 1100, 5);
+    await pg.psql(`SELECT sbpg.alter_subscription('dns', namespace => 'amqp://127.0.0.1:${port}');`);
+    await waitFor(async () => (await count(1100, 1105)) === 5, { timeout: 60000, what: "5 rows once the name is right" });
+    await pg.psql("SELECT sbpg.drop_subscription('dns');");
+  });
+
   it("loses nothing and applies nothing twice while connections are dropped mid-stream", async () => {
     const n = 3000;
     await sendRange("drop", 10000, n); // before: drop-connections drops the sender's connection too
