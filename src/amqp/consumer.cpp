@@ -291,6 +291,7 @@ struct Consumer::Impl : public proton::messaging_handler {
 		}
 		FailMgmtCalls("the connection was lost");
 		locks.clear();
+		conn_work_queued = false; // a task queued on the old connection may never run
 		mgmt_sender = proton::sender();
 		mgmt_receiver = proton::receiver();
 		mgmt_sender_open = mgmt_receiver_open = false;
