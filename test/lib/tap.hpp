@@ -5,6 +5,8 @@
 //   A program runs only the tests whose names contain argv[1], when given.
 #pragma once
 
+#include <csignal>
+
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -109,5 +111,10 @@ inline int RunAll(int argc, char **argv) {
 			tap::Fail(__FILE__, __LINE__, tap_s_.str());                                                               \
 		}                                                                                                              \
 	} while (0)
+// SIGPIPE is ignored as PostgreSQL does in its background workers, where this code runs: a peer
+// that closes a socket mid-write is an error to report, not a reason to die.
 #define TAP_MAIN                                                                                                       \
-	int main(int argc, char **argv) { return tap::RunAll(argc, argv); }
+	int main(int argc, char **argv) {                                                                                  \
+		signal(SIGPIPE, SIG_IGN);                                                                                      \
+		return tap::RunAll(argc, argv);                                                                                \
+	}

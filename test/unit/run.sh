@@ -8,8 +8,18 @@ make -s -j"$(nproc)" && make -s -j"$(nproc)" O=build-asan SANITIZE=1 || { echo "
 export ASAN_OPTIONS=abort_on_error=0:exitcode=86
 export UBSAN_OPTIONS=print_stacktrace=1
 rc=0
+# A test program that dies says so, in the words test/run looks for.
+run() {
+	"$@"
+	local r=$?
+	if [ $r -gt 128 ]; then
+		echo "test/unit: $1 terminated by signal $((r - 128))"
+		echo "# fail 1"
+	fi
+	[ $r -eq 0 ] || rc=1
+}
 echo "--- plain build"
-./sbpg_unit_test || rc=1
+run ./sbpg_unit_test
 echo "--- ASan/UBSan build"
-./build-asan/sbpg_unit_test || rc=1
+run ./build-asan/sbpg_unit_test
 exit $rc
