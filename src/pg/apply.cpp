@@ -84,9 +84,12 @@ GetText(HeapTuple t, TupleDesc d, int col) {
 	return v ? Dup(v) : nullptr;
 }
 
+// Statements that search the inbox or the retries are planned at every execution, with the
+// batch's values (CURSOR_OPT_CUSTOM_PLAN): a plan cached while the table was empty would scan it
+// sequentially for ever after, and these run once per batch, not once per message.
 SPIPlanPtr
-Prepare(const char *sql, int nargs, Oid *types) {
-	SPIPlanPtr p = SPI_prepare(sql, nargs, types);
+Prepare(const char *sql, int nargs, Oid *types, bool searches = true) {
+	SPIPlanPtr p = SPI_prepare_cursor(sql, nargs, types, searches ? CURSOR_OPT_CUSTOM_PLAN : 0);
 	if (!p)
 		elog(ERROR, "sbpg: cannot prepare \"%s\": %s", sql, SPI_result_code_string(SPI_result));
 	if (SPI_keepplan(p) != 0)
@@ -100,7 +103,7 @@ EnsurePlans(const SubConfig *cfg) {
 		Oid types[9] = {TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, XID8OID, INT4OID};
 		insert_plan = Prepare("INSERT INTO sbpg.inbox (subscription, sequence_number, message_id, correlation_id, "
 		                      "status, reason, delivery_count, xid, attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-		                      9, types);
+		                      9, types, false);
 	}
 	if (!retry_lookup_plan) {
 		Oid types[3] = {TEXTOID, INT8ARRAYOID, TEXTARRAYOID};
@@ -115,9 +118,9 @@ EnsurePlans(const SubConfig *cfg) {
 		                  "next_attempt_at = excluded.next_attempt_at, last_error = excluded.last_error, deferred = excluded.deferred";
 		char sql[1024];
 		snprintf(sql, sizeof sql, "%sON CONFLICT (subscription, sequence_number) WHERE sequence_number IS NOT NULL%s", cols, set);
-		retry_upsert_seq_plan = Prepare(sql, 7, up);
+		retry_upsert_seq_plan = Prepare(sql, 7, up, false);
 		snprintf(sql, sizeof sql, "%sON CONFLICT (subscription, message_id) WHERE sequence_number IS NULL%s", cols, set);
-		retry_upsert_id_plan = Prepare(sql, 7, up);
+		retry_upsert_id_plan = Prepare(sql, 7, up, false);
 		Oid del[3] = {TEXTOID, INT8OID, TEXTOID};
 		retry_delete_plan = Prepare("DELETE FROM sbpg.retries WHERE subscription = $1 AND CASE WHEN $2::bigint IS NOT NULL "
 		                            "THEN sequence_number = $2 ELSE sequence_number IS NULL AND message_id = $3 END",

@@ -877,6 +877,9 @@ Worker::Loop() {
 		}
 		Publish(stats_, false, 0);
 		Housekeeping();
+		// Background workers report their table statistics themselves: without this, autovacuum
+		// never sees the inbox grow, and never analyzes or vacuums it. (Rate-limited inside.)
+		PgGuard([&] { pgstat_report_stat(false); }, &err);
 	}
 }
 

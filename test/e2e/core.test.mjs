@@ -56,6 +56,10 @@ describe("sbpg core", () => {
     assert.equal(inbox.rows[0].c, n);
     await waitFor(async () => (await emu.entity("bulk")).completed === n, { what: "all completed on the broker" });
     assert.equal((await emu.entity("bulk")).messages, 0);
+    // The worker reports its table statistics, so autovacuum sees the inbox grow (and analyzes it).
+    await waitFor(async () => Number((await pg.query(
+      "SELECT n_tup_ins FROM pg_stat_all_tables WHERE relid = 'sbpg.inbox'::regclass")).rows[0].n_tup_ins) >= n,
+      { what: "the inbox inserts in pg_stat_all_tables" });
     const sample = mine[0];
     assert.deepEqual(Object.keys(sample).sort(), ["attempts", "correlation_id", "message_id", "reason", "sequence_number", "status", "subscription", "xid"]);
     assert.equal(sample.attempts, 1);
