@@ -529,6 +529,13 @@ BEGIN
 				      HINT = format('Leave it out for the default, %s. docs/retries.md explains the retry policy.', lim.dflt);
 		END IF;
 	END LOOP;
+	IF coalesce((options ->> 'retry_hold_ms')::bigint, 30000) > coalesce((options ->> 'max_lock_renewal_s')::bigint, 300) * 1000 THEN
+		RAISE EXCEPTION 'retry_hold_ms must not exceed max_lock_renewal_s'
+			USING ERRCODE = 'invalid_parameter_value',
+			      DETAIL = format('retry_hold_ms is %s ms and max_lock_renewal_s is %s s (defaults 30000 and 300): a held message''s lock would lapse while it waits.',
+			                      coalesce(options ->> 'retry_hold_ms', '30000'), coalesce(options ->> 'max_lock_renewal_s', '300')),
+			      HINT = 'Lower retry_hold_ms (longer delays defer the message instead) or raise max_lock_renewal_s.';
+	END IF;
 	IF coalesce((options ->> 'retry_cap_ms')::bigint, 300000) < coalesce((options ->> 'retry_base_ms')::bigint, 1000) THEN
 		RAISE EXCEPTION 'retry_cap_ms must be at least retry_base_ms'
 			USING ERRCODE = 'invalid_parameter_value',

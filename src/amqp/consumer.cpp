@@ -154,6 +154,7 @@ struct Consumer::Impl : public proton::messaging_handler {
 		bool has_token = false;
 		int64_t received_ms = 0;
 		int64_t locked_until_ms = 0; // 0: the broker gave no lock expiry (never renewed)
+		int64_t duration_ms = 0;     // the lock duration, as first given (renewals extend by it)
 		bool renewing = false;
 		bool single = false;         // renew alone (a batch renewal was refused as lock-lost)
 		bool lost = false;
@@ -164,6 +165,9 @@ struct Consumer::Impl : public proton::messaging_handler {
 	proton::receiver mgmt_receiver;
 	std::string mgmt_reply;
 	bool mgmt_sender_open = false, mgmt_receiver_open = false;
+	bool mgmt_ever_open = false;   // on this connection: a later detach is reopened, not given up
+	int64_t mgmt_reopen_at = 0;
+	int mgmt_reopens = 0;
 	uint64_t mgmt_next = 0;
 	using MgmtDone = std::function<void(int64_t code, const std::string &desc, const proton::value &body)>;
 	struct MgmtCall {
@@ -238,6 +242,8 @@ struct Consumer::Impl : public proton::messaging_handler {
 			if (cfg.current_token(&t) && t.serial != put_serial && t.serial != refused_serial)
 				PutJwt(t);
 		}
+		if (mgmt_reopen_at && n >= mgmt_reopen_at && receiver)
+			ReopenMgmt();
 		if (MgmtReady() && n >= next_renew_scan) {
 			next_renew_scan = n + 250;
 			RenewLocks(n);
@@ -295,10 +301,16 @@ struct Consumer::Impl : public proton::messaging_handler {
 		mgmt_sender = proton::sender();
 		mgmt_receiver = proton::receiver();
 		mgmt_sender_open = mgmt_receiver_open = false;
+		mgmt_ever_open = false;
+		mgmt_reopen_at = 0;
+		mgmt_reopens = 0;
 		mgmt_queue.clear();
 		{
 			std::lock_guard<std::mutex> g(mu);
 			status.management_ready = false;
+			for (int64_t seq : to_fetch)
+				fetch_failures.push_back({seq, false, "the connection was lost"});
+			to_fetch.clear();
 		}
 		conn = proton::connection();
 		receiver = proton::receiver();
@@ -468,13 +480,8 @@ struct Consumer::Impl : public proton::messaging_handler {
 		receiver = conn.open_receiver(cfg.entity, proton::receiver_options().credit_window(0).auto_accept(false));
 		// Peek-lock as Service Bus clients do it: the broker confirms each settlement.
 		pn_link_set_rcv_settle_mode(LinkAccess::Get(receiver), PN_RCV_SECOND);
-		if (cfg.management) {
-			std::string addr = cfg.entity + "/$management";
-			mgmt_reply = "mgmt-" + NewGuid();
-			mgmt_sender = conn.open_sender(addr);
-			mgmt_receiver = conn.open_receiver(
-			    addr, proton::receiver_options().credit_window(50).target(proton::target_options().address(mgmt_reply)));
-		}
+		if (cfg.management)
+			OpenMgmt();
 	}
 
 	// ---- $management: lock renewal, deferred messages (AMQP thread)
@@ -482,6 +489,22 @@ struct Consumer::Impl : public proton::messaging_handler {
 	bool MgmtReady() const { return mgmt_sender_open && mgmt_receiver_open && mgmt_sender && mgmt_sender.active(); }
 
 	void MgmtFailed(const std::string &why) {
+		mgmt_sender_open = mgmt_receiver_open = false;
+		FailMgmtCalls(why);
+		if (mgmt_ever_open) {
+			// It worked on this connection: a detach (Service Bus detaches links idle for 10
+			// minutes) is answered by opening the pair again, after a growing pause.
+			{
+				std::lock_guard<std::mutex> g(mu);
+				status.management_ready = false;
+			}
+			int64_t delay = std::min<int64_t>(30000, 1000LL << std::min(mgmt_reopens, 5));
+			++mgmt_reopens;
+			mgmt_reopen_at = Now() + delay;
+			Event(ConsumerEvent::Kind::Error, "the $management link was lost (" + why + "); reopening it in " +
+			                                      std::to_string(delay) + " ms");
+			return;
+		}
 		bool first;
 		{
 			std::lock_guard<std::mutex> g(mu);
@@ -489,8 +512,6 @@ struct Consumer::Impl : public proton::messaging_handler {
 			status.management_failed = true;
 			status.management_ready = false;
 		}
-		mgmt_sender_open = mgmt_receiver_open = false;
-		FailMgmtCalls(why);
 		if (first)
 			Event(ConsumerEvent::Kind::Error, "the broker's $management link is unavailable (" + why +
 			                                      "): message locks are not renewed and nothing is deferred");
@@ -597,8 +618,9 @@ struct Consumer::Impl : public proton::messaging_handler {
 				continue;
 			if (n - l.received_ms >= cfg.max_lock_renewal_ms)
 				continue; // the bound on total renewal: the lock is let go
-			int64_t duration = std::max<int64_t>(1000, l.locked_until_ms - l.received_ms);
-			int64_t margin = std::max<int64_t>(duration / 2, 2000);
+			if (!l.duration_ms)
+				l.duration_ms = std::max<int64_t>(1000, l.locked_until_ms - l.received_ms);
+			int64_t margin = std::max<int64_t>(l.duration_ms / 2, 2000);
 			if (l.locked_until_ms - n > margin)
 				continue;
 			if (l.single) {
@@ -700,6 +722,7 @@ struct Consumer::Impl : public proton::messaging_handler {
 					        rm.delivery_id = ++next_id;
 					        rm.connection_gen = gen;
 					        rm.received_ms = Now();
+					        rm.fetched = true;
 					        Lock l;
 					        try {
 						        proton::uuid u = proton::get<proton::uuid>(tok);
@@ -812,8 +835,32 @@ struct Consumer::Impl : public proton::messaging_handler {
 	void MgmtOpened() {
 		if (!mgmt_sender_open || !mgmt_receiver_open)
 			return;
+		mgmt_ever_open = true;
+		mgmt_reopens = 0;
 		std::lock_guard<std::mutex> g(mu);
 		status.management_ready = true;
+		status.management_failed = false;
+	}
+
+	void OpenMgmt() {
+		std::string addr = cfg.entity + "/$management";
+		mgmt_reply = "mgmt-" + NewGuid();
+		mgmt_sender = conn.open_sender(addr);
+		mgmt_receiver = conn.open_receiver(
+		    addr, proton::receiver_options().credit_window(50).target(proton::target_options().address(mgmt_reply)));
+	}
+
+	void ReopenMgmt() {
+		mgmt_reopen_at = 0;
+		for (proton::link l : {proton::link(mgmt_sender), proton::link(mgmt_receiver)}) {
+			try {
+				if (l && l.active())
+					l.close();
+			} catch (const std::exception &) {
+				// Already closing.
+			}
+		}
+		OpenMgmt();
 	}
 	void on_sender_open(proton::sender &s) override {
 		if (s == mgmt_sender) {

@@ -60,13 +60,16 @@ constexpr int kMaxSubxacts = 50; // per transaction in the isolated pass (the ca
 constexpr int kNotifyMax = 7900; // NOTIFY payloads are limited to 8000 bytes
 
 SPIPlanPtr insert_plan = nullptr;
-int applying = -1; // the item ApplyOne is applying in a pass without subtransactions
+int applying = -1;      // the item ApplyOne is applying in a pass without subtransactions
+int first_applied = -1; // the first item that pass ran
 SPIPlanPtr lookup_plan = nullptr;
 SPIPlanPtr stamp_plan = nullptr;
 SPIPlanPtr retry_lookup_plan = nullptr;
 SPIPlanPtr retry_upsert_seq_plan = nullptr;
 SPIPlanPtr retry_upsert_id_plan = nullptr;
 SPIPlanPtr retry_delete_plan = nullptr;
+SPIPlanPtr retry_settling_plan = nullptr;
+SPIPlanPtr retry_confirmed_plan = nullptr;
 SPIPlanPtr retry_defer_plan = nullptr;
 Oid cached_handler = InvalidOid;
 FmgrInfo handler_finfo;
@@ -129,6 +132,10 @@ EnsurePlans(const SubConfig *cfg) {
 		                           "$2::bigint IS NOT NULL THEN sequence_number = $2 ELSE sequence_number IS NULL AND "
 		                           "message_id = $3 END",
 		                           3, del);
+		retry_settling_plan = Prepare("UPDATE sbpg.retries SET deferred = true, next_attempt_at = now() + interval '1 minute', "
+		                              "last_error = 'outcome recorded; waiting for the broker to confirm its settlement' "
+		                              "WHERE subscription = $1 AND sequence_number = $2",
+		                              3, del);
 	}
 	if (!lookup_plan) {
 		Oid types[3] = {TEXTOID, INT8ARRAYOID, TEXTARRAYOID};
@@ -142,6 +149,10 @@ EnsurePlans(const SubConfig *cfg) {
 		stamp_plan = Prepare("UPDATE sbpg.inbox SET settled_at = now() WHERE subscription = $1 AND settled_at IS NULL "
 		                     "AND (sequence_number = ANY ($2) OR (sequence_number IS NULL AND message_id = ANY ($3)))",
 		                     3, types);
+		// A deferred message's retry row lives until its settlement is confirmed: until then the
+		// broker may still hold it deferred, and only the row remembers to fetch it again.
+		retry_confirmed_plan = Prepare("DELETE FROM sbpg.retries WHERE subscription = $1 AND sequence_number = ANY ($2)", 2,
+		                               types);
 	}
 	if (cached_type != cfg->message_type || !message_desc) {
 		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
@@ -174,6 +185,8 @@ Stamp(const SubConfig *cfg, const int64 *seqs, int nseqs, const char *const *ids
 	Datum args[3] = {CStringGetTextDatum(cfg->name), Int8Array(seqs, nseqs), TextArray(ids, nids)};
 	if (SPI_execute_plan(stamp_plan, args, nullptr, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "sbpg: cannot stamp settled_at");
+	if (nseqs > 0 && SPI_execute_plan(retry_confirmed_plan, args, nullptr, false, 0) != SPI_OK_DELETE)
+		elog(ERROR, "sbpg: cannot update sbpg.retries");
 }
 
 bool
@@ -252,11 +265,13 @@ LookupDuplicates(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
 		(void)isnull;
 		for (int i = lo; i < hi; ++i) {
 			const ReceivedMessage *m = items[i].msg;
-			bool match = seq_null ? (!m->has_sequence_number && mid && m->message_id == mid)
+			// Message ids compare as stored: text ends at the first NUL.
+			const char *id = m->message_id.c_str();
+			bool match = seq_null ? (!m->has_sequence_number && mid && strcmp(id, mid) == 0)
 			                      : (m->has_sequence_number && m->sequence_number == seq);
 			if (!match)
 				continue;
-			if (!seq_null && (mid ? m->message_id != mid : !m->message_id.empty())) {
+			if (!seq_null && (mid ? strcmp(id, mid) != 0 : *id != '\0')) {
 				// The same sequence number for another message: the entity was recreated, or the
 				// broker lost its state. A redelivery always keeps its message id.
 				items[i].stale = true;
@@ -356,9 +371,10 @@ LookupRetries(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
 		for (int i = lo; i < hi; ++i) {
 			ApplyItem *it = &items[i];
 			const ReceivedMessage *m = it->msg;
-			bool match = seq_null ? (!m->has_sequence_number && mid && m->message_id == mid)
+			const char *id = m->message_id.c_str();
+			bool match = seq_null ? (!m->has_sequence_number && mid && strcmp(id, mid) == 0)
 			                      : (m->has_sequence_number && m->sequence_number == seq &&
-			                         (mid ? m->message_id == mid : m->message_id.empty()));
+			                         (mid ? strcmp(id, mid) == 0 : *id == '\0'));
 			if (!match || it->status == kDuplicate)
 				continue;
 			it->attempts = attempts;
@@ -367,7 +383,7 @@ LookupRetries(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
 			// Back before its time (a lost lock, a restart, a deferral undone): wait again.
 			it->status = kDelayed;
 			it->next_attempt = next;
-			it->defer = cfg->can_defer && (next - now) / 1000 > cfg->retry_hold_ms;
+			it->defer = cfg->can_defer && m->has_sequence_number && (next - now) / 1000 > cfg->retry_hold_ms;
 			if (it->defer && !deferred) {
 				Datum a[3];
 				char nl[3];
@@ -385,6 +401,13 @@ DeleteRetry(const SubConfig *cfg, const ApplyItem *it) {
 	char nl[3];
 	if (!RetryKey(cfg, it->msg, a, nl))
 		return;
+	if (it->msg->fetched && it->msg->has_sequence_number) {
+		// Still deferred on the broker until the settlement is confirmed: if it is lost, the row
+		// brings the message back (as a duplicate) a minute later.
+		if (SPI_execute_plan(retry_settling_plan, a, nl, false, 0) != SPI_OK_UPDATE)
+			elog(ERROR, "sbpg: cannot update sbpg.retries");
+		return;
+	}
 	if (SPI_execute_plan(retry_delete_plan, a, nl, false, 0) != SPI_OK_DELETE)
 		elog(ERROR, "sbpg: cannot update sbpg.retries");
 }
@@ -489,7 +512,7 @@ void
 Record(const SubConfig *cfg, ApplyItem *it, int status, uint64 xid) {
 	it->status = status;
 	InsertInbox(cfg, it, xid);
-	if (it->attempts > 0)
+	if (it->attempts > 0 || it->msg->fetched)
 		DeleteRetry(cfg, it);
 	Notify(cfg, it, xid);
 }
@@ -646,7 +669,7 @@ ScheduleRetry(const SubConfig *cfg, ApplyItem *it, const char *reason, const cha
 	it->status = kTransient;
 	it->attempts = failed;
 	it->next_attempt = GetCurrentTimestamp() + delay_ms * 1000;
-	it->defer = cfg->can_defer && delay_ms > cfg->retry_hold_ms;
+	it->defer = cfg->can_defer && m->has_sequence_number && delay_ms > cfg->retry_hold_ms;
 	SetReason(it, reason, desc);
 	if (keyed) {
 		char err[1200];
@@ -654,7 +677,7 @@ ScheduleRetry(const SubConfig *cfg, ApplyItem *it, const char *reason, const cha
 		a[3] = Int32GetDatum(failed);
 		a[4] = TimestampTzGetDatum(it->next_attempt);
 		a[5] = CStringGetTextDatum(err);
-		a[6] = BoolGetDatum(it->defer);
+		a[6] = BoolGetDatum(it->defer || m->fetched); // a fetched message stays deferred on the broker
 		nl[3] = nl[4] = nl[5] = nl[6] = ' ';
 		if (SPI_execute_plan(m->has_sequence_number ? retry_upsert_seq_plan : retry_upsert_id_plan, a, nl, false, 0) !=
 		    SPI_OK_INSERT)
@@ -729,6 +752,8 @@ ApplyRange(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate,
 			continue;
 		if (!isolate) {
 			applying = i;
+			if (first_applied < 0)
+				first_applied = i;
 			ApplyOne(cfg, it, xid, msgcxt);
 			applying = -1;
 			continue;
@@ -774,7 +799,7 @@ RunPass(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate, co
 		items[i].gave_up = false;
 		items[i].stale = false;
 	}
-	applying = -1;
+	applying = first_applied = -1;
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	PG_TRY();
@@ -815,9 +840,11 @@ RunPass(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate, co
 		FlushErrorState();
 		DescribeError(e, out->batch_error, sizeof out->batch_error);
 		out->batch_sqlerrcode = e->sqlerrcode;
-		if (applying >= lo && applying < hi) {
-			// The message being applied failed: remember it, so the isolated pass records this
-			// attempt's failure instead of running the handler a second time.
+		if (applying >= lo && applying < hi && (!IsTransient(e->sqlerrcode) || applying == first_applied)) {
+			// The message being applied failed, by its own fault: a permanent error, or a transient
+			// one before any other message of the pass ran (a deadlock over locks that earlier
+			// messages took is the batch's, and is tried again message by message). Remember it,
+			// so the isolated pass records this attempt's failure instead of running it again.
 			items[applying].failed_errcode = e->sqlerrcode;
 			strlcpy(items[applying].failed_error, out->batch_error, sizeof items[applying].failed_error);
 		}
@@ -1000,7 +1027,8 @@ PruneInbox(const SubConfig *cfg, int retention_s, int limit) {
 	// Retry rows of messages that never came back (expired, received elsewhere) within the period.
 	rc = SPI_execute_with_args(
 	    "DELETE FROM sbpg.retries WHERE ctid = ANY (ARRAY(SELECT ctid FROM sbpg.retries WHERE subscription = $1 "
-	    "AND last_failed_at < now() - make_interval(secs => $2) AND next_attempt_at < now() - make_interval(secs => $2) "
+	    "AND last_failed_at < now() - make_interval(secs => CASE WHEN deferred THEN greatest($2, 604800) ELSE $2 END) "
+	    "AND next_attempt_at < now() - make_interval(secs => CASE WHEN deferred THEN greatest($2, 604800) ELSE $2 END) "
 	    "LIMIT $3))",
 	    3, types, args, nullptr, false, 0);
 	n += rc == SPI_OK_DELETE ? static_cast<int64>(SPI_processed) : 0;
@@ -1034,14 +1062,15 @@ DueDeferred(const SubConfig *cfg, int64 *out, int max) {
 }
 
 void
-ForgetDeferred(const SubConfig *cfg, int64 seq) {
+PostponeDeferred(const SubConfig *cfg, int64 seq) {
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	Oid types[2] = {TEXTOID, INT8OID};
 	Datum args[2] = {CStringGetTextDatum(cfg->name), Int64GetDatum(seq)};
-	SPI_execute_with_args("UPDATE sbpg.retries SET deferred = false WHERE subscription = $1 AND sequence_number = $2",
+	SPI_execute_with_args("UPDATE sbpg.retries SET next_attempt_at = now() + interval '1 minute' "
+	                      "WHERE subscription = $1 AND sequence_number = $2 AND deferred",
 	                      2, types, args, nullptr, false, 0);
 	PopActiveSnapshot();
 	SPI_finish();

@@ -188,6 +188,7 @@ struct InboxKey {
 	bool has_seq = false;
 	int64_t seq = 0;
 	std::string message_id;
+	uint64_t gen = 0; // the connection that carries the settlement
 };
 
 struct Stats {
@@ -327,6 +328,7 @@ class Worker {
 	std::vector<Held> held_;
 	std::unordered_map<int64_t, TimestampTz> fetching_;
 	TimestampTz last_fetch_ = 0;
+	uint64_t gen_ = 0; // the connection generation last seen
 	int64 batch_backoff_ms_ = 0; // after a batch failed as a whole
 };
 
@@ -615,20 +617,18 @@ Worker::TakeDue(std::vector<ReceivedMessage> *msgs, size_t max) {
 void
 Worker::FetchDue() {
 	TimestampTz now = GetCurrentTimestamp();
-	for (auto it = fetching_.begin(); it != fetching_.end();)
-		it = now - it->second > 120 * USECS_PER_SEC ? fetching_.erase(it) : std::next(it);
 	std::vector<Consumer::FetchFailure> failures;
 	consumer_->TakeFetchFailures(&failures);
 	PgError err;
 	for (auto &f : failures) {
 		fetching_.erase(f.sequence_number);
 		if (f.not_found) {
-			// Not deferred on the broker (a deferral that never took effect, or the message is
-			// gone): a normal delivery brings it back, if it still exists.
+			// Not handed over (still locked by an earlier connection, its deferral not yet in
+			// effect, or gone): ask again in a minute; the row stays until retention.
 			int64 seq = f.sequence_number;
-			PgGuard([&] { ForgetDeferred(&cfg_, seq); }, &err);
+			PgGuard([&] { PostponeDeferred(&cfg_, seq); }, &err);
 			Log(DEBUG1, std::string("sbpg: subscription \"") + start_.name + "\": deferred message " +
-			                std::to_string(seq) + " is not deferred on the broker: " + f.error);
+			                std::to_string(seq) + " was not handed over: " + f.error + "; asking again in a minute");
 		}
 	}
 	ConsumerStatus st = consumer_->Status();
@@ -639,14 +639,20 @@ Worker::FetchDue() {
 	           static_cast<int>(fetching_.size());
 	if (room <= 0)
 		return;
-	int want = std::min(room, 100) + static_cast<int>(fetching_.size());
+	// Never ask for what the worker holds or has asked for: the broker would refuse a locked
+	// message, and the answer must not be taken for "gone".
+	std::unordered_set<int64_t> mine;
+	for (auto &h : held_)
+		if (h.msg.has_sequence_number)
+			mine.insert(h.msg.sequence_number);
+	int want = std::min(room, 100) + static_cast<int>(fetching_.size() + mine.size());
 	std::vector<int64> due(static_cast<size_t>(want));
 	int n = 0;
 	if (!PgGuard([&] { n = DueDeferred(&cfg_, due.data(), want); }, &err))
 		return;
 	std::vector<int64_t> ask;
 	for (int i = 0; i < n && static_cast<int>(ask.size()) < room; ++i) {
-		if (fetching_.count(due[i]))
+		if (fetching_.count(due[i]) || mine.count(due[i]))
 			continue;
 		fetching_[due[i]] = now;
 		ask.push_back(due[i]);
@@ -659,6 +665,13 @@ void
 Worker::ProcessBatch(std::vector<ReceivedMessage> &msgs) {
 	// Messages of a connection that is gone cannot be settled: leave them to the redelivery.
 	uint64_t gen = consumer_->Status().generation;
+	if (gen != gen_) {
+		// A new connection: what the old one carried will never be answered.
+		gen_ = gen;
+		fetching_.clear();
+		for (auto it = awaiting_.begin(); it != awaiting_.end();)
+			it = it->second.gen != gen ? awaiting_.erase(it) : std::next(it);
+	}
 	msgs.erase(std::remove_if(msgs.begin(), msgs.end(), [gen](const ReceivedMessage &m) { return m.connection_gen != gen; }),
 	           msgs.end());
 	for (auto &m : msgs)
@@ -775,7 +788,7 @@ Worker::ProcessBatch(std::vector<ReceivedMessage> &msgs) {
 		if (m.enqueued_ms > 0 && (it.status == kApplied || it.status == kDeadLettered))
 			stats_.lag_ms.push_back(static_cast<float>(commit_ms - m.enqueued_ms));
 		if (effective == kApplied || effective == kDeadLettered)
-			awaiting_[m.delivery_id] = InboxKey{m.has_sequence_number, m.sequence_number, m.message_id};
+			awaiting_[m.delivery_id] = InboxKey{m.has_sequence_number, m.sequence_number, m.message_id, m.connection_gen};
 		bool failure = it.status == kDeadLettered || it.status == kTransient ||
 		               (it.status == kDuplicate && it.recorded == kDeadLettered);
 		if (guc_log_messages == kLogAll || (guc_log_messages == kLogFailures && failure))

@@ -184,6 +184,10 @@ describe("retry policy", () => {
     assert.equal(Number((await stats("defer")).deferred), deferred);
     assert.equal(Number((await pg.query("SELECT count(*) FROM orders WHERE message_id = 'later-1'")).rows[0].count), 1);
     assert.equal((await pg.query("SELECT attempts FROM sbpg.inbox WHERE subscription = 'defer'")).rows[0].attempts, 3);
+    // A fetched message stays deferred on the broker until its settlement is confirmed: its retry
+    // row goes only then.
+    await waitFor(async () => Number((await pg.query("SELECT count(*) FROM sbpg.retries WHERE subscription = 'defer'")).rows[0].count) === 0,
+      { what: "the retry row removed once the broker confirmed the settlement" });
   });
 
   it("renews the lock of a message whose handler runs longer than the lock duration, and applies it once", async () => {
@@ -200,7 +204,7 @@ describe("retry policy", () => {
   });
 
   it("stops renewing after max_lock_renewal_s; the redelivery is recognised, never applied twice", async () => {
-    await subscribe("bound", { max_lock_renewal_s: 1 });
+    await subscribe("bound", { max_lock_renewal_s: 1, retry_hold_ms: 0 });
     await send("bound", [{ messageId: "bound-1", body: { id: 6, amount: 1, sleep: 5 } }]);
     await waitFor(() => got("bound").some((x) => x.status === "duplicate"), { timeout: 40000, what: "the redelivery settled as a duplicate" });
     await waitFor(async () => (await emu.entity("bound")).completed === 1, { what: "completed" });

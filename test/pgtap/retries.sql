@@ -1,7 +1,7 @@
 -- pgTAP: the retry policy's settings (subscription options), the retries table, and who sees it.
 -- Runs in the database test/pg/run prepares (extensions pgtap and sbpg); everything is rolled back.
 BEGIN;
-SELECT plan(25);
+SELECT plan(26);
 
 CREATE ROLE tap_rapp NOLOGIN;
 CREATE ROLE tap_rmon NOLOGIN IN ROLE sbpg_monitor;
@@ -45,6 +45,8 @@ SELECT throws_ok($$SELECT sbpg.alter_subscription('r-ok', options => '{"retry_ho
     'subscription option "retry_hold_ms" must be an integer from 0 to 600000', 'holding longer than 10 minutes is refused');
 SELECT throws_ok($$SELECT sbpg.alter_subscription('r-ok', options => '{"max_lock_renewal_s": 86401}')$$, '22023',
     'subscription option "max_lock_renewal_s" must be an integer from 0 to 86400', 'renewing locks longer than a day is refused');
+SELECT throws_ok($$SELECT sbpg.alter_subscription('r-ok', options => '{"retry_hold_ms": 120000, "max_lock_renewal_s": 60}')$$, '22023',
+    'retry_hold_ms must not exceed max_lock_renewal_s', 'a hold longer than the locks are renewed is refused');
 SELECT throws_ok($$SELECT sbpg.alter_subscription('r-ok', options => '{"max_retry": 3}')$$, '22023',
     'unknown subscription option "max_retry"', 'a misspelt option is refused, not ignored');
 

@@ -34,6 +34,8 @@ struct ReceivedMessage {
 	int64_t locked_until_ms = 0;
 	uint32_t delivery_count = 0;
 	int64_t received_ms = 0;     // when the worker received it
+	bool fetched = false;        // received by sequence number (a deferred message): it stays deferred
+	                             // on the broker until a settlement over $management is confirmed
 	JsonVerdict json = JsonVerdict::Empty;
 	std::string json_error;      // why the body is not valid JSON
 	std::string decode_error;    // set when the message could not be decoded at all

@@ -92,10 +92,11 @@ void StampSettled(const SubConfig *cfg, const int64 *seqs, int nseqs, const char
 // not seen for that long, in one short transaction; returns how many.
 int64 PruneInbox(const SubConfig *cfg, int retention_s, int limit);
 
-// Deferred messages due for their next attempt (up to max), excluding those in `skip`.
+// Deferred messages due for their next attempt (up to max, soonest first).
 int DueDeferred(const SubConfig *cfg, int64 *out, int max);
 
-// The broker has no deferred message with this sequence number: stop waiting for it there.
-void ForgetDeferred(const SubConfig *cfg, int64 seq);
+// The broker did not hand over a deferred message (locked elsewhere, not deferred yet, gone):
+// ask again in a minute. Rows of messages never found go with retention (after a week at least).
+void PostponeDeferred(const SubConfig *cfg, int64 seq);
 
 } // namespace sbpg::pg
