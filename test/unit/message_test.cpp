@@ -72,4 +72,15 @@ TEST("message properties must be UTF-8 PostgreSQL accepts: no surrogates, overlo
 	CHECK(m.json == JsonVerdict::Json);
 }
 
+// Found by test/fuzz/run.sh 900: RapidJSON's EncodedInputStream took a leading 0xEF as part of a
+// byte-order mark and went on, so "\xEF" + a number passed as JSON; jsonb refuses it.
+TEST("CheckJson refuses a body that starts with a byte-order mark or a stray 0xEF") {
+	std::string why;
+	CHECK(!Json("\xef" "89012134565890123.45", &why));
+	CHECK(why.find("0xEF") != std::string::npos);
+	CHECK(!Json("\xef\xbb\xbf{\"a\": 1}"));
+	CHECK(!Json("\xef\xbb" "1"));
+	CHECK(Json(" {\"a\": \"\xef\xbb\xbf\"}")); // inside a string it is just a character
+}
+
 TAP_MAIN
