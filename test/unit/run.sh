@@ -20,6 +20,8 @@ run() {
 }
 echo "--- plain build"
 run ./sbpg_unit_test
+run ./sbpg_schema_test
 echo "--- ASan/UBSan build"
 run ./build-asan/sbpg_unit_test
+run ./build-asan/sbpg_schema_test
 exit $rc
