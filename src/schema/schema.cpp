@@ -470,18 +470,18 @@ class Comparer {
 		work_.push_back({&o, &n, std::move(ptr), depth});
 	}
 
-	// o, n: the subschema (an object) or a boolean governing the slot.
+	// o, n: the subschema (an object) or a boolean governing the slot. slot names it in sentences.
 	void Slot(const Value &o, const Value &n, const std::string &ptr, int depth, const SlotRules &r,
 	          const std::string &slot) {
 		bool of = o.IsBool() && !o.GetBool(), nf = n.IsBool() && !n.GetBool();
 		if (of && nf)
 			return;
 		if (nf) {
-			Report(r.closed, ptr, Effect::Narrowing, slot + " allowed values in the old schema and none in the new one");
+			Report(r.closed, ptr, Effect::Narrowing, slot + ": the old schema allowed values there, the new one allows none");
 			return;
 		}
 		if (of) {
-			Report(r.opened, ptr, Effect::Widening, slot + " allowed no value in the old schema and does in the new one");
+			Report(r.opened, ptr, Effect::Widening, slot + ": the old schema allowed no value there, the new one does");
 			return;
 		}
 		bool ot = IsTrivial(o), nt = IsTrivial(n);
@@ -489,12 +489,12 @@ class Comparer {
 			return;
 		if (ot && r.constrained) {
 			Report(r.constrained, ptr, Effect::Narrowing,
-			       slot + " allowed any value in the old schema; the new one constrains it");
+			       slot + ": the old schema allowed any value there, the new one constrains it");
 			return;
 		}
 		if (nt && r.unconstrained) {
 			Report(r.unconstrained, ptr, Effect::Widening,
-			       slot + " was constrained in the old schema; the new one allows any value");
+			       slot + ": the old schema constrained it, the new one allows any value there");
 			return;
 		}
 		Push(o.IsObject() ? o : Anything(), n.IsObject() ? n : Anything(), ptr, depth + 1);
@@ -621,7 +621,7 @@ class Comparer {
 			} else {
 				Slot(oap, m.value, p, depth,
 				     {nullptr, "property-added-to-closed-model", "property-added-to-open-model", nullptr},
-				     "property " + Quote(Name(m.name)) + " (added; the old schema governs it by \"additionalProperties\")");
+				     "property " + Quote(Name(m.name)) + " was added (the old schema left it to \"additionalProperties\")");
 			}
 		}
 		for (auto &m : opr.GetObject()) {
@@ -636,13 +636,13 @@ class Comparer {
 				Slot(m.value, nap, p, depth,
 				     {"property-removed-from-closed-model", nullptr, nullptr, "property-removed-from-open-model"},
 				     "property " + Quote(Name(m.name)) +
-				         " (removed; the new schema governs it by \"additionalProperties\")");
+				         " was removed (the new schema leaves it to \"additionalProperties\")");
 			}
 		}
 		if (!(oap == nap))
 			Slot(oap, nap, Child(ptr, "additionalProperties"), depth,
 			     {"additional-properties-closed", "additional-properties-opened", nullptr, nullptr},
-			     "\"additionalProperties\"");
+			     "\"additionalProperties\" changed");
 	}
 
 	void Items(const Value &o, const Value &n, const std::string &ptr, int depth) {
@@ -666,14 +666,14 @@ class Comparer {
 		for (; i < b->Size(); ++i)
 			Slot(oai, (*b)[i], Child(p, std::to_string(i)), depth,
 			     {nullptr, "item-added-to-closed-tuple", "item-added-to-open-tuple", nullptr},
-			     "tuple position " + std::to_string(i) + " (added; the old schema governs it by \"additionalItems\")");
+			     "tuple position " + std::to_string(i) + " was added (the old schema left it to \"additionalItems\")");
 		for (; i < a->Size(); ++i)
 			Slot((*a)[i], nai, Child(p, std::to_string(i)), depth,
 			     {"item-removed-from-closed-tuple", nullptr, nullptr, "item-removed-from-open-tuple"},
-			     "tuple position " + std::to_string(i) + " (removed; the new schema governs it by \"additionalItems\")");
+			     "tuple position " + std::to_string(i) + " was removed (the new schema leaves it to \"additionalItems\")");
 		if (!(oai == nai))
 			Slot(oai, nai, Child(ptr, "additionalItems"), depth,
-			     {"additional-items-closed", "additional-items-opened", nullptr, nullptr}, "\"additionalItems\"");
+			     {"additional-items-closed", "additional-items-opened", nullptr, nullptr}, "\"additionalItems\" changed");
 	}
 
 	// minimum/maximum with draft-04's boolean exclusiveMinimum/exclusiveMaximum.

@@ -5,6 +5,9 @@
 
 #include "tap.hpp"
 
+#include <functional>
+#include <set>
+
 using namespace sbpg::schema;
 
 namespace {
@@ -379,6 +382,84 @@ TEST("compat: several violations, each with rule, pointer and the mode it breaks
 	CHECK(CheckCompatible(o, n, Mode::Forward).empty());
 	CHECK_EQ(CheckCompatible(o, R"({"format":"x"})", Mode::Full).at(0).rule, std::string("schema-unsupported"));
 	CHECK(Has(CheckCompatible(o, R"({"format":"x"})", Mode::Full).at(0).detail, "the new schema"));
+}
+
+TEST("compat: the detail names the change and the mode it breaks") {
+	auto v = CheckCompatible(R"({"enum":["a"]})", R"({"enum":["a","b"]})", Mode::Forward);
+	REQUIRE(v.size() == 1);
+	CHECK_EQ(v[0].pointer, std::string("/enum"));
+	CHECK(Has(v[0].detail, "the value \"b\" was added to \"enum\""));
+	CHECK(Has(v[0].detail, "breaks forward"));
+	v = CheckCompatible(R"({"type":"string"})", R"({"type":"integer"})", Mode::Backward);
+	REQUIRE(v.size() == 1);
+	CHECK(Has(v[0].detail, "\"type\" went from \"string\" to \"integer\""));
+	CHECK(Has(v[0].detail, "breaks backward, forward and full"));
+	v = CheckCompatible(R"({"properties":{"a":{}},"additionalProperties":false})",
+	                    R"({"properties":{"a":{},"b":{}},"additionalProperties":false})", Mode::Full);
+	REQUIRE(v.size() == 1);
+	CHECK(Has(v[0].detail, "property \"b\" was added"));
+}
+
+// Random schemas built from the supported keywords and some refused ones: neither function may
+// throw or crash (run under ASan/UBSan too), every supported schema is compatible with itself,
+// and a change breaks backward exactly when its reverse breaks forward (a narrowing one way is a
+// widening the other way).
+TEST("random schemas: no crash, self-compatible, narrowing one way is widening the other") {
+	unsigned seed = 12345;
+	auto rnd = [&](unsigned n) {
+		seed = seed * 1103515245u + 12345u;
+		return (seed >> 16) % n;
+	};
+	std::function<std::string(int)> gen = [&](int depth) -> std::string {
+		static const char *leaves[] = {
+		    R"("type":"string")", R"("type":"integer")", R"("type":["number","null"])", R"("minLength":2)",
+		    R"("maxLength":7)", R"("minimum":0)", R"("maximum":10,"exclusiveMaximum":true)", R"("enum":[1,"a",null])",
+		    R"("enum":["a"])", R"("pattern":"^[a-z]+$")", R"("required":["a"])", R"("required":["a","b"])",
+		    R"("additionalProperties":false)", R"("additionalProperties":true)", R"("uniqueItems":true)",
+		    R"("minItems":1)", R"("maxItems":3)", R"("multipleOf":2)", R"("format":"email")", R"("const":3)",
+		    R"("title":"t")", R"("maxProperties":4)"};
+		std::string s = "{";
+		std::set<std::string> used;
+		int n = static_cast<int>(rnd(4));
+		for (int i = 0; i < n; ++i) {
+			std::string kv;
+			unsigned pick = depth > 0 ? rnd(26) : rnd(22);
+			if (pick < 22)
+				kv = leaves[pick];
+			else if (pick == 22)
+				kv = "\"properties\":{\"a\":" + gen(depth - 1) + ",\"b\":" + gen(depth - 1) + "}";
+			else if (pick == 23)
+				kv = "\"items\":" + gen(depth - 1);
+			else if (pick == 24)
+				kv = "\"additionalProperties\":" + gen(depth - 1);
+			else
+				kv = "\"anyOf\":[" + gen(depth - 1) + "]";
+			std::string key = kv.substr(0, kv.find(':'));
+			if (!used.insert(key).second || (key == "\"maximum\"" && used.count("\"exclusiveMaximum\"")))
+				continue;
+			s += (s.size() > 1 ? "," : "") + kv;
+		}
+		return s + "}";
+	};
+	int supported = 0, pairs = 0;
+	for (int i = 0; i < 400; ++i) {
+		std::string a = gen(3), b = gen(3);
+		bool sa = Supported(a), sb = Supported(b);
+		supported += sa;
+		if (sa)
+			CHECK(CheckCompatible(a, a, Mode::Full).empty());
+		if (sa && sb) {
+			++pairs;
+			// backward(a -> b) breaks exactly when forward(b -> a) breaks.
+			auto back = CheckCompatible(a, b, Mode::Backward), fwd = CheckCompatible(b, a, Mode::Forward);
+			CHECK_EQ(back.empty(), fwd.empty());
+			CHECK(CheckCompatible(a, b, Mode::Full).size() >= back.size());
+		} else {
+			CHECK(!CheckCompatible(a, b, Mode::Full).empty());
+		}
+	}
+	CHECK(supported > 50);
+	CHECK(pairs > 20);
 }
 
 TAP_MAIN
