@@ -718,6 +718,153 @@ FROM sbpg.subscriptions s
 LEFT JOIN sbpg._worker_stats() w ON w.subscription = s.name;
 COMMENT ON VIEW sbpg.stats IS 'Per subscription: worker state, counters, latency and lag percentiles, throughput';
 
+-- The schema registry (docs/schemas.md): message types, their compatibility mode, and their
+-- schema versions (JSON Schema draft-04 as RapidJSON implements it). Versions are immutable.
+CREATE TABLE sbpg.message_types (
+	name text PRIMARY KEY,
+	compatibility text NOT NULL DEFAULT 'backward' CHECK (compatibility IN ('none', 'backward', 'forward', 'full')),
+	created_at timestamptz NOT NULL DEFAULT now(),
+	created_by name NOT NULL
+);
+COMMENT ON TABLE sbpg.message_types IS 'Message types with registered schemas, and how their versions must stay compatible';
+
+CREATE TABLE sbpg.schemas (
+	message_type text NOT NULL REFERENCES sbpg.message_types (name) ON DELETE CASCADE,
+	version integer NOT NULL CHECK (version > 0),
+	schema jsonb NOT NULL,
+	upcast regprocedure,          -- turns a payload of this version into the next version's shape
+	registered_at timestamptz NOT NULL DEFAULT now(),
+	registered_by name NOT NULL,
+	PRIMARY KEY (message_type, version)
+);
+COMMENT ON TABLE sbpg.schemas IS 'Registered JSON Schemas, one per message type and version';
+
+CREATE FUNCTION sbpg._schema_unsupported(schema jsonb) RETURNS text
+	AS 'MODULE_PATHNAME', 'sbpg_schema_unsupported' LANGUAGE C IMMUTABLE STRICT;
+CREATE FUNCTION sbpg._schema_violations(old_schema jsonb, new_schema jsonb, mode text,
+	OUT rule text, OUT pointer text, OUT detail text) RETURNS SETOF record
+	AS 'MODULE_PATHNAME', 'sbpg_schema_violations' LANGUAGE C IMMUTABLE STRICT;
+
+CREATE FUNCTION sbpg.register_schema(message_type text, version integer, schema jsonb,
+	compatibility text DEFAULT NULL, upcast regprocedure DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	t sbpg.message_types;
+	prev sbpg.schemas;
+	why text;
+	broken text;
+	p pg_proc;
+BEGIN
+	PERFORM sbpg._check_admin('register schema');
+	IF message_type IS NULL OR message_type !~ '^[A-Za-z0-9][A-Za-z0-9._:/-]{0,254}$' THEN
+		RAISE EXCEPTION 'invalid message type %', coalesce(quote_literal(message_type), 'NULL')
+			USING ERRCODE = 'invalid_parameter_value',
+			      DETAIL = 'A message type has 1 to 255 letters, digits, ".", "_", ":", "/" or "-", and starts with a letter or digit.',
+			      HINT = 'For example com.contoso.orders.created, as a CloudEvents type or a Service Bus subject.';
+	END IF;
+	IF version IS NULL OR version < 1 THEN
+		RAISE EXCEPTION 'invalid version % of message type %', coalesce(version::text, 'NULL'), message_type
+			USING ERRCODE = 'invalid_parameter_value', DETAIL = 'Versions are positive integers.',
+			      HINT = 'Number versions 1, 2, 3, … in the order they are registered.';
+	END IF;
+	IF compatibility IS NOT NULL AND lower(compatibility) NOT IN ('none', 'backward', 'forward', 'full') THEN
+		RAISE EXCEPTION 'unknown compatibility mode %', quote_literal(compatibility)
+			USING ERRCODE = 'invalid_parameter_value', DETAIL = 'The modes are none, backward, forward and full.',
+			      HINT = 'backward: consumers of the new version read old messages; forward: consumers of the old version read new ones; full: both.';
+	END IF;
+	IF schema IS NULL OR jsonb_typeof(schema) <> 'object' THEN
+		RAISE EXCEPTION 'the schema of % version % must be a JSON object', message_type, version
+			USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', coalesce(jsonb_typeof(schema), 'NULL')),
+			      HINT = 'Give a JSON Schema (draft-04), e.g. {"type": "object", "required": ["id"]}.';
+	END IF;
+	why := sbpg._schema_unsupported(schema);
+	IF why IS NOT NULL THEN
+		RAISE EXCEPTION 'the schema of % version % is not supported', message_type, version
+			USING ERRCODE = 'invalid_parameter_value', DETAIL = why,
+			      HINT = 'sbpg validates with JSON Schema draft-04 as RapidJSON implements it and refuses what it would silently ignore; docs/schemas.md lists the keywords.';
+	END IF;
+	IF upcast IS NOT NULL THEN
+		SELECT * INTO p FROM pg_proc WHERE oid = upcast;
+		IF p.pronargs <> 1 OR p.proargtypes[0] <> 'jsonb'::regtype OR p.prorettype <> 'jsonb'::regtype OR p.proretset OR p.prokind <> 'f' THEN
+			RAISE EXCEPTION 'upcast % has the wrong signature', upcast
+				USING ERRCODE = 'invalid_function_definition',
+				      DETAIL = format('It takes (%s) and returns %s.', pg_get_function_identity_arguments(upcast), p.prorettype::regtype),
+				      HINT = 'An upcast is declared as CREATE FUNCTION name(payload jsonb) RETURNS jsonb: it turns a payload of this version into the next version''s shape.';
+		END IF;
+		IF p.prosecdef THEN
+			RAISE EXCEPTION 'upcast % is SECURITY DEFINER', upcast
+				USING ERRCODE = 'invalid_function_definition',
+				      DETAIL = 'It would run as its owner, not as the subscription''s run_as role.',
+				      HINT = 'Declare it SECURITY INVOKER (the default).';
+		END IF;
+	END IF;
+	-- One registration of a type at a time: versions are checked against the latest.
+	PERFORM pg_advisory_xact_lock(hashtext('sbpg.register_schema'), hashtext(message_type));
+	SELECT * INTO t FROM sbpg.message_types m WHERE m.name = message_type FOR UPDATE;
+	IF NOT FOUND THEN
+		INSERT INTO sbpg.message_types (name, compatibility, created_by)
+		VALUES (message_type, lower(coalesce(compatibility, 'backward')), sbpg._caller()::text)
+		RETURNING * INTO t;
+	ELSIF compatibility IS NOT NULL AND lower(compatibility) <> t.compatibility THEN
+		RAISE EXCEPTION 'message type % has compatibility mode %, not %', message_type, t.compatibility, lower(compatibility)
+			USING ERRCODE = 'invalid_parameter_value',
+			      DETAIL = 'The mode is set when the first version is registered.',
+			      HINT = format('Change it with SELECT sbpg.set_compatibility(%L, %L), then register.', message_type, lower(compatibility));
+	END IF;
+	IF EXISTS (SELECT 1 FROM sbpg.schemas s WHERE s.message_type = register_schema.message_type AND s.version = register_schema.version) THEN
+		RAISE EXCEPTION 'version % of message type % is already registered', version, message_type
+			USING ERRCODE = 'duplicate_object', DETAIL = 'Registered versions never change: messages already validated against them stay valid.',
+			      HINT = format('Register the change as version %s.', (SELECT max(s.version) + 1 FROM sbpg.schemas s WHERE s.message_type = register_schema.message_type));
+	END IF;
+	SELECT * INTO prev FROM sbpg.schemas s WHERE s.message_type = register_schema.message_type ORDER BY s.version DESC LIMIT 1;
+	IF FOUND AND prev.version > version THEN
+		RAISE EXCEPTION 'version % of message type % is older than its latest version %', version, message_type, prev.version
+			USING ERRCODE = 'invalid_parameter_value', DETAIL = 'Versions are registered in increasing order, each checked against the one before.',
+			      HINT = format('Register it as version %s.', prev.version + 1);
+	END IF;
+	IF FOUND AND t.compatibility <> 'none' THEN
+		SELECT string_agg(v.detail, E'\n' ORDER BY v.pointer, v.rule)
+		INTO broken FROM sbpg._schema_violations(prev.schema, schema, t.compatibility) v;
+		IF broken IS NOT NULL THEN
+			RAISE EXCEPTION 'version % of message type % is not % compatible with version %', version, message_type, t.compatibility, prev.version
+				USING ERRCODE = 'invalid_parameter_value', DETAIL = broken,
+				      HINT = 'Make the change compatible (docs/schemas.md has the rules), register it as a new message type, or change the mode with sbpg.set_compatibility if every consumer can take it.';
+		END IF;
+	END IF;
+	INSERT INTO sbpg.schemas (message_type, version, schema, upcast, registered_by)
+	VALUES (message_type, version, schema, upcast, sbpg._caller()::text);
+END
+$$;
+COMMENT ON FUNCTION sbpg.register_schema(text, integer, jsonb, text, regprocedure)
+	IS 'Registers a JSON Schema (draft-04) as a version of a message type, checked against the previous version';
+
+CREATE FUNCTION sbpg.set_compatibility(message_type text, compatibility text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+	PERFORM sbpg._check_admin('set compatibility');
+	IF compatibility IS NULL OR lower(compatibility) NOT IN ('none', 'backward', 'forward', 'full') THEN
+		RAISE EXCEPTION 'unknown compatibility mode %', coalesce(quote_literal(compatibility), 'NULL')
+			USING ERRCODE = 'invalid_parameter_value', DETAIL = 'The modes are none, backward, forward and full.',
+			      HINT = 'backward: consumers of the new version read old messages; forward: consumers of the old version read new ones; full: both.';
+	END IF;
+	UPDATE sbpg.message_types m SET compatibility = lower(set_compatibility.compatibility) WHERE m.name = message_type;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'message type % has no registered schema', coalesce(quote_literal(message_type), 'NULL')
+			USING ERRCODE = 'undefined_object', DETAIL = 'A message type exists once its first version is registered.',
+			      HINT = 'Register a version with sbpg.register_schema(message_type, 1, schema, compatibility).';
+	END IF;
+END
+$$;
+COMMENT ON FUNCTION sbpg.set_compatibility(text, text)
+	IS 'Changes how later versions of a message type must stay compatible (none, backward, forward, full); registered versions are not checked again';
+
+CREATE VIEW sbpg.schema_catalog AS
+SELECT s.message_type, s.version, t.compatibility,
+       s.version = max(s.version) OVER (PARTITION BY s.message_type) AS latest,
+       s.upcast, s.registered_at, s.registered_by, s.schema
+FROM sbpg.schemas s JOIN sbpg.message_types t ON t.name = s.message_type;
+COMMENT ON VIEW sbpg.schema_catalog IS 'Every registered schema version, with its type''s compatibility mode and whether it is the latest';
+
 -- Privileges: configuration through the functions above only.
 REVOKE ALL ON ALL TABLES IN SCHEMA sbpg FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA sbpg FROM PUBLIC;
@@ -728,8 +875,10 @@ GRANT EXECUTE ON FUNCTION sbpg.create_identity(text, text, jsonb), sbpg.drop_ide
 	sbpg.grant_identity(text, regrole), sbpg.revoke_identity(text, regrole),
 	sbpg.create_subscription(text, text, text, regprocedure, regrole, text, integer, integer, text, boolean, jsonb),
 	sbpg.alter_subscription(text, text, text, regprocedure, regrole, text, integer, integer, text, boolean, jsonb),
-	sbpg.drop_subscription(text), sbpg.enable_subscription(text), sbpg.disable_subscription(text)
+	sbpg.drop_subscription(text), sbpg.enable_subscription(text), sbpg.disable_subscription(text),
+	sbpg.register_schema(text, integer, jsonb, text, regprocedure), sbpg.set_compatibility(text, text)
 	TO sbpg_admin;
+GRANT SELECT ON sbpg.message_types, sbpg.schemas, sbpg.schema_catalog TO sbpg_admin, sbpg_monitor;
 GRANT SELECT ON sbpg.identities, sbpg.identity_usage, sbpg.subscriptions TO sbpg_admin;
 GRANT SELECT ON sbpg.subscriptions, sbpg.stats, sbpg.inbox, sbpg.retries TO sbpg_monitor;
 GRANT EXECUTE ON FUNCTION sbpg._worker_stats() TO sbpg_monitor, sbpg_admin;

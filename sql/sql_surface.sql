@@ -125,6 +125,13 @@ ALTER SYSTEM SET sbpg.ca_file = 'relative/ca.pem';
 ALTER SYSTEM SET sbpg.ca_file = '/nonexistent/ca.pem';
 ALTER SYSTEM SET sbpg.ca_file = '/etc/passwd';
 
+-- The schema registry: a version checked against the one before, schemas refused with a reason.
+SELECT sbpg.register_schema('reg.orders', 1, '{"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"], "additionalProperties": false}');
+SELECT sbpg.register_schema('reg.orders', 2, '{"type": "object", "properties": {"id": {"type": "integer"}, "note": {"type": "string", "maxLength": 10}}, "required": ["id"], "additionalProperties": false}');
+SELECT sbpg.register_schema('reg.orders', 3, '{"type": "object", "properties": {"id": {"type": "string"}, "note": {"type": "string", "maxLength": 5}}, "required": ["id", "note"], "additionalProperties": false}');
+SELECT sbpg.register_schema('reg.orders', 3, '{"type": "object", "properties": {"id": {"type": "integer", "format": "int64"}}}');
+SELECT sbpg.register_schema('reg.orders', 2, '{"type": "object"}');
+SELECT message_type, version, compatibility, latest FROM sbpg.schema_catalog WHERE message_type = 'reg.orders' ORDER BY version;
 DROP EXTENSION sbpg CASCADE;
 DROP TABLE reg_orders;
 DROP FUNCTION reg_args(integer);
