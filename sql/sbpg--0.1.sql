@@ -511,6 +511,20 @@ BEGIN
 			END IF;
 			CONTINUE;
 		END IF;
+		IF k IN ('schemas', 'unknown_types', 'version_property') THEN
+			IF jsonb_typeof(options -> k) <> 'string'
+			   OR (k = 'schemas' AND options ->> k NOT IN ('off', 'validate'))
+			   OR (k = 'unknown_types' AND options ->> k NOT IN ('dead_letter', 'pass'))
+			   OR (k = 'version_property' AND options ->> k !~ '^[^\s]{1,128}$') THEN
+				RAISE EXCEPTION 'invalid value % for subscription option "%"', options -> k, k
+					USING ERRCODE = 'invalid_parameter_value',
+					      DETAIL = CASE k WHEN 'schemas' THEN 'schemas is "off" (the default) or "validate".'
+					                      WHEN 'unknown_types' THEN 'unknown_types is "dead_letter" (the default) or "pass".'
+					                      ELSE 'version_property names an application property: 1 to 128 characters without white space.' END,
+					      HINT = 'docs/schemas.md explains how a message''s type and version are found and validated.';
+			END IF;
+			CONTINUE;
+		END IF;
 		SELECT lo, hi, what, dflt INTO lim FROM (VALUES
 			('max_retries', 0::bigint, 1000::bigint, 'how many times a transient failure is retried after the first attempt', 5),
 			('retry_base_ms', 1, 3600000, 'the ceiling of the first retry''s delay, in milliseconds', 1000),
@@ -521,7 +535,7 @@ BEGIN
 		IF NOT FOUND THEN
 			RAISE EXCEPTION 'unknown subscription option "%"', k
 				USING ERRCODE = 'invalid_parameter_value',
-				      HINT = 'Subscription options: max_retries, retry_base_ms, retry_cap_ms, retry_hold_ms, max_lock_renewal_s, allow_superuser_run_as.';
+				      HINT = 'Subscription options: max_retries, retry_base_ms, retry_cap_ms, retry_hold_ms, max_lock_renewal_s, schemas, unknown_types, version_property, allow_superuser_run_as.';
 		END IF;
 		IF jsonb_typeof(options -> k) <> 'number' OR (options ->> k) !~ '^[0-9]+$' OR (options ->> k)::numeric NOT BETWEEN lim.lo AND lim.hi THEN
 			RAISE EXCEPTION 'subscription option "%" must be an integer from % to %', k, lim.lo, lim.hi

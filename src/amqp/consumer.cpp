@@ -115,6 +115,8 @@ struct Consumer::Impl : public proton::messaging_handler {
 	std::vector<SettleResult> results;
 	std::vector<ConsumerEvent> events;
 	std::vector<int64_t> to_fetch;                  // deferred messages the main thread asked for
+	std::shared_ptr<const schema::Registry> registry; // versioned schemas, or null
+	schema::ClassifyOptions classify;
 	std::vector<Consumer::FetchFailure> fetch_failures;
 	ConsumerStatus status;
 	proton::work_queue *wq = nullptr; // of the live connection, or null
@@ -484,6 +486,20 @@ struct Consumer::Impl : public proton::messaging_handler {
 			OpenMgmt();
 	}
 
+	// Type, version and schema validation, here on the AMQP thread: the main thread only records
+	// the verdict.
+	void Classify(ReceivedMessage *m) {
+		std::shared_ptr<const schema::Registry> r;
+		schema::ClassifyOptions o;
+		{
+			std::lock_guard<std::mutex> g(mu);
+			r = registry;
+			o = classify;
+		}
+		if (r)
+			r->Classify(m, o);
+	}
+
 	// ---- $management: lock renewal, deferred messages (AMQP thread)
 
 	bool MgmtReady() const { return mgmt_sender_open && mgmt_receiver_open && mgmt_sender && mgmt_sender.active(); }
@@ -734,6 +750,7 @@ struct Consumer::Impl : public proton::messaging_handler {
 					        } catch (const std::exception &e) {
 						        rm.decode_error = std::string("the deferred message could not be decoded: ") + e.what();
 					        }
+					        Classify(&rm);
 					        l.received_ms = rm.received_ms;
 					        l.locked_until_ms = rm.locked_until_ms;
 					        l.fetched = true;
@@ -898,6 +915,7 @@ struct Consumer::Impl : public proton::messaging_handler {
 		} catch (const std::exception &e) {
 			rm.decode_error = std::string("the message could not be decoded: ") + e.what();
 		}
+		Classify(&rm);
 		unsettled[rm.delivery_id] = d;
 		ids[DeliveryAccess::Get(d)] = rm.delivery_id;
 		{
@@ -1172,6 +1190,13 @@ Consumer::TakeFetchFailures(std::vector<FetchFailure> *out) {
 	std::lock_guard<std::mutex> g(impl_->mu);
 	out->insert(out->end(), impl_->fetch_failures.begin(), impl_->fetch_failures.end());
 	impl_->fetch_failures.clear();
+}
+
+void
+Consumer::SetRegistry(std::shared_ptr<const schema::Registry> registry, schema::ClassifyOptions options) {
+	std::lock_guard<std::mutex> g(impl_->mu);
+	impl_->registry = std::move(registry);
+	impl_->classify = std::move(options);
 }
 
 void

@@ -564,8 +564,15 @@ BuildMessage(const SubConfig *cfg, const ReceivedMessage *m) {
 		n[10] = true;
 	}
 	v[11] = Int32GetDatum(static_cast<int32>(m->delivery_count));
-	n[12] = n[13] = true; // message_type, schema_version: versioned schemas come later
-	v[12] = v[13] = 0;
+	v[12] = Text(m->message_type, &n[12]);
+	if (m->schema_version > 0) {
+		char ver[16];
+		snprintf(ver, sizeof ver, "%d", m->schema_version);
+		v[13] = CStringGetTextDatum(ver);
+	} else {
+		n[13] = true;
+		v[13] = 0;
+	}
 	v[14] = CStringGetTextDatum(cfg->name);
 	HeapTuple t = heap_form_tuple(message_desc, v, n);
 	return HeapTupleGetDatum(t);
@@ -610,6 +617,12 @@ ApplyOne(const SubConfig *cfg, ApplyItem *it, uint64 xid, MemoryContext msgcxt) 
 		char desc[1024];
 		snprintf(desc, sizeof desc, "content type %s but the body is %s", m->content_type.c_str(), m->json_error.c_str());
 		SetReason(it, "InvalidJson", desc);
+		Record(cfg, it, kDeadLettered, xid);
+		return;
+	}
+	if (!m->schema_reason.empty()) {
+		// Decided on the AMQP thread (docs/schemas.md): the handler is not called.
+		SetReason(it, m->schema_reason.c_str(), m->schema_error.c_str());
 		Record(cfg, it, kDeadLettered, xid);
 		return;
 	}
@@ -914,7 +927,9 @@ LoadSubConfig(const char *name, SubConfig *out) {
 	                "coalesce((s.options ->> 'allow_superuser_run_as')::boolean, false), "
 	                "coalesce((s.options ->> 'max_retries')::int, 5), coalesce((s.options ->> 'retry_base_ms')::int, 1000), "
 	                "coalesce((s.options ->> 'retry_cap_ms')::int, 300000), coalesce((s.options ->> 'retry_hold_ms')::int, 30000), "
-	                "coalesce((s.options ->> 'max_lock_renewal_s')::int, 300) "
+	                "coalesce((s.options ->> 'max_lock_renewal_s')::int, 300), "
+	                "coalesce(s.options ->> 'schemas', 'off') = 'validate', coalesce(s.options ->> 'unknown_types', 'dead_letter') = 'pass', "
+	                "coalesce(s.options ->> 'version_property', 'schema_version') "
 	                "FROM sbpg.subscriptions s LEFT JOIN sbpg.identities i ON i.name = s.identity "
 	                "LEFT JOIN sbpg.identity_secrets k ON k.identity = s.identity WHERE s.name = $1";
 	if (SPI_execute_with_args(q, 1, types, args, nullptr, true, 1) != SPI_OK_SELECT)
@@ -948,6 +963,9 @@ LoadSubConfig(const char *name, SubConfig *out) {
 		out->retry_cap_ms = DatumGetInt32(SPI_getbinval(t, d, 21, &isnull));
 		out->retry_hold_ms = DatumGetInt32(SPI_getbinval(t, d, 22, &isnull));
 		out->max_lock_renewal_s = DatumGetInt32(SPI_getbinval(t, d, 23, &isnull));
+		out->validate_schemas = DatumGetBool(SPI_getbinval(t, d, 24, &isnull));
+		out->unknown_pass = DatumGetBool(SPI_getbinval(t, d, 25, &isnull));
+		out->version_property = GetText(t, d, 26);
 		// The search_path a session of run_as would get: role in this database, role, database,
 		// the configuration file, the built-in default.
 		Oid ptypes[2] = {OIDOID, OIDOID};
@@ -1036,6 +1054,58 @@ PruneInbox(const SubConfig *cfg, int retention_s, int limit) {
 	SPI_finish();
 	CommitTransactionCommand();
 	return n;
+}
+
+int
+LoadSchemas(SchemaRowC **out) {
+	*out = nullptr;
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	int n = 0;
+	if (SPI_execute("SELECT message_type, version, schema::text FROM sbpg.schemas ORDER BY 1, 2", true, 0) == SPI_OK_SELECT &&
+	    SPI_processed > 0) {
+		SchemaRowC *rows = static_cast<SchemaRowC *>(calloc(SPI_processed, sizeof(SchemaRowC)));
+		if (rows) {
+			for (uint64 r = 0; r < SPI_processed; ++r) {
+				HeapTuple t = SPI_tuptable->vals[r];
+				TupleDesc d = SPI_tuptable->tupdesc;
+				bool isnull;
+				char *type = SPI_getvalue(t, d, 1);
+				char *json = SPI_getvalue(t, d, 3);
+				rows[n].message_type = type ? strdup(type) : nullptr;
+				rows[n].version = DatumGetInt32(SPI_getbinval(t, d, 2, &isnull));
+				rows[n].schema_json = json ? strdup(json) : nullptr;
+				++n;
+			}
+			*out = rows;
+		}
+	}
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+	return n;
+}
+
+int64
+SchemasStamp() {
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	int64 stamp = 0;
+	if (SPI_execute("SELECT coalesce((SELECT extract(epoch FROM max(registered_at)) * 1000000 FROM sbpg.schemas), 0)::bigint "
+	                "+ (SELECT count(*) FROM sbpg.schemas) + 7 * (SELECT count(*) FROM sbpg.message_types)",
+	                true, 1) == SPI_OK_SELECT &&
+	    SPI_processed == 1) {
+		bool isnull;
+		stamp = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+	return stamp;
 }
 
 int

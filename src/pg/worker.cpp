@@ -305,6 +305,7 @@ class Worker {
 	TimestampTz NextDue() const;
 	void TakeDue(std::vector<ReceivedMessage> *msgs, size_t max);
 	void FetchDue();
+	void RefreshSchemas(bool force);
 
 	WorkerStart start_;
 	SubConfig cfg_{};
@@ -329,6 +330,8 @@ class Worker {
 	std::unordered_map<int64_t, TimestampTz> fetching_;
 	TimestampTz last_fetch_ = 0;
 	uint64_t gen_ = 0; // the connection generation last seen
+	int64 schemas_stamp_ = -1;
+	TimestampTz last_schema_check_ = 0;
 	int64 batch_backoff_ms_ = 0; // after a batch failed as a whole
 };
 
@@ -426,6 +429,7 @@ Worker::Setup() {
 	}
 	consumer_.reset(new Consumer(cc, efd_));
 	g_consumer = consumer_.get();
+	RefreshSchemas(true);
 	if (tokens_)
 		tokens_->Start();
 	consumer_->Start();
@@ -661,6 +665,53 @@ Worker::FetchDue() {
 		consumer_->FetchDeferred(std::move(ask));
 }
 
+// Versioned schemas: compiled here (pure C++, no PostgreSQL call while C++ objects are alive in a
+// guarded frame) and handed to the AMQP thread, which classifies every message with them. Checked
+// every 5 s; a newly registered version applies to messages received from then on.
+void
+Worker::RefreshSchemas(bool force) {
+	if (!cfg_.validate_schemas)
+		return;
+	TimestampTz now = GetCurrentTimestamp();
+	if (!force && now - last_schema_check_ < 5 * USECS_PER_SEC)
+		return;
+	last_schema_check_ = now;
+	PgError err;
+	int64 stamp = 0;
+	if (!PgGuard([&] { stamp = SchemasStamp(); }, &err))
+		return;
+	if (stamp == schemas_stamp_)
+		return;
+	SchemaRowC *rows = nullptr;
+	int n = 0;
+	if (!PgGuard([&] { n = LoadSchemas(&rows); }, &err)) {
+		Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": cannot read sbpg.schemas: " + err.message);
+		return;
+	}
+	std::vector<schema::SchemaRow> list;
+	for (int i = 0; i < n; ++i) {
+		schema::SchemaRow r;
+		r.message_type = rows[i].message_type ? rows[i].message_type : "";
+		r.version = rows[i].version;
+		r.schema_json = rows[i].schema_json ? rows[i].schema_json : "";
+		list.push_back(std::move(r));
+		free(rows[i].message_type);
+		free(rows[i].schema_json);
+	}
+	free(rows);
+	std::vector<std::string> errors;
+	std::shared_ptr<const schema::Registry> reg = schema::Registry::Build(list, &errors);
+	for (auto &e : errors)
+		Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": schema skipped: " + e);
+	schema::ClassifyOptions opt;
+	opt.version_property = cfg_.version_property ? cfg_.version_property : "schema_version";
+	opt.unknown = cfg_.unknown_pass ? schema::UnknownPolicy::Pass : schema::UnknownPolicy::DeadLetter;
+	consumer_->SetRegistry(reg, opt);
+	schemas_stamp_ = stamp;
+	Log(LOG, std::string("sbpg: subscription \"") + start_.name + "\": validating against " +
+	             std::to_string(reg->size()) + " registered schema versions");
+}
+
 void
 Worker::ProcessBatch(std::vector<ReceivedMessage> &msgs) {
 	// Messages of a connection that is gone cannot be settled: leave them to the redelivery.
@@ -844,6 +895,7 @@ Worker::Housekeeping() {
 			                " inbox and retry rows");
 	}
 	FetchDue();
+	RefreshSchemas(false);
 	ConsumerStatus cst = consumer_->Status();
 	SpinLockAcquire(&g_slot->mutex);
 	g_slot->waiting_retry = static_cast<int32>(held_.size());

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "sbpg/message/message.hpp"
+#include "sbpg/schema/registry.hpp"
 
 #include "sbpg/core/cpp_only.hpp"
 
@@ -113,6 +114,9 @@ class Consumer {
 	// as failed when that connection is gone.
 	void Settle(std::vector<Settlement> settlements);
 	void TakeResults(std::vector<SettleResult> *out);
+	// Registered schemas to classify and validate every message with (nullptr: none). Thread-safe;
+	// messages received from now on use it.
+	void SetRegistry(std::shared_ptr<const schema::Registry> registry, schema::ClassifyOptions options);
 	// Asks the broker for deferred messages by sequence number (peek-lock, over $management); they
 	// arrive with the other messages. Those the broker does not have come back from
 	// TakeFetchFailures with `not_found` set.

@@ -34,6 +34,12 @@ struct ReceivedMessage {
 	int64_t locked_until_ms = 0;
 	uint32_t delivery_count = 0;
 	int64_t received_ms = 0;     // when the worker received it
+	// Versioned schemas (filled on the AMQP thread when the subscription validates): the type and
+	// version the message carries, and why it may not be applied (schema_reason is
+	// "SchemaViolation" or "UnknownMessageType", with schema_error the description).
+	std::string message_type;
+	int schema_version = 0;
+	std::string schema_reason, schema_error;
 	bool fetched = false;        // received by sequence number (a deferred message): it stays deferred
 	                             // on the broker until a settlement over $management is confirmed
 	JsonVerdict json = JsonVerdict::Empty;

@@ -45,6 +45,10 @@ struct SubConfig {
 	int retry_hold_ms;      // delays up to this are waited out holding the lock (default 30000)
 	int max_lock_renewal_s; // how long a held message's lock is renewed at most (default 300)
 	bool can_defer;         // set by the worker: the broker defers (Service Bus $management is up)
+	// Versioned schemas (subscription options; docs/schemas.md).
+	bool validate_schemas;  // "schemas": "validate"
+	bool unknown_pass;      // "unknown_types": "pass" (default: dead_letter)
+	char *version_property; // "version_property" (default schema_version)
 };
 
 void LoadSubConfig(const char *name, SubConfig *out);
@@ -91,6 +95,16 @@ void StampSettled(const SubConfig *cfg, const int64 *seqs, int nseqs, const char
 // Deletes up to `limit` confirmed inbox rows older than retention_s, and retry rows of messages
 // not seen for that long, in one short transaction; returns how many.
 int64 PruneInbox(const SubConfig *cfg, int retention_s, int limit);
+
+// The registered schemas, malloc'd (the caller frees each string and the array); returns how many.
+struct SchemaRowC {
+	char *message_type;
+	int version;
+	char *schema_json;
+};
+int LoadSchemas(SchemaRowC **out);
+// Changes whenever a schema is registered (or a type dropped).
+int64 SchemasStamp();
 
 // Deferred messages due for their next attempt (up to max, soonest first).
 int DueDeferred(const SubConfig *cfg, int64 *out, int max);

@@ -1,0 +1,135 @@
+// Versioned schemas end to end (docs/schemas.md): messages from the official SDK classified on the
+// AMQP thread by type and version (Service Bus subject with a version property, CloudEvents in
+// binary and structured mode), validated against the registered JSON Schema; a violation of each
+// keyword class dead-lettered as SchemaViolation with the JSON pointer of the offending value;
+// unknown types and versions dead-lettered or passed on per the subscription's policy; the
+// handler sees the type and version.
+import { describe, it, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { ServiceBusClient } from "@azure/service-bus";
+import { startSbemu, configWith, queue } from "../conformance/lib/sbemu.mjs";
+import { startCluster, waitFor } from "./lib/cluster.mjs";
+
+const retryOptions = { maxRetries: 0, timeoutInMs: 20000 };
+const V1 = {
+  type: "object",
+  properties: {
+    id: { type: "integer" },
+    amount: { type: "number", minimum: 0, maximum: 1000000 },
+    currency: { enum: ["EUR", "USD"] },
+    code: { type: "string", pattern: "^[A-Z]{3}-[0-9]+$" },
+  },
+  required: ["id", "amount"],
+  additionalProperties: false,
+};
+
+describe("versioned schemas", () => {
+  let emu, pg, sb, listener;
+  const got = (sub) => listener.got.filter((x) => x.subscription === sub);
+  const send = async (q, msgs) => {
+    const s = sb.createSender(q);
+    await s.sendMessages(msgs);
+    await s.close();
+  };
+
+  before(async () => {
+    emu = await startSbemu({ config: configWith({ queues: ["checked", "lenient"].map((n) => queue(n)) }) });
+    pg = await startCluster();
+    await pg.psql(`
+      CREATE EXTENSION sbpg;
+      CREATE ROLE app NOLOGIN;
+      CREATE TABLE orders (id bigint PRIMARY KEY, amount numeric, mtype text, mver text, sub text);
+      GRANT INSERT ON orders TO app;
+      CREATE FUNCTION take(m sbpg.message) RETURNS void LANGUAGE sql AS $$
+        INSERT INTO public.orders VALUES ((m.body->>'id')::bigint, (m.body->>'amount')::numeric, m.message_type, m.schema_version, m.subscription) $$;
+      GRANT EXECUTE ON FUNCTION take(sbpg.message) TO app;
+      SELECT sbpg.create_identity('emu', 'sas', '{"key_name": "RootManageSharedAccessKey", "key": "SAS_KEY_VALUE"}');
+      SELECT sbpg.register_schema('orders.created', 1, '${JSON.stringify(V1)}');
+    `);
+    listener = await pg.listen();
+    sb = new ServiceBusClient(emu.connectionString(), { retryOptions });
+    await pg.psql(`
+      SELECT sbpg.create_subscription('checked', '${emu.amqp}', 'checked', 'take(sbpg.message)', 'app', 'emu', options => '{"schemas": "validate"}');
+      SELECT sbpg.create_subscription('lenient', '${emu.amqp}', 'lenient', 'take(sbpg.message)', 'app', 'emu', options => '{"schemas": "validate", "unknown_types": "pass"}');`);
+    await waitFor(() => /subscription "checked": validating against 1 registered schema versions/.test(pg.serverLog()), { what: "the registry loaded" });
+  });
+  after(async () => {
+    await listener?.close();
+    await sb?.close();
+    await pg?.stop();
+    await emu?.stop();
+  });
+
+  it("applies valid messages found by subject, CloudEvents binary and structured mode, with their type and version", async () => {
+    await send("checked", [
+      { messageId: "by-subject", subject: "orders.created", applicationProperties: { schema_version: 1 }, body: { id: 1, amount: 10, currency: "EUR" } },
+      { messageId: "by-subject-latest", subject: "orders.created", body: { id: 2, amount: 20 } },
+      { messageId: "ce-binary", body: { id: 3, amount: 30, code: "ORD-7" },
+        applicationProperties: { "cloudEvents:specversion": "1.0", "cloudEvents:type": "orders.created", "cloudEvents:source": "/shop",
+          "cloudEvents:id": "e-3", "cloudEvents:dataschema": "https://schemas.contoso.com/orders/created/v1" } },
+      { messageId: "ce-structured", contentType: "application/cloudevents+json",
+        body: Buffer.from(JSON.stringify({ specversion: "1.0", type: "orders.created", source: "/shop", id: "e-4", dataschema: "urn:orders.created:v1", data: { id: 4, amount: 40 } })) },
+    ]);
+    await waitFor(() => got("checked").filter((x) => x.status === "applied").length === 4, { what: "4 applied" });
+    const rows = (await pg.query("SELECT id, mtype, mver FROM orders WHERE sub = 'checked' ORDER BY id")).rows;
+    assert.deepEqual(rows.map((r) => [Number(r.id), r.mtype, r.mver]),
+      [[1, "orders.created", "1"], [2, "orders.created", "1"], [3, "orders.created", "1"], [4, "orders.created", "1"]]);
+  });
+
+  it("dead-letters a violation of each keyword class as SchemaViolation, naming the keyword and the pointer", async () => {
+    const cases = {
+      "bad-type": [{ id: "x", amount: 1 }, /^"type" failed at \/id: the value is "x"/],
+      "bad-required": [{ id: 11 }, /^"required" failed at \/: missing "amount"/],
+      "bad-enum": [{ id: 12, amount: 1, currency: "XYZ" }, /^"enum" failed at \/currency: the value is "XYZ"/],
+      "bad-pattern": [{ id: 13, amount: 1, code: "abc!" }, /^"pattern" failed at \/code: the value is "abc!"/],
+      "bad-range": [{ id: 14, amount: -1 }, /^"minimum" failed at \/amount: the value is -1/],
+      "bad-extra": [{ id: 15, amount: 1, colour: "red" }, /^"additionalProperties" failed at \/(colour)?/],
+    };
+    await send("checked", Object.entries(cases).map(([messageId, [body]]) =>
+      ({ messageId, subject: "orders.created", applicationProperties: { schema_version: 1 }, body })));
+    await waitFor(() => got("checked").filter((x) => x.status === "dead_lettered").length >= 6, { what: "6 dead-lettered" });
+    const byId = Object.fromEntries(got("checked").map((x) => [x.message_id, x]));
+    for (const [id, [, pattern]] of Object.entries(cases)) {
+      assert.equal(byId[id].status, "dead_lettered", id);
+      const [reason, ...rest] = byId[id].reason.split(": ");
+      assert.equal(reason, "SchemaViolation", id);
+      assert.match(rest.join(": "), pattern, id);
+      assert.match(rest.join(": "), /\(message type "orders.created" version 1, schema \//, id);
+    }
+    await waitFor(async () => (await emu.entity("checked")).dead_letter_moves >= 6, { what: "on the DLQ" });
+    const dlq = await emu.messages("checked/$deadletterqueue");
+    assert.ok(dlq.filter((m) => m.dead_letter_reason === "SchemaViolation").length >= 6);
+    assert.equal(Number((await pg.query("SELECT count(*) FROM orders WHERE id BETWEEN 11 AND 15")).rows[0].count), 0, "no handler call");
+  });
+
+  it("follows the unknown-type policy: dead-letter by default, pass on when asked", async () => {
+    const msgs = (p) => [
+      { messageId: `${p}-unknown-type`, subject: "invoices.sent", body: { id: p === "c" ? 21 : 31, amount: 1 } },
+      { messageId: `${p}-unknown-version`, subject: "orders.created", applicationProperties: { schema_version: 9 }, body: { id: p === "c" ? 22 : 32, amount: 1 } },
+    ];
+    await send("checked", msgs("c"));
+    await send("lenient", msgs("l"));
+    await waitFor(() => got("checked").some((x) => x.message_id === "c-unknown-version") && got("lenient").length >= 2, { what: "outcomes" });
+    const c = Object.fromEntries(got("checked").map((x) => [x.message_id, x]));
+    assert.match(c["c-unknown-type"].reason, /^UnknownMessageType: no schema is registered for message type "invoices.sent"/);
+    assert.match(c["c-unknown-version"].reason, /^UnknownMessageType: version 9 of message type "orders.created" is not registered \(the latest is 1\)/);
+    const l = got("lenient").map((x) => x.status);
+    assert.deepEqual(l, ["applied", "applied"]);
+    const rows = (await pg.query("SELECT id, mtype, mver FROM orders WHERE sub = 'lenient' ORDER BY id")).rows;
+    assert.deepEqual(rows.map((r) => [Number(r.id), r.mtype, r.mver]), [[31, "invoices.sent", null], [32, "orders.created", "9"]]);
+  });
+
+  it("validates against a version registered while the worker runs", async () => {
+    await pg.psql(`SELECT sbpg.register_schema('orders.created', 2, '${JSON.stringify({ ...V1, properties: { ...V1.properties, note: { type: "string", maxLength: 5 } } })}');`);
+    await waitFor(() => /subscription "checked": validating against 2 registered schema versions/.test(pg.serverLog()), { timeout: 20000, what: "the new version loaded" });
+    await send("checked", [
+      { messageId: "v2-ok", subject: "orders.created", applicationProperties: { schema_version: 2 }, body: { id: 41, amount: 1, note: "hi" } },
+      { messageId: "v2-long", subject: "orders.created", contentType: "application/json; v=2", body: { id: 42, amount: 1, note: "far too long" } },
+    ]);
+    await waitFor(() => got("checked").some((x) => x.message_id === "v2-long"), { what: "v2 outcomes" });
+    const byId = Object.fromEntries(got("checked").map((x) => [x.message_id, x]));
+    assert.equal(byId["v2-ok"].status, "applied");
+    assert.match(byId["v2-long"].reason, /^SchemaViolation: "maxLength" failed at \/note: the value is "far too long" \(message type "orders.created" version 2/);
+    assert.equal((await pg.query("SELECT mver FROM orders WHERE id = 41")).rows[0].mver, "2");
+  });
+});
