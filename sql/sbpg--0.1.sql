@@ -29,9 +29,10 @@ CREATE TYPE sbpg.message AS (
 	sequence_number bigint,
 	enqueued_at timestamptz,
 	delivery_count integer,
-	message_type text,     -- versioned schemas (a later release); NULL for now
-	schema_version text,
-	subscription text      -- the sbpg subscription that received it
+	message_type text,     -- versioned schemas (docs/schemas.md): the type the message carries
+	schema_version text,   -- the version handed to the handler (after upcasts)
+	subscription text,     -- the sbpg subscription that received it
+	received_schema_version text -- the version the message carried
 );
 COMMENT ON TYPE sbpg.message IS 'A Service Bus message as an sbpg handler receives it';
 

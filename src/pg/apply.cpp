@@ -70,6 +70,7 @@ SPIPlanPtr retry_upsert_id_plan = nullptr;
 SPIPlanPtr retry_delete_plan = nullptr;
 SPIPlanPtr retry_settling_plan = nullptr;
 SPIPlanPtr retry_confirmed_plan = nullptr;
+SPIPlanPtr upcast_plan = nullptr;
 SPIPlanPtr retry_defer_plan = nullptr;
 Oid cached_handler = InvalidOid;
 FmgrInfo handler_finfo;
@@ -153,6 +154,12 @@ EnsurePlans(const SubConfig *cfg) {
 		// broker may still hold it deferred, and only the row remembers to fetch it again.
 		retry_confirmed_plan = Prepare("DELETE FROM sbpg.retries WHERE subscription = $1 AND sequence_number = ANY ($2)", 2,
 		                               types);
+	}
+	if (!upcast_plan) {
+		Oid types[2] = {TEXTOID, INT4OID};
+		upcast_plan = Prepare("SELECT version, upcast::oid FROM sbpg.schemas WHERE message_type = $1 AND version >= $2 "
+		                      "ORDER BY version",
+		                      2, types, false);
 	}
 	if (cached_type != cfg->message_type || !message_desc) {
 		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
@@ -529,11 +536,12 @@ Text(const std::string &s, bool *isnull) {
 	return s.empty() ? Datum(0) : PointerGetDatum(cstring_to_text_with_len(s.data(), static_cast<int>(s.size())));
 }
 
-// The sbpg.message value handed to the handler.
+// The sbpg.message value handed to the handler; body (when not 0) replaces the parsed body, and
+// version is the schema version handed on (after upcasts).
 Datum
-BuildMessage(const SubConfig *cfg, const ReceivedMessage *m) {
-	Datum v[15];
-	bool n[15];
+BuildMessage(const SubConfig *cfg, const ReceivedMessage *m, Datum body, int version) {
+	Datum v[16];
+	bool n[16];
 	memset(n, 0, sizeof n);
 	v[0] = Text(m->message_id, &n[0]);
 	v[1] = Text(m->correlation_id, &n[1]);
@@ -541,7 +549,9 @@ BuildMessage(const SubConfig *cfg, const ReceivedMessage *m) {
 	v[3] = Text(m->subject, &n[3]);
 	v[4] = Text(m->content_type, &n[4]);
 	v[5] = Text(m->reply_to, &n[5]);
-	if (m->json == JsonVerdict::Json)
+	if (body)
+		v[6] = body;
+	else if (m->json == JsonVerdict::Json)
 		v[6] = DirectFunctionCall1(jsonb_in, CStringGetDatum(m->raw_body.c_str()));
 	else
 		n[6] = true;
@@ -565,15 +575,22 @@ BuildMessage(const SubConfig *cfg, const ReceivedMessage *m) {
 	}
 	v[11] = Int32GetDatum(static_cast<int32>(m->delivery_count));
 	v[12] = Text(m->message_type, &n[12]);
-	if (m->schema_version > 0) {
-		char ver[16];
-		snprintf(ver, sizeof ver, "%d", m->schema_version);
+	char ver[16];
+	if (version > 0) {
+		snprintf(ver, sizeof ver, "%d", version);
 		v[13] = CStringGetTextDatum(ver);
 	} else {
 		n[13] = true;
 		v[13] = 0;
 	}
 	v[14] = CStringGetTextDatum(cfg->name);
+	if (m->schema_version > 0) {
+		snprintf(ver, sizeof ver, "%d", m->schema_version);
+		v[15] = CStringGetTextDatum(ver);
+	} else {
+		n[15] = true;
+		v[15] = 0;
+	}
 	HeapTuple t = heap_form_tuple(message_desc, v, n);
 	return HeapTupleGetDatum(t);
 }
@@ -595,6 +612,63 @@ CallHandler(const SubConfig *cfg, Datum msg) {
 	(void)FunctionCallInvoke(fcinfo);
 	AtEOXact_GUC(true, nest);
 	SetUserIdAndSecContext(save_user, save_sec);
+}
+
+// Runs one upcast, (jsonb) RETURNS jsonb, as run_as in the handler's restricted context.
+Datum
+CallUpcast(const SubConfig *cfg, Oid fn, Datum body) {
+	if (pg_proc_aclcheck(fn, cfg->run_as, ACL_EXECUTE) != ACLCHECK_OK)
+		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+		                errmsg("run_as role %s may not execute upcast %s", cfg->run_as_name, format_procedure(fn)),
+		                errhint("GRANT EXECUTE ON FUNCTION %s TO %s.", format_procedure(fn), cfg->run_as_name)));
+	if (HandlerIsSecurityDefiner(fn))
+		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+		                errmsg("upcast %s is SECURITY DEFINER and would run as its owner", format_procedure(fn))));
+	Oid save_user;
+	int save_sec;
+	GetUserIdAndSecContext(&save_user, &save_sec);
+	int nest = NewGUCNestLevel();
+	SetUserIdAndSecContext(cfg->run_as, save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
+	if (cfg->search_path)
+		(void)set_config_option("search_path", cfg->search_path, PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0,
+		                        false);
+	Datum out = OidFunctionCall1(fn, body);
+	AtEOXact_GUC(true, nest);
+	SetUserIdAndSecContext(save_user, save_sec);
+	return out;
+}
+
+// Brings a validated body from the version it carried to the newest version the chain of
+// upcasts reaches: each version's upcast turns it into the next version's shape; a version
+// without one ends the chain. Returns the version handed on; *body holds the result.
+int
+Upcast(const SubConfig *cfg, const ReceivedMessage *m, Datum *body) {
+	if (!cfg->validate_schemas || m->message_type.empty() || m->schema_version <= 0 || m->json != JsonVerdict::Json)
+		return m->schema_version;
+	Datum args[2] = {CStringGetTextDatum(m->message_type.c_str()), Int32GetDatum(m->schema_version)};
+	if (SPI_execute_plan(upcast_plan, args, nullptr, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "sbpg: cannot read sbpg.schemas");
+	int n = static_cast<int>(SPI_processed);
+	if (n <= 1)
+		return m->schema_version;
+	int *versions = static_cast<int *>(palloc(sizeof(int) * n));
+	Oid *fns = static_cast<Oid *>(palloc(sizeof(Oid) * n));
+	for (int i = 0; i < n; ++i) {
+		bool isnull;
+		versions[i] = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
+		Datum f = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull);
+		fns[i] = isnull ? InvalidOid : DatumGetObjectId(f);
+	}
+	int version = m->schema_version;
+	if (versions[0] != version)
+		return version;
+	Datum b = DirectFunctionCall1(jsonb_in, CStringGetDatum(m->raw_body.c_str()));
+	for (int i = 0; i + 1 < n && OidIsValid(fns[i]); ++i) {
+		b = CallUpcast(cfg, fns[i], b);
+		version = versions[i + 1];
+	}
+	*body = b;
+	return version;
 }
 
 double
@@ -629,7 +703,9 @@ ApplyOne(const SubConfig *cfg, ApplyItem *it, uint64 xid, MemoryContext msgcxt) 
 	MemoryContext old = MemoryContextSwitchTo(msgcxt);
 	struct timespec t0;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
-	Datum msg = BuildMessage(cfg, m);
+	Datum body = 0;
+	int version = Upcast(cfg, m, &body);
+	Datum msg = BuildMessage(cfg, m, body, version);
 	CallHandler(cfg, msg);
 	MemoryContextSwitchTo(old);
 	it->apply_ms = MsSince(t0);

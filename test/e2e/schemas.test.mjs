@@ -38,10 +38,11 @@ describe("versioned schemas", () => {
     await pg.psql(`
       CREATE EXTENSION sbpg;
       CREATE ROLE app NOLOGIN;
-      CREATE TABLE orders (id bigint PRIMARY KEY, amount numeric, mtype text, mver text, sub text);
+      CREATE TABLE orders (id bigint PRIMARY KEY, amount numeric, mtype text, mver text, sub text, received text, currency text);
       GRANT INSERT ON orders TO app;
       CREATE FUNCTION take(m sbpg.message) RETURNS void LANGUAGE sql AS $$
-        INSERT INTO public.orders VALUES ((m.body->>'id')::bigint, (m.body->>'amount')::numeric, m.message_type, m.schema_version, m.subscription) $$;
+        INSERT INTO public.orders VALUES ((m.body->>'id')::bigint, (m.body->>'amount')::numeric, m.message_type, m.schema_version,
+                                          m.subscription, m.received_schema_version, m.body->>'currency') $$;
       GRANT EXECUTE ON FUNCTION take(sbpg.message) TO app;
       SELECT sbpg.create_identity('emu', 'sas', '{"key_name": "RootManageSharedAccessKey", "key": "SAS_KEY_VALUE"}');
       SELECT sbpg.register_schema('orders.created', 1, '${JSON.stringify(V1)}');
@@ -131,5 +132,29 @@ describe("versioned schemas", () => {
     assert.equal(byId["v2-ok"].status, "applied");
     assert.match(byId["v2-long"].reason, /^SchemaViolation: "maxLength" failed at \/note: the value is "far too long" \(message type "orders.created" version 2/);
     assert.equal((await pg.query("SELECT mver FROM orders WHERE id = 41")).rows[0].mver, "2");
+  });
+
+  it("upcasts older versions so the handler sees one shape, with the version received and the version handed on", async () => {
+    // Version 3 of a new type requires a currency; version 1 had none, version 2 called it "cur".
+    const v1 = { type: "object", properties: { id: { type: "integer" }, amount: { type: "number" } }, required: ["id", "amount"] };
+    const v2 = { ...v1, properties: { ...v1.properties, cur: { type: "string" } } };
+    const v3 = { ...v1, properties: { ...v1.properties, currency: { type: "string" } } };
+    await pg.psql(`
+      CREATE FUNCTION pay_v1_v2(p jsonb) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$ SELECT p || '{"cur": "EUR"}' $$;
+      CREATE FUNCTION pay_v2_v3(p jsonb) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$ SELECT (p - 'cur') || jsonb_build_object('currency', p->'cur') $$;
+      GRANT EXECUTE ON FUNCTION pay_v1_v2(jsonb), pay_v2_v3(jsonb) TO app;
+      SELECT sbpg.register_schema('payments.made', 1, '${JSON.stringify(v1)}', 'none', upcast => 'pay_v1_v2(jsonb)');
+      SELECT sbpg.register_schema('payments.made', 2, '${JSON.stringify(v2)}', upcast => 'pay_v2_v3(jsonb)');
+      SELECT sbpg.register_schema('payments.made', 3, '${JSON.stringify(v3)}');`);
+    await waitFor(() => /subscription "checked": validating against 5 registered schema versions/.test(pg.serverLog()), { timeout: 20000, what: "the versions loaded" });
+    await send("checked", [
+      { messageId: "pay-1", subject: "payments.made", applicationProperties: { schema_version: 1 }, body: { id: 51, amount: 1 } },
+      { messageId: "pay-2", subject: "payments.made", applicationProperties: { schema_version: 2 }, body: { id: 52, amount: 2, cur: "USD" } },
+      { messageId: "pay-3", subject: "payments.made", applicationProperties: { schema_version: 3 }, body: { id: 53, amount: 3, currency: "GBP" } },
+    ]);
+    await waitFor(() => ["pay-1", "pay-2", "pay-3"].every((id) => got("checked").some((x) => x.message_id === id)), { what: "3 outcomes" });
+    const rows = (await pg.query("SELECT id, mver, received, currency FROM orders WHERE id BETWEEN 51 AND 53 ORDER BY id")).rows;
+    assert.deepEqual(rows.map((r) => [Number(r.id), r.received, r.mver, r.currency]),
+      [[51, "1", "3", "EUR"], [52, "2", "3", "USD"], [53, "3", "3", "GBP"]], "one shape, whatever version was sent");
   });
 });

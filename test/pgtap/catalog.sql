@@ -14,7 +14,7 @@ SELECT ok(NOT (SELECT rolcanlogin FROM pg_roles WHERE rolname = 'sbpg_monitor'),
 SELECT has_type('sbpg', 'message', 'composite type sbpg.message');
 SELECT columns_are('sbpg', 'message', ARRAY['message_id', 'correlation_id', 'session_id', 'subject', 'content_type',
     'reply_to', 'body', 'raw_body', 'properties', 'sequence_number', 'enqueued_at', 'delivery_count', 'message_type',
-    'schema_version', 'subscription']);
+    'schema_version', 'subscription', 'received_schema_version']);
 SELECT col_type_is('sbpg', 'message', 'body', 'jsonb', 'sbpg.message.body is jsonb');
 SELECT col_type_is('sbpg', 'message', 'raw_body', 'bytea', 'sbpg.message.raw_body is bytea');
 SELECT col_type_is('sbpg', 'message', 'properties', 'jsonb', 'sbpg.message.properties is jsonb');
