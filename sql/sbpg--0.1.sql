@@ -880,6 +880,188 @@ SELECT s.message_type, s.version, t.compatibility,
 FROM sbpg.schemas s JOIN sbpg.message_types t ON t.name = s.message_type;
 COMMENT ON VIEW sbpg.schema_catalog IS 'Every registered schema version, with its type''s compatibility mode and whether it is the latest';
 
+-- Declarative mappings (docs/schemas.md): messages of a type applied to a table without handler
+-- code: insert, upsert on key columns, or delete; JSON fields map to columns by name or through
+-- column_map. Run as the subscription's run_as role.
+CREATE TABLE sbpg.mappings (
+	subscription text NOT NULL REFERENCES sbpg.subscriptions (name) ON DELETE CASCADE,
+	message_type text NOT NULL,
+	target regclass NOT NULL,
+	action text NOT NULL CHECK (action IN ('insert', 'upsert', 'delete')),
+	key_columns text[],
+	column_map jsonb NOT NULL DEFAULT '{}',
+	created_at timestamptz NOT NULL DEFAULT now(),
+	created_by name NOT NULL,
+	PRIMARY KEY (subscription, message_type)
+);
+COMMENT ON TABLE sbpg.mappings IS 'Message types a subscription applies to a table without a handler';
+
+-- The payload with column_map applied: {"column": value, ...} for the target's columns present.
+CREATE FUNCTION sbpg._mapped(target regclass, column_map jsonb, payload jsonb) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+	SELECT coalesce(jsonb_object_agg(a.attname, payload -> coalesce(column_map ->> a.attname, a.attname)), '{}')
+	FROM pg_attribute a
+	WHERE a.attrelid = target AND a.attnum > 0 AND NOT a.attisdropped
+	  AND payload ? coalesce(column_map ->> a.attname, a.attname)
+$$;
+
+-- Applies one message through a mapping. Called by the worker as run_as, so the table's grants
+-- and row-level security apply.
+CREATE FUNCTION sbpg._apply_mapping(target regclass, action text, key_columns text[], column_map jsonb, payload jsonb)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	rec jsonb;
+	cols text;
+	sets text;
+	cond text;
+	k text;
+BEGIN
+	IF jsonb_typeof(payload) IS DISTINCT FROM 'object' THEN
+		RAISE EXCEPTION 'the message body is not a JSON object' USING ERRCODE = 'invalid_parameter_value',
+			DETAIL = format('A mapping to %s needs an object whose fields name columns; the body is %s.', target, coalesce(jsonb_typeof(payload), 'missing'));
+	END IF;
+	rec := sbpg._mapped(target, column_map, payload);
+	IF action = 'delete' OR action = 'upsert' THEN
+		FOREACH k IN ARRAY key_columns LOOP
+			IF NOT rec ? k OR rec -> k = 'null' THEN
+				RAISE EXCEPTION 'the message has no value for key column %', k USING ERRCODE = 'not_null_violation',
+					DETAIL = format('Mapping to %s (%s) identifies rows by %s.', target, action, array_to_string(key_columns, ', '));
+			END IF;
+		END LOOP;
+	END IF;
+	IF action = 'delete' THEN
+		SELECT string_agg(format('t.%1$I = r.%1$I', c), ' AND ') INTO cond FROM unnest(key_columns) c;
+		EXECUTE format('DELETE FROM %s t USING jsonb_populate_record(NULL::%s, $1) r WHERE %s', target, target, cond) USING rec;
+		RETURN;
+	END IF;
+	SELECT string_agg(quote_ident(c), ', ') INTO cols FROM jsonb_object_keys(rec) c;
+	IF cols IS NULL THEN
+		RAISE EXCEPTION 'the message has no field for any column of %', target USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Fields map to columns by name, or through the mapping''s column_map.';
+	END IF;
+	IF action = 'insert' THEN
+		EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM jsonb_populate_record(NULL::%s, $1)', target, cols, cols, target) USING rec;
+	ELSE
+		SELECT string_agg(format('%1$I = excluded.%1$I', c), ', ') INTO sets FROM jsonb_object_keys(rec) c WHERE c <> ALL (key_columns);
+		EXECUTE format('INSERT INTO %s (%s) SELECT %s FROM jsonb_populate_record(NULL::%s, $1) ON CONFLICT (%s) DO %s',
+			target, cols, cols, target, (SELECT string_agg(quote_ident(c), ', ') FROM unnest(key_columns) c),
+			CASE WHEN sets IS NULL THEN 'NOTHING' ELSE 'UPDATE SET ' || sets END) USING rec;
+	END IF;
+END
+$$;
+
+-- After a mapping failed with a data error: which column could not take which value.
+CREATE FUNCTION sbpg._diagnose_mapping(target regclass, column_map jsonb, payload jsonb) RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	rec jsonb := sbpg._mapped(target, column_map, payload);
+	a record;
+BEGIN
+	FOR a IN SELECT attname, format_type(atttypid, atttypmod) AS typ FROM pg_attribute
+	         WHERE attrelid = target AND attnum > 0 AND NOT attisdropped AND rec ? attname ORDER BY attnum LOOP
+		BEGIN
+			EXECUTE format('SELECT (jsonb_populate_record(NULL::%s, $1)).%I', target, a.attname) USING jsonb_build_object(a.attname, rec -> a.attname);
+		EXCEPTION WHEN OTHERS THEN
+			RETURN format('column %I (%s) of %s cannot take %s: %s', a.attname, a.typ, target, left((rec -> a.attname)::text, 200), SQLERRM);
+		END;
+	END LOOP;
+	RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION sbpg.create_mapping(subscription text, message_type text, target regclass, action text DEFAULT 'insert',
+	key_columns text[] DEFAULT NULL, column_map jsonb DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	s sbpg.subscriptions;
+	k text;
+	missing text;
+	needs text[];
+	priv text;
+BEGIN
+	SELECT * INTO s FROM sbpg.subscriptions x WHERE x.name = create_mapping.subscription;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'subscription "%" does not exist', subscription
+			USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM sbpg.subscriptions lists them.';
+	END IF;
+	PERFORM sbpg._check_admin('create mapping', s.run_as);
+	IF message_type IS NULL OR message_type !~ '^[A-Za-z0-9][A-Za-z0-9._:/-]{0,254}$' THEN
+		RAISE EXCEPTION 'invalid message type %', coalesce(quote_literal(message_type), 'NULL')
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'The type a message carries (docs/schemas.md), e.g. com.contoso.orders.created.';
+	END IF;
+	IF target IS NULL OR NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = target AND relkind IN ('r', 'p')) THEN
+		RAISE EXCEPTION 'mapping target % is not a table', coalesce(target::text, 'NULL')
+			USING ERRCODE = 'wrong_object_type', HINT = 'Map to an ordinary or partitioned table.';
+	END IF;
+	IF action IS NULL OR action NOT IN ('insert', 'upsert', 'delete') THEN
+		RAISE EXCEPTION 'unknown mapping action %', coalesce(quote_literal(action), 'NULL')
+			USING ERRCODE = 'invalid_parameter_value', DETAIL = 'The actions are insert, upsert and delete.',
+			      HINT = 'upsert and delete name the key columns that identify a row.';
+	END IF;
+	IF action IN ('upsert', 'delete') AND coalesce(cardinality(key_columns), 0) = 0 THEN
+		RAISE EXCEPTION 'mapping action % needs key_columns', action
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'For example key_columns => ARRAY[''id''].';
+	END IF;
+	SELECT string_agg(c, ', ') INTO missing FROM unnest(coalesce(key_columns, '{}')) c
+	WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = target AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped);
+	IF missing IS NOT NULL THEN
+		RAISE EXCEPTION 'table % has no column %', target, missing USING ERRCODE = 'undefined_column',
+			HINT = 'key_columns name columns of the target table.';
+	END IF;
+	IF action = 'upsert' AND NOT EXISTS (
+		SELECT 1 FROM pg_index i WHERE i.indrelid = target AND i.indisunique AND i.indpred IS NULL
+		  AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a WHERE a.attrelid = target AND a.attnum = ANY (i.indkey))
+		      = (SELECT array_agg(c ORDER BY c) FROM unnest(key_columns) c)) THEN
+		RAISE EXCEPTION 'no unique index of % covers exactly %', target, array_to_string(key_columns, ', ')
+			USING ERRCODE = 'invalid_object_definition', DETAIL = 'An upsert needs a unique index or constraint on its key columns.',
+			      HINT = format('ALTER TABLE %s ADD UNIQUE (%s).', target, array_to_string(key_columns, ', '));
+	END IF;
+	IF column_map IS NOT NULL THEN
+		IF jsonb_typeof(column_map) <> 'object' OR EXISTS (SELECT 1 FROM jsonb_each(column_map) e WHERE jsonb_typeof(e.value) <> 'string') THEN
+			RAISE EXCEPTION 'column_map must be a JSON object of column names to field names'
+				USING ERRCODE = 'invalid_parameter_value', HINT = 'For example {"amount_eur": "amount"}.';
+		END IF;
+		SELECT string_agg(c, ', ') INTO missing FROM jsonb_object_keys(column_map) c
+		WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = target AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped);
+		IF missing IS NOT NULL THEN
+			RAISE EXCEPTION 'table % has no column %', target, missing USING ERRCODE = 'undefined_column',
+				HINT = 'column_map''s keys are columns of the target table, its values the message''s field names.';
+		END IF;
+	END IF;
+	needs := CASE action WHEN 'insert' THEN ARRAY['INSERT'] WHEN 'upsert' THEN ARRAY['INSERT', 'UPDATE', 'SELECT'] ELSE ARRAY['DELETE', 'SELECT'] END;
+	FOREACH priv IN ARRAY needs LOOP
+		IF NOT has_table_privilege(s.run_as, target, priv) THEN
+			RAISE EXCEPTION 'run_as role % may not % on %', s.run_as, priv, target
+				USING ERRCODE = 'insufficient_privilege', DETAIL = format('A mapping runs as the subscription''s run_as role; %s needs %s.', action, array_to_string(needs, ', ')),
+				      HINT = format('GRANT %s ON %s TO %s.', array_to_string(needs, ', '), target, s.run_as);
+		END IF;
+	END LOOP;
+	INSERT INTO sbpg.mappings (subscription, message_type, target, action, key_columns, column_map, created_by)
+	VALUES (subscription, message_type, target, action, key_columns, coalesce(column_map, '{}'), sbpg._caller()::text)
+	ON CONFLICT ON CONSTRAINT mappings_pkey DO UPDATE SET target = excluded.target, action = excluded.action,
+		key_columns = excluded.key_columns, column_map = excluded.column_map, created_at = now(), created_by = excluded.created_by;
+END
+$$;
+COMMENT ON FUNCTION sbpg.create_mapping(text, text, regclass, text, text[], jsonb)
+	IS 'Applies a subscription''s messages of one type to a table (insert, upsert on key columns, delete) instead of its handler';
+
+CREATE FUNCTION sbpg.drop_mapping(subscription text, message_type text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	s sbpg.subscriptions;
+BEGIN
+	SELECT * INTO s FROM sbpg.subscriptions x WHERE x.name = drop_mapping.subscription;
+	IF FOUND THEN
+		PERFORM sbpg._check_admin('drop mapping', s.run_as);
+	END IF;
+	DELETE FROM sbpg.mappings m WHERE m.subscription = drop_mapping.subscription AND m.message_type = drop_mapping.message_type;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'subscription "%" has no mapping for message type %', subscription, message_type
+			USING ERRCODE = 'undefined_object', HINT = 'SELECT * FROM sbpg.mappings lists them.';
+	END IF;
+END
+$$;
+
 -- Privileges: configuration through the functions above only.
 REVOKE ALL ON ALL TABLES IN SCHEMA sbpg FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA sbpg FROM PUBLIC;
@@ -891,9 +1073,12 @@ GRANT EXECUTE ON FUNCTION sbpg.create_identity(text, text, jsonb), sbpg.drop_ide
 	sbpg.create_subscription(text, text, text, regprocedure, regrole, text, integer, integer, text, boolean, jsonb),
 	sbpg.alter_subscription(text, text, text, regprocedure, regrole, text, integer, integer, text, boolean, jsonb),
 	sbpg.drop_subscription(text), sbpg.enable_subscription(text), sbpg.disable_subscription(text),
-	sbpg.register_schema(text, integer, jsonb, text, regprocedure), sbpg.set_compatibility(text, text)
+	sbpg.register_schema(text, integer, jsonb, text, regprocedure), sbpg.set_compatibility(text, text),
+	sbpg.create_mapping(text, text, regclass, text, text[], jsonb), sbpg.drop_mapping(text, text)
 	TO sbpg_admin;
-GRANT SELECT ON sbpg.message_types, sbpg.schemas, sbpg.schema_catalog TO sbpg_admin, sbpg_monitor;
+GRANT SELECT ON sbpg.message_types, sbpg.schemas, sbpg.schema_catalog, sbpg.mappings TO sbpg_admin, sbpg_monitor;
+-- A mapping runs as run_as and uses this helper (it reads only pg_attribute).
+GRANT EXECUTE ON FUNCTION sbpg._mapped(regclass, jsonb, jsonb) TO PUBLIC;
 GRANT SELECT ON sbpg.identities, sbpg.identity_usage, sbpg.subscriptions TO sbpg_admin;
 GRANT SELECT ON sbpg.subscriptions, sbpg.stats, sbpg.inbox, sbpg.retries TO sbpg_monitor;
 GRANT EXECUTE ON FUNCTION sbpg._worker_stats() TO sbpg_monitor, sbpg_admin;

@@ -30,6 +30,7 @@ extern "C" {
 #include "utils/array.h"
 #include "common/pg_prng.h"
 #include "utils/builtins.h"
+#include "utils/datum.h"
 #include "utils/guc.h"
 #include "utils/json.h"
 #include "utils/jsonb.h"
@@ -71,6 +72,8 @@ SPIPlanPtr retry_delete_plan = nullptr;
 SPIPlanPtr retry_settling_plan = nullptr;
 SPIPlanPtr retry_confirmed_plan = nullptr;
 SPIPlanPtr upcast_plan = nullptr;
+SPIPlanPtr mapping_plan = nullptr;
+SPIPlanPtr diagnose_plan = nullptr;
 SPIPlanPtr retry_defer_plan = nullptr;
 Oid cached_handler = InvalidOid;
 FmgrInfo handler_finfo;
@@ -160,6 +163,17 @@ EnsurePlans(const SubConfig *cfg) {
 		upcast_plan = Prepare("SELECT version, upcast::oid FROM sbpg.schemas WHERE message_type = $1 AND version >= $2 "
 		                      "ORDER BY version",
 		                      2, types, false);
+	}
+	if (!mapping_plan) {
+		Oid types[2] = {TEXTOID, TEXTOID};
+		mapping_plan = Prepare("SELECT target::oid, action, key_columns, column_map, "
+		                       "'sbpg._apply_mapping(regclass,text,text[],jsonb,jsonb)'::regprocedure::oid "
+		                       "FROM sbpg.mappings WHERE subscription = $1 AND message_type = $2",
+		                       2, types, false);
+		Oid dtypes[3] = {TEXTOID, TEXTOID, TEXTOID};
+		diagnose_plan = Prepare("SELECT sbpg._diagnose_mapping(m.target, m.column_map, $3::jsonb) FROM sbpg.mappings m "
+		                        "WHERE m.subscription = $1 AND m.message_type = $2",
+		                        3, dtypes, false);
 	}
 	if (cached_type != cfg->message_type || !message_desc) {
 		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
@@ -671,6 +685,57 @@ Upcast(const SubConfig *cfg, const ReceivedMessage *m, Datum *body) {
 	return version;
 }
 
+// A declarative mapping for the message's type, if the subscription has one: applies it (as
+// run_as, in the handler's restricted context) and returns true.
+bool
+ApplyMapping(const SubConfig *cfg, ApplyItem *it, Datum body) {
+	const ReceivedMessage *m = it->msg;
+	if (m->message_type.empty())
+		return false;
+	Datum args[2] = {CStringGetTextDatum(cfg->name), CStringGetTextDatum(m->message_type.c_str())};
+	if (SPI_execute_plan(mapping_plan, args, nullptr, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "sbpg: cannot read sbpg.mappings");
+	if (SPI_processed != 1)
+		return false;
+	it->mapped = true;
+	HeapTuple t = SPI_tuptable->vals[0];
+	TupleDesc d = SPI_tuptable->tupdesc;
+	bool isnull[5];
+	Datum v[5];
+	for (int k = 0; k < 5; ++k)
+		v[k] = SPI_getbinval(t, d, k + 1, &isnull[k]);
+	Oid fn = DatumGetObjectId(v[4]);
+	// Copy out of SPI's tuple table, which the next SPI call frees.
+	Datum action = datumCopy(v[1], false, -1);
+	Datum keys = isnull[2] ? 0 : datumCopy(v[2], false, -1);
+	Datum map = datumCopy(v[3], false, -1);
+	if (!body && m->json == JsonVerdict::Json)
+		body = DirectFunctionCall1(jsonb_in, CStringGetDatum(m->raw_body.c_str()));
+	FmgrInfo flinfo;
+	fmgr_info(fn, &flinfo);
+	Oid save_user;
+	int save_sec;
+	GetUserIdAndSecContext(&save_user, &save_sec);
+	int nest = NewGUCNestLevel();
+	SetUserIdAndSecContext(cfg->run_as, save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
+	LOCAL_FCINFO(fcinfo, 5);
+	InitFunctionCallInfoData(*fcinfo, &flinfo, 5, InvalidOid, nullptr, nullptr);
+	fcinfo->args[0].value = v[0];
+	fcinfo->args[0].isnull = false;
+	fcinfo->args[1].value = action;
+	fcinfo->args[1].isnull = false;
+	fcinfo->args[2].value = keys;
+	fcinfo->args[2].isnull = keys == 0;
+	fcinfo->args[3].value = map;
+	fcinfo->args[3].isnull = false;
+	fcinfo->args[4].value = body;
+	fcinfo->args[4].isnull = body == 0;
+	(void)FunctionCallInvoke(fcinfo);
+	AtEOXact_GUC(true, nest);
+	SetUserIdAndSecContext(save_user, save_sec);
+	return true;
+}
+
 double
 MsSince(const struct timespec &t0) {
 	struct timespec t1;
@@ -705,8 +770,10 @@ ApplyOne(const SubConfig *cfg, ApplyItem *it, uint64 xid, MemoryContext msgcxt) 
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	Datum body = 0;
 	int version = Upcast(cfg, m, &body);
-	Datum msg = BuildMessage(cfg, m, body, version);
-	CallHandler(cfg, msg);
+	if (!ApplyMapping(cfg, it, body)) {
+		Datum msg = BuildMessage(cfg, m, body, version);
+		CallHandler(cfg, msg);
+	}
 	MemoryContextSwitchTo(old);
 	it->apply_ms = MsSince(t0);
 	Record(cfg, it, kApplied, xid);
@@ -783,14 +850,28 @@ DescribeError(const ErrorData *e, char *out, size_t len) {
 		snprintf(out, len, "%s (SQLSTATE %s)", e->message, unpack_sql_state(e->sqlerrcode));
 }
 
-// A message's attempt failed: a transient error schedules a retry, any other dead-letters it.
+// A message's attempt failed: a transient error schedules a retry, any other dead-letters it. A
+// mapping's data error names the column and the value that failed.
 void
 FailItem(const SubConfig *cfg, ApplyItem *it, int sqlerrcode, const char *desc, uint64 xid) {
 	if (IsTransient(sqlerrcode)) {
 		ScheduleRetry(cfg, it, "TransientError", desc, xid);
 		return;
 	}
-	SetReason(it, sqlerrcode == ERRCODE_INSUFFICIENT_PRIVILEGE ? "PermissionDenied" : "HandlerError", desc);
+	char full[1024];
+	strlcpy(full, desc, sizeof full);
+	if (it->mapped && ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_TO_CATEGORY(ERRCODE_DATA_EXCEPTION)) {
+		const ReceivedMessage *m = it->msg;
+		Datum args[3] = {CStringGetTextDatum(cfg->name), CStringGetTextDatum(m->message_type.c_str()),
+		                 CStringGetTextDatum(m->raw_body.c_str())};
+		if (SPI_execute_plan(diagnose_plan, args, nullptr, false, 1) == SPI_OK_SELECT && SPI_processed == 1) {
+			char *what = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+			if (what)
+				snprintf(full, sizeof full, "%s (SQLSTATE %s)", what, unpack_sql_state(sqlerrcode));
+		}
+	}
+	SetReason(it, sqlerrcode == ERRCODE_INSUFFICIENT_PRIVILEGE ? "PermissionDenied" : it->mapped ? "MappingError" : "HandlerError",
+	          full);
 	Record(cfg, it, kDeadLettered, xid);
 }
 
@@ -886,7 +967,7 @@ RunPass(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate, co
 		items[i].next_attempt = 0;
 		items[i].defer = false;
 		items[i].gave_up = false;
-		items[i].stale = false;
+		items[i].stale = false; // `mapped` stays: whether a mapping applies depends on the type alone
 	}
 	applying = first_applied = -1;
 	SetCurrentStatementStartTimestamp();

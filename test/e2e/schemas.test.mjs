@@ -157,4 +157,36 @@ describe("versioned schemas", () => {
     assert.deepEqual(rows.map((r) => [Number(r.id), r.received, r.mver, r.currency]),
       [[51, "1", "3", "EUR"], [52, "2", "3", "USD"], [53, "3", "3", "GBP"]], "one shape, whatever version was sent");
   });
+
+  it("applies declarative mappings without handler code: insert, upsert twice to one row, delete, conversion errors named", async () => {
+    const cust = { type: "object", properties: { id: { type: "integer" } }, required: ["id"] };
+    await pg.psql(`
+      CREATE TABLE customers (id int PRIMARY KEY, name text, since date);
+      CREATE TABLE audit (id int, note text);
+      GRANT SELECT, INSERT, UPDATE, DELETE ON customers TO app;
+      GRANT INSERT ON audit TO app;
+      SELECT sbpg.register_schema('customers.upserted', 1, '${JSON.stringify(cust)}');
+      SELECT sbpg.register_schema('customers.deleted', 1, '${JSON.stringify(cust)}');
+      SELECT sbpg.register_schema('audit.noted', 1, '{"type": "object"}');
+      SELECT sbpg.create_mapping('checked', 'customers.upserted', 'customers', 'upsert', ARRAY['id'], '{"name": "full_name"}');
+      SELECT sbpg.create_mapping('checked', 'customers.deleted', 'customers', 'delete', ARRAY['id']);
+      SELECT sbpg.create_mapping('checked', 'audit.noted', 'audit');`);
+    await waitFor(() => /subscription "checked": validating against 8 registered schema versions/.test(pg.serverLog()), { timeout: 20000, what: "the new types loaded" });
+    const row = async () => (await pg.query("SELECT id, name, since::text FROM customers ORDER BY id")).rows;
+    await send("checked", [{ messageId: "c-1", subject: "customers.upserted", body: { id: 7, full_name: "Ada", since: "2020-01-02" } }]);
+    await waitFor(async () => (await row()).length === 1, { what: "the first upsert" });
+    await send("checked", [{ messageId: "c-2", subject: "customers.upserted", body: { id: 7, full_name: "Ada Lovelace" } }]);
+    await waitFor(async () => (await row())[0]?.name === "Ada Lovelace", { what: "the second upsert" });
+    assert.deepEqual(await row(), [{ id: 7, name: "Ada Lovelace", since: "2020-01-02" }], "applied twice, one row; unsent columns kept");
+    await send("checked", [{ messageId: "a-1", subject: "audit.noted", body: { id: 7, note: "renamed", ignored: true } }]);
+    await send("checked", [{ messageId: "c-bad", subject: "customers.upserted", body: { id: 8, since: "not-a-date" } }]);
+    await waitFor(() => got("checked").some((x) => x.message_id === "c-bad"), { what: "the bad date" });
+    const bad = got("checked").find((x) => x.message_id === "c-bad");
+    assert.equal(bad.status, "dead_lettered");
+    assert.match(bad.reason, /^MappingError: column since \(date\) of public.customers cannot take "not-a-date": invalid input syntax for type date/);
+    await send("checked", [{ messageId: "c-del", subject: "customers.deleted", body: { id: 7 } }]);
+    await waitFor(async () => (await row()).length === 0, { what: "the delete" });
+    assert.deepEqual((await pg.query("SELECT id, note FROM audit")).rows, [{ id: 7, note: "renamed" }]);
+    assert.equal(Number((await pg.query("SELECT count(*) FROM orders WHERE id = 7")).rows[0].count), 0, "the handler was not called");
+  });
 });

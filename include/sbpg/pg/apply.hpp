@@ -70,6 +70,7 @@ struct ApplyItem {
 	bool defer;               // kTransient, kDelayed: set the message aside on the broker until then
 	bool gave_up;             // kDeadLettered with MaxRetriesExceeded
 	bool stale;               // its sequence number is recorded for another message (entity recreated)
+	bool mapped;              // applied through a declarative mapping, not the handler
 	int failed_errcode;       // set when it failed in a pass without subtransactions
 	char failed_error[512];
 };
