@@ -42,6 +42,19 @@ if [ $rc -ne 0 ]; then
 fi
 result $rc "decode_fuzzer for ${SECONDS_BUDGET}s: ${runs:-no summary}, corpus $(ls work/corpus | wc -l) inputs"
 
+# The schema registry core, for a third of the budget (at least 10 s).
+SCHEMA_BUDGET=$((SECONDS_BUDGET / 3 < 10 ? 10 : SECONDS_BUDGET / 3))
+mkdir -p work/schema-corpus
+./schema_fuzzer -max_total_time="$SCHEMA_BUDGET" -rss_limit_mb=4096 -max_len=16384 -timeout=30 -print_final_stats=1 \
+	-artifact_prefix=work/artifacts/schema- work/schema-corpus >work/schema-fuzz.log 2>&1
+rc=$?
+grep -E "^(stat::|Done)" work/schema-fuzz.log | sed 's/^/# /'
+runs=$(grep -oE "^Done [0-9]+ runs in [0-9]+ second" work/schema-fuzz.log | head -1)
+if [ $rc -ne 0 ]; then
+	grep -E "INVARIANT|ERROR|SUMMARY|runtime error|Test unit written" work/schema-fuzz.log | head -20 | sed 's/^/# /'
+fi
+result $rc "schema_fuzzer for ${SCHEMA_BUDGET}s: ${runs:-no summary}, corpus $(ls work/schema-corpus | wc -l) inputs"
+
 if [ "${SBPG_FUZZ_PIPELINE:-1}" != 0 ]; then
 	node --test --test-reporter=tap pipeline.test.mjs >work/pipeline.log 2>&1
 	rc=$?
