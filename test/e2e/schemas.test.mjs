@@ -189,4 +189,45 @@ describe("versioned schemas", () => {
     assert.deepEqual((await pg.query("SELECT id, note FROM audit")).rows, [{ id: 7, note: "renamed" }]);
     assert.equal(Number((await pg.query("SELECT count(*) FROM orders WHERE id = 7")).rows[0].count), 0, "the handler was not called");
   });
+
+  it("survives 2,000 fuzzed payloads against a registered schema: each applied or dead-lettered with a reason, the worker never restarts", async () => {
+    let seed = 20261126;
+    const rnd = (n) => { seed = (seed * 1103515245 + 12345) % 2147483648; return seed % n; };
+    const values = [0, -1, 1e308, -1e-308, 123456789012345678901234567890, "", "x".repeat(300), "EUR", "ORD-1", null, true, [], {}, [1, [2, [3]]], { sku: 1 }];
+    const pick = () => values[rnd(values.length)];
+    const keys = ["id", "amount", "currency", "code", "items", "extra", ""];
+    const payload = () => {
+      switch (rnd(5)) {
+        case 0: return pick();                                         // not an object at all
+        case 1: return Buffer.from(JSON.stringify({ id: 1 }).slice(0, rnd(8)));  // truncated JSON
+        case 2: { let v = {}; for (let d = rnd(60); d > 0; d--) v = { id: 1, amount: 1, items: [v] }; return v; }  // deep
+        default: return Object.fromEntries(Array.from({ length: rnd(6) }, () => [keys[rnd(keys.length)], pick()]));
+      }
+    };
+    const pid = (await pg.query("SELECT pid FROM sbpg.stats WHERE subscription = 'checked'")).rows[0].pid;
+    const n = 2000;
+    const before = got("checked").length;
+    const s = sb.createSender("checked");
+    for (let i = 0; i < n; i += 250)
+      await s.sendMessages(Array.from({ length: 250 }, (_, k) => {
+        const b = payload();
+        return { messageId: `fz-${i + k}`, subject: rnd(10) ? "orders.created" : "deep", applicationProperties: { schema_version: rnd(3) },
+          contentType: "application/json", body: b };
+      }));
+    await s.close();
+    await waitFor(() => got("checked").length - before >= n, { timeout: 120000, what: `${n} outcomes` });
+    const mine = got("checked").filter((x) => x.message_id?.startsWith("fz-"));
+    assert.equal(mine.length, n);
+    const reasons = {};
+    for (const x of mine) {
+      const r = x.status === "applied" ? "applied" : x.reason.split(":")[0];
+      reasons[r] = (reasons[r] || 0) + 1;
+    }
+    for (const r of Object.keys(reasons))
+      assert.ok(["applied", "SchemaViolation", "UnknownMessageType", "InvalidJson", "HandlerError", "MappingError"].includes(r), `reason ${r}`);
+    console.log(`schema fuzz: ${JSON.stringify(reasons)}`);
+    assert.equal((await pg.query("SELECT pid FROM sbpg.stats WHERE subscription = 'checked'")).rows[0].pid, pid, "the same worker throughout");
+    await waitFor(async () => { const e = await emu.entity("checked"); return e.active === 0 && e.locked === 0; }, { what: "nothing left on the queue" });
+    assert.deepEqual(pg.unexpectedSignals(), []);
+  });
 });
