@@ -115,8 +115,13 @@ struct Consumer::Impl : public proton::messaging_handler {
 	std::vector<SettleResult> results;
 	std::vector<ConsumerEvent> events;
 	std::vector<int64_t> to_fetch;                  // deferred messages the main thread asked for
-	std::shared_ptr<const schema::Registry> registry; // versioned schemas, or null
-	schema::ClassifyOptions classify;
+	// Versioned schemas and how to use them, replaced as a whole (so a message never pays for
+	// copying the options), or null.
+	struct Classifier {
+		std::shared_ptr<const schema::Registry> registry;
+		schema::ClassifyOptions options;
+	};
+	std::shared_ptr<const Classifier> classifier;
 	std::vector<Consumer::FetchFailure> fetch_failures;
 	ConsumerStatus status;
 	proton::work_queue *wq = nullptr; // of the live connection, or null
@@ -489,15 +494,13 @@ struct Consumer::Impl : public proton::messaging_handler {
 	// Type, version and schema validation, here on the AMQP thread: the main thread only records
 	// the verdict.
 	void Classify(ReceivedMessage *m) {
-		std::shared_ptr<const schema::Registry> r;
-		schema::ClassifyOptions o;
+		std::shared_ptr<const Classifier> c;
 		{
 			std::lock_guard<std::mutex> g(mu);
-			r = registry;
-			o = classify;
+			c = classifier;
 		}
-		if (r)
-			r->Classify(m, o);
+		if (c && c->registry)
+			c->registry->Classify(m, c->options);
 	}
 
 	// ---- $management: lock renewal, deferred messages (AMQP thread)
@@ -1194,9 +1197,11 @@ Consumer::TakeFetchFailures(std::vector<FetchFailure> *out) {
 
 void
 Consumer::SetRegistry(std::shared_ptr<const schema::Registry> registry, schema::ClassifyOptions options) {
+	auto c = std::make_shared<Impl::Classifier>();
+	c->registry = std::move(registry);
+	c->options = std::move(options);
 	std::lock_guard<std::mutex> g(impl_->mu);
-	impl_->registry = std::move(registry);
-	impl_->classify = std::move(options);
+	impl_->classifier = std::move(c);
 }
 
 void

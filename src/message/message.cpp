@@ -309,18 +309,12 @@ Classify(ReceivedMessage *m, int max_depth) {
 // error code with *why set.
 rapidjson::ParseErrorCode
 ParseChecked(std::string_view text, int max_depth, std::string *why) {
-	// EncodedInputStream skips a byte-order mark, and even a lone 0xEF (it takes each BOM byte it
-	// finds); jsonb accepts neither.
-	if (!text.empty() && static_cast<unsigned char>(text[0]) == 0xEF) {
-		*why = "not valid JSON: the body starts with byte 0xEF (a byte-order mark or a stray byte; JSON text carries "
-		       "neither)";
-		return rapidjson::kParseErrorValueInvalid;
-	}
 	JsonChecker h;
 	h.max_depth = max_depth;
 	rapidjson::Reader reader;
-	rapidjson::MemoryStream ms(text.data(), text.size());
-	rapidjson::EncodedInputStream<rapidjson::UTF8<>, rapidjson::MemoryStream> is(ms);
+	// A plain MemoryStream, not EncodedInputStream: that one skips a byte-order mark, and even a
+	// lone 0xEF, before parsing; jsonb accepts neither.
+	rapidjson::MemoryStream is(text.data(), text.size());
 	rapidjson::ParseResult r =
 	    reader.Parse<rapidjson::kParseIterativeFlag | rapidjson::kParseValidateEncodingFlag |
 	                 rapidjson::kParseNumbersAsStringsFlag | rapidjson::kParseStopWhenDoneFlag>(is, h);

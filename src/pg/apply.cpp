@@ -165,11 +165,11 @@ EnsurePlans(const SubConfig *cfg) {
 		                      2, types, false);
 	}
 	if (!mapping_plan) {
-		Oid types[2] = {TEXTOID, TEXTOID};
-		mapping_plan = Prepare("SELECT target::oid, action, key_columns, column_map, "
+		Oid types[1] = {TEXTOID};
+		mapping_plan = Prepare("SELECT message_type, target::oid, action, key_columns, column_map, "
 		                       "'sbpg._apply_mapping(regclass,text,text[],jsonb,jsonb)'::regprocedure::oid "
-		                       "FROM sbpg.mappings WHERE subscription = $1 AND message_type = $2",
-		                       2, types, false);
+		                       "FROM sbpg.mappings WHERE subscription = $1",
+		                       1, types, false);
 		Oid dtypes[3] = {TEXTOID, TEXTOID, TEXTOID};
 		diagnose_plan = Prepare("SELECT sbpg._diagnose_mapping(m.target, m.column_map, $3::jsonb) FROM sbpg.mappings m "
 		                        "WHERE m.subscription = $1 AND m.message_type = $2",
@@ -257,22 +257,53 @@ HandlerUsable(const SubConfig *cfg, char *why, size_t whylen) {
 	return true;
 }
 
-void
-LookupDuplicates(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
+// The arguments of an inbox or retries search over items[lo..hi): $1 the subscription, $2 the
+// sequence numbers, $3 the message ids of messages without one. False when there is nothing to
+// search for. Duplicates already found are left out when skip_duplicates.
+bool
+KeyArgs(const SubConfig *cfg, const ApplyItem *items, int lo, int hi, bool skip_duplicates, Datum args[3]) {
 	int n = hi - lo;
 	int64 *seqs = static_cast<int64 *>(palloc(sizeof(int64) * (n + 1)));
 	const char **ids = static_cast<const char **>(palloc(sizeof(char *) * (n + 1)));
 	int nseqs = 0, nids = 0;
 	for (int i = lo; i < hi; ++i) {
 		const ReceivedMessage *m = items[i].msg;
+		if (skip_duplicates && items[i].status == kDuplicate)
+			continue;
 		if (m->has_sequence_number)
 			seqs[nseqs++] = m->sequence_number;
 		else if (!m->message_id.empty())
 			ids[nids++] = m->message_id.c_str();
 	}
 	if (nseqs == 0 && nids == 0)
+		return false;
+	args[0] = CStringGetTextDatum(cfg->name);
+	args[1] = Int8Array(seqs, nseqs);
+	args[2] = TextArray(ids, nids);
+	return true;
+}
+
+// How a stored row (sequence number or NULL, message id as stored) relates to a message.
+enum KeyMatch { kOther, kSame, kStale /* same sequence number, another message id */ };
+
+KeyMatch
+MatchKey(const ReceivedMessage *m, bool seq_null, int64 seq, const char *mid) {
+	// Message ids compare as stored: text ends at the first NUL.
+	const char *id = m->message_id.c_str();
+	if (seq_null)
+		return !m->has_sequence_number && mid && strcmp(id, mid) == 0 ? kSame : kOther;
+	if (!m->has_sequence_number || m->sequence_number != seq)
+		return kOther;
+	// The same sequence number for another message: the entity was recreated, or the broker lost
+	// its state. A redelivery always keeps its message id.
+	return (mid ? strcmp(id, mid) == 0 : *id == '\0') ? kSame : kStale;
+}
+
+void
+LookupDuplicates(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
+	Datum args[3];
+	if (!KeyArgs(cfg, items, lo, hi, false, args))
 		return;
-	Datum args[3] = {CStringGetTextDatum(cfg->name), Int8Array(seqs, nseqs), TextArray(ids, nids)};
 	if (SPI_execute_plan(lookup_plan, args, nullptr, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "sbpg: cannot read sbpg.inbox");
 	for (uint64 r = 0; r < SPI_processed; ++r) {
@@ -285,19 +316,11 @@ LookupDuplicates(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
 		char *reason = SPI_getvalue(t, d, 4);
 		(void)isnull;
 		for (int i = lo; i < hi; ++i) {
-			const ReceivedMessage *m = items[i].msg;
-			// Message ids compare as stored: text ends at the first NUL.
-			const char *id = m->message_id.c_str();
-			bool match = seq_null ? (!m->has_sequence_number && mid && strcmp(id, mid) == 0)
-			                      : (m->has_sequence_number && m->sequence_number == seq);
-			if (!match)
-				continue;
-			if (!seq_null && (mid ? strcmp(id, mid) != 0 : *id != '\0')) {
-				// The same sequence number for another message: the entity was recreated, or the
-				// broker lost its state. A redelivery always keeps its message id.
+			KeyMatch k = MatchKey(items[i].msg, seq_null, seq, mid);
+			if (k == kStale)
 				items[i].stale = true;
+			if (k != kSame)
 				continue;
-			}
 			items[i].status = kDuplicate;
 			items[i].recorded = strcmp(status, "applied") == 0 ? kApplied : kDeadLettered;
 			// The recorded reason is "Reason: description".
@@ -359,22 +382,9 @@ ReplaceStale(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
 // Loads earlier failed attempts; a message whose next attempt is still to come is kDelayed.
 void
 LookupRetries(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
-	int n = hi - lo;
-	int64 *seqs = static_cast<int64 *>(palloc(sizeof(int64) * (n + 1)));
-	const char **ids = static_cast<const char **>(palloc(sizeof(char *) * (n + 1)));
-	int nseqs = 0, nids = 0;
-	for (int i = lo; i < hi; ++i) {
-		const ReceivedMessage *m = items[i].msg;
-		if (items[i].status == kDuplicate)
-			continue;
-		if (m->has_sequence_number)
-			seqs[nseqs++] = m->sequence_number;
-		else if (!m->message_id.empty())
-			ids[nids++] = m->message_id.c_str();
-	}
-	if (nseqs == 0 && nids == 0)
+	Datum args[3];
+	if (!KeyArgs(cfg, items, lo, hi, true, args))
 		return;
-	Datum args[3] = {CStringGetTextDatum(cfg->name), Int8Array(seqs, nseqs), TextArray(ids, nids)};
 	if (SPI_execute_plan(retry_lookup_plan, args, nullptr, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "sbpg: cannot read sbpg.retries");
 	SPITupleTable *tt = SPI_tuptable;
@@ -392,11 +402,7 @@ LookupRetries(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
 		for (int i = lo; i < hi; ++i) {
 			ApplyItem *it = &items[i];
 			const ReceivedMessage *m = it->msg;
-			const char *id = m->message_id.c_str();
-			bool match = seq_null ? (!m->has_sequence_number && mid && strcmp(id, mid) == 0)
-			                      : (m->has_sequence_number && m->sequence_number == seq &&
-			                         (mid ? strcmp(id, mid) == 0 : *id == '\0'));
-			if (!match || it->status == kDuplicate)
+			if (it->status == kDuplicate || MatchKey(m, seq_null, seq, mid) != kSame)
 				continue;
 			it->attempts = attempts;
 			if (next <= now)
@@ -609,23 +615,40 @@ BuildMessage(const SubConfig *cfg, const ReceivedMessage *m, Datum body, int ver
 	return HeapTupleGetDatum(t);
 }
 
-void
-CallHandler(const SubConfig *cfg, Datum msg) {
+// The context handlers, upcasts and mappings run in: run_as, a security-restricted operation,
+// run_as's search_path. An error in between is cleaned up by the (sub)transaction's abort.
+struct RunAs {
 	Oid save_user;
 	int save_sec;
-	GetUserIdAndSecContext(&save_user, &save_sec);
-	int nest = NewGUCNestLevel();
-	SetUserIdAndSecContext(cfg->run_as, save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
+	int nest;
+};
+
+void
+EnterRunAs(const SubConfig *cfg, RunAs *r) {
+	GetUserIdAndSecContext(&r->save_user, &r->save_sec);
+	r->nest = NewGUCNestLevel();
+	SetUserIdAndSecContext(cfg->run_as, r->save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
 	if (cfg->search_path)
 		(void)set_config_option("search_path", cfg->search_path, PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0,
 		                        false);
+}
+
+void
+LeaveRunAs(const RunAs *r) {
+	AtEOXact_GUC(true, r->nest);
+	SetUserIdAndSecContext(r->save_user, r->save_sec);
+}
+
+void
+CallHandler(const SubConfig *cfg, Datum msg) {
+	RunAs r;
+	EnterRunAs(cfg, &r);
 	LOCAL_FCINFO(fcinfo, 1);
 	InitFunctionCallInfoData(*fcinfo, &handler_finfo, 1, InvalidOid, nullptr, nullptr);
 	fcinfo->args[0].value = msg;
 	fcinfo->args[0].isnull = false;
 	(void)FunctionCallInvoke(fcinfo);
-	AtEOXact_GUC(true, nest);
-	SetUserIdAndSecContext(save_user, save_sec);
+	LeaveRunAs(&r);
 }
 
 // Runs one upcast, (jsonb) RETURNS jsonb, as run_as in the handler's restricted context.
@@ -638,17 +661,10 @@ CallUpcast(const SubConfig *cfg, Oid fn, Datum body) {
 	if (HandlerIsSecurityDefiner(fn))
 		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 		                errmsg("upcast %s is SECURITY DEFINER and would run as its owner", format_procedure(fn))));
-	Oid save_user;
-	int save_sec;
-	GetUserIdAndSecContext(&save_user, &save_sec);
-	int nest = NewGUCNestLevel();
-	SetUserIdAndSecContext(cfg->run_as, save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
-	if (cfg->search_path)
-		(void)set_config_option("search_path", cfg->search_path, PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0,
-		                        false);
+	RunAs r;
+	EnterRunAs(cfg, &r);
 	Datum out = OidFunctionCall1(fn, body);
-	AtEOXact_GUC(true, nest);
-	SetUserIdAndSecContext(save_user, save_sec);
+	LeaveRunAs(&r);
 	return out;
 }
 
@@ -657,8 +673,9 @@ CallUpcast(const SubConfig *cfg, Oid fn, Datum body) {
 // without one ends the chain. Returns the version handed on; *body holds the result.
 int
 Upcast(const SubConfig *cfg, const ReceivedMessage *m, Datum *body) {
-	if (!cfg->validate_schemas || m->message_type.empty() || m->schema_version <= 0 || m->json != JsonVerdict::Json)
-		return m->schema_version;
+	if (!cfg->validate_schemas || m->message_type.empty() || m->schema_version <= 0 ||
+	    m->schema_version >= m->latest_version || m->json != JsonVerdict::Json)
+		return m->schema_version; // already the newest shape: no catalog lookup for it
 	Datum args[2] = {CStringGetTextDatum(m->message_type.c_str()), Int32GetDatum(m->schema_version)};
 	if (SPI_execute_plan(upcast_plan, args, nullptr, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "sbpg: cannot read sbpg.schemas");
@@ -685,54 +702,72 @@ Upcast(const SubConfig *cfg, const ReceivedMessage *m, Datum *body) {
 	return version;
 }
 
+// The subscription's declarative mappings, read once per pass (LoadMappings) into the
+// transaction's memory; ApplyMapping looks a message's type up in them.
+struct Mapping {
+	char *message_type;
+	Datum target, action, keys, column_map; // keys is 0 when NULL
+};
+Mapping *mappings = nullptr;
+int nmappings = 0;
+Oid apply_mapping_fn = InvalidOid;
+
+void
+LoadMappings(const SubConfig *cfg) {
+	mappings = nullptr;
+	nmappings = 0;
+	if (!cfg->validate_schemas) // without a type, no message can be mapped
+		return;
+	Datum args[1] = {CStringGetTextDatum(cfg->name)};
+	if (SPI_execute_plan(mapping_plan, args, nullptr, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "sbpg: cannot read sbpg.mappings");
+	if (SPI_processed == 0)
+		return;
+	MemoryContext old = MemoryContextSwitchTo(TopTransactionContext);
+	mappings = static_cast<Mapping *>(palloc0(sizeof(Mapping) * SPI_processed));
+	for (uint64 r = 0; r < SPI_processed; ++r) {
+		HeapTuple t = SPI_tuptable->vals[r];
+		TupleDesc d = SPI_tuptable->tupdesc;
+		bool isnull;
+		Mapping *mp = &mappings[nmappings++];
+		mp->message_type = SPI_getvalue(t, d, 1);
+		mp->target = SPI_getbinval(t, d, 2, &isnull);
+		mp->action = datumCopy(SPI_getbinval(t, d, 3, &isnull), false, -1);
+		Datum keys = SPI_getbinval(t, d, 4, &isnull);
+		mp->keys = isnull ? 0 : datumCopy(keys, false, -1);
+		mp->column_map = datumCopy(SPI_getbinval(t, d, 5, &isnull), false, -1);
+		apply_mapping_fn = DatumGetObjectId(SPI_getbinval(t, d, 6, &isnull));
+	}
+	MemoryContextSwitchTo(old);
+}
+
 // A declarative mapping for the message's type, if the subscription has one: applies it (as
 // run_as, in the handler's restricted context) and returns true.
 bool
 ApplyMapping(const SubConfig *cfg, ApplyItem *it, Datum body) {
 	const ReceivedMessage *m = it->msg;
-	if (m->message_type.empty())
-		return false;
-	Datum args[2] = {CStringGetTextDatum(cfg->name), CStringGetTextDatum(m->message_type.c_str())};
-	if (SPI_execute_plan(mapping_plan, args, nullptr, true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "sbpg: cannot read sbpg.mappings");
-	if (SPI_processed != 1)
+	const Mapping *mp = nullptr;
+	for (int i = 0; i < nmappings && !mp && !m->message_type.empty(); ++i)
+		if (strcmp(mappings[i].message_type, m->message_type.c_str()) == 0)
+			mp = &mappings[i];
+	if (!mp)
 		return false;
 	it->mapped = true;
-	HeapTuple t = SPI_tuptable->vals[0];
-	TupleDesc d = SPI_tuptable->tupdesc;
-	bool isnull[5];
-	Datum v[5];
-	for (int k = 0; k < 5; ++k)
-		v[k] = SPI_getbinval(t, d, k + 1, &isnull[k]);
-	Oid fn = DatumGetObjectId(v[4]);
-	// Copy out of SPI's tuple table, which the next SPI call frees.
-	Datum action = datumCopy(v[1], false, -1);
-	Datum keys = isnull[2] ? 0 : datumCopy(v[2], false, -1);
-	Datum map = datumCopy(v[3], false, -1);
 	if (!body && m->json == JsonVerdict::Json)
 		body = DirectFunctionCall1(jsonb_in, CStringGetDatum(m->raw_body.c_str()));
 	FmgrInfo flinfo;
-	fmgr_info(fn, &flinfo);
-	Oid save_user;
-	int save_sec;
-	GetUserIdAndSecContext(&save_user, &save_sec);
-	int nest = NewGUCNestLevel();
-	SetUserIdAndSecContext(cfg->run_as, save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
+	fmgr_info(apply_mapping_fn, &flinfo);
+	RunAs r;
+	EnterRunAs(cfg, &r);
 	LOCAL_FCINFO(fcinfo, 5);
 	InitFunctionCallInfoData(*fcinfo, &flinfo, 5, InvalidOid, nullptr, nullptr);
-	fcinfo->args[0].value = v[0];
-	fcinfo->args[0].isnull = false;
-	fcinfo->args[1].value = action;
-	fcinfo->args[1].isnull = false;
-	fcinfo->args[2].value = keys;
-	fcinfo->args[2].isnull = keys == 0;
-	fcinfo->args[3].value = map;
-	fcinfo->args[3].isnull = false;
-	fcinfo->args[4].value = body;
-	fcinfo->args[4].isnull = body == 0;
+	Datum args[5] = {mp->target, mp->action, mp->keys, mp->column_map, body};
+	for (int k = 0; k < 5; ++k) {
+		fcinfo->args[k].value = args[k];
+		fcinfo->args[k].isnull = args[k] == 0;
+	}
 	(void)FunctionCallInvoke(fcinfo);
-	AtEOXact_GUC(true, nest);
-	SetUserIdAndSecContext(save_user, save_sec);
+	LeaveRunAs(&r);
 	return true;
 }
 
@@ -993,6 +1028,7 @@ RunPass(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate, co
 			LookupDuplicates(cfg, items, lo, hi);
 			ReplaceStale(cfg, items, lo, hi);
 			LookupRetries(cfg, items, lo, hi);
+			LoadMappings(cfg);
 			ApplyRange(cfg, items, lo, hi, isolate, xid);
 		}
 		TestCommitFault(items, lo, hi);
@@ -1029,6 +1065,22 @@ RunPass(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate, co
 	return ok;
 }
 
+// A short transaction of its own, with SPI and a snapshot, for the worker's housekeeping.
+void
+BeginShort() {
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+}
+
+void
+EndShort() {
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+}
+
 // Records the failure of a message whose own transaction failed, in a transaction of its own.
 // Errors propagate: then the server itself is in trouble and the caller retries the batch.
 void
@@ -1040,10 +1092,7 @@ RecordFailure(const SubConfig *cfg, ApplyItem *it, int sqlerrcode, const char *e
 	it->attempts = 0;
 	it->next_attempt = 0;
 	it->defer = it->gave_up = it->stale = false;
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
+	BeginShort();
 	EnsurePlans(cfg);
 	uint64 xid = U64FromFullTransactionId(GetTopFullTransactionId());
 	out->xid = xid;
@@ -1173,23 +1222,15 @@ ApplyBatch(const SubConfig *cfg, ApplyItem *items, int n, const int64 *seqs, int
 
 void
 StampSettled(const SubConfig *cfg, const int64 *seqs, int nseqs, const char *const *ids, int nids) {
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
+	BeginShort();
 	EnsurePlans(cfg);
 	Stamp(cfg, seqs, nseqs, ids, nids);
-	PopActiveSnapshot();
-	SPI_finish();
-	CommitTransactionCommand();
+	EndShort();
 }
 
 int64
 PruneInbox(const SubConfig *cfg, int retention_s, int limit) {
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
+	BeginShort();
 	Oid types[3] = {TEXTOID, INT4OID, INT4OID};
 	Datum args[3] = {CStringGetTextDatum(cfg->name), Int32GetDatum(retention_s), Int32GetDatum(limit)};
 	// Only rows whose settlement the broker confirmed: the message is gone from the entity and
@@ -1207,19 +1248,14 @@ PruneInbox(const SubConfig *cfg, int retention_s, int limit) {
 	    "LIMIT $3))",
 	    3, types, args, nullptr, false, 0);
 	n += rc == SPI_OK_DELETE ? static_cast<int64>(SPI_processed) : 0;
-	PopActiveSnapshot();
-	SPI_finish();
-	CommitTransactionCommand();
+	EndShort();
 	return n;
 }
 
 int
 LoadSchemas(SchemaRowC **out) {
 	*out = nullptr;
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
+	BeginShort();
 	int n = 0;
 	if (SPI_execute("SELECT message_type, version, schema::text FROM sbpg.schemas ORDER BY 1, 2", true, 0) == SPI_OK_SELECT &&
 	    SPI_processed > 0) {
@@ -1239,18 +1275,13 @@ LoadSchemas(SchemaRowC **out) {
 			*out = rows;
 		}
 	}
-	PopActiveSnapshot();
-	SPI_finish();
-	CommitTransactionCommand();
+	EndShort();
 	return n;
 }
 
 int64
 SchemasStamp() {
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
+	BeginShort();
 	int64 stamp = 0;
 	if (SPI_execute("SELECT coalesce((SELECT extract(epoch FROM max(registered_at)) * 1000000 FROM sbpg.schemas), 0)::bigint "
 	                "+ (SELECT count(*) FROM sbpg.schemas) + 7 * (SELECT count(*) FROM sbpg.message_types)",
@@ -1259,18 +1290,13 @@ SchemasStamp() {
 		bool isnull;
 		stamp = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	}
-	PopActiveSnapshot();
-	SPI_finish();
-	CommitTransactionCommand();
+	EndShort();
 	return stamp;
 }
 
 int
 DueDeferred(const SubConfig *cfg, int64 *out, int max) {
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
+	BeginShort();
 	Oid types[2] = {TEXTOID, INT4OID};
 	Datum args[2] = {CStringGetTextDatum(cfg->name), Int32GetDatum(max)};
 	int got = 0;
@@ -1282,26 +1308,19 @@ DueDeferred(const SubConfig *cfg, int64 *out, int max) {
 			out[got++] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1, &isnull));
 		}
 	}
-	PopActiveSnapshot();
-	SPI_finish();
-	CommitTransactionCommand();
+	EndShort();
 	return got;
 }
 
 void
 PostponeDeferred(const SubConfig *cfg, int64 seq) {
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
+	BeginShort();
 	Oid types[2] = {TEXTOID, INT8OID};
 	Datum args[2] = {CStringGetTextDatum(cfg->name), Int64GetDatum(seq)};
 	SPI_execute_with_args("UPDATE sbpg.retries SET next_attempt_at = now() + interval '1 minute' "
 	                      "WHERE subscription = $1 AND sequence_number = $2 AND deferred",
 	                      2, types, args, nullptr, false, 0);
-	PopActiveSnapshot();
-	SPI_finish();
-	CommitTransactionCommand();
+	EndShort();
 }
 
 } // namespace sbpg::pg

@@ -209,6 +209,7 @@ Registry::Classify(ReceivedMessage *m, const ClassifyOptions &opt) const {
 			return unknown("version " + std::to_string(version) + " of message type \"" + type +
 			               "\" is not registered (the latest is " + std::to_string(t->second.rbegin()->first) + ")");
 		m->schema_version = s->first;
+		m->latest_version = t->second.rbegin()->first;
 		if (m->json != JsonVerdict::Json) {
 			m->schema_reason = "SchemaViolation";
 			m->schema_error = "message type \"" + type + "\" version " + std::to_string(s->first) +

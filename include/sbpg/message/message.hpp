@@ -39,6 +39,7 @@ struct ReceivedMessage {
 	// "SchemaViolation" or "UnknownMessageType", with schema_error the description).
 	std::string message_type;
 	int schema_version = 0;
+	int latest_version = 0; // the type's newest registered version (upcasts run when behind it)
 	std::string schema_reason, schema_error;
 	bool fetched = false;        // received by sequence number (a deferred message): it stays deferred
 	                             // on the broker until a settlement over $management is confirmed
