@@ -267,6 +267,138 @@ IsValidUtf8(std::string_view s) {
 	return true;
 }
 
+namespace {
+
+bool
+IsContinuation(unsigned char c) {
+	return (c & 0xc0) == 0x80;
+}
+
+// How many bytes a character starting with c has by its bit pattern alone (1 for ASCII, 0 for a
+// continuation byte or 0xF8..0xFF).
+size_t
+LeadLength(unsigned char c) {
+	return c < 0x80 ? 1 : c < 0xc0 ? 0 : c < 0xe0 ? 2 : c < 0xf0 ? 3 : c < 0xf8 ? 4 : 0;
+}
+
+// Looks at the bytes p[0..avail). Returns the length of the well-formed character starting there
+// (1..4), or 0 when there is none; then *bad is the length of the maximal subpart to replace: the
+// lead byte and the continuation bytes after it that still fit a valid character (at least 1).
+size_t
+ScanUtf8(const unsigned char *p, size_t avail, size_t *bad) {
+	unsigned c = p[0];
+	*bad = 1;
+	if (c < 0x80)
+		return 1;
+	size_t n;                         // bytes in the character
+	unsigned lo = 0x80, hi = 0xbf;    // the range the second byte must fall in
+	if (c >= 0xc2 && c <= 0xdf) {
+		n = 2;
+	} else if (c >= 0xe0 && c <= 0xef) {
+		n = 3;
+		if (c == 0xe0)
+			lo = 0xa0; // below: overlong
+		else if (c == 0xed)
+			hi = 0x9f; // above: UTF-16 surrogates
+	} else if (c >= 0xf0 && c <= 0xf4) {
+		n = 4;
+		if (c == 0xf0)
+			lo = 0x90; // below: overlong
+		else if (c == 0xf4)
+			hi = 0x8f; // above: past U+10FFFF
+	} else {
+		return 0; // a continuation byte on its own, C0, C1 or F5..FF
+	}
+	for (size_t k = 1; k < n; ++k) {
+		if (k >= avail)
+			return 0; // cut short: *bad covers what there is
+		unsigned b = p[k];
+		if (k == 1 ? (b < lo || b > hi) : !IsContinuation(static_cast<unsigned char>(b)))
+			return 0; // p[k] starts the next attempt
+		*bad = k + 1;
+	}
+	return n;
+}
+
+} // namespace
+
+bool
+IsStrictUtf8(std::string_view s) {
+	const unsigned char *p = reinterpret_cast<const unsigned char *>(s.data());
+	size_t i = 0, bad;
+	while (i < s.size()) {
+		size_t n = ScanUtf8(p + i, s.size() - i, &bad);
+		if (n == 0)
+			return false;
+		i += n;
+	}
+	return true;
+}
+
+std::string
+ToValidUtf8(std::string_view s, bool *changed) {
+	const unsigned char *p = reinterpret_cast<const unsigned char *>(s.data());
+	std::string out;
+	out.reserve(s.size());
+	bool replaced = false;
+	size_t i = 0, bad;
+	while (i < s.size()) {
+		size_t n = ScanUtf8(p + i, s.size() - i, &bad);
+		if (n == 0 || p[i] == 0) {
+			out += "\xEF\xBF\xBD";
+			replaced = true;
+			i += n ? n : bad;
+		} else {
+			out.append(s.data() + i, n);
+			i += n;
+		}
+	}
+	if (changed)
+		*changed = replaced;
+	return out;
+}
+
+size_t
+Utf8Prefix(std::string_view s, size_t max_bytes) {
+	if (max_bytes >= s.size())
+		return s.size();
+	// s[max_bytes] is the first byte left out. If it continues a character, step back to that
+	// character's lead byte (at most three steps in UTF-8) and end before it.
+	size_t k = 0;
+	while (k <= 3 && k <= max_bytes && IsContinuation(static_cast<unsigned char>(s[max_bytes - k])))
+		++k;
+	if (k == 0 || k > 3 || k > max_bytes)
+		return max_bytes; // on a boundary, or no lead byte in reach (not UTF-8)
+	size_t start = max_bytes - k;
+	return LeadLength(static_cast<unsigned char>(s[start])) > k ? start : max_bytes;
+}
+
+void
+ClipUtf8(char *buf) {
+	size_t n = std::strlen(buf);
+	// Trailing continuation bytes, then the byte before them: a lead byte that needs more bytes
+	// than follow it starts the partial character.
+	size_t k = 0;
+	while (k < 3 && k < n && IsContinuation(static_cast<unsigned char>(buf[n - 1 - k])))
+		++k;
+	if (k == n)
+		return;
+	size_t lead = n - 1 - k;
+	if (LeadLength(static_cast<unsigned char>(buf[lead])) > k + 1)
+		buf[lead] = '\0';
+}
+
+void
+CopyUtf8(char *dst, const char *src, size_t size) {
+	if (size == 0)
+		return;
+	size_t len = strnlen(src, size);
+	if (len == size) // too long: keep at most size - 1 bytes, ending on a boundary
+		len = Utf8Prefix(std::string_view(src, size), size - 1);
+	std::memcpy(dst, src, len);
+	dst[len] = '\0';
+}
+
 std::string
 JsonEscape(std::string_view s) {
 	std::string out;

@@ -15,33 +15,6 @@ namespace {
 
 bool NumericFits(std::string_view num);
 
-// RFC 3629 UTF-8 as PostgreSQL verifies it: no overlong forms, no surrogates, nothing past
-// U+10FFFF. (sbpg::IsValidUtf8 checks only the byte pattern.) Text fields reach PostgreSQL text
-// without another check, so they must pass this.
-bool
-IsStrictUtf8(std::string_view s) {
-	const unsigned char *p = reinterpret_cast<const unsigned char *>(s.data()), *end = p + s.size();
-	while (p < end) {
-		unsigned c = *p;
-		if (c < 0x80) {
-			++p;
-			continue;
-		}
-		int n = c >= 0xc2 && c <= 0xdf ? 1 : c >= 0xe0 && c <= 0xef ? 2 : c >= 0xf0 && c <= 0xf4 ? 3 : 0;
-		if (n == 0 || end - p <= n)
-			return false;
-		for (int k = 1; k <= n; ++k)
-			if ((p[k] & 0xc0) != 0x80)
-				return false;
-		// Second-byte ranges that exclude overlong forms, surrogates and code points past U+10FFFF.
-		if ((c == 0xe0 && p[1] < 0xa0) || (c == 0xed && p[1] > 0x9f) || (c == 0xf0 && p[1] < 0x90) ||
-		    (c == 0xf4 && p[1] > 0x8f))
-			return false;
-		p += n + 1;
-	}
-	return true;
-}
-
 // The JSON number grammar: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?
 bool
 IsJsonNumber(std::string_view n) {
@@ -275,11 +248,52 @@ ValueToJson(const amqp::Value &v, std::string *out) {
 	}
 }
 
+// A properties-list entry as text: strings and symbols as they are (possibly not UTF-8; the caller
+// sanitizes), numbers in decimal, a uuid in canonical form, binary as lower-case hex.
 std::string
 ListText(const amqp::Value &list, size_t idx) {
 	if (list.kind != amqp::Value::Kind::List || idx >= list.items.size())
 		return std::string();
 	return list.items[idx].ToText();
+}
+
+// The message's text fields, each stored in a PostgreSQL text column and sent in NOTIFY payloads,
+// with the name a decode error uses for it.
+struct TextField {
+	const char *name;
+	std::string ReceivedMessage::*field;
+};
+const TextField kTextFields[] = {
+    {"message_id", &ReceivedMessage::message_id},
+    {"to", &ReceivedMessage::to},
+    {"subject", &ReceivedMessage::subject},
+    {"reply_to", &ReceivedMessage::reply_to},
+    {"correlation_id", &ReceivedMessage::correlation_id},
+    {"content_type", &ReceivedMessage::content_type},
+    {"session_id", &ReceivedMessage::session_id},
+};
+
+// Replaces invalid UTF-8 and NUL bytes in every text field by U+FFFD. Returns the decode error
+// naming the fields that needed it, or "" when all were valid.
+std::string
+SanitizeTextFields(ReceivedMessage *m) {
+	std::string names;
+	size_t count = 0;
+	for (const TextField &f : kTextFields) {
+		std::string &text = m->*f.field;
+		bool changed = false;
+		std::string valid = ToValidUtf8(text, &changed);
+		if (!changed)
+			continue;
+		text = std::move(valid);
+		if (count++)
+			names += ", ";
+		names += f.name;
+	}
+	if (count == 0)
+		return std::string();
+	return (count == 1 ? "property " + names + " is" : "properties " + names + " are") +
+	       " not valid UTF-8 text (invalid bytes are shown as U+FFFD)";
 }
 
 void
@@ -382,8 +396,11 @@ CheckJson(std::string_view text, int max_depth, std::string *why) {
 	}
 }
 
+namespace {
+
+// DecodeMessage without the final pass over its error strings.
 void
-DecodeMessage(std::string_view encoded, int max_json_depth, ReceivedMessage *m) {
+DecodeInto(std::string_view encoded, int max_json_depth, ReceivedMessage *m) {
 	try {
 		amqp::Sections sec;
 		std::string err;
@@ -427,6 +444,9 @@ DecodeMessage(std::string_view encoded, int max_json_depth, ReceivedMessage *m) 
 			m->content_type = ListText(p, amqp::kContentType);
 			m->session_id = ListText(p, amqp::kGroupId);
 		}
+		// The fields are made valid text now, whatever happens below: a message that fails to
+		// decode is still dead-lettered and recorded with them.
+		std::string bad_text = SanitizeTextFields(m);
 		if (!sec.application_properties.empty()) {
 			amqp::Value ap;
 			if (!amqp::DecodeSection(sec.application_properties, &ap) || ap.kind != amqp::Value::Kind::Map) {
@@ -441,12 +461,9 @@ DecodeMessage(std::string_view encoded, int max_json_depth, ReceivedMessage *m) 
 				return;
 			}
 		}
-		for (const std::string *f : {&m->message_id, &m->to, &m->subject, &m->reply_to, &m->correlation_id,
-		                             &m->content_type, &m->session_id}) {
-			if (!IsStrictUtf8(*f) || f->find('\0') != std::string::npos) {
-				m->decode_error = "a message property is not valid UTF-8 text";
-				return;
-			}
+		if (!bad_text.empty()) {
+			m->decode_error = std::move(bad_text);
+			return; // dead-lettered; the body is not needed
 		}
 		// Body.
 		const uint8_t *p = reinterpret_cast<const uint8_t *>(sec.body.data());
@@ -498,6 +515,32 @@ DecodeMessage(std::string_view encoded, int max_json_depth, ReceivedMessage *m) 
 		Classify(m, max_json_depth);
 	} catch (const std::exception &e) {
 		m->decode_error = std::string("the message could not be decoded: ") + e.what();
+	}
+}
+
+} // namespace
+
+void
+DecodeMessage(std::string_view encoded, int max_json_depth, ReceivedMessage *m) {
+	DecodeInto(encoded, max_json_depth, m);
+	if (!m->decode_error.empty()) {
+		// Normally done already; again in case decoding stopped (an exception) between reading the
+		// properties and making them valid.
+		try {
+			SanitizeTextFields(m);
+		} catch (const std::exception &) {
+			for (const TextField &f : kTextFields)
+				(m->*f.field).clear();
+		}
+	}
+	// Reasons may quote message bytes; they go into text columns and the DLQ description.
+	for (std::string *e : {&m->decode_error, &m->json_error, &m->schema_error}) {
+		try {
+			*e = ToValidUtf8(*e);
+		} catch (const std::exception &) {
+			if (!e->empty())
+				*e = "unreadable"; // short enough not to allocate; an error stays an error
+		}
 	}
 }
 

@@ -92,9 +92,23 @@ Stringify(const rapidjson::Value &v, size_t limit) {
 	v.Accept(w);
 	std::string s(b.GetString(), b.GetSize());
 	if (s.size() > limit)
-		s = s.substr(0, limit) + "…";
+		s = s.substr(0, Utf8Prefix(s, limit)) + "…"; // not inside a character
 	return s;
 }
+
+// Makes schema_error valid UTF-8 when Classify returns, however it returns: the reason quotes the
+// message's type and values, and goes into text columns and the DLQ description.
+struct ValidSchemaError {
+	ReceivedMessage *m;
+	~ValidSchemaError() {
+		try {
+			m->schema_error = ToValidUtf8(m->schema_error);
+		} catch (const std::exception &) {
+			if (!m->schema_error.empty())
+				m->schema_error = "unreadable"; // short enough not to allocate
+		}
+	}
+};
 
 } // namespace
 
@@ -135,6 +149,7 @@ Registry::Build(const std::vector<SchemaRow> &rows, std::vector<std::string> *er
 
 void
 Registry::Classify(ReceivedMessage *m, const ClassifyOptions &opt) const {
+	ValidSchemaError valid_error{m};
 	try {
 		if (!m->decode_error.empty() || m->json == JsonVerdict::Invalid)
 			return; // dead-lettered for that already

@@ -11,9 +11,10 @@
 //        its time past the section parser
 //   Invariants (any violation aborts, which libFuzzer reports as a crash):
 //     - nothing throws out of DecodeMessage or CheckJson;
-//     - a message has decode_error, or else: every text field is strict UTF-8 without NUL,
-//       properties_json is JSON jsonb accepts, and the JSON verdict agrees with the body kind,
-//       the content type and the oracle (Json ⇔ the oracle accepts; Invalid/NotJson carry a reason);
+//     - every text field and reason is strict UTF-8 without NUL, decode_error or not;
+//     - a message has decode_error, or else: properties_json is JSON jsonb accepts, and the JSON
+//       verdict agrees with the body kind, the content type and the oracle (Json ⇔ the oracle
+//       accepts; Invalid/NotJson carry a reason);
 //     - CheckJson(text, depth) == oracle, with a non-empty reason when false.
 #include "sbpg/amqp/codec.hpp"
 #include "sbpg/core/text.hpp"
@@ -60,13 +61,14 @@ CheckJsonAgainstOracle(std::string_view text, int depth) {
 
 void
 CheckMessage(const ReceivedMessage &m, int depth) {
-	if (!m.decode_error.empty())
-		return; // dead-lettered as MalformedMessage with this reason
+	// Text fields and reasons are stored and sent even when the message is dead-lettered.
 	for (const std::string *f : {&m.message_id, &m.to, &m.subject, &m.reply_to, &m.correlation_id, &m.content_type,
-	                             &m.session_id}) {
+	                             &m.session_id, &m.decode_error, &m.json_error, &m.schema_error}) {
 		if (!oracle::StrictUtf8(*f) || f->find('\0') != std::string::npos)
 			Fail("a text field that PostgreSQL text cannot hold passed:", *f);
 	}
+	if (!m.decode_error.empty())
+		return; // dead-lettered as MalformedMessage with this reason
 	if (!oracle::JsonbAccepts(m.properties_json, 64).valid)
 		Fail("properties_json is not jsonb input:", m.properties_json);
 	if ((m.body_kind == BodyKind::None) != (m.json == JsonVerdict::Empty))

@@ -1,8 +1,11 @@
 // test/unit/message_test.cpp
 //   Regression tests for message decoding (src/message), from what the fuzzers in test/fuzz
-//   found. Built and run by test/fuzz/run.sh (test/fuzz/Makefile, with ASan and UBSan).
+//   found, and for text fields made valid UTF-8. Built and run by test/unit/run.sh
+//   (sbpg_message_test, plain and ASan/UBSan) and by test/fuzz/run.sh (test/fuzz/Makefile).
 #include "sbpg/amqp/codec.hpp"
+#include "sbpg/core/text.hpp"
 #include "sbpg/message/message.hpp"
+#include "sbpg/schema/registry.hpp"
 
 #include "tap.hpp"
 
@@ -64,12 +67,97 @@ TEST("message properties must be UTF-8 PostgreSQL accepts: no surrogates, overlo
 	for (const char *bad : {"id-\xed\xa0\x80", "id-\xc0\xaf", "id-\xe0\x80\x80", "id-\xf4\x90\x80\x80", "id-\xf0\x80\x80\x80"}) {
 		ReceivedMessage m;
 		DecodeMessage(Encoded(bad, "{}"), 1000, &m);
-		CHECK_EQ(m.decode_error, std::string("a message property is not valid UTF-8 text"));
+		CHECK_EQ(m.decode_error,
+		         std::string("property message_id is not valid UTF-8 text (invalid bytes are shown as U+FFFD)"));
+		CHECK(IsStrictUtf8(m.message_id));
+		CHECK_EQ(m.message_id.compare(0, 3, "id-"), 0);
+		CHECK(m.message_id.find("\xEF\xBF\xBD") != std::string::npos);
 	}
 	ReceivedMessage m;
 	DecodeMessage(Encoded("id-\xf0\x9f\x98\x80-\xed\x9f\xbf", "{\"a\": 1e999}"), 1000, &m);
 	CHECK(m.decode_error.empty());
 	CHECK(m.json == JsonVerdict::Json);
+}
+
+TEST("invalid message properties become U+FFFD text, and the decode error names each of them") {
+	std::string enc;
+	std::vector<amqp::Value> p(7);
+	p[amqp::kMessageId] = amqp::Value::String("ab\xFF\xFE" "cd");
+	p[amqp::kSubject] = amqp::Value::String("fine \xC3\xA9");
+	p[amqp::kCorrelationId] = amqp::Value::String("corr-\xC0\xAF-\xE0\x80\x80");
+	p[amqp::kContentType] = amqp::Value::Symbol("application/json");
+	amqp::EncodeSection(amqp::kProperties, amqp::Value::List(p), &enc);
+	amqp::EncodeSection(amqp::kData, amqp::Value::Binary("{}"), &enc);
+	ReceivedMessage m;
+	DecodeMessage(enc, 1000, &m);
+	CHECK_EQ(m.decode_error, std::string("properties message_id, correlation_id are not valid UTF-8 text (invalid "
+	                                     "bytes are shown as U+FFFD)"));
+	const std::string r = "\xEF\xBF\xBD";
+	CHECK_EQ(m.message_id, "ab" + r + r + "cd");
+	CHECK_EQ(m.correlation_id, "corr-" + r + r + "-" + r + r + r);
+	CHECK_EQ(m.subject, std::string("fine \xC3\xA9")); // valid fields are untouched
+	CHECK_EQ(m.content_type, std::string("application/json"));
+	for (const std::string *f : {&m.message_id, &m.to, &m.subject, &m.reply_to, &m.correlation_id, &m.content_type,
+	                             &m.session_id, &m.decode_error})
+		CHECK(IsStrictUtf8(*f) && f->find('\0') == std::string::npos);
+}
+
+TEST("a NUL byte in a property is replaced too, and fields stay valid when a later section fails") {
+	std::string enc;
+	std::vector<amqp::Value> p(amqp::kGroupId + 1);
+	p[amqp::kMessageId] = amqp::Value::String("ok");
+	p[amqp::kGroupId] = amqp::Value::String(std::string("s\0\xED\xA0\x80", 5));
+	amqp::EncodeSection(amqp::kProperties, amqp::Value::List(p), &enc);
+	ReceivedMessage m;
+	DecodeMessage(enc, 1000, &m);
+	CHECK_EQ(m.decode_error,
+	         std::string("property session_id is not valid UTF-8 text (invalid bytes are shown as U+FFFD)"));
+	CHECK_EQ(m.session_id, std::string("s\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD"));
+	CHECK_EQ(m.message_id, std::string("ok"));
+	// A malformed application-properties section after a bad property: that error wins (as before),
+	// and the property is still made valid.
+	std::string enc2;
+	p[amqp::kGroupId] = amqp::Value::String("g\xFF");
+	amqp::EncodeSection(amqp::kProperties, amqp::Value::List(p), &enc2);
+	amqp::EncodeSection(amqp::kApplicationProperties, amqp::Value::List({}), &enc2);
+	ReceivedMessage m2;
+	DecodeMessage(enc2, 1000, &m2);
+	CHECK_EQ(m2.decode_error, std::string("the application-properties section is malformed"));
+	CHECK_EQ(m2.session_id, std::string("g\xEF\xBF\xBD"));
+}
+
+TEST("a binary or uuid message-id becomes text: lower-case hex, canonical GUID") {
+	std::string enc;
+	std::vector<amqp::Value> p(7);
+	p[amqp::kMessageId] = amqp::Value::Binary(std::string("\xFF\x00\xC3", 3));
+	const uint8_t g[16] = {0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 0, 1, 2, 3, 4, 5, 6, 7};
+	p[amqp::kCorrelationId] = amqp::Value::Uuid(g);
+	amqp::EncodeSection(amqp::kProperties, amqp::Value::List(p), &enc);
+	amqp::EncodeSection(amqp::kData, amqp::Value::Binary("{}"), &enc);
+	ReceivedMessage m;
+	DecodeMessage(enc, 1000, &m);
+	CHECK(m.decode_error.empty());
+	CHECK_EQ(m.message_id, std::string("ff00c3"));
+	CHECK_EQ(m.correlation_id, std::string("12345678-9abc-def0-0001-020304050607"));
+}
+
+TEST("a schema violation quoting a long value is cut on a character boundary") {
+	std::vector<std::string> errors;
+	auto reg = schema::Registry::Build(
+	    {{"t", 1, "{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"integer\"}}}"}}, &errors);
+	REQUIRE(errors.empty());
+	std::string value;
+	for (int k = 0; k < 150; ++k)
+		value += "\xC3\xA9"; // é: the quoted value is cut at 200 bytes, inside the 100th
+	ReceivedMessage m;
+	m.subject = "t";
+	m.json = JsonVerdict::Json;
+	m.body_kind = BodyKind::Data;
+	m.raw_body = "{\"a\": \"" + value + "\"}";
+	reg->Classify(&m, schema::ClassifyOptions());
+	CHECK_EQ(m.schema_reason, std::string("SchemaViolation"));
+	CHECK(IsStrictUtf8(m.schema_error));
+	CHECK(m.schema_error.find("the value is \"" + value.substr(0, 198) + "\xE2\x80\xA6") != std::string::npos);
 }
 
 // Found by test/fuzz/run.sh 900: RapidJSON's EncodedInputStream took a leading 0xEF as part of a

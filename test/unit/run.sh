@@ -21,7 +21,11 @@ run() {
 echo "--- plain build"
 run ./sbpg_unit_test
 run ./sbpg_schema_test
+run ./sbpg_message_test
+run ./sbpg_text_test
 echo "--- ASan/UBSan build"
 run ./build-asan/sbpg_unit_test
 run ./build-asan/sbpg_schema_test
+run ./build-asan/sbpg_message_test
+run ./build-asan/sbpg_text_test
 exit $rc

@@ -36,7 +36,32 @@ std::string FormatTime(int64_t ms);
 // Milliseconds since the Unix epoch.
 int64_t WallMs();
 
+// Byte pattern only (lead and continuation bytes line up); see IsStrictUtf8 for what PostgreSQL
+// accepts.
 bool IsValidUtf8(std::string_view s);
+// RFC 3629 UTF-8 exactly as PostgreSQL verifies it: no overlong forms (C0, C1, E0 80..9F,
+// F0 80..8F), no UTF-16 surrogates (ED A0..BF), nothing past U+10FFFF (F4 90.., F5..FF), no
+// sequence cut short. NUL bytes are well-formed UTF-8 here; PostgreSQL text refuses them, so
+// callers that store text check for them too (ToValidUtf8 does).
+bool IsStrictUtf8(std::string_view s);
+// s made valid for PostgreSQL text: every ill-formed sequence and every NUL byte is replaced by
+// U+FFFD (EF BF BD); well-formed characters are kept as they are. Replacement follows Unicode's
+// "substitution of maximal subparts" (the WHATWG decoder's behaviour): a lead byte followed by as
+// many bytes as can still begin a valid character becomes one U+FFFD, and decoding resumes at the
+// first byte that does not fit, so "E1 80 41" gives U+FFFD "A", while each byte that can never
+// start a character (80..BF alone, C0, C1, F5..FF) and each NUL becomes a U+FFFD of its own.
+// *changed (when given) tells whether anything was replaced.
+std::string ToValidUtf8(std::string_view s, bool *changed = nullptr);
+// The largest length <= max_bytes that does not end inside a multi-byte character of s (s is
+// valid UTF-8; for other input the result is only as good as the bytes). s.size() when it fits.
+size_t Utf8Prefix(std::string_view s, size_t max_bytes);
+// Removes an incomplete multi-byte character from the end of a NUL-terminated buffer, as left by
+// strlcpy or snprintf cutting valid UTF-8 text to the buffer's size. Only the trailing partial
+// sequence goes; the rest is left as it is.
+void ClipUtf8(char *buf);
+// strlcpy that never cuts a character: copies as much of the NUL-terminated src as fits in size
+// bytes with the terminator, ending on a character boundary. Always NUL-terminates when size > 0.
+void CopyUtf8(char *dst, const char *src, size_t size);
 // Escapes for the inside of a JSON string (no surrounding quotes).
 std::string JsonEscape(std::string_view s);
 
