@@ -531,12 +531,13 @@ BEGIN
 			('retry_base_ms', 1, 3600000, 'the ceiling of the first retry''s delay, in milliseconds', 1000),
 			('retry_cap_ms', 1, 86400000, 'the largest delay ceiling, in milliseconds', 300000),
 			('retry_hold_ms', 0, 600000, 'delays up to this many milliseconds are waited out holding the lock; longer ones defer the message', 30000),
-			('max_lock_renewal_s', 0, 86400, 'how long after receipt a held message''s lock is renewed at most, in seconds', 300))
+			('max_lock_renewal_s', 0, 86400, 'how long after receipt a held message''s lock is renewed at most, in seconds', 300),
+			('handler_timeout_ms', 100, 3600000, 'how long tenant code (handler, upcasts, mapping) may run for one message, in milliseconds', 30000))
 			AS t(key, lo, hi, what, dflt) WHERE t.key = k;
 		IF NOT FOUND THEN
 			RAISE EXCEPTION 'unknown subscription option "%"', k
 				USING ERRCODE = 'invalid_parameter_value',
-				      HINT = 'Subscription options: max_retries, retry_base_ms, retry_cap_ms, retry_hold_ms, max_lock_renewal_s, schemas, unknown_types, version_property, allow_superuser_run_as.';
+				      HINT = 'Subscription options: max_retries, retry_base_ms, retry_cap_ms, retry_hold_ms, max_lock_renewal_s, handler_timeout_ms, schemas, unknown_types, version_property, allow_superuser_run_as.';
 		END IF;
 		IF jsonb_typeof(options -> k) <> 'number' OR (options ->> k) !~ '^[0-9]+$' OR (options ->> k)::numeric NOT BETWEEN lim.lo AND lim.hi THEN
 			RAISE EXCEPTION 'subscription option "%" must be an integer from % to %', k, lim.lo, lim.hi
@@ -550,6 +551,14 @@ BEGIN
 			      DETAIL = format('retry_hold_ms is %s ms and max_lock_renewal_s is %s s (defaults 30000 and 300): a held message''s lock would lapse while it waits.',
 			                      coalesce(options ->> 'retry_hold_ms', '30000'), coalesce(options ->> 'max_lock_renewal_s', '300')),
 			      HINT = 'Lower retry_hold_ms (longer delays defer the message instead) or raise max_lock_renewal_s.';
+	END IF;
+	IF (options ->> 'handler_timeout_ms')::bigint > coalesce((options ->> 'max_lock_renewal_s')::bigint, 300) * 1000
+	   AND coalesce((options ->> 'max_lock_renewal_s')::bigint, 300) > 0 THEN
+		RAISE EXCEPTION 'handler_timeout_ms must not exceed max_lock_renewal_s'
+			USING ERRCODE = 'invalid_parameter_value',
+			      DETAIL = format('handler_timeout_ms is %s ms and max_lock_renewal_s is %s s (default 300): the message''s lock would lapse while its handler still runs.',
+			                      options ->> 'handler_timeout_ms', coalesce(options ->> 'max_lock_renewal_s', '300')),
+			      HINT = 'Lower handler_timeout_ms or raise max_lock_renewal_s.';
 	END IF;
 	IF coalesce((options ->> 'retry_cap_ms')::bigint, 300000) < coalesce((options ->> 'retry_base_ms')::bigint, 1000) THEN
 		RAISE EXCEPTION 'retry_cap_ms must be at least retry_base_ms'
@@ -583,13 +592,15 @@ BEGIN
 		END IF;
 		-- An Entra ID token is a bearer token valid at every namespace its principal may reach:
 		-- it goes only to Service Bus namespaces, or to brokers the identity names.
+		-- A Service Bus namespace qualifies by its host name and TLS (no scheme, or amqps://); an
+		-- amqp:// URL never does, whatever its host, unless the identity lists exactly that URL.
 		IF ident.kind IN ('managed_identity', 'workload_identity', 'client_secret', 'default')
-		   AND namespace !~* '\.servicebus\.(windows\.net|chinacloudapi\.cn|usgovcloudapi\.net|cloudapi\.de)$'
+		   AND namespace !~* '^(amqps://)?[a-z0-9][a-z0-9-]{0,48}[a-z0-9]\.servicebus\.(windows\.net|chinacloudapi\.cn|usgovcloudapi\.net|cloudapi\.de)(:[0-9]{1,5})?/?$'
 		   AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements_text(coalesce(ident.options -> 'allowed_namespaces', '[]')) a
 		                   WHERE lower(rtrim(a, '/')) = lower(rtrim(namespace, '/'))) THEN
-			RAISE EXCEPTION 'identity "%" sends Entra ID tokens only to Service Bus namespaces, not to %', identity, namespace
+			RAISE EXCEPTION 'identity "%" sends Entra ID tokens only to Service Bus namespaces over TLS, not to %', identity, namespace
 				USING ERRCODE = 'insufficient_privilege',
-				      DETAIL = 'A token is valid at every namespace its principal may read; any other broker would receive it.',
+				      DETAIL = 'A token is valid at every namespace its principal may read: any other broker, or anyone on the path of a plain amqp:// connection, would receive it.',
 				      HINT = format('To use a development broker, the identity''s creator lists it when creating the identity: {"allowed_namespaces": ["%s"]}.', rtrim(namespace, '/'));
 		END IF;
 	END IF;
@@ -718,11 +729,23 @@ RETURNS void LANGUAGE sql AS $$ SELECT sbpg.alter_subscription(name, enabled => 
 CREATE FUNCTION sbpg.disable_subscription(name text)
 RETURNS void LANGUAGE sql AS $$ SELECT sbpg.alter_subscription(name, enabled => false) $$;
 
-CREATE VIEW sbpg.stats AS
-SELECT s.name AS subscription,
+-- What sbpg.stats shows a caller: everything to superusers and sbpg_monitor members; to anyone
+-- else (sbpg_admin members), the subscriptions whose run_as role they belong to, since last_error
+-- may quote a tenant's data. sbpg._worker_stats() itself is for superusers only.
+CREATE FUNCTION sbpg._stats(
+	OUT subscription text, OUT enabled boolean, OUT state text, OUT pid integer, OUT connected_since timestamptz,
+	OUT received bigint, OUT applied bigint, OUT dead_lettered bigint, OUT duplicates bigint, OUT abandoned bigint,
+	OUT batches bigint, OUT settle_failures bigint, OUT reconnects bigint, OUT last_error text, OUT last_error_at timestamptz,
+	OUT apply_ms_p50 double precision, OUT apply_ms_p99 double precision,
+	OUT lag_ms_p50 double precision, OUT lag_ms_p99 double precision, OUT messages_per_second double precision,
+	OUT token_expires_at timestamptz, OUT tokens_put bigint, OUT token_subject text, OUT token_error text,
+	OUT last_batch_at timestamptz, OUT retries bigint, OUT retried_messages bigint, OUT max_retries_exceeded bigint,
+	OUT waiting_retry integer, OUT deferred bigint, OUT lock_renewals bigint, OUT locks_lost bigint)
+RETURNS SETOF record LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+SELECT s.name,
        s.enabled,
        CASE WHEN current_database() <> current_setting('sbpg.database', true) THEN 'unserved'
-            ELSE coalesce(w.state, CASE WHEN s.enabled THEN 'starting' ELSE 'disabled' END) END AS state,
+            ELSE coalesce(w.state, CASE WHEN s.enabled THEN 'starting' ELSE 'disabled' END) END,
        w.pid, w.connected_since, w.received, w.applied, w.dead_lettered, w.duplicates, w.abandoned,
        w.batches, w.settle_failures, w.reconnects, w.last_error, w.last_error_at,
        w.apply_ms_p50, w.apply_ms_p99, w.lag_ms_p50, w.lag_ms_p99, w.messages_per_second,
@@ -730,7 +753,14 @@ SELECT s.name AS subscription,
        w.retries, w.retried_messages, w.max_retries_exceeded, w.waiting_retry, w.deferred,
        w.lock_renewals, w.locks_lost
 FROM sbpg.subscriptions s
-LEFT JOIN sbpg._worker_stats() w ON w.subscription = s.name;
+LEFT JOIN sbpg._worker_stats() w ON w.subscription = s.name
+CROSS JOIN (SELECT sbpg._caller() AS who) c
+WHERE (SELECT rolsuper FROM pg_roles WHERE oid = c.who)
+   OR pg_has_role(c.who, 'sbpg_monitor', 'MEMBER')
+   OR pg_has_role(c.who, s.run_as, 'MEMBER')
+$$;
+
+CREATE VIEW sbpg.stats AS SELECT * FROM sbpg._stats();
 COMMENT ON VIEW sbpg.stats IS 'Per subscription: worker state, counters, latency and lag percentiles, throughput';
 
 -- The schema registry (docs/schemas.md): message types, their compatibility mode, and their
@@ -739,7 +769,8 @@ CREATE TABLE sbpg.message_types (
 	name text PRIMARY KEY,
 	compatibility text NOT NULL DEFAULT 'backward' CHECK (compatibility IN ('none', 'backward', 'forward', 'full')),
 	created_at timestamptz NOT NULL DEFAULT now(),
-	created_by name NOT NULL
+	created_by name NOT NULL,
+	owner regrole NOT NULL -- who registered it first: only its members and superusers change it
 );
 COMMENT ON TABLE sbpg.message_types IS 'Message types with registered schemas, and how their versions must stay compatible';
 
@@ -753,6 +784,27 @@ CREATE TABLE sbpg.schemas (
 	PRIMARY KEY (message_type, version)
 );
 COMMENT ON TABLE sbpg.schemas IS 'Registered JSON Schemas, one per message type and version';
+
+-- Raises insufficient_privilege unless the caller may change a registered message type (its
+-- versions, compatibility, upcasts, the mappings that apply it): superusers, and members of the
+-- role that registered it first. A type not registered yet has no owner.
+CREATE FUNCTION sbpg._check_type_owner(message_type text, action text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	caller regrole := sbpg._caller();
+	type_owner regrole;
+BEGIN
+	SELECT t.owner INTO type_owner FROM sbpg.message_types t WHERE t.name = message_type;
+	IF NOT FOUND OR (SELECT rolsuper FROM pg_roles WHERE oid = caller)
+	   OR (EXISTS (SELECT FROM pg_roles WHERE oid = type_owner) AND pg_has_role(caller, type_owner, 'MEMBER')) THEN
+		RETURN;
+	END IF;
+	RAISE EXCEPTION 'permission denied to % message type %', action, message_type
+		USING ERRCODE = 'insufficient_privilege',
+		      DETAIL = format('Message type %s belongs to %s: only members of that role and superusers may %s it.', message_type, type_owner, action),
+		      HINT = format('A member of %s can register it, or GRANT %s TO %s.', type_owner, type_owner, caller);
+END
+$$;
 
 CREATE FUNCTION sbpg._schema_unsupported(schema jsonb) RETURNS text
 	AS 'MODULE_PATHNAME', 'sbpg_schema_unsupported' LANGUAGE C IMMUTABLE STRICT;
@@ -815,10 +867,11 @@ BEGIN
 	END IF;
 	-- One registration of a type at a time: versions are checked against the latest.
 	PERFORM pg_advisory_xact_lock(hashtext('sbpg.register_schema'), hashtext(message_type));
+	PERFORM sbpg._check_type_owner(message_type, 'register a version of');
 	SELECT * INTO t FROM sbpg.message_types m WHERE m.name = message_type FOR UPDATE;
 	IF NOT FOUND THEN
-		INSERT INTO sbpg.message_types (name, compatibility, created_by)
-		VALUES (message_type, lower(coalesce(compatibility, 'backward')), sbpg._caller()::text)
+		INSERT INTO sbpg.message_types (name, compatibility, created_by, owner)
+		VALUES (message_type, lower(coalesce(compatibility, 'backward')), sbpg._caller()::text, sbpg._caller())
 		RETURNING * INTO t;
 	ELSIF compatibility IS NOT NULL AND lower(compatibility) <> t.compatibility THEN
 		RAISE EXCEPTION 'message type % has compatibility mode %, not %', message_type, t.compatibility, lower(compatibility)
@@ -857,6 +910,7 @@ CREATE FUNCTION sbpg.set_compatibility(message_type text, compatibility text)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
 	PERFORM sbpg._check_admin('set compatibility');
+	PERFORM sbpg._check_type_owner(message_type, 'change the compatibility of');
 	IF compatibility IS NULL OR lower(compatibility) NOT IN ('none', 'backward', 'forward', 'full') THEN
 		RAISE EXCEPTION 'unknown compatibility mode %', coalesce(quote_literal(compatibility), 'NULL')
 			USING ERRCODE = 'invalid_parameter_value', DETAIL = 'The modes are none, backward, forward and full.',
@@ -985,6 +1039,7 @@ BEGIN
 			USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM sbpg.subscriptions lists them.';
 	END IF;
 	PERFORM sbpg._check_admin('create mapping', s.run_as);
+	PERFORM sbpg._check_type_owner(message_type, 'map');
 	IF message_type IS NULL OR message_type !~ '^[A-Za-z0-9][A-Za-z0-9._:/-]{0,254}$' THEN
 		RAISE EXCEPTION 'invalid message type %', coalesce(quote_literal(message_type), 'NULL')
 			USING ERRCODE = 'invalid_parameter_value', HINT = 'The type a message carries (docs/schemas.md), e.g. com.contoso.orders.created.';
@@ -1053,6 +1108,7 @@ BEGIN
 	SELECT * INTO s FROM sbpg.subscriptions x WHERE x.name = drop_mapping.subscription;
 	IF FOUND THEN
 		PERFORM sbpg._check_admin('drop mapping', s.run_as);
+		PERFORM sbpg._check_type_owner(message_type, 'unmap');
 	END IF;
 	DELETE FROM sbpg.mappings m WHERE m.subscription = drop_mapping.subscription AND m.message_type = drop_mapping.message_type;
 	IF NOT FOUND THEN
@@ -1081,4 +1137,19 @@ GRANT SELECT ON sbpg.message_types, sbpg.schemas, sbpg.schema_catalog, sbpg.mapp
 GRANT EXECUTE ON FUNCTION sbpg._mapped(regclass, jsonb, jsonb) TO PUBLIC;
 GRANT SELECT ON sbpg.identities, sbpg.identity_usage, sbpg.subscriptions TO sbpg_admin;
 GRANT SELECT ON sbpg.subscriptions, sbpg.stats, sbpg.inbox, sbpg.retries TO sbpg_monitor;
-GRANT EXECUTE ON FUNCTION sbpg._worker_stats() TO sbpg_monitor, sbpg_admin;
+-- sbpg.stats filters by visibility (sbpg._stats); the raw slots (sbpg._worker_stats) are superusers'.
+GRANT SELECT ON sbpg.stats TO sbpg_admin;
+GRANT EXECUTE ON FUNCTION sbpg._stats() TO sbpg_monitor, sbpg_admin;
+
+-- pg_dump keeps sbpg's configuration and its inbox (which recognises redeliveries after a
+-- restore): their rows are dumped with the database. sbpg.identity_secrets is readable by
+-- superusers only, so only a superuser's dump holds (and needs) it.
+SELECT pg_catalog.pg_extension_config_dump('sbpg.identities', '');
+SELECT pg_catalog.pg_extension_config_dump('sbpg.identity_secrets', '');
+SELECT pg_catalog.pg_extension_config_dump('sbpg.identity_usage', '');
+SELECT pg_catalog.pg_extension_config_dump('sbpg.subscriptions', '');
+SELECT pg_catalog.pg_extension_config_dump('sbpg.inbox', '');
+SELECT pg_catalog.pg_extension_config_dump('sbpg.retries', '');
+SELECT pg_catalog.pg_extension_config_dump('sbpg.message_types', '');
+SELECT pg_catalog.pg_extension_config_dump('sbpg.schemas', '');
+SELECT pg_catalog.pg_extension_config_dump('sbpg.mappings', '');

@@ -751,7 +751,7 @@ struct Consumer::Impl : public proton::messaging_handler {
 						        DecodeMessage(std::string_view(reinterpret_cast<const char *>(raw.data()), raw.size()),
 						                      cfg.max_json_depth, &rm);
 					        } catch (const std::exception &e) {
-						        rm.decode_error = std::string("the deferred message could not be decoded: ") + e.what();
+						        rm.decode_error = ToValidUtf8(std::string("the deferred message could not be decoded: ") + e.what());
 					        }
 					        Classify(&rm);
 					        l.received_ms = rm.received_ms;
@@ -916,7 +916,7 @@ struct Consumer::Impl : public proton::messaging_handler {
 			m.encode(buf);
 			DecodeMessage(std::string_view(buf.data(), buf.size()), cfg.max_json_depth, &rm);
 		} catch (const std::exception &e) {
-			rm.decode_error = std::string("the message could not be decoded: ") + e.what();
+			rm.decode_error = ToValidUtf8(std::string("the message could not be decoded: ") + e.what());
 		}
 		Classify(&rm);
 		unsettled[rm.delivery_id] = d;

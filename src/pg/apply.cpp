@@ -11,6 +11,7 @@
 //   the commit record is flushed before the caller may settle anything.
 //
 //   Everything here runs inside PgGuard and owns no C++ objects with destructors.
+#include "sbpg/core/text.hpp"
 #include "sbpg/message/message.hpp"
 
 extern "C" {
@@ -21,11 +22,13 @@ extern "C" {
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "commands/async.h"
+#include "commands/prepare.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "storage/lock.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "common/pg_prng.h"
@@ -40,6 +43,7 @@ extern "C" {
 #include "utils/resowner.h"
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
+#include "utils/timeout.h"
 #include "utils/timestamp.h"
 #include "utils/typcache.h"
 #include "utils/xid8.h"
@@ -58,7 +62,17 @@ namespace sbpg::pg {
 namespace {
 
 constexpr int kMaxSubxacts = 50; // per transaction in the isolated pass (the cache holds 64)
-constexpr int kNotifyMax = 7900; // NOTIFY payloads are limited to 8000 bytes
+constexpr size_t kNotifyIdMax = 512; // bytes of an id a NOTIFY payload carries (payloads stay < 8000 bytes)
+
+// sbpg's own statements run in a session that belongs to the extension owner: every function,
+// operator and type they name is schema-qualified, so nothing anyone creates (in public, in their
+// own schemas, in pg_temp) can stand in for it, whatever the search_path (docs/security.md).
+#define EQ " OPERATOR(pg_catalog.=) "
+#define LT " OPERATOR(pg_catalog.<) "
+#define LE " OPERATOR(pg_catalog.<=) "
+#define MINUS " OPERATOR(pg_catalog.-) "
+#define PLUS " OPERATOR(pg_catalog.+) "
+#define GETTEXT " OPERATOR(pg_catalog.->>) "
 
 SPIPlanPtr insert_plan = nullptr;
 int applying = -1;      // the item ApplyOne is applying in a pass without subtransactions
@@ -73,7 +87,6 @@ SPIPlanPtr retry_settling_plan = nullptr;
 SPIPlanPtr retry_confirmed_plan = nullptr;
 SPIPlanPtr upcast_plan = nullptr;
 SPIPlanPtr mapping_plan = nullptr;
-SPIPlanPtr diagnose_plan = nullptr;
 SPIPlanPtr retry_defer_plan = nullptr;
 Oid cached_handler = InvalidOid;
 FmgrInfo handler_finfo;
@@ -115,13 +128,13 @@ EnsurePlans(const SubConfig *cfg) {
 	if (!retry_lookup_plan) {
 		Oid types[3] = {TEXTOID, INT8ARRAYOID, TEXTARRAYOID};
 		retry_lookup_plan = Prepare("SELECT sequence_number, message_id, attempts, next_attempt_at, deferred FROM sbpg.retries "
-		                            "WHERE subscription = $1 AND (sequence_number = ANY ($2) "
-		                            "OR (sequence_number IS NULL AND message_id = ANY ($3)))",
+		                            "WHERE subscription" EQ "$1 AND (sequence_number" EQ "ANY ($2) "
+		                            "OR (sequence_number IS NULL AND message_id" EQ "ANY ($3)))",
 		                            3, types);
 		Oid up[7] = {TEXTOID, INT8OID, TEXTOID, INT4OID, TIMESTAMPTZOID, TEXTOID, BOOLOID};
 		const char *cols = "INSERT INTO sbpg.retries (subscription, sequence_number, message_id, attempts, next_attempt_at, "
 		                   "last_error, deferred) VALUES ($1, $2, $3, $4, $5, $6, $7) ";
-		const char *set = " DO UPDATE SET attempts = excluded.attempts, last_failed_at = now(), "
+		const char *set = " DO UPDATE SET attempts = excluded.attempts, last_failed_at = pg_catalog.now(), "
 		                  "next_attempt_at = excluded.next_attempt_at, last_error = excluded.last_error, deferred = excluded.deferred";
 		char sql[1024];
 		snprintf(sql, sizeof sql, "%sON CONFLICT (subscription, sequence_number) WHERE sequence_number IS NOT NULL%s", cols, set);
@@ -129,51 +142,51 @@ EnsurePlans(const SubConfig *cfg) {
 		snprintf(sql, sizeof sql, "%sON CONFLICT (subscription, message_id) WHERE sequence_number IS NULL%s", cols, set);
 		retry_upsert_id_plan = Prepare(sql, 7, up, false);
 		Oid del[3] = {TEXTOID, INT8OID, TEXTOID};
-		retry_delete_plan = Prepare("DELETE FROM sbpg.retries WHERE subscription = $1 AND CASE WHEN $2::bigint IS NOT NULL "
-		                            "THEN sequence_number = $2 ELSE sequence_number IS NULL AND message_id = $3 END",
+		retry_delete_plan = Prepare("DELETE FROM sbpg.retries WHERE subscription" EQ "$1 AND CASE WHEN $2::bigint IS NOT NULL "
+		                            "THEN sequence_number" EQ "$2 ELSE sequence_number IS NULL AND message_id" EQ "$3 END",
 		                            3, del);
-		retry_defer_plan = Prepare("UPDATE sbpg.retries SET deferred = true WHERE subscription = $1 AND CASE WHEN "
-		                           "$2::bigint IS NOT NULL THEN sequence_number = $2 ELSE sequence_number IS NULL AND "
-		                           "message_id = $3 END",
+		retry_defer_plan = Prepare("UPDATE sbpg.retries SET deferred = true WHERE subscription" EQ "$1 AND CASE WHEN "
+		                           "$2::bigint IS NOT NULL THEN sequence_number" EQ "$2 ELSE sequence_number IS NULL AND "
+		                           "message_id" EQ "$3 END",
 		                           3, del);
-		retry_settling_plan = Prepare("UPDATE sbpg.retries SET deferred = true, next_attempt_at = now() + interval '1 minute', "
+		retry_settling_plan = Prepare("UPDATE sbpg.retries SET deferred = true, next_attempt_at = pg_catalog.now()" PLUS
+		                              "interval '1 minute', "
 		                              "last_error = 'outcome recorded; waiting for the broker to confirm its settlement' "
-		                              "WHERE subscription = $1 AND sequence_number = $2",
+		                              "WHERE subscription" EQ "$1 AND sequence_number" EQ "$2",
 		                              3, del);
 	}
 	if (!lookup_plan) {
 		Oid types[3] = {TEXTOID, INT8ARRAYOID, TEXTARRAYOID};
 		lookup_plan = Prepare("SELECT sequence_number, message_id, status, reason FROM sbpg.inbox "
-		                      "WHERE subscription = $1 AND (sequence_number = ANY ($2) "
-		                      "OR (sequence_number IS NULL AND message_id = ANY ($3)))",
+		                      "WHERE subscription" EQ "$1 AND (sequence_number" EQ "ANY ($2) "
+		                      "OR (sequence_number IS NULL AND message_id" EQ "ANY ($3)))",
 		                      3, types);
 	}
 	if (!stamp_plan) {
 		Oid types[3] = {TEXTOID, INT8ARRAYOID, TEXTARRAYOID};
-		stamp_plan = Prepare("UPDATE sbpg.inbox SET settled_at = now() WHERE subscription = $1 AND settled_at IS NULL "
-		                     "AND (sequence_number = ANY ($2) OR (sequence_number IS NULL AND message_id = ANY ($3)))",
+		stamp_plan = Prepare("UPDATE sbpg.inbox SET settled_at = pg_catalog.now() WHERE subscription" EQ "$1 AND settled_at IS NULL "
+		                     "AND (sequence_number" EQ "ANY ($2) OR (sequence_number IS NULL AND message_id" EQ "ANY ($3)))",
 		                     3, types);
 		// A deferred message's retry row lives until its settlement is confirmed: until then the
 		// broker may still hold it deferred, and only the row remembers to fetch it again.
-		retry_confirmed_plan = Prepare("DELETE FROM sbpg.retries WHERE subscription = $1 AND sequence_number = ANY ($2)", 2,
-		                               types);
+		retry_confirmed_plan = Prepare("DELETE FROM sbpg.retries WHERE subscription" EQ "$1 AND sequence_number" EQ "ANY ($2)",
+		                               2, types);
 	}
 	if (!upcast_plan) {
 		Oid types[2] = {TEXTOID, INT4OID};
-		upcast_plan = Prepare("SELECT version, upcast::oid FROM sbpg.schemas WHERE message_type = $1 AND version >= $2 "
-		                      "ORDER BY version",
+		upcast_plan = Prepare("SELECT version, upcast::pg_catalog.oid FROM sbpg.schemas WHERE message_type" EQ "$1 AND version"
+		                      " OPERATOR(pg_catalog.>=) $2 ORDER BY version USING" LT,
 		                      2, types, false);
 	}
 	if (!mapping_plan) {
 		Oid types[1] = {TEXTOID};
-		mapping_plan = Prepare("SELECT message_type, target::oid, action, key_columns, column_map, "
-		                       "'sbpg._apply_mapping(regclass,text,text[],jsonb,jsonb)'::regprocedure::oid "
-		                       "FROM sbpg.mappings WHERE subscription = $1",
-		                       1, types, false);
-		Oid dtypes[3] = {TEXTOID, TEXTOID, TEXTOID};
-		diagnose_plan = Prepare("SELECT sbpg._diagnose_mapping(m.target, m.column_map, $3::jsonb) FROM sbpg.mappings m "
-		                        "WHERE m.subscription = $1 AND m.message_type = $2",
-		                        3, dtypes, false);
+		mapping_plan = Prepare(
+		    "SELECT message_type, target::pg_catalog.oid, action, key_columns, column_map, "
+		    "'sbpg._apply_mapping(pg_catalog.regclass, pg_catalog.text, pg_catalog.text[], pg_catalog.jsonb, "
+		    "pg_catalog.jsonb)'::pg_catalog.regprocedure::pg_catalog.oid, "
+		    "'sbpg._diagnose_mapping(pg_catalog.regclass, pg_catalog.jsonb, pg_catalog.jsonb)'::pg_catalog.regprocedure"
+		    "::pg_catalog.oid FROM sbpg.mappings WHERE subscription" EQ "$1",
+		    1, types, false);
 	}
 	if (cached_type != cfg->message_type || !message_desc) {
 		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
@@ -331,9 +344,9 @@ LookupDuplicates(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
 					size_t rl = std::min<size_t>(colon - reason, sizeof items[i].reason - 1);
 					memcpy(items[i].reason, reason, rl);
 					items[i].reason[rl] = '\0';
-					strlcpy(items[i].description, colon + 2, sizeof items[i].description);
+					CopyUtf8(items[i].description, colon + 2, sizeof items[i].description);
 				} else {
-					strlcpy(items[i].reason, reason, sizeof items[i].reason);
+					CopyUtf8(items[i].reason, reason, sizeof items[i].reason);
 				}
 			}
 		}
@@ -366,10 +379,10 @@ ReplaceStale(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
 			continue;
 		Oid types[2] = {TEXTOID, INT8OID};
 		Datum args[2] = {CStringGetTextDatum(cfg->name), Int64GetDatum(it->msg->sequence_number)};
-		SPI_execute_with_args("DELETE FROM sbpg.inbox WHERE subscription = $1 AND sequence_number = $2", 2, types, args,
-		                      nullptr, false, 0);
-		SPI_execute_with_args("DELETE FROM sbpg.retries WHERE subscription = $1 AND sequence_number = $2", 2, types, args,
-		                      nullptr, false, 0);
+		SPI_execute_with_args("DELETE FROM sbpg.inbox WHERE subscription" EQ "$1 AND sequence_number" EQ "$2", 2, types,
+		                      args, nullptr, false, 0);
+		SPI_execute_with_args("DELETE FROM sbpg.retries WHERE subscription" EQ "$1 AND sequence_number" EQ "$2", 2, types,
+		                      args, nullptr, false, 0);
 		ereport(WARNING,
 		        (errmsg("sbpg: subscription \"%s\": sequence number " INT64_FORMAT
 		                " was recorded for another message; the entity was recreated or the broker lost its state",
@@ -455,9 +468,36 @@ StatusName(int status) {
 	}
 }
 
+// An id in a NOTIFY payload: JSON, at most kNotifyIdMax bytes of it (cut on a character boundary
+// and marked with "…"), so a payload can never reach PostgreSQL's 8000-byte limit.
+void
+AppendId(StringInfo b, const std::string &id) {
+	if (id.empty()) {
+		appendStringInfoString(b, "null");
+		return;
+	}
+	if (id.size() <= kNotifyIdMax) {
+		escape_json(b, id.c_str());
+		return;
+	}
+	size_t keep = Utf8Prefix(id, kNotifyIdMax);
+	char *cut = static_cast<char *>(palloc(keep + 4));
+	memcpy(cut, id.data(), keep);
+	memcpy(cut + keep, "\xE2\x80\xA6", 4); // …
+	escape_json(b, cut);
+	pfree(cut);
+}
+
+// The confirmation of one message on the subscription's channel. Any database user can LISTEN
+// to any channel, so it carries ids, the status, the transaction and a reason *code* only; the
+// description (which may quote row data) stays in sbpg.inbox. Skipped, with a WARNING once per
+// batch, while the NOTIFY queue is nearly full (a listener that stopped reading): a full queue
+// would fail the COMMIT, and an outcome must always be recorded.
+bool notify_skipped = false; // this pass skips notifications (queue nearly full)
+
 void
 Notify(const SubConfig *cfg, const ApplyItem *it, uint64 xid) {
-	if (!cfg->notify_channel)
+	if (!cfg->notify_channel || notify_skipped)
 		return;
 	const ReceivedMessage *m = it->msg;
 	StringInfoData b;
@@ -465,15 +505,9 @@ Notify(const SubConfig *cfg, const ApplyItem *it, uint64 xid) {
 	appendStringInfoString(&b, "{\"subscription\":");
 	escape_json(&b, cfg->name);
 	appendStringInfoString(&b, ",\"message_id\":");
-	if (m->message_id.empty())
-		appendStringInfoString(&b, "null");
-	else
-		escape_json(&b, m->message_id.c_str());
+	AppendId(&b, m->message_id);
 	appendStringInfoString(&b, ",\"correlation_id\":");
-	if (m->correlation_id.empty())
-		appendStringInfoString(&b, "null");
-	else
-		escape_json(&b, m->correlation_id.c_str());
+	AppendId(&b, m->correlation_id);
 	if (m->has_sequence_number)
 		appendStringInfo(&b, ",\"sequence_number\":" INT64_FORMAT, m->sequence_number);
 	else
@@ -490,21 +524,32 @@ Notify(const SubConfig *cfg, const ApplyItem *it, uint64 xid) {
 	bool has_reason = it->status == kDeadLettered || it->status == kTransient ||
 	                  (it->status == kDuplicate && it->recorded == kDeadLettered);
 	appendStringInfoString(&b, ",\"reason\":");
-	if (has_reason) {
-		char reason[1200];
-		snprintf(reason, sizeof reason, "%s: %s", it->reason, it->description);
-		int room = kNotifyMax - b.len - 2;
-		if (room < 16)
-			room = 16;
-		if (static_cast<int>(strlen(reason)) > room)
-			reason[room] = '\0';
-		escape_json(&b, reason);
-	} else {
+	if (has_reason && it->reason[0])
+		escape_json(&b, it->reason); // a code: HandlerError, InvalidJson, MaxRetriesExceeded, ...
+	else
 		appendStringInfoString(&b, "null");
-	}
 	appendStringInfoChar(&b, '}');
 	Async_Notify(cfg->notify_channel, b.data);
 	pfree(b.data);
+}
+
+// Whether this pass notifies: not while the NOTIFY queue is more than 90% full.
+void
+CheckNotifyQueue(const SubConfig *cfg) {
+	notify_skipped = false;
+	if (!cfg->notify_channel)
+		return;
+	LOCAL_FCINFO(fcinfo, 0);
+	InitFunctionCallInfoData(*fcinfo, nullptr, 0, InvalidOid, nullptr, nullptr);
+	double usage = DatumGetFloat8(pg_notification_queue_usage(fcinfo));
+	if (usage > 0.9 || (guc_test_fault && strcmp(guc_test_fault, "notify_queue_full") == 0)) {
+		notify_skipped = true;
+		ereport(WARNING, (errmsg("sbpg: subscription \"%s\": the NOTIFY queue is %.0f%% full; outcomes are recorded in "
+		                         "sbpg.inbox without notifications until it drains",
+		                         cfg->name, usage * 100),
+		                  errhint("A session that LISTENs and stopped reading holds the queue; "
+		                          "pg_stat_activity shows it.")));
+	}
 }
 
 void
@@ -523,6 +568,7 @@ InsertInbox(const SubConfig *cfg, const ApplyItem *it, uint64 xid) {
 	if (it->status == kDeadLettered) {
 		char reason[1200];
 		snprintf(reason, sizeof reason, "%s: %s", it->reason, it->description);
+		ClipUtf8(reason);
 		args[5] = CStringGetTextDatum(reason);
 	} else {
 		nulls[5] = 'n';
@@ -546,8 +592,8 @@ Record(const SubConfig *cfg, ApplyItem *it, int status, uint64 xid) {
 
 void
 SetReason(ApplyItem *it, const char *reason, const char *description) {
-	strlcpy(it->reason, reason, sizeof it->reason);
-	strlcpy(it->description, description, sizeof it->description);
+	CopyUtf8(it->reason, reason, sizeof it->reason);
+	CopyUtf8(it->description, description, sizeof it->description);
 }
 
 Datum
@@ -615,28 +661,64 @@ BuildMessage(const SubConfig *cfg, const ReceivedMessage *m, Datum body, int ver
 	return HeapTupleGetDatum(t);
 }
 
-// The context handlers, upcasts and mappings run in: run_as, a security-restricted operation,
-// run_as's search_path. An error in between is cleaned up by the (sub)transaction's abort.
+// The one context all tenant code runs in (handlers, upcasts, mappings, mapping diagnosis): run_as
+// as the current user, a security-restricted operation (no SET ROLE, no temporary objects, no
+// deferred triggers, no cursors WITH HOLD), run_as's search_path, sbpg._caller() = run_as, and the
+// subscription's handler_timeout_ms as a statement timeout. Leaving it restores every setting the
+// tenant changed, session-level SETs included (GUC changes are undone as at an abort, the way
+// PostgreSQL's own maintenance commands run a table owner's code). An error in between is cleaned
+// up by the (sub)transaction's abort and by RunAsFailed.
 struct RunAs {
 	Oid save_user;
 	int save_sec;
 	int nest;
+	Oid save_tenant;
 };
+
+TimestampTz run_as_deadline = 0; // when the statement timeout of the innermost RunAs fires
 
 void
 EnterRunAs(const SubConfig *cfg, RunAs *r) {
 	GetUserIdAndSecContext(&r->save_user, &r->save_sec);
+	r->save_tenant = tenant_role;
 	r->nest = NewGUCNestLevel();
+	tenant_role = cfg->run_as;
 	SetUserIdAndSecContext(cfg->run_as, r->save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
 	if (cfg->search_path)
 		(void)set_config_option("search_path", cfg->search_path, PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0,
 		                        false);
+	if (cfg->handler_timeout_ms > 0 && !OidIsValid(r->save_tenant)) {
+		run_as_deadline = GetCurrentTimestamp() + static_cast<int64>(cfg->handler_timeout_ms) * 1000;
+		enable_timeout_after(STATEMENT_TIMEOUT, cfg->handler_timeout_ms);
+	}
 }
 
 void
 LeaveRunAs(const RunAs *r) {
-	AtEOXact_GUC(true, r->nest);
+	if (!OidIsValid(r->save_tenant) && run_as_deadline) {
+		disable_timeout(STATEMENT_TIMEOUT, true);
+		// Fired just as the tenant code returned: the cancel it asked for is not the next statement's.
+		if (get_timeout_indicator(STATEMENT_TIMEOUT, true))
+			QueryCancelPending = false;
+		run_as_deadline = 0;
+	}
+	AtEOXact_GUC(false, r->nest);
 	SetUserIdAndSecContext(r->save_user, r->save_sec);
+	tenant_role = r->save_tenant;
+}
+
+// After an error escaped tenant code: the abort restores the user and the settings; this stops the
+// timer and says whether it was the time limit that ended the tenant code.
+bool
+RunAsFailed(int sqlerrcode) {
+	bool timed_out = run_as_deadline != 0 && sqlerrcode == ERRCODE_QUERY_CANCELED &&
+	                 GetCurrentTimestamp() >= run_as_deadline;
+	if (run_as_deadline) {
+		disable_timeout(STATEMENT_TIMEOUT, false);
+		run_as_deadline = 0;
+	}
+	tenant_role = InvalidOid;
+	return timed_out;
 }
 
 void
@@ -711,6 +793,7 @@ struct Mapping {
 Mapping *mappings = nullptr;
 int nmappings = 0;
 Oid apply_mapping_fn = InvalidOid;
+Oid diagnose_mapping_fn = InvalidOid;
 
 void
 LoadMappings(const SubConfig *cfg) {
@@ -737,19 +820,25 @@ LoadMappings(const SubConfig *cfg) {
 		mp->keys = isnull ? 0 : datumCopy(keys, false, -1);
 		mp->column_map = datumCopy(SPI_getbinval(t, d, 5, &isnull), false, -1);
 		apply_mapping_fn = DatumGetObjectId(SPI_getbinval(t, d, 6, &isnull));
+		diagnose_mapping_fn = DatumGetObjectId(SPI_getbinval(t, d, 7, &isnull));
 	}
 	MemoryContextSwitchTo(old);
 }
 
 // A declarative mapping for the message's type, if the subscription has one: applies it (as
 // run_as, in the handler's restricted context) and returns true.
+const Mapping *
+FindMapping(const ReceivedMessage *m) {
+	for (int i = 0; i < nmappings && !m->message_type.empty(); ++i)
+		if (strcmp(mappings[i].message_type, m->message_type.c_str()) == 0)
+			return &mappings[i];
+	return nullptr;
+}
+
 bool
 ApplyMapping(const SubConfig *cfg, ApplyItem *it, Datum body) {
 	const ReceivedMessage *m = it->msg;
-	const Mapping *mp = nullptr;
-	for (int i = 0; i < nmappings && !mp && !m->message_type.empty(); ++i)
-		if (strcmp(mappings[i].message_type, m->message_type.c_str()) == 0)
-			mp = &mappings[i];
+	const Mapping *mp = FindMapping(m);
 	if (!mp)
 		return false;
 	it->mapped = true;
@@ -790,6 +879,7 @@ ApplyOne(const SubConfig *cfg, ApplyItem *it, uint64 xid, MemoryContext msgcxt) 
 	if (m->json == JsonVerdict::Invalid) {
 		char desc[1024];
 		snprintf(desc, sizeof desc, "content type %s but the body is %s", m->content_type.c_str(), m->json_error.c_str());
+		ClipUtf8(desc);
 		SetReason(it, "InvalidJson", desc);
 		Record(cfg, it, kDeadLettered, xid);
 		return;
@@ -848,6 +938,7 @@ ScheduleRetry(const SubConfig *cfg, ApplyItem *it, const char *reason, const cha
 	if (failed > cfg->max_retries) {
 		char d[1024];
 		snprintf(d, sizeof d, "%d attempt%s failed; the last with %s: %s", failed, failed == 1 ? "" : "s", reason, desc);
+		ClipUtf8(d);
 		it->attempts = failed - 1;
 		it->gave_up = true;
 		SetReason(it, "MaxRetriesExceeded", d);
@@ -865,6 +956,7 @@ ScheduleRetry(const SubConfig *cfg, ApplyItem *it, const char *reason, const cha
 	if (keyed) {
 		char err[1200];
 		snprintf(err, sizeof err, "%s: %s", reason, desc);
+		ClipUtf8(err);
 		a[3] = Int32GetDatum(failed);
 		a[4] = TimestampTzGetDatum(it->next_attempt);
 		a[5] = CStringGetTextDatum(err);
@@ -883,26 +975,90 @@ DescribeError(const ErrorData *e, char *out, size_t len) {
 		snprintf(out, len, "%s (SQLSTATE %s; %s)", e->message, unpack_sql_state(e->sqlerrcode), e->detail);
 	else
 		snprintf(out, len, "%s (SQLSTATE %s)", e->message, unpack_sql_state(e->sqlerrcode));
+	ClipUtf8(out);
+}
+
+// After a mapping failed with a data error: which column could not take which value, from
+// sbpg._diagnose_mapping. It evaluates the target's column types (domains and their checks are
+// tenant code), so it runs as run_as, and in a subtransaction of its own: whatever goes wrong there
+// (the time limit included) only costs the diagnosis. Returns NULL when there is none.
+char *
+DiagnoseMapping(const SubConfig *cfg, const ApplyItem *it) {
+	const ReceivedMessage *m = it->msg;
+	const Mapping *mp = FindMapping(m);
+	if (!mp || m->json != JsonVerdict::Json || !OidIsValid(diagnose_mapping_fn))
+		return nullptr;
+	MemoryContext before = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	char *volatile what = nullptr;
+	BeginInternalSubTransaction(nullptr);
+	MemoryContextSwitchTo(before);
+	PG_TRY();
+	{
+		Datum payload = DirectFunctionCall1(jsonb_in, CStringGetDatum(m->raw_body.c_str()));
+		FmgrInfo flinfo;
+		fmgr_info(diagnose_mapping_fn, &flinfo);
+		RunAs r;
+		EnterRunAs(cfg, &r);
+		LOCAL_FCINFO(fcinfo, 3);
+		InitFunctionCallInfoData(*fcinfo, &flinfo, 3, InvalidOid, nullptr, nullptr);
+		fcinfo->args[0].value = mp->target;
+		fcinfo->args[0].isnull = false;
+		fcinfo->args[1].value = mp->column_map;
+		fcinfo->args[1].isnull = false;
+		fcinfo->args[2].value = payload;
+		fcinfo->args[2].isnull = false;
+		Datum res = FunctionCallInvoke(fcinfo);
+		bool isnull = fcinfo->isnull;
+		LeaveRunAs(&r);
+		if (!isnull) {
+			MemoryContext cur = MemoryContextSwitchTo(before);
+			what = TextDatumGetCString(res);
+			MemoryContextSwitchTo(cur);
+		}
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(before);
+		CurrentResourceOwner = owner;
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(before);
+		ErrorData *e = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(before);
+		CurrentResourceOwner = owner;
+		(void)RunAsFailed(e->sqlerrcode);
+		FreeErrorData(e);
+		what = nullptr;
+	}
+	PG_END_TRY();
+	return what;
 }
 
 // A message's attempt failed: a transient error schedules a retry, any other dead-letters it. A
-// mapping's data error names the column and the value that failed.
+// mapping's data error names the column and the value that failed; the time limit says so.
 void
 FailItem(const SubConfig *cfg, ApplyItem *it, int sqlerrcode, const char *desc, uint64 xid) {
+	if (it->timed_out) {
+		char d[1024];
+		snprintf(d, sizeof d, "the handler ran longer than handler_timeout_ms (%d ms) and was cancelled: %s",
+		         cfg->handler_timeout_ms, desc);
+		ClipUtf8(d);
+		ScheduleRetry(cfg, it, "HandlerTimeout", d, xid);
+		return;
+	}
 	if (IsTransient(sqlerrcode)) {
 		ScheduleRetry(cfg, it, "TransientError", desc, xid);
 		return;
 	}
 	char full[1024];
-	strlcpy(full, desc, sizeof full);
+	CopyUtf8(full, desc, sizeof full);
 	if (it->mapped && ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_TO_CATEGORY(ERRCODE_DATA_EXCEPTION)) {
-		const ReceivedMessage *m = it->msg;
-		Datum args[3] = {CStringGetTextDatum(cfg->name), CStringGetTextDatum(m->message_type.c_str()),
-		                 CStringGetTextDatum(m->raw_body.c_str())};
-		if (SPI_execute_plan(diagnose_plan, args, nullptr, false, 1) == SPI_OK_SELECT && SPI_processed == 1) {
-			char *what = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-			if (what)
-				snprintf(full, sizeof full, "%s (SQLSTATE %s)", what, unpack_sql_state(sqlerrcode));
+		char *what = DiagnoseMapping(cfg, it);
+		if (what) {
+			snprintf(full, sizeof full, "%s (SQLSTATE %s)", what, unpack_sql_state(sqlerrcode));
+			ClipUtf8(full);
 		}
 	}
 	SetReason(it, sqlerrcode == ERRCODE_INSUFFICIENT_PRIVILEGE ? "PermissionDenied" : it->mapped ? "MappingError" : "HandlerError",
@@ -933,6 +1089,7 @@ ApplyIsolated(const SubConfig *cfg, ApplyItem *it, uint64 xid, MemoryContext msg
 		MemoryContextSwitchTo(before);
 		CurrentResourceOwner = owner;
 		MemoryContextReset(msgcxt);
+		it->timed_out = RunAsFailed(e->sqlerrcode);
 		char desc[1024];
 		DescribeError(e, desc, sizeof desc);
 		FailItem(cfg, it, e->sqlerrcode, desc, xid);
@@ -968,6 +1125,7 @@ ApplyRange(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate,
 			int code = it->failed_errcode;
 			it->failed_errcode = 0;
 			FailItem(cfg, it, code, it->failed_error, xid);
+			it->timed_out = false;
 			continue;
 		}
 		ApplyIsolated(cfg, it, xid, msgcxt);
@@ -1012,11 +1170,12 @@ RunPass(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate, co
 		SPI_connect();
 		PushActiveSnapshot(GetTransactionSnapshot());
 		EnsurePlans(cfg);
+		CheckNotifyQueue(cfg);
 		Stamp(cfg, seqs, nseqs, ids, nids);
 		char why[512];
 		if (!HandlerUsable(cfg, why, sizeof why)) {
 			out->handler_unusable = true;
-			strlcpy(out->handler_error, why, sizeof out->handler_error);
+			CopyUtf8(out->handler_error, why, sizeof out->handler_error);
 			for (int i = lo; i < hi; ++i) {
 				items[i].status = kTransient;
 				items[i].next_attempt = GetCurrentTimestamp() + 5 * USECS_PER_SEC;
@@ -1046,13 +1205,15 @@ RunPass(const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate, co
 		FlushErrorState();
 		DescribeError(e, out->batch_error, sizeof out->batch_error);
 		out->batch_sqlerrcode = e->sqlerrcode;
-		if (applying >= lo && applying < hi && (!IsTransient(e->sqlerrcode) || applying == first_applied)) {
+		bool timed_out = RunAsFailed(e->sqlerrcode);
+		if (applying >= lo && applying < hi && (!IsTransient(e->sqlerrcode) || timed_out || applying == first_applied)) {
 			// The message being applied failed, by its own fault: a permanent error, or a transient
 			// one before any other message of the pass ran (a deadlock over locks that earlier
 			// messages took is the batch's, and is tried again message by message). Remember it,
 			// so the isolated pass records this attempt's failure instead of running it again.
 			items[applying].failed_errcode = e->sqlerrcode;
-			strlcpy(items[applying].failed_error, out->batch_error, sizeof items[applying].failed_error);
+			items[applying].timed_out = timed_out;
+			CopyUtf8(items[applying].failed_error, out->batch_error, sizeof items[applying].failed_error);
 		}
 		applying = -1;
 		FreeErrorData(e);
@@ -1086,7 +1247,7 @@ EndShort() {
 void
 RecordFailure(const SubConfig *cfg, ApplyItem *it, int sqlerrcode, const char *error, BatchResult *out) {
 	char desc[1024];
-	strlcpy(desc, error, sizeof desc);
+	CopyUtf8(desc, error, sizeof desc);
 	it->status = kPending;
 	it->reason[0] = it->description[0] = '\0';
 	it->attempts = 0;
@@ -1094,21 +1255,18 @@ RecordFailure(const SubConfig *cfg, ApplyItem *it, int sqlerrcode, const char *e
 	it->defer = it->gave_up = it->stale = false;
 	BeginShort();
 	EnsurePlans(cfg);
+	CheckNotifyQueue(cfg);
 	uint64 xid = U64FromFullTransactionId(GetTopFullTransactionId());
 	out->xid = xid;
 	LookupDuplicates(cfg, it, 0, 1);
 	ReplaceStale(cfg, it, 0, 1);
 	LookupRetries(cfg, it, 0, 1);
-	if (it->status == kDuplicate) {
+	LoadMappings(cfg);
+	if (it->status == kDuplicate)
 		Notify(cfg, it, xid);
-	} else if (it->status == kPending) {
-		if (IsTransient(sqlerrcode)) {
-			ScheduleRetry(cfg, it, "TransientError", desc, xid);
-		} else {
-			SetReason(it, sqlerrcode == ERRCODE_INSUFFICIENT_PRIVILEGE ? "PermissionDenied" : "HandlerError", desc);
-			Record(cfg, it, kDeadLettered, xid);
-		}
-	}
+	else if (it->status == kPending)
+		FailItem(cfg, it, sqlerrcode, desc, xid);
+	it->timed_out = false;
 	PopActiveSnapshot();
 	SPI_finish();
 	CommitTransactionCommand();
@@ -1127,17 +1285,30 @@ LoadSubConfig(const char *name, SubConfig *out) {
 	PushActiveSnapshot(GetTransactionSnapshot());
 	Oid types[1] = {TEXTOID};
 	Datum args[1] = {CStringGetTextDatum(name)};
-	const char *q = "SELECT s.namespace, s.entity, s.handler::oid, s.run_as::oid, s.run_as::text, s.identity, i.kind, "
-	                "i.options ->> 'key_name', k.secret, i.options ->> 'key_file', i.options ->> 'key_env', "
-	                "s.batch_size, s.prefetch, s.notify_channel, s.enabled, 'sbpg.message'::regtype::oid, i.options::text, "
-	                "coalesce((s.options ->> 'allow_superuser_run_as')::boolean, false), "
-	                "coalesce((s.options ->> 'max_retries')::int, 5), coalesce((s.options ->> 'retry_base_ms')::int, 1000), "
-	                "coalesce((s.options ->> 'retry_cap_ms')::int, 300000), coalesce((s.options ->> 'retry_hold_ms')::int, 30000), "
-	                "coalesce((s.options ->> 'max_lock_renewal_s')::int, 300), "
-	                "coalesce(s.options ->> 'schemas', 'off') = 'validate', coalesce(s.options ->> 'unknown_types', 'dead_letter') = 'pass', "
-	                "coalesce(s.options ->> 'version_property', 'schema_version') "
-	                "FROM sbpg.subscriptions s LEFT JOIN sbpg.identities i ON i.name = s.identity "
-	                "LEFT JOIN sbpg.identity_secrets k ON k.identity = s.identity WHERE s.name = $1";
+	// An option's value: (s.options ->> key).
+#define OPT(key) "(s.options" GETTEXT "'" key "')"
+	const char *q =
+	    "SELECT s.namespace, s.entity, s.handler::pg_catalog.oid, s.run_as::pg_catalog.oid, s.run_as::pg_catalog.text, "
+	    "s.identity, i.kind, (i.options" GETTEXT "'key_name'), k.secret, (i.options" GETTEXT "'key_file'), "
+	    "(i.options" GETTEXT "'key_env'), s.batch_size, s.prefetch, s.notify_channel, s.enabled, "
+	    "'sbpg.message'::pg_catalog.regtype::pg_catalog.oid, i.options::pg_catalog.text, "
+	    "coalesce(" OPT("allow_superuser_run_as") "::boolean, false), "
+	    "coalesce(" OPT("max_retries") "::integer, 5), coalesce(" OPT("retry_base_ms") "::integer, 1000), "
+	    "coalesce(" OPT("retry_cap_ms") "::integer, 300000), coalesce(" OPT("retry_hold_ms") "::integer, 30000), "
+	    "coalesce(" OPT("max_lock_renewal_s") "::integer, 300), "
+	    "coalesce(" OPT("schemas") ", 'off')" EQ "'validate', coalesce(" OPT("unknown_types") ", 'dead_letter')" EQ "'pass', "
+	    "coalesce(" OPT("version_property") ", 'schema_version'), "
+	    // handler_timeout_ms: 30 s by default, never past the lock renewal limit.
+	    "coalesce(" OPT("handler_timeout_ms") "::integer, CASE WHEN coalesce(" OPT("max_lock_renewal_s") "::integer, 300)" EQ
+	    "0 THEN 30000 ELSE least(30000, coalesce(" OPT("max_lock_renewal_s") "::integer, 300) OPERATOR(pg_catalog.*) 1000) END), "
+	    // An Entra ID token goes to a Service Bus namespace over TLS, or to a broker the identity lists.
+	    "s.namespace OPERATOR(pg_catalog.~*) '^(amqps://)?[a-z0-9][a-z0-9-]{0,48}[a-z0-9]\\.servicebus\\."
+	    "(windows\\.net|chinacloudapi\\.cn|usgovcloudapi\\.net|cloudapi\\.de)(:[0-9]{1,5})?/?$' "
+	    "OR EXISTS (SELECT FROM pg_catalog.jsonb_array_elements_text(i.options OPERATOR(pg_catalog.->) 'allowed_namespaces') a "
+	    "WHERE pg_catalog.lower(pg_catalog.rtrim(a, '/'))" EQ "pg_catalog.lower(pg_catalog.rtrim(s.namespace, '/'))) "
+	    "FROM sbpg.subscriptions s LEFT JOIN sbpg.identities i ON i.name" EQ "s.identity "
+	    "LEFT JOIN sbpg.identity_secrets k ON k.identity" EQ "s.identity WHERE s.name" EQ "$1";
+#undef OPT
 	if (SPI_execute_with_args(q, 1, types, args, nullptr, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "sbpg: cannot read sbpg.subscriptions");
 	if (SPI_processed == 1) {
@@ -1172,24 +1343,62 @@ LoadSubConfig(const char *name, SubConfig *out) {
 		out->validate_schemas = DatumGetBool(SPI_getbinval(t, d, 24, &isnull));
 		out->unknown_pass = DatumGetBool(SPI_getbinval(t, d, 25, &isnull));
 		out->version_property = GetText(t, d, 26);
+		out->handler_timeout_ms = DatumGetInt32(SPI_getbinval(t, d, 27, &isnull));
+		bool ok = DatumGetBool(SPI_getbinval(t, d, 28, &isnull));
+		out->token_destination_ok = !isnull && ok;
 		// The search_path a session of run_as would get: role in this database, role, database,
 		// the configuration file, the built-in default.
 		Oid ptypes[2] = {OIDOID, OIDOID};
 		Datum pargs[2] = {ObjectIdGetDatum(out->run_as), ObjectIdGetDatum(MyDatabaseId)};
 		const char *sp =
 		    "SELECT coalesce("
-		    "(SELECT substr(c, 13) FROM pg_db_role_setting s, unnest(s.setconfig) c WHERE s.setrole = $1 "
-		    "AND s.setdatabase IN (0, $2) AND c LIKE 'search\\_path=%' ORDER BY s.setdatabase DESC LIMIT 1), "
-		    "(SELECT substr(c, 13) FROM pg_db_role_setting s, unnest(s.setconfig) c WHERE s.setrole = 0 "
-		    "AND s.setdatabase = $2 AND c LIKE 'search\\_path=%' LIMIT 1), "
-		    "(SELECT setting FROM pg_file_settings WHERE name = 'search_path' AND applied ORDER BY seqno DESC LIMIT 1), "
-		    "(SELECT boot_val FROM pg_settings WHERE name = 'search_path'))";
+		    "(SELECT pg_catalog.substr(c, 13) FROM pg_catalog.pg_db_role_setting s, pg_catalog.unnest(s.setconfig) c "
+		    "WHERE s.setrole" EQ "$1 AND (s.setdatabase" EQ "0 OR s.setdatabase" EQ "$2) "
+		    "AND c OPERATOR(pg_catalog.~~) 'search\\_path=%' ORDER BY s.setdatabase USING OPERATOR(pg_catalog.>) LIMIT 1), "
+		    "(SELECT pg_catalog.substr(c, 13) FROM pg_catalog.pg_db_role_setting s, pg_catalog.unnest(s.setconfig) c "
+		    "WHERE s.setrole" EQ "0 AND s.setdatabase" EQ "$2 AND c OPERATOR(pg_catalog.~~) 'search\\_path=%' LIMIT 1), "
+		    "(SELECT setting FROM pg_catalog.pg_file_settings WHERE name" EQ "'search_path' AND applied "
+		    "ORDER BY seqno USING OPERATOR(pg_catalog.>) LIMIT 1), "
+		    "(SELECT boot_val FROM pg_catalog.pg_settings WHERE name" EQ "'search_path'))";
 		if (SPI_execute_with_args(sp, 2, ptypes, pargs, nullptr, true, 1) == SPI_OK_SELECT && SPI_processed == 1)
 			out->search_path = GetText(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 	}
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+}
+
+void
+PinSessionSettings() {
+	// What sbpg's statements and their results depend on, whatever ALTER DATABASE ... SET (which a
+	// database owner may run) or the owner's role settings say. Tenant code changes none of these
+	// beyond its own call (LeaveRunAs).
+	static const char *const kPinned[][2] = {
+	    {"search_path", "pg_catalog, pg_temp"},
+	    {"role", "none"},
+	    {"default_transaction_read_only", "off"},
+	    {"default_transaction_isolation", "read committed"},
+	    {"default_transaction_deferrable", "off"},
+	    {"statement_timeout", "0"},
+	    {"lock_timeout", "0"},
+	    {"idle_in_transaction_session_timeout", "0"},
+	    {"standard_conforming_strings", "on"},
+	    {"row_security", "on"},
+	    {"check_function_bodies", "on"},
+	    {"DateStyle", "ISO, MDY"},
+	    {"IntervalStyle", "postgres"},
+	};
+	for (const auto &kv : kPinned)
+		SetConfigOption(kv[0], kv[1], PGC_SUSET, PGC_S_SESSION);
+	// A settlement follows a commit that synchronous standbys confirmed, where they are configured.
+	if (synchronous_commit < SYNCHRONOUS_COMMIT_REMOTE_FLUSH)
+		SetConfigOption("synchronous_commit", "on", PGC_SUSET, PGC_S_SESSION);
+}
+
+void
+CleanSession() {
+	LockReleaseSession(USER_LOCKMETHOD); // session-level advisory locks
+	DropAllPreparedStatements();
 }
 
 void
@@ -1236,15 +1445,18 @@ PruneInbox(const SubConfig *cfg, int retention_s, int limit) {
 	// Only rows whose settlement the broker confirmed: the message is gone from the entity and
 	// cannot come back. Rows still waiting for a confirmation stay: they recognise a redelivery.
 	int rc = SPI_execute_with_args(
-	    "DELETE FROM sbpg.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM sbpg.inbox WHERE subscription = $1 "
-	    "AND recorded_at < now() - make_interval(secs => $2) AND settled_at IS NOT NULL LIMIT $3))",
+	    "DELETE FROM sbpg.inbox WHERE ctid" EQ "ANY (ARRAY(SELECT ctid FROM sbpg.inbox WHERE subscription" EQ "$1 "
+	    "AND recorded_at" LT "pg_catalog.now()" MINUS "pg_catalog.make_interval(secs => $2) AND settled_at IS NOT NULL "
+	    "LIMIT $3))",
 	    3, types, args, nullptr, false, 0);
 	int64 n = rc == SPI_OK_DELETE ? static_cast<int64>(SPI_processed) : 0;
 	// Retry rows of messages that never came back (expired, received elsewhere) within the period.
 	rc = SPI_execute_with_args(
-	    "DELETE FROM sbpg.retries WHERE ctid = ANY (ARRAY(SELECT ctid FROM sbpg.retries WHERE subscription = $1 "
-	    "AND last_failed_at < now() - make_interval(secs => CASE WHEN deferred THEN greatest($2, 604800) ELSE $2 END) "
-	    "AND next_attempt_at < now() - make_interval(secs => CASE WHEN deferred THEN greatest($2, 604800) ELSE $2 END) "
+	    "DELETE FROM sbpg.retries WHERE ctid" EQ "ANY (ARRAY(SELECT ctid FROM sbpg.retries WHERE subscription" EQ "$1 "
+	    "AND last_failed_at" LT "pg_catalog.now()" MINUS
+	    "pg_catalog.make_interval(secs => CASE WHEN deferred THEN greatest($2, 604800) ELSE $2 END) "
+	    "AND next_attempt_at" LT "pg_catalog.now()" MINUS
+	    "pg_catalog.make_interval(secs => CASE WHEN deferred THEN greatest($2, 604800) ELSE $2 END) "
 	    "LIMIT $3))",
 	    3, types, args, nullptr, false, 0);
 	n += rc == SPI_OK_DELETE ? static_cast<int64>(SPI_processed) : 0;
@@ -1257,7 +1469,9 @@ LoadSchemas(SchemaRowC **out) {
 	*out = nullptr;
 	BeginShort();
 	int n = 0;
-	if (SPI_execute("SELECT message_type, version, schema::text FROM sbpg.schemas ORDER BY 1, 2", true, 0) == SPI_OK_SELECT &&
+	if (SPI_execute("SELECT message_type, version, schema::pg_catalog.text FROM sbpg.schemas "
+	                "ORDER BY 1 USING" LT ", 2 USING" LT,
+	                true, 0) == SPI_OK_SELECT &&
 	    SPI_processed > 0) {
 		SchemaRowC *rows = static_cast<SchemaRowC *>(calloc(SPI_processed, sizeof(SchemaRowC)));
 		if (rows) {
@@ -1283,12 +1497,19 @@ int64
 SchemasStamp() {
 	BeginShort();
 	int64 stamp = 0;
-	if (SPI_execute("SELECT coalesce((SELECT extract(epoch FROM max(registered_at)) * 1000000 FROM sbpg.schemas), 0)::bigint "
-	                "+ (SELECT count(*) FROM sbpg.schemas) + 7 * (SELECT count(*) FROM sbpg.message_types)",
+	// Registering a version adds a row; dropping a type removes rows; the newest registration time
+	// tells apart a drop followed by a registration.
+	if (SPI_execute("SELECT (SELECT pg_catalog.count(*) FROM sbpg.schemas), (SELECT pg_catalog.count(*) FROM sbpg.message_types), "
+	                "(SELECT pg_catalog.max(registered_at) FROM sbpg.schemas)",
 	                true, 1) == SPI_OK_SELECT &&
 	    SPI_processed == 1) {
 		bool isnull;
-		stamp = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		HeapTuple t = SPI_tuptable->vals[0];
+		TupleDesc d = SPI_tuptable->tupdesc;
+		int64 versions = DatumGetInt64(SPI_getbinval(t, d, 1, &isnull));
+		int64 types = DatumGetInt64(SPI_getbinval(t, d, 2, &isnull));
+		Datum newest = SPI_getbinval(t, d, 3, &isnull);
+		stamp = (isnull ? 0 : DatumGetTimestampTz(newest)) + versions + 7 * types;
 	}
 	EndShort();
 	return stamp;
@@ -1300,8 +1521,9 @@ DueDeferred(const SubConfig *cfg, int64 *out, int max) {
 	Oid types[2] = {TEXTOID, INT4OID};
 	Datum args[2] = {CStringGetTextDatum(cfg->name), Int32GetDatum(max)};
 	int got = 0;
-	if (SPI_execute_with_args("SELECT sequence_number FROM sbpg.retries WHERE subscription = $1 AND deferred "
-	                          "AND sequence_number IS NOT NULL AND next_attempt_at <= now() ORDER BY next_attempt_at LIMIT $2",
+	if (SPI_execute_with_args("SELECT sequence_number FROM sbpg.retries WHERE subscription" EQ "$1 AND deferred "
+	                          "AND sequence_number IS NOT NULL AND next_attempt_at" LE "pg_catalog.now() "
+	                          "ORDER BY next_attempt_at USING" LT "LIMIT $2",
 	                          2, types, args, nullptr, true, 0) == SPI_OK_SELECT) {
 		for (uint64 r = 0; r < SPI_processed && got < max; ++r) {
 			bool isnull;
@@ -1317,8 +1539,8 @@ PostponeDeferred(const SubConfig *cfg, int64 seq) {
 	BeginShort();
 	Oid types[2] = {TEXTOID, INT8OID};
 	Datum args[2] = {CStringGetTextDatum(cfg->name), Int64GetDatum(seq)};
-	SPI_execute_with_args("UPDATE sbpg.retries SET next_attempt_at = now() + interval '1 minute' "
-	                      "WHERE subscription = $1 AND sequence_number = $2 AND deferred",
+	SPI_execute_with_args("UPDATE sbpg.retries SET next_attempt_at = pg_catalog.now()" PLUS "interval '1 minute' "
+	                      "WHERE subscription" EQ "$1 AND sequence_number" EQ "$2 AND deferred",
 	                      2, types, args, nullptr, false, 0);
 	EndShort();
 }

@@ -23,6 +23,7 @@ extern "C" {
 #include "utils/timestamp.h"
 }
 
+#include "sbpg/pg/apply.hpp"
 #include "sbpg/pg/shared.hpp"
 
 #include <algorithm>
@@ -90,7 +91,8 @@ LoadDesired(Desired *out, int max) {
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, "reading sbpg.subscriptions");
 	ext_present = false;
-	if (SPI_execute("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'sbpg'", true, 1) == SPI_OK_SELECT &&
+	if (SPI_execute("SELECT extowner FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'sbpg'", true, 1) ==
+	        SPI_OK_SELECT &&
 	    SPI_processed == 1) {
 		bool isnull;
 		ext_owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
@@ -99,10 +101,13 @@ LoadDesired(Desired *out, int max) {
 	if (ext_present) {
 		// The version covers every setting of the subscription and of its identity, so a change
 		// restarts the worker with the new configuration.
-		const char *q = "SELECT s.name, s.enabled, md5(row(s.*)::text || coalesce(row(i.*)::text, '') || "
-		                "coalesce(k.secret, '')) FROM sbpg.subscriptions s "
-		                "LEFT JOIN sbpg.identities i ON i.name = s.identity "
-		                "LEFT JOIN sbpg.identity_secrets k ON k.identity = s.identity ORDER BY s.name";
+		// Every name schema-qualified: the launcher's session belongs to a superuser.
+		const char *q = "SELECT s.name, s.enabled, pg_catalog.md5(CAST(ROW(s.*) AS pg_catalog.text) OPERATOR(pg_catalog.||) "
+		                "coalesce(CAST(ROW(i.*) AS pg_catalog.text), '') OPERATOR(pg_catalog.||) coalesce(k.secret, '')) "
+		                "FROM sbpg.subscriptions s "
+		                "LEFT JOIN sbpg.identities i ON i.name OPERATOR(pg_catalog.=) s.identity "
+		                "LEFT JOIN sbpg.identity_secrets k ON k.identity OPERATOR(pg_catalog.=) s.identity "
+		                "ORDER BY s.name USING OPERATOR(pg_catalog.<)";
 		if (SPI_execute(q, true, 0) != SPI_OK_SELECT)
 			elog(ERROR, "sbpg launcher: cannot read sbpg.subscriptions");
 		for (uint64 r = 0; r < SPI_processed && n < max; ++r) {
@@ -310,6 +315,7 @@ sbpg_launcher_main(Datum) {
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnection(guc_database, nullptr, 0);
+	PinSessionSettings();
 	pgstat_report_appname("sbpg launcher");
 
 	nentries = shared->nslots;

@@ -47,6 +47,8 @@ int guc_max_json_depth = 1000;
 char *guc_test_fault = nullptr;
 char *guc_ca_file = nullptr;
 SharedState *shared = nullptr;
+bool in_sbpg_worker = false;
+Oid tenant_role = InvalidOid;
 
 namespace {
 
@@ -294,9 +296,28 @@ _PG_init(void) {
 	RegisterLauncher();
 }
 
-// sbpg._caller(): the role that called a SECURITY DEFINER function (its SET ROLE identity).
+// sbpg._caller(): the role whose code called a SECURITY DEFINER function of sbpg, which every
+// permission check of the configuration functions judges.
+//   - In an sbpg worker, tenant code (handler, upcast, mapping) runs as the subscription's run_as
+//     while the session belongs to the extension owner: the caller is run_as. The worker itself
+//     never calls the configuration functions, so outside tenant code the call is refused.
+//   - In a security-restricted operation elsewhere (index expressions, materialized views, VACUUM
+//     and ANALYZE run a table owner's code under another session user) the outer user is not the
+//     role whose code runs, and no other is known: refused.
+//   - Otherwise the session's current role (after SET ROLE), not the function's owner.
 Datum
 sbpg_caller(PG_FUNCTION_ARGS) {
+	if (OidIsValid(tenant_role))
+		PG_RETURN_OID(tenant_role);
+	if (in_sbpg_worker)
+		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+		                errmsg("sbpg's configuration functions cannot be called by an sbpg worker outside tenant code")));
+	if (InSecurityRestrictedOperation())
+		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+		                errmsg("sbpg's configuration functions cannot be called within a security-restricted operation"),
+		                errdetail("Index expressions, materialized views and maintenance commands run a table owner's "
+		                          "code under another session user, so the role calling cannot be told."),
+		                errhint("Call them in a session of your own.")));
 	PG_RETURN_OID(GetOuterUserId());
 }
 

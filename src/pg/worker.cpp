@@ -398,6 +398,15 @@ Worker::Setup() {
 	}
 	std::string kind = cfg_.identity_kind ? cfg_.identity_kind : "anonymous";
 	if (kind == "managed_identity" || kind == "workload_identity" || kind == "client_secret" || kind == "default") {
+		// Checked when the subscription was created; checked again here, where the token would go.
+		if (!cfg_.token_destination_ok) {
+			std::string msg = std::string("identity \"") + cfg_.identity + "\" sends Entra ID tokens only over TLS to "
+			                  "Service Bus namespaces or to brokers it lists in allowed_namespaces, not to " + cfg_.namespace_;
+			SetError(msg);
+			SetState(kStateFailed);
+			Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": " + msg);
+			return false;
+		}
 		if (!SetupTokens(&cc))
 			return false;
 	} else if (kind == "sas") {
@@ -754,6 +763,11 @@ Worker::ProcessBatch(std::vector<ReceivedMessage> &msgs) {
 		               ids.data(), static_cast<int>(ids.size()), &res);
 	    },
 	    &err);
+	// Whatever happened, nothing tenant code left in the session outlives the batch.
+	PgError cleanup_err;
+	if (!PgGuard([] { CleanSession(); }, &cleanup_err))
+		Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": cannot clean the session: " +
+		                 cleanup_err.message);
 	std::vector<Settlement> settle;
 	settle.reserve(msgs.size());
 	if (!ok) {
@@ -977,6 +991,8 @@ sbpg_worker_main(Datum arg) {
 	SpinLockRelease(&g_slot->mutex);
 	before_shmem_exit(OnExit, 0);
 	BackgroundWorkerInitializeConnectionByOid(start.database, start.user, 0);
+	in_sbpg_worker = true;
+	PinSessionSettings();
 	pgstat_report_appname(start.name);
 	pgstat_report_activity(STATE_IDLE, "starting");
 

@@ -83,10 +83,14 @@ describe("sbpg core", () => {
     assert.equal(byId["ok-1"].status, "applied");
     assert.equal(byId["ok-2"].status, "applied");
     for (const id of ["bad-json", "negative", "dup-key", "not-a-number"]) assert.equal(byId[id].status, "dead_lettered", id);
-    assert.match(byId["bad-json"].reason, /^InvalidJson: /);
-    assert.match(byId["negative"].reason, /check constraint "orders_amount_check"/);
-    assert.match(byId["dup-key"].reason, /duplicate key value/);
-    assert.match(byId["not-a-number"].reason, /invalid input syntax for type numeric/);
+    // NOTIFY carries the reason code; the inbox keeps the description.
+    assert.deepEqual(["bad-json", "negative", "dup-key", "not-a-number"].map((id) => byId[id].reason),
+      ["InvalidJson", "HandlerError", "HandlerError", "HandlerError"]);
+    const why = await pg.inboxReasons("mixed");
+    assert.match(why["bad-json"], /^InvalidJson: /);
+    assert.match(why["negative"], /check constraint "orders_amount_check"/);
+    assert.match(why["dup-key"], /duplicate key value/);
+    assert.match(why["not-a-number"], /invalid input syntax for type numeric/);
     const rows = await pg.query("SELECT id FROM orders WHERE id > 200000 ORDER BY id");
     assert.deepEqual(rows.rows.map((r) => Number(r.id)), [200001, 200003]);
     const dlq = sb.createReceiver("mixed", { subQueueType: "deadLetter" });
@@ -157,7 +161,8 @@ describe("sbpg core", () => {
     await sb.createSender("perm").sendMessages({ messageId: "p1", body: { any: 1 } });
     const n = await waitFor(() => listener.got.find((x) => x.subscription === "perm"), { what: "perm notification" });
     assert.equal(n.status, "dead_lettered");
-    assert.match(n.reason, /^PermissionDenied: permission denied for table secret_table/);
+    assert.equal(n.reason, "PermissionDenied");
+    assert.match((await pg.inboxReasons("perm")).p1, /^PermissionDenied: permission denied for table secret_table/);
     assert.equal((await pg.query("SELECT count(*)::int c FROM secret_table")).rows[0].c, 0);
   });
 
@@ -193,12 +198,13 @@ describe("sbpg core", () => {
     const got = Object.fromEntries(listener.got.filter((x) => ["rls", "restricted"].includes(x.subscription)).map((x) => [x.message_id, x]));
     assert.equal(got.acme.status, "applied");
     assert.equal(got.other.status, "dead_lettered");
-    assert.match(got.other.reason, /row-level security policy/);
+    const why = { ...(await pg.inboxReasons("rls")), ...(await pg.inboxReasons("restricted")) };
+    assert.match(why.other, /row-level security policy/);
     assert.equal(got.set.status, "dead_lettered");
-    assert.match(got.set.reason, /cannot set parameter "role" within/);
+    assert.match(why.set, /cannot set parameter "role" within/);
     assert.equal(got.reset.status, "dead_lettered");
     assert.equal(got.session.status, "dead_lettered");
-    assert.match(got.session.reason, /cannot set parameter "session_authorization" within/);
+    assert.match(why.session, /cannot set parameter "session_authorization" within/);
     const rows = (await pg.query("SELECT tenant FROM tenant_rows ORDER BY tenant")).rows.map((r) => r.tenant);
     assert.deepEqual(rows, ["acme"]);
   });
@@ -259,7 +265,8 @@ describe("sbpg core", () => {
     assert.equal(n.attempts, 2);
     const retry = listener.got.filter((x) => x.subscription === "transient" && x.status === "retry");
     assert.equal(retry.length, 1);
-    assert.match(retry[0].reason, /^TransientError: simulated serialization failure \(SQLSTATE 40001\)/);
+    assert.equal(retry[0].reason, "TransientError");
+    assert.match(pg.serverLog(), /"subscription":"transient","message_id":"t1".*"status":"retry","reason":"TransientError: simulated serialization failure \(SQLSTATE 40001\)/);
     assert.deepEqual((await pg.query("SELECT message_id, delivery_count FROM attempts")).rows, [{ message_id: "t1", delivery_count: 0 }],
       "the lock was held, so the broker never delivered it again");
     const st = (await pg.query("SELECT abandoned, applied, retries FROM sbpg.stats WHERE subscription = 'transient'")).rows[0];

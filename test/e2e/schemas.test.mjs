@@ -90,9 +90,11 @@ describe("versioned schemas", () => {
       ({ messageId, subject: "orders.created", applicationProperties: { schema_version: 1 }, body })));
     await waitFor(() => got("checked").filter((x) => x.status === "dead_lettered").length >= 6, { what: "6 dead-lettered" });
     const byId = Object.fromEntries(got("checked").map((x) => [x.message_id, x]));
+    const why = await pg.inboxReasons("checked");
     for (const [id, [, pattern]] of Object.entries(cases)) {
       assert.equal(byId[id].status, "dead_lettered", id);
-      const [reason, ...rest] = byId[id].reason.split(": ");
+      assert.equal(byId[id].reason, "SchemaViolation", id);
+      const [reason, ...rest] = why[id].split(": ");
       assert.equal(reason, "SchemaViolation", id);
       assert.match(rest.join(": "), pattern, id);
       assert.match(rest.join(": "), /\(message type "orders.created" version 1, schema \//, id);
@@ -111,9 +113,9 @@ describe("versioned schemas", () => {
     await send("checked", msgs("c"));
     await send("lenient", msgs("l"));
     await waitFor(() => got("checked").some((x) => x.message_id === "c-unknown-version") && got("lenient").length >= 2, { what: "outcomes" });
-    const c = Object.fromEntries(got("checked").map((x) => [x.message_id, x]));
-    assert.match(c["c-unknown-type"].reason, /^UnknownMessageType: no schema is registered for message type "invoices.sent"/);
-    assert.match(c["c-unknown-version"].reason, /^UnknownMessageType: version 9 of message type "orders.created" is not registered \(the latest is 1\)/);
+    const c = await pg.inboxReasons("checked");
+    assert.match(c["c-unknown-type"], /^UnknownMessageType: no schema is registered for message type "invoices.sent"/);
+    assert.match(c["c-unknown-version"], /^UnknownMessageType: version 9 of message type "orders.created" is not registered \(the latest is 1\)/);
     const l = got("lenient").map((x) => x.status);
     assert.deepEqual(l, ["applied", "applied"]);
     const rows = (await pg.query("SELECT id, mtype, mver FROM orders WHERE sub = 'lenient' ORDER BY id")).rows;
@@ -130,7 +132,8 @@ describe("versioned schemas", () => {
     await waitFor(() => got("checked").some((x) => x.message_id === "v2-long"), { what: "v2 outcomes" });
     const byId = Object.fromEntries(got("checked").map((x) => [x.message_id, x]));
     assert.equal(byId["v2-ok"].status, "applied");
-    assert.match(byId["v2-long"].reason, /^SchemaViolation: "maxLength" failed at \/note: the value is "far too long" \(message type "orders.created" version 2/);
+    assert.equal(byId["v2-long"].reason, "SchemaViolation");
+    assert.match((await pg.inboxReasons("checked"))["v2-long"], /^SchemaViolation: "maxLength" failed at \/note: the value is "far too long" \(message type "orders.created" version 2/);
     assert.equal((await pg.query("SELECT mver FROM orders WHERE id = 41")).rows[0].mver, "2");
   });
 
@@ -183,7 +186,8 @@ describe("versioned schemas", () => {
     await waitFor(() => got("checked").some((x) => x.message_id === "c-bad"), { what: "the bad date" });
     const bad = got("checked").find((x) => x.message_id === "c-bad");
     assert.equal(bad.status, "dead_lettered");
-    assert.match(bad.reason, /^MappingError: column since \(date\) of public.customers cannot take "not-a-date": invalid input syntax for type date/);
+    assert.equal(bad.reason, "MappingError");
+    assert.match((await pg.inboxReasons("checked"))["c-bad"], /^MappingError: column since \(date\) of public.customers cannot take "not-a-date": invalid input syntax for type date/);
     await send("checked", [{ messageId: "c-del", subject: "customers.deleted", body: { id: 7 } }]);
     await waitFor(async () => (await row()).length === 0, { what: "the delete" });
     assert.deepEqual((await pg.query("SELECT id, note FROM audit")).rows, [{ id: 7, note: "renamed" }]);

@@ -49,7 +49,18 @@ struct SubConfig {
 	bool validate_schemas;  // "schemas": "validate"
 	bool unknown_pass;      // "unknown_types": "pass" (default: dead_letter)
 	char *version_property; // "version_property" (default schema_version)
+	int handler_timeout_ms; // how long tenant code may run for one message (default 30000)
+	bool token_destination_ok; // the namespace may receive an Entra ID token (TLS Service Bus, or listed)
 };
+
+// Pins the settings sbpg's own statements depend on (search_path = pg_catalog, pg_temp among
+// them) at session level, over whatever the database's or the owner's defaults say. Called once by
+// the launcher and each worker after connecting.
+void PinSessionSettings();
+
+// Drops what tenant code may leave in the session beyond a transaction: session-level advisory
+// locks and prepared statements. Called after every batch, whatever its outcome.
+void CleanSession();
 
 void LoadSubConfig(const char *name, SubConfig *out);
 
@@ -71,6 +82,7 @@ struct ApplyItem {
 	bool gave_up;             // kDeadLettered with MaxRetriesExceeded
 	bool stale;               // its sequence number is recorded for another message (entity recreated)
 	bool mapped;              // applied through a declarative mapping, not the handler
+	bool timed_out;           // its failure was the handler time limit (handler_timeout_ms)
 	int failed_errcode;       // set when it failed in a pass without subtransactions
 	char failed_error[512];
 };

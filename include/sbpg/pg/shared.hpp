@@ -25,6 +25,11 @@ extern int guc_max_json_depth;
 extern char *guc_test_fault;
 extern char *guc_ca_file;
 
+// Set in sbpg's workers: tenant_role is the run_as role while tenant code runs (InvalidOid
+// otherwise); sbpg._caller() judges it (module.cpp).
+extern bool in_sbpg_worker;
+extern Oid tenant_role;
+
 enum LogMessages { kLogNone = 0, kLogFailures = 1, kLogAll = 2 };
 
 constexpr int kSamples = 512;   // recent latency samples kept per subscription

@@ -122,6 +122,11 @@ export async function startCluster({ conf = {}, env = {} } = {}) {
       await c.query(`LISTEN ${channel}`);
       return { client: c, got, close: () => c.end() };
     },
+    /** message_id -> the full reason recorded in sbpg.inbox ("Reason: description"); NOTIFY carries the code only. */
+    async inboxReasons(subscription) {
+      const r = await cluster.query("SELECT message_id, reason FROM sbpg.inbox WHERE subscription = $1", [subscription]);
+      return Object.fromEntries(r.rows.map((x) => [x.message_id, x.reason]));
+    },
     serverLog() {
       return existsSync(log) ? readFileSync(log, "utf8") : "";
     },

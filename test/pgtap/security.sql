@@ -1,0 +1,114 @@
+-- pgTAP: the SQL side of sbpg's security model (docs/security.md): Entra ID tokens only over TLS,
+-- owners of message types, statistics by visibility, the handler time limit, configuration
+-- functions refused where the calling role cannot be told, and what pg_dump keeps.
+BEGIN;
+SELECT plan(29);
+
+CREATE ROLE tap_alice NOLOGIN IN ROLE sbpg_admin;
+CREATE ROLE tap_bob NOLOGIN IN ROLE sbpg_admin;
+CREATE ROLE tap_alice_w NOLOGIN;
+CREATE ROLE tap_bob_w NOLOGIN;
+CREATE ROLE tap_alice_team NOLOGIN IN ROLE sbpg_admin;
+CREATE ROLE tap_watch NOLOGIN IN ROLE sbpg_monitor;
+GRANT tap_alice_w TO tap_alice;
+GRANT tap_bob_w TO tap_bob;
+GRANT tap_alice TO tap_alice_team; -- a member of alice's role
+CREATE FUNCTION tap_sh(m sbpg.message) RETURNS void LANGUAGE sql AS $$ SELECT $$;
+GRANT EXECUTE ON FUNCTION tap_sh(sbpg.message) TO tap_alice_w, tap_bob_w;
+
+-- Entra ID tokens go to Service Bus over TLS, or to a broker the identity lists exactly.
+SELECT sbpg.create_identity('tap-mi', 'managed_identity', '{"allowed_namespaces": ["amqp://127.0.0.1:5672"]}');
+SELECT throws_ok($$SELECT sbpg.create_subscription('s-plain', 'amqp://contoso.servicebus.windows.net', 'q', 'tap_sh(sbpg.message)', 'tap_alice_w', 'tap-mi')$$,
+    '42501', 'identity "tap-mi" sends Entra ID tokens only to Service Bus namespaces over TLS, not to amqp://contoso.servicebus.windows.net',
+    'no token over plain AMQP, even to a Service Bus host name');
+SELECT throws_ok($$SELECT sbpg.create_subscription('s-plain', 'amqp://contoso.servicebus.windows.net:5671', 'q', 'tap_sh(sbpg.message)', 'tap_alice_w', 'tap-mi')$$,
+    '42501', NULL, 'nor with the TLS port written on a plain URL');
+SELECT throws_ok($$SELECT sbpg.create_subscription('s-plain', 'amqps://evil.example', 'q', 'tap_sh(sbpg.message)', 'tap_alice_w', 'tap-mi')$$,
+    '42501', NULL, 'nor to another TLS broker that is not listed');
+SELECT lives_ok($$SELECT sbpg.create_subscription('s-bare', 'contoso.servicebus.windows.net', 'q', 'tap_sh(sbpg.message)', 'tap_alice_w', 'tap-mi', enabled => false)$$,
+    'a namespace host name means TLS');
+SELECT lives_ok($$SELECT sbpg.create_subscription('s-amqps', 'amqps://contoso.servicebus.windows.net', 'q', 'tap_sh(sbpg.message)', 'tap_alice_w', 'tap-mi', enabled => false)$$,
+    'amqps:// to a namespace');
+SELECT lives_ok($$SELECT sbpg.create_subscription('s-listed', 'amqp://127.0.0.1:5672', 'q', 'tap_sh(sbpg.message)', 'tap_alice_w', 'tap-mi', enabled => false)$$,
+    'a plain broker the identity lists exactly (a local emulator)');
+SELECT throws_ok($$SELECT sbpg.alter_subscription('s-bare', namespace => 'amqp://contoso.servicebus.windows.net')$$,
+    '42501', NULL, 'alter_subscription checks the same rule');
+
+-- The handler time limit: 100 ms to an hour, never past the lock renewal limit.
+SELECT lives_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"handler_timeout_ms": 5000}')$$, 'handler_timeout_ms is an option');
+SELECT throws_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"handler_timeout_ms": 50}')$$,
+    '22023', 'subscription option "handler_timeout_ms" must be an integer from 100 to 3600000', 'not below 100 ms');
+SELECT throws_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"handler_timeout_ms": 400000}')$$,
+    '22023', 'handler_timeout_ms must not exceed max_lock_renewal_s', 'not past the lock renewal limit (300 s by default)');
+SELECT lives_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"handler_timeout_ms": 400000, "max_lock_renewal_s": 600}')$$,
+    'unless the locks are renewed for longer');
+
+-- Message types belong to whoever registers them first.
+SET ROLE tap_alice;
+SELECT lives_ok($$SELECT sbpg.register_schema('tap.orders', 1, '{"type": "object"}')$$, 'alice registers a type');
+RESET ROLE;
+SELECT is((SELECT owner::text FROM sbpg.message_types WHERE name = 'tap.orders'), 'tap_alice', 'she owns it');
+SET ROLE tap_bob;
+SELECT throws_ok($$SELECT sbpg.set_compatibility('tap.orders', 'none')$$, '42501',
+    'permission denied to change the compatibility of message type tap.orders', 'bob may not change its compatibility');
+SELECT throws_ok($$SELECT sbpg.register_schema('tap.orders', 2, '{"type": "object", "required": ["x"]}')$$, '42501',
+    'permission denied to register a version of message type tap.orders', 'nor register a version of it');
+SELECT lives_ok($$SELECT sbpg.register_schema('tap.invoices', 1, '{"type": "object"}')$$, 'bob registers a type of his own');
+RESET ROLE;
+SELECT sbpg.create_subscription('s-bob', 'amqp://127.0.0.1:5672', 'q2', 'tap_sh(sbpg.message)', 'tap_bob_w', enabled => false);
+CREATE TABLE tap_bob_t (id int PRIMARY KEY);
+GRANT INSERT ON tap_bob_t TO tap_bob_w;
+SET ROLE tap_bob;
+SELECT throws_ok($$SELECT sbpg.create_mapping('s-bob', 'tap.orders', 'tap_bob_t')$$, '42501',
+    'permission denied to map message type tap.orders', 'nor map it');
+RESET ROLE;
+SET ROLE tap_alice_team;
+SELECT lives_ok($$SELECT sbpg.set_compatibility('tap.orders', 'full')$$, 'a member of the owner role may');
+RESET ROLE;
+SELECT lives_ok($$SELECT sbpg.register_schema('tap.orders', 2, '{"type": "object"}')$$, 'and so may a superuser');
+SELECT is((SELECT compatibility FROM sbpg.message_types WHERE name = 'tap.orders'), 'full', 'the change by the member stands');
+
+-- Statistics by visibility: sbpg_admin members see their own subscriptions; sbpg_monitor sees all;
+-- the raw slots are superusers'.
+SET ROLE tap_bob;
+SELECT throws_ok($$SELECT * FROM sbpg._worker_stats()$$, '42501', NULL, 'sbpg_admin may not read the raw worker slots');
+SELECT is((SELECT array_agg(subscription ORDER BY subscription) FROM sbpg.stats), ARRAY['s-bob'],
+    'an admin sees the subscriptions whose run_as they belong to');
+RESET ROLE;
+SET ROLE tap_watch;
+SELECT is((SELECT count(*)::int FROM sbpg.stats), (SELECT count(*)::int FROM sbpg.subscriptions), 'sbpg_monitor sees every subscription');
+SELECT throws_ok($$SELECT * FROM sbpg._worker_stats()$$, '42501', NULL, 'nor may sbpg_monitor');
+RESET ROLE;
+SELECT is((SELECT count(*)::int FROM sbpg.stats), (SELECT count(*)::int FROM sbpg.subscriptions), 'a superuser sees every subscription');
+
+-- In a security-restricted operation (here CREATE INDEX, which runs the table owner's expression
+-- as the owner while the session belongs to a superuser) the caller cannot be told: refused.
+CREATE TABLE tap_alice_t (x int);
+ALTER TABLE tap_alice_t OWNER TO tap_alice;
+CREATE FUNCTION tap_pwn(x int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+	PERFORM sbpg.alter_subscription('s-listed', run_as => 'postgres', options => '{"allow_superuser_run_as": true}');
+	RETURN x;
+END $$;
+ALTER FUNCTION tap_pwn(int) OWNER TO tap_alice;
+INSERT INTO tap_alice_t VALUES (1);
+SELECT throws_ok($$CREATE INDEX ON tap_alice_t (tap_pwn(x))$$, '42501',
+    'sbpg''s configuration functions cannot be called within a security-restricted operation',
+    'a table owner''s index expression cannot drive the configuration functions as the superuser who builds the index');
+SELECT is((SELECT run_as::text FROM sbpg.subscriptions WHERE name = 's-listed'), 'tap_alice_w', 'run_as is unchanged');
+
+-- pg_dump keeps the configuration and the inbox.
+SELECT set_eq($$SELECT unnest(extconfig)::regclass::text FROM pg_extension WHERE extname = 'sbpg'$$,
+    ARRAY['sbpg.identities', 'sbpg.identity_secrets', 'sbpg.identity_usage', 'sbpg.subscriptions', 'sbpg.inbox',
+          'sbpg.retries', 'sbpg.message_types', 'sbpg.schemas', 'sbpg.mappings'],
+    'every configuration table and the inbox are dumped with the database');
+
+-- A worker's session is pinned to search_path = pg_catalog, pg_temp; the configuration functions
+-- carry that path themselves.
+SELECT is((SELECT count(*)::int FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+           WHERE n.nspname = 'sbpg' AND p.prosecdef
+             AND NOT coalesce(p.proconfig @> ARRAY['search_path=pg_catalog, pg_temp'], false)), 0,
+    'every SECURITY DEFINER function of sbpg fixes search_path = pg_catalog, pg_temp');
+
+SELECT * FROM finish();
+ROLLBACK;
