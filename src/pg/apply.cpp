@@ -22,7 +22,6 @@ extern "C" {
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "commands/async.h"
-#include "commands/prepare.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -67,6 +66,7 @@ constexpr size_t kNotifyIdMax = 512; // bytes of an id a NOTIFY payload carries 
 // sbpg's own statements run in a session that belongs to the extension owner: every function,
 // operator and type they name is schema-qualified, so nothing anyone creates (in public, in their
 // own schemas, in pg_temp) can stand in for it, whatever the search_path (docs/security.md).
+// OPERATOR(...) has one precedence for every operator, left-associative: parenthesize.
 #define EQ " OPERATOR(pg_catalog.=) "
 #define LT " OPERATOR(pg_catalog.<) "
 #define LE " OPERATOR(pg_catalog.<=) "
@@ -1397,8 +1397,10 @@ PinSessionSettings() {
 
 void
 CleanSession() {
+	// PostgreSQL refuses the rest of a session's state in a security-restricted operation (SET
+	// ROLE, temporary tables, PREPARE, LISTEN, cursors WITH HOLD); settings are restored by
+	// LeaveRunAs and other temporary objects refused by sbpg's object-access hook (module.cpp).
 	LockReleaseSession(USER_LOCKMETHOD); // session-level advisory locks
-	DropAllPreparedStatements();
 }
 
 void
@@ -1446,17 +1448,17 @@ PruneInbox(const SubConfig *cfg, int retention_s, int limit) {
 	// cannot come back. Rows still waiting for a confirmation stay: they recognise a redelivery.
 	int rc = SPI_execute_with_args(
 	    "DELETE FROM sbpg.inbox WHERE ctid" EQ "ANY (ARRAY(SELECT ctid FROM sbpg.inbox WHERE subscription" EQ "$1 "
-	    "AND recorded_at" LT "pg_catalog.now()" MINUS "pg_catalog.make_interval(secs => $2) AND settled_at IS NOT NULL "
+	    "AND recorded_at" LT "(pg_catalog.now()" MINUS "pg_catalog.make_interval(secs => $2)) AND settled_at IS NOT NULL "
 	    "LIMIT $3))",
 	    3, types, args, nullptr, false, 0);
 	int64 n = rc == SPI_OK_DELETE ? static_cast<int64>(SPI_processed) : 0;
 	// Retry rows of messages that never came back (expired, received elsewhere) within the period.
 	rc = SPI_execute_with_args(
 	    "DELETE FROM sbpg.retries WHERE ctid" EQ "ANY (ARRAY(SELECT ctid FROM sbpg.retries WHERE subscription" EQ "$1 "
-	    "AND last_failed_at" LT "pg_catalog.now()" MINUS
-	    "pg_catalog.make_interval(secs => CASE WHEN deferred THEN greatest($2, 604800) ELSE $2 END) "
-	    "AND next_attempt_at" LT "pg_catalog.now()" MINUS
-	    "pg_catalog.make_interval(secs => CASE WHEN deferred THEN greatest($2, 604800) ELSE $2 END) "
+	    "AND last_failed_at" LT "(pg_catalog.now()" MINUS
+	    "pg_catalog.make_interval(secs => CASE WHEN deferred THEN greatest($2, 604800) ELSE $2 END)) "
+	    "AND next_attempt_at" LT "(pg_catalog.now()" MINUS
+	    "pg_catalog.make_interval(secs => CASE WHEN deferred THEN greatest($2, 604800) ELSE $2 END)) "
 	    "LIMIT $3))",
 	    3, types, args, nullptr, false, 0);
 	n += rc == SPI_OK_DELETE ? static_cast<int64>(SPI_processed) : 0;

@@ -5,6 +5,7 @@ extern "C" {
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "catalog/namespace.h"
 #include "catalog/objectaccess.h"
 #include "catalog/pg_extension.h"
 #include "commands/trigger.h"
@@ -112,13 +113,27 @@ WakeAtCommit() {
 	wake_at_commit = true;
 }
 
-// DROP EXTENSION: wake the launcher at commit so it stops the workers at once.
+// DROP EXTENSION: wake the launcher at commit so it stops the workers at once. Tenant code in a
+// worker creates no temporary object: PostgreSQL refuses temporary tables in a security-restricted
+// operation but not temporary functions, operators or types, which would outlive the handler in
+// the worker's session. The worker itself never creates a temporary namespace, so one that exists
+// while tenant code creates an object was made by that tenant code.
 void
 ObjectAccess(ObjectAccessType access, Oid class_id, Oid object_id, int sub_id, void *arg) {
 	if (prev_object_access_hook)
 		prev_object_access_hook(access, class_id, object_id, sub_id, arg);
 	if (access == OAT_DROP && class_id == ExtensionRelationId)
 		WakeAtCommit();
+	if (access == OAT_POST_CREATE && OidIsValid(tenant_role)) {
+		Oid temp_ns = InvalidOid, temp_toast_ns = InvalidOid;
+		GetTempNamespaceState(&temp_ns, &temp_toast_ns);
+		if (OidIsValid(temp_ns))
+			ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			                errmsg("cannot create temporary objects in code an sbpg worker runs"),
+			                errdetail("Handlers, upcasts and mappings run in the worker's session; a temporary object "
+			                          "would outlive the message."),
+			                errhint("Create the object in a schema of run_as's own.")));
+	}
 }
 
 void

@@ -888,16 +888,23 @@ Worker::Housekeeping() {
 		                               static_cast<int>(ids.size())); },
 		            &err))
 			confirmed_.clear();
+		else
+			Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": cannot stamp settled_at: " + err.message);
 		last_stamp_ = now;
 	}
-	// Retention: small batches, each its own short transaction, at most 20 a minute, so pruning
-	// never holds locks for long or competes with applying messages.
-	if (guc_inbox_retention_s > 0 && now - last_prune_ > 60 * USECS_PER_SEC) {
+	// Retention: small batches, each its own short transaction, at most 20 a round and a round a
+	// minute (or every half retention period when that is shorter), so pruning never holds locks for
+	// long or competes with applying messages.
+	int64 prune_every = std::min<int64>(60 * USECS_PER_SEC, std::max<int64>(USECS_PER_SEC,
+	                                                                        guc_inbox_retention_s * USECS_PER_SEC / 2));
+	if (guc_inbox_retention_s > 0 && now - last_prune_ > prune_every) {
 		last_prune_ = now;
 		int64 removed = 0, round = 0;
 		for (int i = 0; i < 20; ++i) {
-			if (!PgGuard([&] { round = PruneInbox(&cfg_, guc_inbox_retention_s, 1000); }, &err))
+			if (!PgGuard([&] { round = PruneInbox(&cfg_, guc_inbox_retention_s, 1000); }, &err)) {
+				Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": cannot prune sbpg.inbox: " + err.message);
 				break;
+			}
 			removed += round;
 			if (round < 1000)
 				break;

@@ -59,7 +59,7 @@ struct SubConfig {
 void PinSessionSettings();
 
 // Drops what tenant code may leave in the session beyond a transaction: session-level advisory
-// locks and prepared statements. Called after every batch, whatever its outcome.
+// locks. Called after every batch, whatever its outcome.
 void CleanSession();
 
 void LoadSubConfig(const char *name, SubConfig *out);

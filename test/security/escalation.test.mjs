@@ -1,0 +1,361 @@
+// The privilege-escalation suite (docs/security.md): sbpg's worker session belongs to the
+// extension owner, a superuser, and runs tenants' code. Roles as an attacker would have them:
+// alice and bob are LOGIN members of sbpg_admin with NOLOGIN writer roles (alice_w, bob_w);
+// mallory has no sbpg role, only CREATE on schema public. Every way tenant code runs (handler,
+// upcast, mapping, mapping diagnosis, domain check, trigger, default expression) and every shadowing
+// object (functions and operators in public and in a tenant's schema, put on the worker's path by
+// a handler's SET) calls public.observe(), which writes current_user to the server log (a record
+// no rollback undoes) and, if it ever runs as a superuser, makes mallory one. At the end no role
+// but postgres is a superuser, tenant code only ever observed current_user = run_as, and no
+// shadowing object ever ran.
+import { describe, it, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { ServiceBusClient } from "@azure/service-bus";
+import { startSbemu, configWith, queue } from "../conformance/lib/sbemu.mjs";
+import { startCluster, waitFor } from "../e2e/lib/cluster.mjs";
+import pg from "pg";
+
+const queues = ["victim", "bobq", "slow", "notes", "odd"];
+const notifyKeys = new Set(["subscription", "message_id", "correlation_id", "sequence_number", "status", "xid", "attempts",
+  "attempt", "next_attempt_at", "deferred", "reason"]);
+
+describe("privilege escalation", () => {
+  let emu, db, sb, listener, spy;
+  const got = (sub) => listener.got.filter((x) => x.subscription === sub);
+  const byId = (sub) => Object.fromEntries(got(sub).map((x) => [x.message_id, x]));
+  const send = async (entity, msgs) => {
+    const s = sb.createSender(entity);
+    await s.sendMessages(msgs);
+    await s.close();
+  };
+  const asRole = async (role, sql) => {
+    const c = new pg.Client({ ...db.connectionOptions(), user: role });
+    await c.connect();
+    try {
+      return await c.query(sql);
+    } finally {
+      await c.end();
+    }
+  };
+  const observed = async () => [...db.serverLog().matchAll(/sbpg-observed who=(\S+) super=(\S+) what=(.*)$/gm)]
+    .map((m) => ({ who: m[1], super: m[2], what: m[3] }));
+
+  before(async () => {
+    emu = await startSbemu({ config: configWith({ queues: queues.map((n) => queue(n, { MaxDeliveryCount: 10 })) }) });
+    db = await startCluster({ conf: { "sbpg.inbox_retention": "'2s'" } });
+    await db.psql(`
+      CREATE EXTENSION sbpg;
+      CREATE ROLE alice LOGIN IN ROLE sbpg_admin;
+      CREATE ROLE bob LOGIN IN ROLE sbpg_admin;
+      CREATE ROLE alice_w NOLOGIN;
+      CREATE ROLE bob_w NOLOGIN;
+      GRANT alice_w TO alice;
+      GRANT bob_w TO bob;
+      CREATE ROLE mallory LOGIN;
+      GRANT CREATE ON SCHEMA public TO mallory;
+      CREATE SCHEMA team_a AUTHORIZATION alice;
+      CREATE SCHEMA team_b AUTHORIZATION bob;
+      GRANT USAGE, CREATE ON SCHEMA team_a TO alice_w;
+      GRANT USAGE ON SCHEMA team_b TO bob_w;
+      ALTER ROLE alice_w SET search_path = team_a, public;
+      -- What every tenant and shadowing function calls.
+      CREATE FUNCTION public.observe(what text) RETURNS void LANGUAGE plpgsql AS $$
+      DECLARE
+        super boolean := (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user);
+      BEGIN
+        RAISE LOG 'sbpg-observed who=% super=% what=%', current_user, super, what;
+        IF super THEN
+          EXECUTE 'ALTER ROLE mallory SUPERUSER';
+        END IF;
+      END $$;
+      SELECT sbpg.create_identity('emu', 'sas', '{"key_name": "RootManageSharedAccessKey", "key": "SAS_KEY_VALUE"}');
+      SELECT sbpg.grant_identity('emu', 'sbpg_admin');
+    `);
+
+    // mallory: functions and an operator in public that beat pg_catalog's for the argument types
+    // the worker's own statements once used (make_interval(secs => int), unnest(text[]),
+    // numeric * integer), and a few that would win with public first on the path.
+    await asRole("mallory", `
+      CREATE FUNCTION public.make_interval(secs integer) RETURNS interval LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('shadow make_interval'); RETURN pg_catalog.make_interval(secs => secs::float8); END $$;
+      CREATE FUNCTION public.unnest(text[]) RETURNS SETOF text LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('shadow unnest'); RETURN QUERY SELECT pg_catalog.unnest($1); END $$;
+      CREATE FUNCTION public.shadow_mul(numeric, integer) RETURNS numeric LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('shadow *'); RETURN $1 OPERATOR(pg_catalog.*) $2::numeric; END $$;
+      CREATE OPERATOR public.* (LEFTARG = numeric, RIGHTARG = integer, FUNCTION = public.shadow_mul);
+      CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('shadow now'); RETURN pg_catalog.now(); END $$;
+      CREATE FUNCTION public.md5(text) RETURNS text LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('shadow md5'); RETURN pg_catalog.md5($1); END $$;
+      CREATE FUNCTION public.lower(text) RETURNS text LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('shadow lower'); RETURN pg_catalog.lower($1); END $$;
+    `);
+
+    // alice: a schema of hijacking objects (every name and operator the worker's statements use),
+    // put first on the session's path by her handler; a handler that tries each escape; a mapping
+    // to a table whose domain check, default and trigger are hers; an upcast.
+    await asRole("alice", `
+      CREATE FUNCTION team_a.now() RETURNS timestamptz LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('hijack now'); RETURN pg_catalog.now(); END $$;
+      CREATE FUNCTION team_a.make_interval(secs integer) RETURNS interval LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('hijack make_interval'); RETURN pg_catalog.make_interval(secs => secs::float8); END $$;
+      CREATE FUNCTION team_a.unnest(text[]) RETURNS SETOF text LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('hijack unnest'); RETURN QUERY SELECT pg_catalog.unnest($1); END $$;
+      CREATE FUNCTION team_a.md5(text) RETURNS text LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('hijack md5'); RETURN pg_catalog.md5($1); END $$;
+      CREATE FUNCTION team_a.substr(text, integer) RETURNS text LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('hijack substr'); RETURN pg_catalog.substr($1, $2); END $$;
+      CREATE FUNCTION team_a.eq_text(text, text) RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('hijack = text'); RETURN $1 OPERATOR(pg_catalog.=) $2; END $$;
+      CREATE OPERATOR team_a.= (LEFTARG = text, RIGHTARG = text, FUNCTION = team_a.eq_text);
+      CREATE FUNCTION team_a.eq_int8(bigint, bigint) RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('hijack = bigint'); RETURN $1 OPERATOR(pg_catalog.=) $2; END $$;
+      CREATE OPERATOR team_a.= (LEFTARG = bigint, RIGHTARG = bigint, FUNCTION = team_a.eq_int8);
+      CREATE FUNCTION team_a.lt_ts(timestamptz, timestamptz) RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('hijack < timestamptz'); RETURN $1 OPERATOR(pg_catalog.<) $2; END $$;
+      CREATE OPERATOR team_a.< (LEFTARG = timestamptz, RIGHTARG = timestamptz, FUNCTION = team_a.lt_ts);
+      CREATE FUNCTION team_a.get_text(jsonb, text) RETURNS text LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('hijack ->>'); RETURN $1 OPERATOR(pg_catalog.->>) $2; END $$;
+      CREATE OPERATOR team_a.->> (LEFTARG = jsonb, RIGHTARG = text, FUNCTION = team_a.get_text);
+      CREATE FUNCTION team_a.minus_ts(timestamptz, interval) RETURNS timestamptz LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('hijack - interval'); RETURN $1 OPERATOR(pg_catalog.-) $2; END $$;
+      CREATE OPERATOR team_a.- (LEFTARG = timestamptz, RIGHTARG = interval, FUNCTION = team_a.minus_ts);
+
+      CREATE TABLE team_a.applied (message_id text PRIMARY KEY);
+      -- alice may manage subscriptions; her handler reaches the configuration functions through a
+      -- SECURITY DEFINER function of hers (run_as itself may not execute them).
+      CREATE FUNCTION team_a.as_alice(how text) RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+      BEGIN
+        IF how = 'alter' THEN
+          PERFORM sbpg.alter_subscription('victim', run_as => 'postgres', handler => 'team_a.stage2(sbpg.message)',
+                                          options => '{"allow_superuser_run_as": true}');
+        ELSIF how = 'admin' THEN
+          PERFORM sbpg.alter_subscription('victim', run_as => 'sbpg_admin');
+        ELSE
+          PERFORM sbpg.create_identity('mine', 'anonymous');
+        END IF;
+      END $$;
+      CREATE FUNCTION team_a.stage2(m sbpg.message) RETURNS void LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('stage2'); EXECUTE 'ALTER ROLE alice SUPERUSER'; END $$;
+      CREATE FUNCTION team_a.attack(m sbpg.message) RETURNS void LANGUAGE plpgsql AS $$
+      DECLARE
+        how text := m.body OPERATOR(pg_catalog.->>) 'how';
+      BEGIN
+        PERFORM public.observe('handler ' || coalesce(how, 'plain'));
+        IF how = 'settings' THEN
+          PERFORM pg_catalog.set_config('search_path', 'team_a, pg_catalog', false);
+          PERFORM pg_catalog.set_config('default_transaction_read_only', 'on', false);
+          PERFORM pg_catalog.set_config('lock_timeout', '1', false);
+          PERFORM pg_catalog.set_config('statement_timeout', '1', false);
+          PERFORM pg_catalog.pg_advisory_lock(4242);
+        ELSIF how = 'prepare' THEN
+          EXECUTE 'PREPARE sneaky AS SELECT 1';
+        ELSIF how = 'reuse' THEN
+          PERFORM public.observe('search_path ' || pg_catalog.current_setting('search_path'));
+          PERFORM public.observe('read only ' || pg_catalog.current_setting('transaction_read_only'));
+        ELSIF how IN ('alter', 'admin', 'identity') THEN
+          PERFORM team_a.as_alice(how);
+        ELSIF how = 'temp' THEN
+          CREATE TEMP TABLE scratch (x int);
+        ELSIF how = 'temp_fn' THEN
+          EXECUTE 'CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql AS ''SELECT 1''';
+        ELSIF how = 'role' THEN
+          PERFORM pg_catalog.set_config('role', 'postgres', false);
+        END IF;
+        INSERT INTO team_a.applied VALUES (m.message_id);
+      END $$;
+      CREATE FUNCTION team_a.check_v(v text) RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('domain check'); RETURN v <> 'forbidden'; END $$;
+      CREATE DOMAIN team_a.checked AS text CHECK (team_a.check_v(VALUE));
+      CREATE FUNCTION team_a.note_default() RETURNS text LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('default'); RETURN 'd'; END $$;
+      CREATE TABLE team_a.notes (id int PRIMARY KEY, v team_a.checked, n int, d text DEFAULT team_a.note_default());
+      CREATE FUNCTION team_a.note_trigger() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('trigger'); RETURN NEW; END $$;
+      CREATE TRIGGER note_trigger BEFORE INSERT ON team_a.notes FOR EACH ROW EXECUTE FUNCTION team_a.note_trigger();
+      CREATE FUNCTION team_a.up(p jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('upcast'); RETURN p || '{"upcast": true}'; END $$;
+      CREATE FUNCTION team_a.noted(m sbpg.message) RETURNS void LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('noted handler ' || coalesce(m.body ->> 'upcast', 'none')); END $$;
+      GRANT SELECT, INSERT, UPDATE ON team_a.applied, team_a.notes TO alice_w;
+      GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA team_a TO alice_w;
+      GRANT USAGE ON TYPE team_a.checked TO alice_w;
+      SELECT sbpg.create_subscription('victim', '${emu.amqp}', 'victim', 'team_a.attack(sbpg.message)', 'alice_w', 'emu', batch_size => 10);
+      SELECT sbpg.create_subscription('notes', '${emu.amqp}', 'notes', 'team_a.noted(sbpg.message)', 'alice_w', 'emu',
+        options => '{"schemas": "validate", "unknown_types": "pass"}');
+      SELECT sbpg.register_schema('team.up', 1, '{"type": "object"}', upcast => 'team_a.up(jsonb)');
+      SELECT sbpg.register_schema('team.up', 2, '{"type": "object"}');
+      SELECT sbpg.create_mapping('notes', 'team.note', 'team_a.notes');
+    `);
+
+    // bob: an ordinary subscription, a slow handler under a time limit, and a table whose check
+    // constraint quotes its row in the error.
+    await asRole("bob", `
+      CREATE TABLE team_b.secrets (id int PRIMARY KEY, secret text CHECK (secret <> 'leak-me'));
+      CREATE FUNCTION team_b.take(m sbpg.message) RETURNS void LANGUAGE plpgsql AS $$
+      BEGIN
+        PERFORM public.observe('bob handler');
+        IF (m.body ->> 'sleep') IS NOT NULL THEN PERFORM pg_catalog.pg_sleep((m.body ->> 'sleep')::float8); END IF;
+        INSERT INTO team_b.secrets VALUES ((m.body ->> 'id')::int, m.body ->> 'secret');
+      END $$;
+      GRANT SELECT, INSERT ON team_b.secrets TO bob_w;
+      GRANT EXECUTE ON FUNCTION team_b.take(sbpg.message) TO bob_w;
+      SELECT sbpg.create_subscription('bobq', '${emu.amqp}', 'bobq', 'team_b.take(sbpg.message)', 'bob_w', 'emu');
+      SELECT sbpg.create_subscription('slow', '${emu.amqp}', 'slow', 'team_b.take(sbpg.message)', 'bob_w', 'emu',
+        options => '{"handler_timeout_ms": 300, "max_retries": 1, "retry_base_ms": 10, "retry_cap_ms": 20}');
+      SELECT sbpg.create_subscription('odd', '${emu.amqp}', 'odd', 'team_b.take(sbpg.message)', 'bob_w', 'emu');
+    `);
+    listener = await db.listen();
+    // mallory listens too: any database user can.
+    spy = { client: new pg.Client({ ...db.connectionOptions(), user: "mallory" }), got: [] };
+    await spy.client.connect();
+    spy.client.on("notification", (n) => spy.got.push(n.payload));
+    await spy.client.query("LISTEN sbpg_confirm");
+    sb = new ServiceBusClient(emu.connectionString(), { retryOptions: { maxRetries: 1, timeoutInMs: 20000 } });
+    await waitFor(async () => Number((await db.query("SELECT count(*) FROM sbpg.stats WHERE state = 'connected'")).rows[0].count) === 5,
+      { timeout: 30000, what: "five workers connected" });
+  });
+
+  after(async () => {
+    await spy?.client.end();
+    await listener?.close();
+    await sb?.close();
+    await db?.stop();
+    await emu?.stop();
+  });
+
+  it("a handler's settings and locks do not outlive it", async () => {
+    await send("victim", [{ messageId: "settings", body: { how: "settings" } }]);
+    await waitFor(() => byId("victim").settings, { what: "the settings message" });
+    assert.equal(byId("victim").settings.status, "applied", (await db.inboxReasons("victim")).settings);
+    // The session-level advisory lock is released after the batch.
+    await waitFor(async () => (await db.query("SELECT pg_try_advisory_lock(4242) AS ok")).rows[0].ok,
+      { what: "advisory lock 4242 released by the worker" });
+    await db.query("SELECT pg_advisory_unlock_all()");
+    // The next batch: not read-only, with run_as's own search_path.
+    await send("victim", [{ messageId: "reuse", body: { how: "reuse" } }]);
+    await waitFor(() => byId("victim").reuse, { what: "the reuse message" });
+    assert.equal(byId("victim").reuse.status, "applied");
+    const seen = (await observed()).map((r) => r.what);
+    assert.ok(seen.includes("search_path team_a, public"), "the handler runs with run_as's search_path");
+    assert.ok(seen.includes("read only off"));
+    // Another tenant's subscription behaves as before.
+    await send("bobq", [{ messageId: "b-1", body: { id: 1, secret: "fine" } }]);
+    await waitFor(() => byId("bobq")["b-1"], { what: "bob's message" });
+    assert.equal(byId("bobq")["b-1"].status, "applied");
+    // Retention passes (every second at a 2 s retention) and the schema refresh ran since the
+    // handler set its search_path: the worker's own statements never picked up a tenant object.
+    await waitFor(async () => Number((await db.query("SELECT count(*) FROM sbpg.inbox WHERE subscription = 'victim' AND message_id = 'settings'")).rows[0].count) === 0,
+      { timeout: 30000, what: "the settings row pruned by retention" });
+  });
+
+  it("a handler cannot drive the configuration functions, change role or create temporary objects", async () => {
+    await send("victim", ["alter", "admin", "identity", "temp", "temp_fn", "role", "prepare"].map((how) => ({ messageId: how, body: { how } })));
+    await waitFor(() => ["alter", "admin", "identity", "temp", "temp_fn", "role", "prepare"].every((id) => byId("victim")[id]), { what: "seven outcomes" });
+    const why = await db.inboxReasons("victim");
+    for (const id of ["alter", "admin", "identity", "temp", "temp_fn", "role", "prepare"]) {
+      assert.equal(byId("victim")[id].status, "dead_lettered", id);
+      assert.equal(byId("victim")[id].reason, "PermissionDenied", `${id}: ${why[id]}`);
+    }
+    assert.match(why.alter, /permission denied to alter subscription.*alice_w is neither a superuser nor a member of sbpg_admin/);
+    assert.match(why.identity, /permission denied to create identity/);
+    assert.match(why.temp, /cannot create temporary table within security-restricted operation/);
+    assert.match(why.temp_fn, /cannot create temporary objects in code an sbpg worker runs/);
+    assert.match(why.prepare, /cannot execute PREPARE within security-restricted operation/);
+    assert.match(why.role, /cannot set parameter "role" within security-(definer function|restricted operation)/);
+    const victim = (await db.query("SELECT run_as::text, handler::text, options FROM sbpg.subscriptions WHERE name = 'victim'")).rows[0];
+    assert.deepEqual(victim, { run_as: "alice_w", handler: "team_a.attack(sbpg.message)", options: {} });
+    assert.equal((await db.query("SELECT count(*)::int c FROM sbpg.identities WHERE name = 'mine'")).rows[0].c, 0);
+  });
+
+  it("upcasts, mappings, mapping diagnosis, domain checks, triggers and defaults run as run_as", async () => {
+    await send("notes", [
+      { messageId: "up-1", subject: "team.up", applicationProperties: { schema_version: 1 }, body: { a: 1 } },
+      { messageId: "note-1", subject: "team.note", body: { id: 1, v: "ok", n: 1 } },
+      // n cannot be an integer: the mapping fails and is diagnosed column by column (v's domain
+      // check runs again there).
+      { messageId: "note-bad", subject: "team.note", body: { id: 2, v: "ok", n: "many" } },
+      { messageId: "note-forbidden", subject: "team.note", body: { id: 3, v: "forbidden", n: 1 } },
+    ]);
+    await waitFor(() => ["up-1", "note-1", "note-bad", "note-forbidden"].every((id) => byId("notes")[id]), { what: "four outcomes" });
+    assert.equal(byId("notes")["up-1"].status, "applied");
+    assert.equal(byId("notes")["note-1"].status, "applied");
+    assert.equal(byId("notes")["note-bad"].reason, "MappingError");
+    assert.match((await db.inboxReasons("notes"))["note-bad"], /column n \(integer\) of team_a.notes cannot take "many"/);
+    assert.equal(byId("notes")["note-forbidden"].status, "dead_lettered");
+    const rows = await observed();
+    const whats = new Set(rows.map((r) => r.what));
+    for (const w of ["upcast", "noted handler true", "domain check", "default", "trigger"]) assert.ok(whats.has(w), `${w} ran`);
+    const domainChecks = rows.filter((r) => r.what === "domain check");
+    assert.ok(domainChecks.length >= 3, "the domain check ran for the mappings and for the diagnosis");
+    assert.deepEqual([...new Set(domainChecks.map((r) => r.who))], ["alice_w"]);
+  });
+
+  it("a handler is stopped at handler_timeout_ms, retried, then dead-lettered; the messages behind it go on", async () => {
+    await send("slow", [
+      { messageId: "sleepy", body: { id: 100, secret: "s", sleep: 3600 } },
+      { messageId: "after-1", body: { id: 101, secret: "s" } },
+      { messageId: "after-2", body: { id: 102, secret: "s" } },
+    ]);
+    await waitFor(() => byId("slow").sleepy?.status === "dead_lettered", { timeout: 30000, what: "sleepy given up" });
+    assert.equal(byId("slow").sleepy.reason, "MaxRetriesExceeded");
+    assert.deepEqual(got("slow").filter((x) => x.message_id === "sleepy" && x.status === "retry").map((x) => x.reason), ["HandlerTimeout"]);
+    assert.match((await db.inboxReasons("slow")).sleepy,
+      /^MaxRetriesExceeded: 2 attempts failed; the last with HandlerTimeout: the handler ran longer than handler_timeout_ms \(300 ms\)/);
+    await waitFor(() => byId("slow")["after-2"]?.status === "applied" && byId("slow")["after-1"]?.status === "applied",
+      { what: "the messages behind it" });
+  });
+
+  it("NOTIFY carries no row data, a 9,000-character id cannot stop it, and invalid UTF-8 becomes valid text", async () => {
+    const long = "c".repeat(9000);
+    await send("bobq", [
+      { messageId: "leak", body: { id: 2, secret: "leak-me" } },
+      { messageId: "long", correlationId: long, body: { id: 3, secret: "x" } },
+      { messageId: "behind-1", body: { id: 4, secret: "x" } },
+      { messageId: "behind-2", body: { id: 5, secret: "x" } },
+    ]);
+    // Invalid UTF-8 in every property, sent raw through sbemu's control API.
+    const q = "message_id=ab%FF%FEcd&subject=s%C0%80&correlation_id=%ED%A0%80x&session_id=%F4%90%80%80";
+    const res = await fetch(`${emu.control}/entities/odd/messages?${q}`, { method: "POST", body: '{"id": 9, "secret": "x"}' });
+    assert.equal(res.status, 200, await res.text());
+    await send("odd", [{ messageId: "odd-behind", body: { id: 10, secret: "x" } }]);
+    await waitFor(() => ["leak", "long", "behind-1", "behind-2"].every((id) => byId("bobq")[id]) && got("odd").length >= 2,
+      { what: "the outcomes" });
+    assert.equal(byId("bobq").leak.reason, "HandlerError");
+    assert.match((await db.inboxReasons("bobq")).leak, /Failing row contains \(2, leak-me\)/, "the inbox keeps the description");
+    for (const id of ["long", "behind-1", "behind-2"]) assert.equal(byId("bobq")[id].status, "applied", id);
+    const longNote = byId("bobq").long;
+    assert.ok(longNote.correlation_id.length < 600 && longNote.correlation_id.endsWith("…"), "a long id is shortened in NOTIFY");
+    const stored = (await db.query("SELECT length(correlation_id) AS n FROM sbpg.inbox WHERE message_id = 'long'")).rows[0];
+    assert.equal(stored.n, 9000, "and kept whole in the inbox");
+    // mallory heard everything, but no row data and nothing but the documented fields.
+    await waitFor(() => spy.got.some((p) => p.includes('"leak"')), { what: "mallory's copy" });
+    for (const p of spy.got) {
+      assert.ok(!p.includes("leak-me") && !p.includes("Failing row"), p);
+      for (const k of Object.keys(JSON.parse(p))) assert.ok(notifyKeys.has(k), `${k} in ${p}`);
+    }
+    // The invalid message: dead-lettered, its properties stored as valid text, the one behind applied.
+    const odd = got("odd");
+    const bad = odd.find((x) => x.status === "dead_lettered");
+    assert.ok(bad, JSON.stringify(odd));
+    assert.equal(bad.reason, "MalformedMessage");
+    assert.equal(bad.message_id, "ab\uFFFD\uFFFDcd");
+    assert.equal(odd.find((x) => x.message_id === "odd-behind").status, "applied");
+    const row = (await db.query("SELECT message_id, correlation_id, reason, convert_to(reason, 'UTF8') IS NOT NULL AS ok FROM sbpg.inbox WHERE subscription = 'odd' AND status = 'dead_lettered'")).rows[0];
+    assert.equal(row.message_id, "ab\uFFFD\uFFFDcd");
+    assert.match(row.reason, /^MalformedMessage: properties message_id, subject, correlation_id, session_id are not valid UTF-8 text/);
+    await waitFor(async () => (await emu.entity("odd")).dead_letter_moves === 1, { what: "on the DLQ" });
+  });
+
+  it("no role became a superuser, tenant code only ever ran as run_as, no shadowing object ever ran", async () => {
+    const supers = (await db.query("SELECT rolname FROM pg_roles WHERE rolsuper ORDER BY 1")).rows.map((r) => r.rolname);
+    assert.deepEqual(supers, ["postgres"]);
+    const rows = await observed();
+    assert.ok(rows.length > 20, `${rows.length} observations`);
+    const who = [...new Set(rows.map((r) => `${r.who} super=${r.super}`))].sort();
+    assert.deepEqual(who, ["alice_w super=f", "bob_w super=f"]);
+    const shadows = rows.filter((r) => /^(shadow|hijack|stage2)/.test(r.what));
+    assert.deepEqual(shadows, []);
+    assert.doesNotMatch(db.serverLog(), /terminated by signal/);
+  });
+});
