@@ -347,6 +347,20 @@ describe("privilege escalation", () => {
     await waitFor(async () => (await emu.entity("odd")).dead_letter_moves === 1, { what: "on the DLQ" });
   });
 
+  it("a worker refuses to send an Entra ID token over plain AMQP even when the catalog says so", async () => {
+    // The SQL functions refuse it; a row changed behind their back is refused again by the worker
+    // before it asks for a token.
+    await db.psql(`
+      SELECT sbpg.create_identity('mi', 'managed_identity', '{"allowed_namespaces": ["${emu.amqp}"]}');
+      SELECT sbpg.create_subscription('plain', '${emu.amqp}', 'odd', 'team_b.take(sbpg.message)', 'bob_w', 'mi', enabled => false);
+      UPDATE sbpg.subscriptions SET namespace = 'amqp://contoso.servicebus.windows.net', enabled = true WHERE name = 'plain';
+    `);
+    const st = await waitFor(async () => (await db.query("SELECT state, last_error FROM sbpg.stats WHERE subscription = 'plain' AND state = 'failed'")).rows[0],
+      { what: "the plain subscription refused" });
+    assert.match(st.last_error, /identity "mi" sends Entra ID tokens only over TLS to Service Bus namespaces or to brokers it lists in allowed_namespaces, not to amqp:\/\/contoso/);
+    await db.psql("SELECT sbpg.drop_subscription('plain'); SELECT sbpg.drop_identity('mi');");
+  });
+
   it("no role became a superuser, tenant code only ever ran as run_as, no shadowing object ever ran", async () => {
     const supers = (await db.query("SELECT rolname FROM pg_roles WHERE rolsuper ORDER BY 1")).rows.map((r) => r.rolname);
     assert.deepEqual(supers, ["postgres"]);
@@ -357,5 +371,23 @@ describe("privilege escalation", () => {
     const shadows = rows.filter((r) => /^(shadow|hijack|stage2)/.test(r.what));
     assert.deepEqual(shadows, []);
     assert.doesNotMatch(db.serverLog(), /terminated by signal/);
+  });
+
+  it("DROP EXTENSION waits for a handler no longer than handler_timeout_ms", async () => {
+    await db.psql(`SELECT sbpg.alter_subscription('slow', options => '{"handler_timeout_ms": 2000, "max_retries": 100, "retry_base_ms": 10, "retry_cap_ms": 20}')`);
+    await waitFor(async () => (await db.query("SELECT state FROM sbpg.stats WHERE subscription = 'slow'")).rows[0]?.state === "connected",
+      { what: "the slow worker restarted" });
+    await send("slow", [{ messageId: "forever", body: { id: 200, secret: "s", sleep: 3600 } }]);
+    await waitFor(async () => (await db.query("SELECT count(*)::int c FROM pg_stat_activity WHERE wait_event = 'PgSleep'")).rows[0].c > 0,
+      { what: "the handler asleep" });
+    // Without the time limit this DROP would wait an hour; the client's own limit is only a guard.
+    const c = await db.client();
+    try {
+      await c.query("SET statement_timeout = '60s'");
+      await c.query("DROP EXTENSION sbpg CASCADE");
+    } finally {
+      await c.end();
+    }
+    assert.equal((await db.query("SELECT count(*)::int c FROM pg_extension WHERE extname = 'sbpg'")).rows[0].c, 0);
   });
 });
