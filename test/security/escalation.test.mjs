@@ -347,6 +347,22 @@ describe("privilege escalation", () => {
     await waitFor(async () => (await emu.entity("odd")).dead_letter_moves === 1, { what: "on the DLQ" });
   });
 
+  it("records outcomes without notifications while the NOTIFY queue is nearly full", async () => {
+    // A listener that stopped reading fills the queue (8 GB); the test fault stands in for that.
+    await db.query("ALTER SYSTEM SET sbpg.test_fault = 'notify_queue_full'");
+    await db.query("SELECT pg_reload_conf()");
+    await waitFor(async () => (await db.query("SELECT count(*)::int c FROM pg_settings WHERE name = 'sbpg.test_fault' AND setting = 'notify_queue_full'")).rows[0].c === 1,
+      { what: "the fault armed" });
+    await send("bobq", [{ messageId: "quiet-1", body: { id: 50, secret: "x" } }, { messageId: "quiet-2", body: { id: 51, secret: "x" } }]);
+    await waitFor(async () => Number((await db.query("SELECT count(*) FROM sbpg.inbox WHERE message_id IN ('quiet-1', 'quiet-2') AND status = 'applied'")).rows[0].count) === 2,
+      { what: "both recorded" });
+    await waitFor(async () => (await emu.entity("bobq")).messages === 0, { what: "both settled" });
+    assert.match(db.serverLog(), /subscription "bobq": the NOTIFY queue is \d+% full; outcomes are recorded in sbpg.inbox without notifications/);
+    assert.equal(listener.got.filter((x) => /^quiet-/.test(x.message_id)).length, 0);
+    await db.query("ALTER SYSTEM RESET sbpg.test_fault");
+    await db.query("SELECT pg_reload_conf()");
+  });
+
   it("a worker refuses to send an Entra ID token over plain AMQP even when the catalog says so", async () => {
     // The SQL functions refuse it; a row changed behind their back is refused again by the worker
     // before it asks for a token.
