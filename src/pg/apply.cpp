@@ -978,6 +978,36 @@ DescribeError(const ErrorData *e, char *out, size_t len) {
 	ClipUtf8(out);
 }
 
+// Runs fn in a subtransaction of its own. When it raises, the subtransaction is rolled back and
+// the error handed back in *err (the caller frees it). The caller's memory context and resource
+// owner are current again either way; fn runs in the caller's memory context.
+template <typename Fn>
+bool
+InSubtransaction(Fn &&fn, ErrorData **err) {
+	MemoryContext before = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	volatile bool ok = true;
+	BeginInternalSubTransaction(nullptr);
+	MemoryContextSwitchTo(before);
+	PG_TRY();
+	{
+		fn();
+		ReleaseCurrentSubTransaction();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(before);
+		*err = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(before);
+	CurrentResourceOwner = owner;
+	return ok;
+}
+
 // After a mapping failed with a data error: which column could not take which value, from
 // sbpg._diagnose_mapping. It evaluates the target's column types (domains and their checks are
 // tenant code), so it runs as run_as, and in a subtransaction of its own: whatever goes wrong there
@@ -988,51 +1018,34 @@ DiagnoseMapping(const SubConfig *cfg, const ApplyItem *it) {
 	const Mapping *mp = FindMapping(m);
 	if (!mp || m->json != JsonVerdict::Json || !OidIsValid(diagnose_mapping_fn))
 		return nullptr;
-	MemoryContext before = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
-	char *volatile what = nullptr;
-	BeginInternalSubTransaction(nullptr);
-	MemoryContextSwitchTo(before);
-	PG_TRY();
-	{
-		Datum payload = DirectFunctionCall1(jsonb_in, CStringGetDatum(m->raw_body.c_str()));
-		FmgrInfo flinfo;
-		fmgr_info(diagnose_mapping_fn, &flinfo);
-		RunAs r;
-		EnterRunAs(cfg, &r);
-		LOCAL_FCINFO(fcinfo, 3);
-		InitFunctionCallInfoData(*fcinfo, &flinfo, 3, InvalidOid, nullptr, nullptr);
-		fcinfo->args[0].value = mp->target;
-		fcinfo->args[0].isnull = false;
-		fcinfo->args[1].value = mp->column_map;
-		fcinfo->args[1].isnull = false;
-		fcinfo->args[2].value = payload;
-		fcinfo->args[2].isnull = false;
-		Datum res = FunctionCallInvoke(fcinfo);
-		bool isnull = fcinfo->isnull;
-		LeaveRunAs(&r);
-		if (!isnull) {
-			MemoryContext cur = MemoryContextSwitchTo(before);
-			what = TextDatumGetCString(res);
-			MemoryContextSwitchTo(cur);
-		}
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(before);
-		CurrentResourceOwner = owner;
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(before);
-		ErrorData *e = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(before);
-		CurrentResourceOwner = owner;
+	char *what = nullptr;
+	ErrorData *e = nullptr;
+	bool ok = InSubtransaction(
+	    [&] {
+		    Datum payload = DirectFunctionCall1(jsonb_in, CStringGetDatum(m->raw_body.c_str()));
+		    FmgrInfo flinfo;
+		    fmgr_info(diagnose_mapping_fn, &flinfo);
+		    RunAs r;
+		    EnterRunAs(cfg, &r);
+		    LOCAL_FCINFO(fcinfo, 3);
+		    InitFunctionCallInfoData(*fcinfo, &flinfo, 3, InvalidOid, nullptr, nullptr);
+		    Datum args[3] = {mp->target, mp->column_map, payload};
+		    for (int k = 0; k < 3; ++k) {
+			    fcinfo->args[k].value = args[k];
+			    fcinfo->args[k].isnull = false;
+		    }
+		    Datum res = FunctionCallInvoke(fcinfo);
+		    bool isnull = fcinfo->isnull;
+		    LeaveRunAs(&r);
+		    if (!isnull)
+			    what = TextDatumGetCString(res);
+	    },
+	    &e);
+	if (!ok) {
 		(void)RunAsFailed(e->sqlerrcode);
 		FreeErrorData(e);
-		what = nullptr;
+		return nullptr;
 	}
-	PG_END_TRY();
 	return what;
 }
 
@@ -1066,36 +1079,19 @@ FailItem(const SubConfig *cfg, ApplyItem *it, int sqlerrcode, const char *desc, 
 	Record(cfg, it, kDeadLettered, xid);
 }
 
-// Applies one message in a subtransaction of its own.
+// Applies one message in a subtransaction of its own; its failure is recorded in the enclosing
+// transaction.
 void
 ApplyIsolated(const SubConfig *cfg, ApplyItem *it, uint64 xid, MemoryContext msgcxt) {
-	MemoryContext before = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
-	BeginInternalSubTransaction(nullptr);
-	MemoryContextSwitchTo(before);
-	PG_TRY();
-	{
-		ApplyOne(cfg, it, xid, msgcxt);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(before);
-		CurrentResourceOwner = owner;
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(before);
-		ErrorData *e = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(before);
-		CurrentResourceOwner = owner;
-		MemoryContextReset(msgcxt);
-		it->timed_out = RunAsFailed(e->sqlerrcode);
-		char desc[1024];
-		DescribeError(e, desc, sizeof desc);
-		FailItem(cfg, it, e->sqlerrcode, desc, xid);
-		FreeErrorData(e);
-	}
-	PG_END_TRY();
+	ErrorData *e = nullptr;
+	if (InSubtransaction([&] { ApplyOne(cfg, it, xid, msgcxt); }, &e))
+		return;
+	MemoryContextReset(msgcxt);
+	it->timed_out = RunAsFailed(e->sqlerrcode);
+	char desc[1024];
+	DescribeError(e, desc, sizeof desc);
+	FailItem(cfg, it, e->sqlerrcode, desc, xid);
+	FreeErrorData(e);
 }
 
 // Applies items[lo..hi) in the current transaction; with isolate, each in a subtransaction whose
