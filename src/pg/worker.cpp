@@ -88,7 +88,7 @@ SetState(int state) {
 void
 SetError(const std::string &msg) {
 	SpinLockAcquire(&g_slot->mutex);
-	strlcpy(g_slot->last_error, msg.c_str(), sizeof g_slot->last_error);
+	CopyUtf8(g_slot->last_error, msg.c_str(), sizeof g_slot->last_error);
 	g_slot->last_error_at = GetCurrentTimestamp();
 	SpinLockRelease(&g_slot->mutex);
 }
@@ -552,12 +552,12 @@ Worker::HandleEvents() {
 	g_slot->token_expires_at = st.token_expires_ms ? ToTimestamp(st.token_expires_ms) : 0;
 	g_slot->reconnects = st.reconnects;
 	g_slot->tokens_put = st.tokens_put;
-	strlcpy(g_slot->token_subject, ts.subject.c_str(), sizeof g_slot->token_subject);
-	strlcpy(g_slot->token_error, ts.last_error.c_str(), sizeof g_slot->token_error);
+	CopyUtf8(g_slot->token_subject, ts.subject.c_str(), sizeof g_slot->token_subject);
+	CopyUtf8(g_slot->token_error, ts.last_error.c_str(), sizeof g_slot->token_error);
 	if (!st.connected && st.waiting_for_token && g_slot->state != kStateFailed && g_slot->state != kStatePaused) {
 		g_slot->state = kStateWaitingForToken;
 		if (!no_token.empty()) {
-			strlcpy(g_slot->last_error, no_token.c_str(), sizeof g_slot->last_error);
+			CopyUtf8(g_slot->last_error, no_token.c_str(), sizeof g_slot->last_error);
 			g_slot->last_error_at = ToTimestamp(ts.last_error_ms);
 		}
 	} else if (!st.connected && g_slot->state == kStateWaitingForToken) {
@@ -1008,7 +1008,7 @@ sbpg_worker_main(Datum arg) {
 		Worker w(start);
 		w.Run();
 	} catch (const std::exception &e) {
-		strlcpy(error, e.what(), sizeof error);
+		sbpg::CopyUtf8(error, e.what(), sizeof error);
 	} catch (...) {
 		strlcpy(error, "unknown C++ exception", sizeof error);
 	}

@@ -120,6 +120,13 @@ describe("privilege escalation", () => {
       CREATE FUNCTION team_a.minus_ts(timestamptz, interval) RETURNS timestamptz LANGUAGE plpgsql AS $$
         BEGIN PERFORM public.observe('hijack - interval'); RETURN $1 OPERATOR(pg_catalog.-) $2; END $$;
       CREATE OPERATOR team_a.- (LEFTARG = timestamptz, RIGHTARG = interval, FUNCTION = team_a.minus_ts);
+      -- Types named like the ones the worker's statements cast to, whose checks would report a use.
+      CREATE FUNCTION team_a.seen(v pg_catalog.text) RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('hijack type ' || v); RETURN true; END $$;
+      CREATE DOMAIN team_a.text AS pg_catalog.text CHECK (team_a.seen('text'));
+      CREATE DOMAIN team_a.oid AS pg_catalog.oid CHECK (team_a.seen('oid'));
+      CREATE DOMAIN team_a.jsonb AS pg_catalog.jsonb CHECK (team_a.seen('jsonb'));
+      CREATE DOMAIN team_a.regtype AS pg_catalog.regtype CHECK (team_a.seen('regtype'));
 
       CREATE TABLE team_a.applied (message_id text PRIMARY KEY);
       -- alice may manage subscriptions; her handler reaches the configuration functions through a
