@@ -206,15 +206,19 @@ describe("retry policy", () => {
   });
 
   it("stops renewing after max_lock_renewal_s; the redelivery is recognised, never applied twice", async () => {
+    // No handler may run past the renewal limit (handler_timeout_ms defaults to it when smaller:
+    // here 1 s), so the locks lapse while a batch of five 0.9-second handlers runs (4.5 s against
+    // a 2-second lock renewed for at most 1 s).
     await subscribe("bound", { max_lock_renewal_s: 1, retry_hold_ms: 0 });
-    await send("bound", [{ messageId: "bound-1", body: { id: 6, amount: 1, sleep: 5 } }]);
-    await waitFor(() => got("bound").some((x) => x.status === "duplicate"), { timeout: 40000, what: "the redelivery settled as a duplicate" });
-    await waitFor(async () => (await emu.entity("bound")).completed === 1, { what: "completed" });
+    const ids = [1, 2, 3, 4, 5].map((k) => `bound-${k}`);
+    await send("bound", ids.map((messageId, k) => ({ messageId, body: { id: 60 + k, amount: 1, sleep: 0.9 } })));
+    await waitFor(() => got("bound").some((x) => x.status === "duplicate"), { timeout: 40000, what: "a redelivery settled as a duplicate" });
+    await waitFor(async () => (await emu.entity("bound")).completed === 5, { timeout: 30000, what: "all completed" });
     const e = await emu.entity("bound");
-    assert.ok(e.delivered >= 2, "the lock lapsed and the broker delivered it again");
-    assert.equal(Number((await pg.query("SELECT count(*) FROM orders WHERE message_id = 'bound-1'")).rows[0].count), 1);
-    assert.equal(got("bound").filter((x) => x.status === "applied").length, 1);
-    assert.ok(Number((await stats("bound")).settle_failures) >= 1, "the first settlement found the lock gone");
+    assert.ok(e.delivered >= 6, "a lock lapsed and the broker delivered a message again");
+    assert.equal(Number((await pg.query("SELECT count(*) FROM orders WHERE message_id LIKE 'bound-%'")).rows[0].count), 5);
+    assert.equal(got("bound").filter((x) => x.status === "applied").length, 5, "each applied once");
+    assert.ok(Number((await stats("bound")).settle_failures) >= 1, "a settlement found the lock gone");
   });
 
   it("records a failure at COMMIT against its own message, the others applied", async () => {
