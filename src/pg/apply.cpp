@@ -1378,6 +1378,7 @@ PinSessionSettings() {
 	    {"statement_timeout", "0"},
 	    {"lock_timeout", "0"},
 	    {"idle_in_transaction_session_timeout", "0"},
+	    {"exit_on_error", "off"}, // an error a handler raises ends its attempt, not the worker
 	    {"standard_conforming_strings", "on"},
 	    {"row_security", "on"},
 	    {"check_function_bodies", "on"},

@@ -58,6 +58,10 @@ describe("privilege escalation", () => {
       GRANT USAGE, CREATE ON SCHEMA team_a TO alice_w;
       GRANT USAGE ON SCHEMA team_b TO bob_w;
       ALTER ROLE alice_w SET search_path = team_a, public;
+      -- What a database owner may set for every session of the database, the workers' included:
+      -- a tenant's schema first on the path, and every error fatal.
+      ALTER DATABASE postgres SET search_path = team_a, public;
+      ALTER DATABASE postgres SET exit_on_error = on;
       -- What every tenant and shadowing function calls.
       CREATE FUNCTION public.observe(what text) RETURNS void LANGUAGE plpgsql AS $$
       DECLARE
@@ -270,8 +274,9 @@ describe("privilege escalation", () => {
     assert.match(why.temp_fn, /cannot create temporary objects in code an sbpg worker runs/);
     assert.match(why.prepare, /cannot execute PREPARE within security-restricted operation/);
     assert.match(why.role, /cannot set parameter "role" within security-(definer function|restricted operation)/);
-    const victim = (await db.query("SELECT run_as::text, handler::text, options FROM sbpg.subscriptions WHERE name = 'victim'")).rows[0];
-    assert.deepEqual(victim, { run_as: "alice_w", handler: "team_a.attack(sbpg.message)", options: {} });
+    const victim = (await db.query(`SELECT run_as::text, handler = 'team_a.attack(sbpg.message)'::regprocedure AS same_handler, options
+                                    FROM sbpg.subscriptions WHERE name = 'victim'`)).rows[0];
+    assert.deepEqual(victim, { run_as: "alice_w", same_handler: true, options: {} });
     assert.equal((await db.query("SELECT count(*)::int c FROM sbpg.identities WHERE name = 'mine'")).rows[0].c, 0);
   });
 
