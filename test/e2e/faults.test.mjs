@@ -112,7 +112,9 @@ describe("faults", () => {
     await subscribe("busy");
     await waitFor(() => /"subscription":"busy".*server-busy/.test(pg.serverLog()), { timeout: 30000, what: "a server-busy refusal logged" });
     await waitFor(async () => (await count(20000, 20020)) === 20, { timeout: 60000, what: "20 rows" });
-    assert.ok(Number((await stats("busy")).reconnects) >= 2);
+    // sbemu refuses the next three entity attaches of any link: the $management links and other
+    // workers reconnecting at the same time may take some, so only one reconnect is certain.
+    assert.ok(Number((await stats("busy")).reconnects) >= 1);
   });
 
   it("consumes from a broker that restarted on the same address", async () => {
