@@ -580,6 +580,13 @@ BEGIN
 			      DETAIL = 'Handlers run with exactly the rights of run_as; a superuser has every right.',
 			      HINT = 'Create a NOLOGIN role with only the privileges the handler needs (a superuser may override this with the subscription option allow_superuser_run_as).';
 	END IF;
+	-- Code a message drives never manages sbpg: a run_as with sbpg_admin's privileges is refused.
+	IF NOT (SELECT rolsuper FROM pg_roles WHERE oid = run_as) AND pg_has_role(run_as, 'sbpg_admin', 'USAGE') THEN
+		RAISE EXCEPTION 'run_as role % has the privileges of sbpg_admin', run_as
+			USING ERRCODE = 'insufficient_privilege',
+			      DETAIL = 'Its handlers could then create and change subscriptions: code that messages drive must not manage sbpg.',
+			      HINT = 'Create a NOLOGIN role with only the privileges the handler needs.';
+	END IF;
 	IF NOT has_function_privilege(run_as, handler, 'EXECUTE') THEN
 		RAISE EXCEPTION 'run_as role % may not execute handler %', run_as, handler
 			USING ERRCODE = 'insufficient_privilege', HINT = format('GRANT EXECUTE ON FUNCTION %s TO %s.', handler, run_as);

@@ -253,6 +253,24 @@ HandlerUsable(const SubConfig *cfg, char *why, size_t whylen) {
 		         cfg->run_as_name);
 		return false;
 	}
+	HeapTuple tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(cfg->handler));
+	if (HeapTupleIsValid(tup)) {
+		Form_pg_proc proc = reinterpret_cast<Form_pg_proc>(GETSTRUCT(tup));
+		bool shape_ok = proc->prokind == PROKIND_FUNCTION && proc->pronargs == 1 &&
+		                proc->proargtypes.values[0] == cfg->message_type && proc->prorettype == VOIDOID && !proc->proretset;
+		ReleaseSysCache(tup);
+		if (!shape_ok) {
+			snprintf(why, whylen, "handler %s is no longer a function (sbpg.message) RETURNS void",
+			         format_procedure(cfg->handler));
+			return false;
+		}
+	}
+	Oid admin = get_role_oid("sbpg_admin", true);
+	if (OidIsValid(admin) && !superuser_arg(cfg->run_as) && has_privs_of_role(cfg->run_as, admin)) {
+		snprintf(why, whylen, "run_as role %s has the privileges of sbpg_admin; code that messages drive must not manage sbpg",
+		         cfg->run_as_name);
+		return false;
+	}
 	if (HandlerIsSecurityDefiner(cfg->handler)) {
 		snprintf(why, whylen, "handler %s is SECURITY DEFINER and would run as its owner, not as %s",
 		         format_procedure(cfg->handler), cfg->run_as_name);
@@ -663,11 +681,18 @@ BuildMessage(const SubConfig *cfg, const ReceivedMessage *m, Datum body, int ver
 
 // The one context all tenant code runs in (handlers, upcasts, mappings, mapping diagnosis): run_as
 // as the current user, a security-restricted operation (no SET ROLE, no temporary objects, no
-// deferred triggers, no cursors WITH HOLD), run_as's search_path, sbpg._caller() = run_as, and the
-// subscription's handler_timeout_ms as a statement timeout. Leaving it restores every setting the
-// tenant changed, session-level SETs included (GUC changes are undone as at an abort, the way
-// PostgreSQL's own maintenance commands run a table owner's code). An error in between is cleaned
-// up by the (sub)transaction's abort and by RunAsFailed.
+// deferred triggers, no cursors WITH HOLD), run_as's search_path, sbpg._caller() = run_as, and a
+// time limit. Leaving it restores every setting the tenant changed, session-level SETs included
+// (GUC changes are undone as at an abort, the way PostgreSQL's own maintenance commands run a
+// table owner's code). An error in between is cleaned up by the (sub)transaction's abort and by
+// RunAsFailed.
+//
+// The time limit: one budget of handler_timeout_ms per message for its upcasts and its handler or
+// mapping (ApplyOne), a fresh one for a diagnosis. At the deadline the statement is cancelled, and
+// again every 100 ms while tenant code goes on (it may catch query_canceled); tenant code that
+// returns after the deadline has failed all the same; and tenant code still running one more
+// budget (at least a second) later ends the worker: its transaction rolls back and the broker
+// delivers the message again.
 struct RunAs {
 	Oid save_user;
 	int save_sec;
@@ -675,10 +700,36 @@ struct RunAs {
 	Oid save_tenant;
 };
 
-TimestampTz run_as_deadline = 0; // when the statement timeout of the innermost RunAs fires
+TimestampTz message_deadline = 0; // the budget of the message ApplyOne applies
+TimestampTz run_as_deadline = 0;  // the deadline of the tenant code running now
+TimeoutId end_worker_timeout = MAX_TIMEOUTS;
+volatile sig_atomic_t ended_by_limit = 0;
+
+// A timeout handler (signal context): only flags.
+void
+EndWorker() {
+	ended_by_limit = 1;
+	ProcDiePending = true;
+	InterruptPending = true;
+	SetLatch(MyLatch);
+}
+
+void
+ErrorTimedOut(const SubConfig *cfg) {
+	ereport(ERROR, (errcode(ERRCODE_QUERY_CANCELED),
+	                errmsg("canceling statement due to the time limit of sbpg (handler_timeout_ms, %d ms)",
+	                       cfg->handler_timeout_ms)));
+}
 
 void
 EnterRunAs(const SubConfig *cfg, RunAs *r) {
+	bool outermost = !OidIsValid(tenant_role);
+	if (outermost) {
+		TimestampTz now = GetCurrentTimestamp();
+		run_as_deadline = message_deadline ? message_deadline : now + static_cast<int64>(cfg->handler_timeout_ms) * 1000;
+		if (now >= run_as_deadline)
+			ErrorTimedOut(cfg); // the message's budget went to its upcasts
+	}
 	GetUserIdAndSecContext(&r->save_user, &r->save_sec);
 	r->save_tenant = tenant_role;
 	r->nest = NewGUCNestLevel();
@@ -687,19 +738,34 @@ EnterRunAs(const SubConfig *cfg, RunAs *r) {
 	if (cfg->search_path)
 		(void)set_config_option("search_path", cfg->search_path, PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0,
 		                        false);
-	if (cfg->handler_timeout_ms > 0 && !OidIsValid(r->save_tenant)) {
-		run_as_deadline = GetCurrentTimestamp() + static_cast<int64>(cfg->handler_timeout_ms) * 1000;
-		enable_timeout_after(STATEMENT_TIMEOUT, cfg->handler_timeout_ms);
+	if (outermost) {
+		enable_timeout_every(STATEMENT_TIMEOUT, run_as_deadline, 100);
+		if (end_worker_timeout == MAX_TIMEOUTS)
+			end_worker_timeout = RegisterTimeout(USER_TIMEOUT, EndWorker);
+		int64 grace_us = std::max<int64>(static_cast<int64>(cfg->handler_timeout_ms) * 1000, USECS_PER_SEC);
+		enable_timeout_at(end_worker_timeout, run_as_deadline + grace_us);
 	}
 }
 
+// Stops the timers of tenant code; a cancel they asked for and nobody took is dropped, so it
+// cannot fail the worker's own next statement.
 void
-LeaveRunAs(const RunAs *r) {
-	if (!OidIsValid(r->save_tenant) && run_as_deadline) {
-		disable_timeout(STATEMENT_TIMEOUT, true);
-		// Fired just as the tenant code returned: the cancel it asked for is not the next statement's.
-		if (get_timeout_indicator(STATEMENT_TIMEOUT, true))
-			QueryCancelPending = false;
+StopRunAsTimers() {
+	if (!run_as_deadline)
+		return;
+	disable_timeout(STATEMENT_TIMEOUT, true);
+	if (end_worker_timeout != MAX_TIMEOUTS)
+		disable_timeout(end_worker_timeout, false);
+	if (get_timeout_indicator(STATEMENT_TIMEOUT, true))
+		QueryCancelPending = false;
+}
+
+void
+LeaveRunAs(const SubConfig *cfg, const RunAs *r) {
+	if (!OidIsValid(r->save_tenant)) {
+		StopRunAsTimers();
+		if (GetCurrentTimestamp() >= run_as_deadline)
+			ErrorTimedOut(cfg); // returned, but late (or after catching the cancel)
 		run_as_deadline = 0;
 	}
 	AtEOXact_GUC(false, r->nest);
@@ -708,15 +774,13 @@ LeaveRunAs(const RunAs *r) {
 }
 
 // After an error escaped tenant code: the abort restores the user and the settings; this stops the
-// timer and says whether it was the time limit that ended the tenant code.
+// timers and says whether it was the time limit that ended the tenant code.
 bool
 RunAsFailed(int sqlerrcode) {
-	bool timed_out = run_as_deadline != 0 && sqlerrcode == ERRCODE_QUERY_CANCELED &&
-	                 GetCurrentTimestamp() >= run_as_deadline;
-	if (run_as_deadline) {
-		disable_timeout(STATEMENT_TIMEOUT, false);
-		run_as_deadline = 0;
-	}
+	StopRunAsTimers();
+	bool timed_out = run_as_deadline != 0 && sqlerrcode == ERRCODE_QUERY_CANCELED && GetCurrentTimestamp() >= run_as_deadline;
+	run_as_deadline = 0;
+	message_deadline = 0;
 	tenant_role = InvalidOid;
 	return timed_out;
 }
@@ -730,23 +794,47 @@ CallHandler(const SubConfig *cfg, Datum msg) {
 	fcinfo->args[0].value = msg;
 	fcinfo->args[0].isnull = false;
 	(void)FunctionCallInvoke(fcinfo);
-	LeaveRunAs(&r);
+	LeaveRunAs(cfg, &r);
 }
 
 // Runs one upcast, (jsonb) RETURNS jsonb, as run_as in the handler's restricted context.
+//
+// An upcast is chosen by the message type's owner, not by the subscription's: it runs only when
+// its owner could act as run_as anyway (a member of run_as, or a superuser), so no team's code
+// ever runs with another team's rights (docs/security.md).
 Datum
 CallUpcast(const SubConfig *cfg, Oid fn, Datum body) {
+	HeapTuple tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(fn));
+	if (!HeapTupleIsValid(tup))
+		ereport(ERROR, (errcode(ERRCODE_UNDEFINED_FUNCTION), errmsg("upcast (oid %u) no longer exists", fn)));
+	Form_pg_proc proc = reinterpret_cast<Form_pg_proc>(GETSTRUCT(tup));
+	Oid owner = proc->proowner;
+	bool shape_ok = proc->prokind == PROKIND_FUNCTION && proc->pronargs == 1 && proc->proargtypes.values[0] == JSONBOID &&
+	                proc->prorettype == JSONBOID && !proc->proretset;
+	bool definer = proc->prosecdef;
+	ReleaseSysCache(tup);
+	if (!shape_ok)
+		ereport(ERROR, (errcode(ERRCODE_INVALID_FUNCTION_DEFINITION),
+		                errmsg("upcast %s is no longer a function (jsonb) RETURNS jsonb", format_procedure(fn))));
+	if (definer)
+		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+		                errmsg("upcast %s is SECURITY DEFINER and would run as its owner", format_procedure(fn))));
+	if (!superuser_arg(owner) && !has_privs_of_role(owner, cfg->run_as))
+		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+		                errmsg("upcast %s is owned by %s, who may not act as run_as role %s", format_procedure(fn),
+		                       GetUserNameFromId(owner, false), cfg->run_as_name),
+		                errdetail("An upcast is chosen by its message type's owner and runs with the subscription's rights."),
+		                errhint("GRANT %s TO %s if that role may write what %s writes, or have the upcast owned by a "
+		                        "member of %s.",
+		                        cfg->run_as_name, GetUserNameFromId(owner, false), cfg->run_as_name, cfg->run_as_name)));
 	if (pg_proc_aclcheck(fn, cfg->run_as, ACL_EXECUTE) != ACLCHECK_OK)
 		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 		                errmsg("run_as role %s may not execute upcast %s", cfg->run_as_name, format_procedure(fn)),
 		                errhint("GRANT EXECUTE ON FUNCTION %s TO %s.", format_procedure(fn), cfg->run_as_name)));
-	if (HandlerIsSecurityDefiner(fn))
-		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-		                errmsg("upcast %s is SECURITY DEFINER and would run as its owner", format_procedure(fn))));
 	RunAs r;
 	EnterRunAs(cfg, &r);
 	Datum out = OidFunctionCall1(fn, body);
-	LeaveRunAs(&r);
+	LeaveRunAs(cfg, &r);
 	return out;
 }
 
@@ -856,7 +944,7 @@ ApplyMapping(const SubConfig *cfg, ApplyItem *it, Datum body) {
 		fcinfo->args[k].isnull = args[k] == 0;
 	}
 	(void)FunctionCallInvoke(fcinfo);
-	LeaveRunAs(&r);
+	LeaveRunAs(cfg, &r);
 	return true;
 }
 
@@ -894,11 +982,13 @@ ApplyOne(const SubConfig *cfg, ApplyItem *it, uint64 xid, MemoryContext msgcxt) 
 	struct timespec t0;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	Datum body = 0;
+	message_deadline = GetCurrentTimestamp() + static_cast<int64>(cfg->handler_timeout_ms) * 1000;
 	int version = Upcast(cfg, m, &body);
 	if (!ApplyMapping(cfg, it, body)) {
 		Datum msg = BuildMessage(cfg, m, body, version);
 		CallHandler(cfg, msg);
 	}
+	message_deadline = 0;
 	MemoryContextSwitchTo(old);
 	it->apply_ms = MsSince(t0);
 	Record(cfg, it, kApplied, xid);
@@ -996,6 +1086,7 @@ InSubtransaction(Fn &&fn, ErrorData **err) {
 	}
 	PG_CATCH();
 	{
+		StopRunAsTimers(); // before the rollback: a cancel must not leak past it
 		MemoryContextSwitchTo(before);
 		*err = CopyErrorData();
 		FlushErrorState();
@@ -1036,7 +1127,7 @@ DiagnoseMapping(const SubConfig *cfg, const ApplyItem *it) {
 		    }
 		    Datum res = FunctionCallInvoke(fcinfo);
 		    bool isnull = fcinfo->isnull;
-		    LeaveRunAs(&r);
+		    LeaveRunAs(cfg, &r);
 		    if (!isnull)
 			    what = TextDatumGetCString(res);
 	    },
@@ -1343,7 +1434,7 @@ LoadSubConfig(const char *name, SubConfig *out) {
 		bool ok = DatumGetBool(SPI_getbinval(t, d, 28, &isnull));
 		out->token_destination_ok = !isnull && ok;
 		// The search_path a session of run_as would get: role in this database, role, database,
-		// the configuration file, the built-in default.
+		// every role (ALTER ROLE ALL), the configuration file, the built-in default.
 		Oid ptypes[2] = {OIDOID, OIDOID};
 		Datum pargs[2] = {ObjectIdGetDatum(out->run_as), ObjectIdGetDatum(MyDatabaseId)};
 		const char *sp =
@@ -1353,6 +1444,8 @@ LoadSubConfig(const char *name, SubConfig *out) {
 		    "AND c OPERATOR(pg_catalog.~~) 'search\\_path=%' ORDER BY s.setdatabase USING OPERATOR(pg_catalog.>) LIMIT 1), "
 		    "(SELECT pg_catalog.substr(c, 13) FROM pg_catalog.pg_db_role_setting s, pg_catalog.unnest(s.setconfig) c "
 		    "WHERE s.setrole" EQ "0 AND s.setdatabase" EQ "$2 AND c OPERATOR(pg_catalog.~~) 'search\\_path=%' LIMIT 1), "
+		    "(SELECT pg_catalog.substr(c, 13) FROM pg_catalog.pg_db_role_setting s, pg_catalog.unnest(s.setconfig) c "
+		    "WHERE s.setrole" EQ "0 AND s.setdatabase" EQ "0 AND c OPERATOR(pg_catalog.~~) 'search\\_path=%' LIMIT 1), "
 		    "(SELECT setting FROM pg_catalog.pg_file_settings WHERE name" EQ "'search_path' AND applied "
 		    "ORDER BY seqno USING OPERATOR(pg_catalog.>) LIMIT 1), "
 		    "(SELECT boot_val FROM pg_catalog.pg_settings WHERE name" EQ "'search_path'))";
@@ -1390,6 +1483,11 @@ PinSessionSettings() {
 	// A settlement follows a commit that synchronous standbys confirmed, where they are configured.
 	if (synchronous_commit < SYNCHRONOUS_COMMIT_REMOTE_FLUSH)
 		SetConfigOption("synchronous_commit", "on", PGC_SUSET, PGC_S_SESSION);
+}
+
+bool
+EndedByTimeLimit() {
+	return ended_by_limit != 0;
 }
 
 void

@@ -8,6 +8,7 @@ extern "C" {
 #include "catalog/namespace.h"
 #include "catalog/objectaccess.h"
 #include "catalog/pg_extension.h"
+#include "catalog/pg_proc.h"
 #include "commands/trigger.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -19,6 +20,7 @@ extern "C" {
 #include "storage/shmem.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 PG_MODULE_MAGIC;
@@ -59,6 +61,18 @@ const struct config_enum_entry kLogMessagesOptions[] = {
 shmem_request_hook_type prev_shmem_request_hook = nullptr;
 shmem_startup_hook_type prev_shmem_startup_hook = nullptr;
 object_access_hook_type prev_object_access_hook = nullptr;
+fmgr_hook_type prev_fmgr_hook = nullptr;
+
+// The SECURITY DEFINER functions running in this process, innermost last: their owner (the role
+// whose code runs inside) and schema. sbpg._caller() reads it (see there). Kept by fmgr_hook, which
+// PostgreSQL calls when such a function starts, ends and fails.
+struct DefinerFrame {
+	Oid owner;
+	Oid schema;
+	const FmgrInfo *flinfo;
+};
+DefinerFrame *frames = nullptr;
+int nframes = 0, maxframes = 0;
 
 bool wake_at_commit = false;
 bool xact_callback_registered = false;
@@ -102,6 +116,43 @@ XactCallback(XactEvent event, void *) {
 	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_COMMIT ||
 	    event == XACT_EVENT_PARALLEL_ABORT)
 		wake_at_commit = false;
+}
+
+// No function call outlives its transaction: whatever a frame left (it should not), it goes.
+void
+FramesXactCallback(XactEvent event, void *) {
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_COMMIT ||
+	    event == XACT_EVENT_PARALLEL_ABORT)
+		nframes = 0;
+}
+
+void
+FmgrHook(FmgrHookEventType event, FmgrInfo *flinfo, Datum *arg) {
+	if (prev_fmgr_hook)
+		prev_fmgr_hook(event, flinfo, arg);
+	if (event != FHET_START) {
+		// End or failure: frames close innermost first.
+		if (nframes > 0 && frames[nframes - 1].flinfo == flinfo)
+			--nframes;
+		return;
+	}
+	HeapTuple tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(flinfo->fn_oid));
+	if (!HeapTupleIsValid(tup))
+		return;
+	Form_pg_proc proc = reinterpret_cast<Form_pg_proc>(GETSTRUCT(tup));
+	bool definer = proc->prosecdef;
+	Oid schema = proc->pronamespace;
+	ReleaseSysCache(tup);
+	if (!definer)
+		return;
+	if (nframes == maxframes) {
+		int grow = maxframes ? maxframes * 2 : 16;
+		frames = static_cast<DefinerFrame *>(frames ? repalloc(frames, sizeof(DefinerFrame) * grow)
+		                                            : MemoryContextAlloc(TopMemoryContext, sizeof(DefinerFrame) * grow));
+		maxframes = grow;
+	}
+	// fmgr_security_definer has switched to the owner already.
+	frames[nframes++] = DefinerFrame{GetUserId(), schema, flinfo};
 }
 
 void
@@ -308,11 +359,16 @@ _PG_init(void) {
 	shmem_startup_hook = ShmemStartup;
 	prev_object_access_hook = object_access_hook;
 	object_access_hook = ObjectAccess;
+	prev_fmgr_hook = fmgr_hook;
+	fmgr_hook = FmgrHook;
+	RegisterXactCallback(FramesXactCallback, nullptr);
 	RegisterLauncher();
 }
 
 // sbpg._caller(): the role whose code called a SECURITY DEFINER function of sbpg, which every
 // permission check of the configuration functions judges.
+//   - Inside another role's SECURITY DEFINER function, that function's owner: its code is what
+//     runs, whoever called it (a superuser calling a tenant's function lends it nothing).
 //   - In an sbpg worker, tenant code (handler, upcast, mapping) runs as the subscription's run_as
 //     while the session belongs to the extension owner: the caller is run_as. The worker itself
 //     never calls the configuration functions, so outside tenant code the call is refused.
@@ -322,6 +378,10 @@ _PG_init(void) {
 //   - Otherwise the session's current role (after SET ROLE), not the function's owner.
 Datum
 sbpg_caller(PG_FUNCTION_ARGS) {
+	Oid sbpg_schema = get_namespace_oid("sbpg", true);
+	for (int i = nframes - 1; i >= 0; --i)
+		if (frames[i].schema != sbpg_schema)
+			PG_RETURN_OID(frames[i].owner);
 	if (OidIsValid(tenant_role))
 		PG_RETURN_OID(tenant_role);
 	if (in_sbpg_worker)

@@ -69,6 +69,15 @@ OnExit(int, Datum) {
 		g_consumer->Stop();
 	if (g_tokens)
 		g_tokens->Abort();
+	if (g_slot && EndedByTimeLimit()) {
+		const char *why = "tenant code went on past handler_timeout_ms after its statement was cancelled, so the worker "
+		                  "ended; the broker delivers the message again";
+		ereport(LOG, (errmsg("sbpg: subscription \"%s\": %s", g_slot->name, why)));
+		SpinLockAcquire(&g_slot->mutex);
+		strlcpy(g_slot->last_error, why, sizeof g_slot->last_error);
+		g_slot->last_error_at = GetCurrentTimestamp();
+		SpinLockRelease(&g_slot->mutex);
+	}
 	if (g_slot) {
 		SpinLockAcquire(&g_slot->mutex);
 		g_slot->pid = 0;

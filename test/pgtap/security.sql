@@ -2,7 +2,7 @@
 -- owners of message types, statistics by visibility, the handler time limit, configuration
 -- functions refused where the calling role cannot be told, and what pg_dump keeps.
 BEGIN;
-SELECT plan(29);
+SELECT plan(33);
 
 CREATE ROLE tap_alice NOLOGIN IN ROLE sbpg_admin;
 CREATE ROLE tap_bob NOLOGIN IN ROLE sbpg_admin;
@@ -33,6 +33,12 @@ SELECT lives_ok($$SELECT sbpg.create_subscription('s-listed', 'amqp://127.0.0.1:
     'a plain broker the identity lists exactly (a local emulator)');
 SELECT throws_ok($$SELECT sbpg.alter_subscription('s-bare', namespace => 'amqp://contoso.servicebus.windows.net')$$,
     '42501', NULL, 'alter_subscription checks the same rule');
+
+-- Code that messages drive never manages sbpg.
+SELECT throws_ok($$SELECT sbpg.create_subscription('s-admin', 'amqp://127.0.0.1:5672', 'q', 'tap_sh(sbpg.message)', 'sbpg_admin')$$,
+    '42501', 'run_as role sbpg_admin has the privileges of sbpg_admin', 'run_as may not be sbpg_admin');
+SELECT throws_ok($$SELECT sbpg.create_subscription('s-admin', 'amqp://127.0.0.1:5672', 'q', 'tap_sh(sbpg.message)', 'tap_alice')$$,
+    '42501', 'run_as role tap_alice has the privileges of sbpg_admin', 'nor a member of it');
 
 -- The handler time limit: 100 ms to an hour, never past the lock renewal limit.
 SELECT lives_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"handler_timeout_ms": 5000}')$$, 'handler_timeout_ms is an option');
@@ -96,6 +102,17 @@ SELECT throws_ok($$CREATE INDEX ON tap_alice_t (tap_pwn(x))$$, '42501',
     'sbpg''s configuration functions cannot be called within a security-restricted operation',
     'a table owner''s index expression cannot drive the configuration functions as the superuser who builds the index');
 SELECT is((SELECT run_as::text FROM sbpg.subscriptions WHERE name = 's-listed'), 'tap_alice_w', 'run_as is unchanged');
+
+-- A superuser who calls an sbpg_admin member's SECURITY DEFINER function lends it nothing: the
+-- configuration functions judge the function's owner, whose code runs.
+CREATE FUNCTION tap_report() RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+BEGIN
+	PERFORM sbpg.alter_subscription('s-listed', run_as => 'postgres', options => '{"allow_superuser_run_as": true}');
+END $$;
+ALTER FUNCTION tap_report() OWNER TO tap_alice;
+SELECT throws_ok($$SELECT tap_report()$$, '42501', 'permission denied to alter subscription',
+    'a superuser calling a tenant''s SECURITY DEFINER function cannot be made to change a subscription');
+SELECT is((SELECT run_as::text FROM sbpg.subscriptions WHERE name = 's-listed'), 'tap_alice_w', 'run_as is still unchanged');
 
 -- pg_dump keeps the configuration and the inbox.
 SELECT set_eq($$SELECT unnest(extconfig)::regclass::text FROM pg_extension WHERE extname = 'sbpg'$$,

@@ -15,7 +15,7 @@ import { startSbemu, configWith, queue } from "../conformance/lib/sbemu.mjs";
 import { startCluster, waitFor } from "../e2e/lib/cluster.mjs";
 import pg from "pg";
 
-const queues = ["victim", "bobq", "slow", "notes", "odd"];
+const queues = ["victim", "bobq", "slow", "notes", "odd", "stubborn"];
 const notifyKeys = new Set(["subscription", "message_id", "correlation_id", "sequence_number", "status", "xid", "attempts",
   "attempt", "next_attempt_at", "deferred", "reason"]);
 
@@ -74,6 +74,8 @@ describe("privilege escalation", () => {
       END $$;
       SELECT sbpg.create_identity('emu', 'sas', '{"key_name": "RootManageSharedAccessKey", "key": "SAS_KEY_VALUE"}');
       SELECT sbpg.grant_identity('emu', 'sbpg_admin');
+      -- A careless grant: run_as itself may call a configuration function.
+      GRANT EXECUTE ON FUNCTION sbpg.alter_subscription(text, text, text, regprocedure, regrole, text, integer, integer, text, boolean, jsonb) TO PUBLIC;
     `);
 
     // mallory: functions and an operator in public that beat pg_catalog's for the argument types
@@ -143,7 +145,7 @@ describe("privilege escalation", () => {
         ELSIF how = 'admin' THEN
           PERFORM sbpg.alter_subscription('victim', run_as => 'sbpg_admin');
         ELSE
-          PERFORM sbpg.create_identity('mine', 'anonymous');
+          PERFORM sbpg.create_identity('mine', 'managed_identity');
         END IF;
       END $$;
       CREATE FUNCTION team_a.stage2(m sbpg.message) RETURNS void LANGUAGE plpgsql AS $$
@@ -166,6 +168,8 @@ describe("privilege escalation", () => {
           PERFORM public.observe('read only ' || pg_catalog.current_setting('transaction_read_only'));
         ELSIF how IN ('alter', 'admin', 'identity') THEN
           PERFORM team_a.as_alice(how);
+        ELSIF how = 'direct' THEN
+          PERFORM sbpg.alter_subscription('victim', run_as => 'postgres', options => '{"allow_superuser_run_as": true}');
         ELSIF how = 'temp' THEN
           CREATE TEMP TABLE scratch (x int);
         ELSIF how = 'temp_fn' THEN
@@ -207,6 +211,15 @@ describe("privilege escalation", () => {
       BEGIN
         PERFORM public.observe('bob handler');
         IF (m.body ->> 'sleep') IS NOT NULL THEN PERFORM pg_catalog.pg_sleep((m.body ->> 'sleep')::float8); END IF;
+        IF (m.body ->> 'stubborn') IS NOT NULL THEN
+          LOOP
+            BEGIN
+              PERFORM pg_catalog.pg_sleep(1);
+            EXCEPTION WHEN query_canceled THEN
+              PERFORM public.observe('caught the cancel');
+            END;
+          END LOOP;
+        END IF;
         INSERT INTO team_b.secrets VALUES ((m.body ->> 'id')::int, m.body ->> 'secret');
       END $$;
       GRANT SELECT, INSERT ON team_b.secrets TO bob_w;
@@ -215,6 +228,14 @@ describe("privilege escalation", () => {
       SELECT sbpg.create_subscription('slow', '${emu.amqp}', 'slow', 'team_b.take(sbpg.message)', 'bob_w', 'emu',
         options => '{"handler_timeout_ms": 300, "max_retries": 1, "retry_base_ms": 10, "retry_cap_ms": 20}');
       SELECT sbpg.create_subscription('odd', '${emu.amqp}', 'odd', 'team_b.take(sbpg.message)', 'bob_w', 'emu');
+      SELECT sbpg.create_subscription('stubborn', '${emu.amqp}', 'stubborn', 'team_b.take(sbpg.message)', 'bob_w', 'emu',
+        options => '{"handler_timeout_ms": 300}');
+      -- bob registers a type alice's subscription validates, with an upcast of his: it must never
+      -- run with alice_w's rights.
+      CREATE FUNCTION team_b.squat(p jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('squat upcast'); RETURN p; END $$;
+      SELECT sbpg.register_schema('team.squat', 1, '{"type": "object"}', upcast => 'team_b.squat(jsonb)');
+      SELECT sbpg.register_schema('team.squat', 2, '{"type": "object"}');
     `);
     listener = await db.listen();
     // mallory listens too: any database user can.
@@ -223,8 +244,8 @@ describe("privilege escalation", () => {
     spy.client.on("notification", (n) => spy.got.push(n.payload));
     await spy.client.query("LISTEN sbpg_confirm");
     sb = new ServiceBusClient(emu.connectionString(), { retryOptions: { maxRetries: 1, timeoutInMs: 20000 } });
-    await waitFor(async () => Number((await db.query("SELECT count(*) FROM sbpg.stats WHERE state = 'connected'")).rows[0].count) === 5,
-      { timeout: 30000, what: "five workers connected" });
+    await waitFor(async () => Number((await db.query("SELECT count(*) FROM sbpg.stats WHERE state = 'connected'")).rows[0].count) === 6,
+      { timeout: 30000, what: "six workers connected" });
   });
 
   after(async () => {
@@ -261,15 +282,20 @@ describe("privilege escalation", () => {
   });
 
   it("a handler cannot drive the configuration functions, change role or create temporary objects", async () => {
-    await send("victim", ["alter", "admin", "identity", "temp", "temp_fn", "role", "prepare"].map((how) => ({ messageId: how, body: { how } })));
-    await waitFor(() => ["alter", "admin", "identity", "temp", "temp_fn", "role", "prepare"].every((id) => byId("victim")[id]), { what: "seven outcomes" });
+    await send("victim", ["alter", "admin", "identity", "direct", "temp", "temp_fn", "role", "prepare"].map((how) => ({ messageId: how, body: { how } })));
+    await waitFor(() => ["alter", "admin", "identity", "direct", "temp", "temp_fn", "role", "prepare"].every((id) => byId("victim")[id]), { what: "eight outcomes" });
     const why = await db.inboxReasons("victim");
-    for (const id of ["alter", "admin", "identity", "temp", "temp_fn", "role", "prepare"]) {
+    for (const id of ["alter", "admin", "identity", "direct", "temp", "temp_fn", "role", "prepare"]) {
       assert.equal(byId("victim")[id].status, "dead_lettered", id);
       assert.equal(byId("victim")[id].reason, "PermissionDenied", `${id}: ${why[id]}`);
     }
-    assert.match(why.alter, /permission denied to alter subscription.*alice_w is neither a superuser nor a member of sbpg_admin/);
-    assert.match(why.identity, /permission denied to create identity/);
+    assert.match(why.alter, /permission denied to alter subscription.*alice is not a member of postgres/);
+    // Through alice's SECURITY DEFINER function the configuration functions judge alice, whose
+    // code it is, never the worker's owner: she may not do what only a superuser may.
+    assert.match(why.identity, /only superusers may create identities of kind managed_identity/);
+    assert.match(why.admin, /run_as role sbpg_admin has the privileges of sbpg_admin/);
+    // Called by the handler itself, they judge run_as.
+    assert.match(why.direct, /permission denied to alter subscription.*alice_w is neither a superuser nor a member of sbpg_admin/);
     assert.match(why.temp, /cannot create temporary table within security-restricted operation/);
     assert.match(why.temp_fn, /cannot create temporary objects in code an sbpg worker runs/);
     assert.match(why.prepare, /cannot execute PREPARE within security-restricted operation/);
@@ -357,6 +383,28 @@ describe("privilege escalation", () => {
     assert.equal(row.message_id, "ab\uFFFD\uFFFDcd");
     assert.match(row.reason, /^MalformedMessage: properties message_id, subject, correlation_id, session_id are not valid UTF-8 text/);
     await waitFor(async () => (await emu.entity("odd")).dead_letter_moves === 1, { what: "on the DLQ" });
+  });
+
+  it("another team's upcast never runs with run_as's rights", async () => {
+    await waitFor(() => /subscription "notes": validating against 4 registered schema versions/.test(db.serverLog()),
+      { timeout: 20000, what: "bob's type loaded by alice's worker" });
+    await send("notes", [{ messageId: "squat-1", subject: "team.squat", applicationProperties: { schema_version: 1 }, body: { a: 1 } }]);
+    await waitFor(() => byId("notes")["squat-1"], { what: "the squatted type's message" });
+    assert.equal(byId("notes")["squat-1"].status, "dead_lettered",
+      db.serverLog().split("\n").filter((l) => /"notes"|squat/.test(l)).join("\n"));
+    assert.equal(byId("notes")["squat-1"].reason, "PermissionDenied");
+    assert.match((await db.inboxReasons("notes"))["squat-1"], /upcast team_b.squat\(jsonb\) is owned by bob, who may not act as run_as role alice_w/);
+    assert.ok(!(await observed()).some((r) => r.what === "squat upcast"), "the upcast never ran");
+  });
+
+  it("tenant code that catches the cancel is cancelled again, then its worker ends", async () => {
+    await send("stubborn", [{ messageId: "stubborn-1", body: { id: 300, secret: "x", stubborn: true } }]);
+    await waitFor(() => /subscription "stubborn": tenant code went on past handler_timeout_ms after its statement was cancelled/.test(db.serverLog()),
+      { timeout: 30000, what: "the stubborn worker ended" });
+    assert.ok((await observed()).filter((r) => r.what === "caught the cancel").length >= 2, "cancelled again after catching it");
+    await db.psql("SELECT sbpg.disable_subscription('stubborn')");
+    assert.equal(Number((await db.query("SELECT count(*) FROM team_b.secrets WHERE id = 300")).rows[0].count), 0);
+    assert.equal(Number((await emu.entity("stubborn")).completed), 0, "nothing settled: the broker still holds the message");
   });
 
   it("records outcomes without notifications while the NOTIFY queue is nearly full", async () => {

@@ -62,6 +62,10 @@ void PinSessionSettings();
 // locks. Called after every batch, whatever its outcome.
 void CleanSession();
 
+// Whether the worker is ending because tenant code went on past its time limit after the cancel
+// (its exit callback says so in sbpg.stats and the log).
+bool EndedByTimeLimit();
+
 void LoadSubConfig(const char *name, SubConfig *out);
 
 // kTransient: this attempt failed with a transient error and another is scheduled (next_attempt).
