@@ -785,16 +785,30 @@ RunAsFailed(int sqlerrcode) {
 	return timed_out;
 }
 
-void
-CallHandler(const SubConfig *cfg, Datum msg) {
+// Calls a function of tenant code (at most 5 arguments; an argument is NULL where it is 0 and
+// null_if_zero says so) in the run_as context. Returns its result; *isnull says whether it is NULL.
+constexpr int kMaxTenantArgs = 5;
+
+Datum
+CallAsRunAs(const SubConfig *cfg, FmgrInfo *flinfo, int nargs, const Datum *args, bool null_if_zero, bool *isnull) {
 	RunAs r;
 	EnterRunAs(cfg, &r);
-	LOCAL_FCINFO(fcinfo, 1);
-	InitFunctionCallInfoData(*fcinfo, &handler_finfo, 1, InvalidOid, nullptr, nullptr);
-	fcinfo->args[0].value = msg;
-	fcinfo->args[0].isnull = false;
-	(void)FunctionCallInvoke(fcinfo);
+	LOCAL_FCINFO(fcinfo, kMaxTenantArgs);
+	InitFunctionCallInfoData(*fcinfo, flinfo, nargs, InvalidOid, nullptr, nullptr);
+	for (int k = 0; k < nargs && k < kMaxTenantArgs; ++k) {
+		fcinfo->args[k].value = args[k];
+		fcinfo->args[k].isnull = null_if_zero && args[k] == 0;
+	}
+	Datum res = FunctionCallInvoke(fcinfo);
+	*isnull = fcinfo->isnull;
 	LeaveRunAs(cfg, &r);
+	return res;
+}
+
+void
+CallHandler(const SubConfig *cfg, Datum msg) {
+	bool isnull;
+	(void)CallAsRunAs(cfg, &handler_finfo, 1, &msg, false, &isnull);
 }
 
 // Runs one upcast, (jsonb) RETURNS jsonb, as run_as in the handler's restricted context.
@@ -831,10 +845,12 @@ CallUpcast(const SubConfig *cfg, Oid fn, Datum body) {
 		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 		                errmsg("run_as role %s may not execute upcast %s", cfg->run_as_name, format_procedure(fn)),
 		                errhint("GRANT EXECUTE ON FUNCTION %s TO %s.", format_procedure(fn), cfg->run_as_name)));
-	RunAs r;
-	EnterRunAs(cfg, &r);
-	Datum out = OidFunctionCall1(fn, body);
-	LeaveRunAs(cfg, &r);
+	FmgrInfo flinfo;
+	fmgr_info(fn, &flinfo);
+	bool isnull;
+	Datum out = CallAsRunAs(cfg, &flinfo, 1, &body, false, &isnull);
+	if (isnull)
+		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("upcast %s returned NULL", format_procedure(fn))));
 	return out;
 }
 
@@ -934,17 +950,9 @@ ApplyMapping(const SubConfig *cfg, ApplyItem *it, Datum body) {
 		body = DirectFunctionCall1(jsonb_in, CStringGetDatum(m->raw_body.c_str()));
 	FmgrInfo flinfo;
 	fmgr_info(apply_mapping_fn, &flinfo);
-	RunAs r;
-	EnterRunAs(cfg, &r);
-	LOCAL_FCINFO(fcinfo, 5);
-	InitFunctionCallInfoData(*fcinfo, &flinfo, 5, InvalidOid, nullptr, nullptr);
 	Datum args[5] = {mp->target, mp->action, mp->keys, mp->column_map, body};
-	for (int k = 0; k < 5; ++k) {
-		fcinfo->args[k].value = args[k];
-		fcinfo->args[k].isnull = args[k] == 0;
-	}
-	(void)FunctionCallInvoke(fcinfo);
-	LeaveRunAs(cfg, &r);
+	bool isnull;
+	(void)CallAsRunAs(cfg, &flinfo, 5, args, true, &isnull);
 	return true;
 }
 
@@ -1116,18 +1124,9 @@ DiagnoseMapping(const SubConfig *cfg, const ApplyItem *it) {
 		    Datum payload = DirectFunctionCall1(jsonb_in, CStringGetDatum(m->raw_body.c_str()));
 		    FmgrInfo flinfo;
 		    fmgr_info(diagnose_mapping_fn, &flinfo);
-		    RunAs r;
-		    EnterRunAs(cfg, &r);
-		    LOCAL_FCINFO(fcinfo, 3);
-		    InitFunctionCallInfoData(*fcinfo, &flinfo, 3, InvalidOid, nullptr, nullptr);
 		    Datum args[3] = {mp->target, mp->column_map, payload};
-		    for (int k = 0; k < 3; ++k) {
-			    fcinfo->args[k].value = args[k];
-			    fcinfo->args[k].isnull = false;
-		    }
-		    Datum res = FunctionCallInvoke(fcinfo);
-		    bool isnull = fcinfo->isnull;
-		    LeaveRunAs(cfg, &r);
+		    bool isnull;
+		    Datum res = CallAsRunAs(cfg, &flinfo, 3, args, false, &isnull);
 		    if (!isnull)
 			    what = TextDatumGetCString(res);
 	    },
