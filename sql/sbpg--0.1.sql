@@ -118,7 +118,9 @@ CREATE UNIQUE INDEX retries_by_message_id ON sbpg.retries (subscription, message
 CREATE INDEX retries_due ON sbpg.retries (subscription, next_attempt_at) WHERE deferred;
 COMMENT ON TABLE sbpg.retries IS 'Messages waiting for another attempt after a transient error: how often tried, why, and when next';
 
--- Who called a SECURITY DEFINER function (the role after SET ROLE, not the definer).
+-- Whose code called sbpg's SECURITY DEFINER functions: the owner of another SECURITY DEFINER
+-- function that called them, run_as in an sbpg worker's tenant code, the role after SET ROLE
+-- otherwise; refused where that cannot be told (src/pg/module.cpp, docs/security.md).
 CREATE FUNCTION sbpg._caller() RETURNS regrole
 	AS 'MODULE_PATHNAME', 'sbpg_caller' LANGUAGE C STABLE STRICT;
 

@@ -27,6 +27,7 @@ extern "C" {
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "storage/ipc.h"
 #include "storage/lock.h"
 #include "utils/acl.h"
 #include "utils/array.h"
@@ -708,6 +709,8 @@ volatile sig_atomic_t ended_by_limit = 0;
 // A timeout handler (signal context): only flags.
 void
 EndWorker() {
+	if (proc_exit_inprogress)
+		return; // ending already, for another reason
 	ended_by_limit = 1;
 	ProcDiePending = true;
 	InterruptPending = true;
@@ -791,6 +794,8 @@ constexpr int kMaxTenantArgs = 5;
 
 Datum
 CallAsRunAs(const SubConfig *cfg, FmgrInfo *flinfo, int nargs, const Datum *args, bool null_if_zero, bool *isnull) {
+	if (nargs > kMaxTenantArgs)
+		elog(ERROR, "sbpg: a tenant function called with %d arguments (at most %d)", nargs, kMaxTenantArgs);
 	RunAs r;
 	EnterRunAs(cfg, &r);
 	LOCAL_FCINFO(fcinfo, kMaxTenantArgs);

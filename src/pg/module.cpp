@@ -70,6 +70,8 @@ struct DefinerFrame {
 	Oid owner;
 	Oid schema;
 	const FmgrInfo *flinfo;
+	bool restricted; // a security-restricted operation was in force when it started
+	Oid tenant;      // tenant_role when it started
 };
 DefinerFrame *frames = nullptr;
 int nframes = 0, maxframes = 0;
@@ -128,14 +130,20 @@ FramesXactCallback(XactEvent event, void *) {
 
 void
 FmgrHook(FmgrHookEventType event, FmgrInfo *flinfo, Datum *arg) {
-	if (prev_fmgr_hook)
-		prev_fmgr_hook(event, flinfo, arg);
 	if (event != FHET_START) {
-		// End or failure: frames close innermost first.
-		if (nframes > 0 && frames[nframes - 1].flinfo == flinfo)
-			--nframes;
+		// End or failure: this frame closes, and any left above it (should another hook have failed
+		// between a start and its end) with it.
+		for (int i = nframes - 1; i >= 0; --i)
+			if (frames[i].flinfo == flinfo) {
+				nframes = i;
+				break;
+			}
+		if (prev_fmgr_hook)
+			prev_fmgr_hook(event, flinfo, arg);
 		return;
 	}
+	if (prev_fmgr_hook)
+		prev_fmgr_hook(event, flinfo, arg);
 	HeapTuple tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(flinfo->fn_oid));
 	if (!HeapTupleIsValid(tup))
 		return;
@@ -152,7 +160,7 @@ FmgrHook(FmgrHookEventType event, FmgrInfo *flinfo, Datum *arg) {
 		maxframes = grow;
 	}
 	// fmgr_security_definer has switched to the owner already.
-	frames[nframes++] = DefinerFrame{GetUserId(), schema, flinfo};
+	frames[nframes++] = DefinerFrame{GetUserId(), schema, flinfo, InSecurityRestrictedOperation(), tenant_role};
 }
 
 void
@@ -368,7 +376,11 @@ _PG_init(void) {
 // sbpg._caller(): the role whose code called a SECURITY DEFINER function of sbpg, which every
 // permission check of the configuration functions judges.
 //   - Inside another role's SECURITY DEFINER function, that function's owner: its code is what
-//     runs, whoever called it (a superuser calling a tenant's function lends it nothing).
+//     runs, whoever called it (a superuser calling a tenant's function lends it nothing). Unless
+//     something changed the user since that function started: tenant code entered (the caller is
+//     then run_as), or a security-restricted operation began (a superuser's function that runs
+//     ANALYZE or REFRESH MATERIALIZED VIEW on a tenant's table runs the tenant's code: refused,
+//     as below).
 //   - In an sbpg worker, tenant code (handler, upcast, mapping) runs as the subscription's run_as
 //     while the session belongs to the extension owner: the caller is run_as. The worker itself
 //     never calls the configuration functions, so outside tenant code the call is refused.
@@ -379,9 +391,14 @@ _PG_init(void) {
 Datum
 sbpg_caller(PG_FUNCTION_ARGS) {
 	Oid sbpg_schema = get_namespace_oid("sbpg", true);
-	for (int i = nframes - 1; i >= 0; --i)
+	const DefinerFrame *f = nullptr;
+	for (int i = nframes - 1; i >= 0 && !f; --i)
 		if (frames[i].schema != sbpg_schema)
-			PG_RETURN_OID(frames[i].owner);
+			f = &frames[i];
+	bool restricted_since = f && InSecurityRestrictedOperation() && !f->restricted;
+	bool tenant_since = f && OidIsValid(tenant_role) && tenant_role != f->tenant;
+	if (f && !restricted_since && !tenant_since)
+		PG_RETURN_OID(f->owner);
 	if (OidIsValid(tenant_role))
 		PG_RETURN_OID(tenant_role);
 	if (in_sbpg_worker)

@@ -2,7 +2,7 @@
 -- owners of message types, statistics by visibility, the handler time limit, configuration
 -- functions refused where the calling role cannot be told, and what pg_dump keeps.
 BEGIN;
-SELECT plan(33);
+SELECT plan(35);
 
 CREATE ROLE tap_alice NOLOGIN IN ROLE sbpg_admin;
 CREATE ROLE tap_bob NOLOGIN IN ROLE sbpg_admin;
@@ -102,6 +102,27 @@ SELECT throws_ok($$CREATE INDEX ON tap_alice_t (tap_pwn(x))$$, '42501',
     'sbpg''s configuration functions cannot be called within a security-restricted operation',
     'a table owner''s index expression cannot drive the configuration functions as the superuser who builds the index');
 SELECT is((SELECT run_as::text FROM sbpg.subscriptions WHERE name = 's-listed'), 'tap_alice_w', 'run_as is unchanged');
+-- The same through a superuser's own SECURITY DEFINER maintenance helper: the index expression
+-- is still the tenant's code.
+CREATE FUNCTION tap_ops_reindex(t regclass) RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+BEGIN
+	EXECUTE format('REINDEX TABLE %s', t);
+END $$;
+CREATE FUNCTION tap_armed(x int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+	IF current_setting('tap.attack', true) = 'on' THEN
+		PERFORM sbpg.alter_subscription('s-listed', run_as => 'postgres', options => '{"allow_superuser_run_as": true}');
+	END IF;
+	RETURN x;
+END $$;
+ALTER FUNCTION tap_armed(int) OWNER TO tap_alice;
+CREATE INDEX tap_alice_idx ON tap_alice_t (tap_armed(x));
+SET tap.attack = on;
+SELECT throws_ok($$SELECT tap_ops_reindex('tap_alice_t')$$, '42501',
+    'sbpg''s configuration functions cannot be called within a security-restricted operation',
+    'nor inside a superuser''s SECURITY DEFINER function that rebuilds the tenant''s index');
+RESET tap.attack;
+SELECT is((SELECT run_as::text FROM sbpg.subscriptions WHERE name = 's-listed'), 'tap_alice_w', 'run_as is still unchanged');
 
 -- A superuser who calls an sbpg_admin member's SECURITY DEFINER function lends it nothing: the
 -- configuration functions judge the function's owner, whose code runs.
