@@ -3,9 +3,11 @@
 #   make install    the extension into the PostgreSQL found by pg_config
 #   test/run        every test suite
 EXTENSION = sbpg
-EXTVERSION = 0.1
+EXTVERSION = 0.2
 MODULE_big = sbpg
-DATA = sql/sbpg--$(EXTVERSION).sql
+# No full script for 0.2: CREATE EXTENSION runs 0.1 and the update to 0.2, the same path an
+# existing installation takes with ALTER EXTENSION sbpg UPDATE.
+DATA = sql/sbpg--0.1.sql sql/sbpg--0.1--0.2.sql
 PGFILEDESC = "sbpg - Azure Service Bus consumer"
 
 SRCS = $(wildcard src/*.cpp src/*/*.cpp)
@@ -19,7 +21,7 @@ SHLIB_LINK = -lqpid-proton-cpp -l:libqpid-proton-core.so.10 -l:libqpid-proton-pr
 override with_llvm = no
 
 # pg_regress (make installcheck against a running server): sql/*.sql -> expected/*.out
-REGRESS = sql_surface privileges
+REGRESS = sql_surface privileges upgrade
 REGRESS_OPTS = --inputdir=.
 
 EXTRA_CLEAN = $(SRCS:.cpp=.d) results

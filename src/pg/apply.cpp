@@ -859,9 +859,10 @@ CallUpcast(const SubConfig *cfg, Oid fn, Datum body) {
 	return out;
 }
 
-// Brings a validated body from the version it carried to the newest version the chain of
-// upcasts reaches: each version's upcast turns it into the next version's shape; a version
-// without one ends the chain. Returns the version handed on; *body holds the result.
+// Brings a validated body from the version it carried towards the newest version: the upcast
+// registered with each later version turns the version before it into its shape; a version
+// without one is a gap that ends the chain (docs/schemas.md). Returns the version handed on;
+// *body holds the result.
 int
 Upcast(const SubConfig *cfg, const ReceivedMessage *m, Datum *body) {
 	if (!cfg->validate_schemas || m->message_type.empty() || m->schema_version <= 0 ||
@@ -885,9 +886,9 @@ Upcast(const SubConfig *cfg, const ReceivedMessage *m, Datum *body) {
 	if (versions[0] != version)
 		return version;
 	Datum b = DirectFunctionCall1(jsonb_in, CStringGetDatum(m->raw_body.c_str()));
-	for (int i = 0; i + 1 < n && OidIsValid(fns[i]); ++i) {
+	for (int i = 1; i < n && OidIsValid(fns[i]); ++i) {
 		b = CallUpcast(cfg, fns[i], b);
-		version = versions[i + 1];
+		version = versions[i];
 	}
 	*body = b;
 	return version;

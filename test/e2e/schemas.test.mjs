@@ -137,28 +137,71 @@ describe("versioned schemas", () => {
     assert.equal((await pg.query("SELECT mver FROM orders WHERE id = 41")).rows[0].mver, "2");
   });
 
-  it("upcasts older versions so the handler sees one shape, with the version received and the version handed on", async () => {
-    // Version 3 of a new type requires a currency; version 1 had none, version 2 called it "cur".
+  it("upcasts in the order a team writes versions: v1 used, then v2 with its upcast, then v3; every old message reaches the handler in the latest shape", async () => {
+    // Version 3 requires a currency; version 1 had none, version 2 called it "cur". Each upcast is
+    // given with the version it leads into, when that version is registered.
     const v1 = { type: "object", properties: { id: { type: "integer" }, amount: { type: "number" } }, required: ["id", "amount"] };
     const v2 = { ...v1, properties: { ...v1.properties, cur: { type: "string" } } };
     const v3 = { ...v1, properties: { ...v1.properties, currency: { type: "string" } } };
+    const row = async (id) => {
+      const r = (await pg.query("SELECT received, mver, currency FROM orders WHERE id = $1", [id])).rows[0];
+      return r && [r.received, r.mver, r.currency];
+    };
+    const bySubject = (messageId, version, body) =>
+      ({ messageId, subject: "payments.made", applicationProperties: { schema_version: version }, body });
+    const ceBinary = (messageId, version, body) =>
+      ({ messageId, body, applicationProperties: { "cloudEvents:specversion": "1.0", "cloudEvents:type": "payments.made",
+        "cloudEvents:source": "/pay", "cloudEvents:id": messageId, "cloudEvents:dataschema": `urn:payments.made:v${version}` } });
+    const ceStructured = (messageId, version, data) =>
+      ({ messageId, contentType: "application/cloudevents+json", body: Buffer.from(JSON.stringify({ specversion: "1.0",
+        type: "payments.made", source: "/pay", id: messageId, dataschema: `urn:payments.made:v${version}`, data })) });
+    const applied = (ids) => waitFor(() => ids.every((id) => got("checked").some((x) => x.message_id === id && x.status === "applied")),
+      { what: ids.join(", ") });
+
+    // Version 1 alone, in use.
     await pg.psql(`
       CREATE FUNCTION pay_v1_v2(p jsonb) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$ SELECT p || '{"cur": "EUR"}' $$;
       CREATE FUNCTION pay_v2_v3(p jsonb) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$ SELECT (p - 'cur') || jsonb_build_object('currency', p->'cur') $$;
       GRANT EXECUTE ON FUNCTION pay_v1_v2(jsonb), pay_v2_v3(jsonb) TO app;
-      SELECT sbpg.register_schema('payments.made', 1, '${JSON.stringify(v1)}', 'none', upcast => 'pay_v1_v2(jsonb)');
-      SELECT sbpg.register_schema('payments.made', 2, '${JSON.stringify(v2)}', upcast => 'pay_v2_v3(jsonb)');
-      SELECT sbpg.register_schema('payments.made', 3, '${JSON.stringify(v3)}');`);
-    await waitFor(() => /subscription "checked": validating against 5 registered schema versions/.test(pg.serverLog()), { timeout: 20000, what: "the versions loaded" });
+      SELECT sbpg.register_schema('payments.made', 1, '${JSON.stringify(v1)}', 'none');`);
+    await waitFor(() => /subscription "checked": validating against 3 registered schema versions/.test(pg.serverLog()), { timeout: 20000, what: "v1 loaded" });
+    await send("checked", [bySubject("pay-1a", 1, { id: 51, amount: 1 })]);
+    await applied(["pay-1a"]);
+    assert.deepEqual(await row(51), ["1", "1", null], "version 1 as it is");
+
+    // Weeks later: version 2, with the upcast from version 1.
+    await pg.psql(`SELECT sbpg.register_schema('payments.made', 2, '${JSON.stringify(v2)}', upcast => 'pay_v1_v2(jsonb)');`);
+    await waitFor(() => /subscription "checked": validating against 4 registered schema versions/.test(pg.serverLog()), { timeout: 20000, what: "v2 loaded" });
+    await send("checked", [bySubject("pay-1b", 1, { id: 52, amount: 2 }), bySubject("pay-2a", 2, { id: 53, amount: 3, cur: "USD" })]);
+    await applied(["pay-1b", "pay-2a"]);
+    assert.deepEqual(await row(52), ["1", "2", null], "version 1 reaches the handler as version 2");
+
+    // Then version 3, with the upcast from version 2: every older message arrives as version 3.
+    await pg.psql(`SELECT sbpg.register_schema('payments.made', 3, '${JSON.stringify(v3)}', upcast => 'pay_v2_v3(jsonb)');`);
+    await waitFor(() => /subscription "checked": validating against 5 registered schema versions/.test(pg.serverLog()), { timeout: 20000, what: "v3 loaded" });
     await send("checked", [
-      { messageId: "pay-1", subject: "payments.made", applicationProperties: { schema_version: 1 }, body: { id: 51, amount: 1 } },
-      { messageId: "pay-2", subject: "payments.made", applicationProperties: { schema_version: 2 }, body: { id: 52, amount: 2, cur: "USD" } },
-      { messageId: "pay-3", subject: "payments.made", applicationProperties: { schema_version: 3 }, body: { id: 53, amount: 3, currency: "GBP" } },
+      bySubject("pay-1c", 1, { id: 54, amount: 4 }),
+      bySubject("pay-2b", 2, { id: 55, amount: 5, cur: "USD" }),
+      bySubject("pay-3", 3, { id: 56, amount: 6, currency: "GBP" }),
+      ceBinary("pay-ce-bin", 1, { id: 57, amount: 7 }),
+      ceStructured("pay-ce-struct", 2, { id: 58, amount: 8, cur: "CHF" }),
     ]);
-    await waitFor(() => ["pay-1", "pay-2", "pay-3"].every((id) => got("checked").some((x) => x.message_id === id)), { what: "3 outcomes" });
-    const rows = (await pg.query("SELECT id, mver, received, currency FROM orders WHERE id BETWEEN 51 AND 53 ORDER BY id")).rows;
-    assert.deepEqual(rows.map((r) => [Number(r.id), r.received, r.mver, r.currency]),
-      [[51, "1", "3", "EUR"], [52, "2", "3", "USD"], [53, "3", "3", "GBP"]], "one shape, whatever version was sent");
+    await applied(["pay-1c", "pay-2b", "pay-3", "pay-ce-bin", "pay-ce-struct"]);
+    assert.deepEqual(await row(54), ["1", "3", "EUR"]);
+    assert.deepEqual(await row(55), ["2", "3", "USD"]);
+    assert.deepEqual(await row(56), ["3", "3", "GBP"]);
+    assert.deepEqual(await row(57), ["1", "3", "EUR"], "CloudEvents binary mode");
+    assert.deepEqual(await row(58), ["2", "3", "CHF"], "CloudEvents structured mode");
+
+    // A step without an upcast is a gap: the chain stops before it, and the handler is told the
+    // version it got.
+    await pg.psql(`SELECT sbpg.set_upcast('payments.made', 3, NULL);`);
+    const gap = (await pg.query("SELECT version, chain_gap FROM sbpg.schema_catalog WHERE message_type = 'payments.made' ORDER BY version")).rows;
+    assert.deepEqual(gap.map((r) => [r.version, r.chain_gap]), [[1, false], [2, false], [3, true]]);
+    await send("checked", [bySubject("pay-1d", 1, { id: 59, amount: 9 })]);
+    await applied(["pay-1d"]);
+    assert.deepEqual(await row(59), ["1", "2", null], "upcast as far as the chain reaches");
+    await pg.psql(`SELECT sbpg.set_upcast('payments.made', 3, 'pay_v2_v3(jsonb)');`);
   });
 
   it("applies declarative mappings without handler code: insert, upsert twice to one row, delete, conversion errors named", async () => {

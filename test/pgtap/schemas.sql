@@ -2,7 +2,7 @@
 -- of docs/schemas.md accepted and refused, schemas refused for what RapidJSON would ignore, and
 -- who may register. Runs in the database test/pg/run prepares; everything is rolled back.
 BEGIN;
-SELECT plan(48);
+SELECT plan(54);
 
 CREATE ROLE tap_sadmin NOLOGIN IN ROLE sbpg_admin;
 CREATE ROLE tap_snobody NOLOGIN;
@@ -94,6 +94,21 @@ SELECT is(tap_try('backward', '{"type": "string", "pattern": "^[a-z]+$"}', '{"ty
 SELECT is(tap_try('backward', '{"type": "string"}', '{"type": "string", "pattern": "^[a-z]+$"}') ~ 'not backward compatible', true, 'pattern added: breaks backward');
 SELECT is(tap_try('full', '{"type": "string", "pattern": "^[a-z]+$"}', '{"type": "string", "pattern": "^[a-z0-9]+$"}') ~ 'not full compatible', true, 'pattern changed: breaks full');
 SELECT is(tap_try('none', '{"type": "string"}', '{"type": "object", "required": ["x"]}'), 'ok', 'mode none accepts any change');
+
+-- An upcast comes with the version it leads into, or later with set_upcast, by the type's owner.
+SELECT lives_ok($$SELECT sbpg.set_upcast('orders.created', 2, NULL)$$, 'set_upcast removes an upcast');
+SELECT is((SELECT chain_gap FROM sbpg.schema_catalog WHERE message_type = 'orders.created' AND version = 2), true,
+    'a step without an upcast shows as a gap in the catalog');
+SELECT lives_ok($$SELECT sbpg.set_upcast('orders.created', 2, 'tap_upcast(jsonb)')$$, 'and attaches one to a registered version');
+SELECT throws_ok($$SELECT sbpg.set_upcast('orders.created', 2, 'tap_bad_upcast(text)')$$, '42P13',
+    'upcast public.tap_bad_upcast(text) has the wrong signature', 'set_upcast checks the signature');
+CREATE ROLE tap_sother NOLOGIN IN ROLE sbpg_admin;
+SET ROLE tap_sother;
+SELECT throws_ok($$SELECT sbpg.set_upcast('orders.created', 2, NULL)$$, '42501',
+    'permission denied to set an upcast of message type orders.created', 'only the type''s owner may');
+RESET ROLE;
+SELECT is((SELECT upcast::text FROM sbpg.schemas WHERE message_type = 'orders.created' AND version = 2), 'tap_upcast(jsonb)',
+    'the upcast stays');
 
 -- Changing the mode, and who may register.
 SELECT lives_ok($$SELECT sbpg.set_compatibility('orders.created', 'full')$$, 'set_compatibility');

@@ -198,8 +198,8 @@ describe("privilege escalation", () => {
       SELECT sbpg.create_subscription('victim', '${emu.amqp}', 'victim', 'team_a.attack(sbpg.message)', 'alice_w', 'emu', batch_size => 10);
       SELECT sbpg.create_subscription('notes', '${emu.amqp}', 'notes', 'team_a.noted(sbpg.message)', 'alice_w', 'emu',
         options => '{"schemas": "validate", "unknown_types": "pass"}');
-      SELECT sbpg.register_schema('team.up', 1, '{"type": "object"}', upcast => 'team_a.up(jsonb)');
-      SELECT sbpg.register_schema('team.up', 2, '{"type": "object"}');
+      SELECT sbpg.register_schema('team.up', 1, '{"type": "object"}');
+      SELECT sbpg.register_schema('team.up', 2, '{"type": "object"}', upcast => 'team_a.up(jsonb)');
       SELECT sbpg.create_mapping('notes', 'team.note', 'team_a.notes');
     `);
 
@@ -234,8 +234,8 @@ describe("privilege escalation", () => {
       -- run with alice_w's rights.
       CREATE FUNCTION team_b.squat(p jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
         BEGIN PERFORM public.observe('squat upcast'); RETURN p; END $$;
-      SELECT sbpg.register_schema('team.squat', 1, '{"type": "object"}', upcast => 'team_b.squat(jsonb)');
-      SELECT sbpg.register_schema('team.squat', 2, '{"type": "object"}');
+      SELECT sbpg.register_schema('team.squat', 1, '{"type": "object"}');
+      SELECT sbpg.register_schema('team.squat', 2, '{"type": "object"}', upcast => 'team_b.squat(jsonb)');
     `);
     listener = await db.listen();
     // mallory listens too: any database user can.
