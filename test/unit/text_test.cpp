@@ -1,7 +1,8 @@
 // test/unit/text_test.cpp
 //   Unit tests of the UTF-8 helpers in src/core/text.cpp: IsStrictUtf8 (what PostgreSQL accepts),
 //   ToValidUtf8 (U+FFFD for each maximal ill-formed subpart and each NUL), and cutting text on a
-//   character boundary (Utf8Prefix, ClipUtf8, CopyUtf8).
+//   character boundary (Utf8Prefix, ClipUtf8, CopyUtf8, FixedText).
+#include "sbpg/core/fixed_text.hpp"
 #include "sbpg/core/text.hpp"
 
 #include "tap.hpp"
@@ -164,6 +165,25 @@ TEST("ClipUtf8 removes the partial character strlcpy/snprintf left at the end") 
 	std::snprintf(small, sizeof small, "id %s", "\xE2\x82\xAC\xE2\x82\xAC"); // "id " + 2 of 3 bytes
 	ClipUtf8(small);
 	CHECK_EQ(std::string(small), std::string("id "));
+}
+
+TEST("FixedText cuts on a character boundary when set or appended past its size") {
+	FixedText<8> t; // 7 bytes of text
+	t.Set("abcdef\xE2\x82\xAC"); // "abcdef" + a 3-byte character: only "abcdef" fits
+	CHECK_EQ(Show(t.str()), Show("abcdef"));
+	t.Set("ab");
+	CHECK(t.Append("\xC3\xA9"));          // "ab\xC3\xA9": 4 bytes
+	CHECK(!t.Append("\xF0\x9F\x98\x80")); // a 4-byte character does not fit in the 3 left
+	CHECK_EQ(Show(t.str()), Show("ab\xC3\xA9"));
+	CHECK(t.Append("xyz"));
+	CHECK_EQ(t.str(), std::string("ab\xC3\xA9xyz"));
+	CHECK(!t.Append("!"));
+	t.Clear();
+	CHECK(t.Empty());
+	ErrorText e;
+	e.Set(std::string(2000, 'x'));
+	CHECK_EQ(e.view().size(), ErrorText::kCapacity);
+	CHECK(IsStrictUtf8(e.view()));
 }
 
 TAP_MAIN
