@@ -174,3 +174,30 @@ SELECT s.message_type, s.version, t.compatibility,
        lag(s.version) OVER (PARTITION BY s.message_type ORDER BY s.version) AS upcast_from,
        s.upcast IS NULL AND lag(s.version) OVER (PARTITION BY s.message_type ORDER BY s.version) IS NOT NULL AS chain_gap
 FROM sbpg.schemas s JOIN sbpg.message_types t ON t.name = s.message_type;
+
+-- Clearing a subscription's identity (alter_subscription(identity => '')) checked the caller's
+-- right to use "no identity" and refused every non-superuser: no identity needs no permission. This
+-- is also how a subscription is moved off a revoked identity.
+CREATE OR REPLACE FUNCTION sbpg._check_identity_usage(identity text)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	caller regrole;
+BEGIN
+	IF identity IS NULL THEN
+		RETURN;
+	END IF;
+	caller := sbpg._caller();
+	IF (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid OPERATOR(pg_catalog.=) caller)
+	   OR EXISTS (SELECT 1 FROM sbpg.identities i WHERE i.name OPERATOR(pg_catalog.=) identity
+	              AND i.created_by OPERATOR(pg_catalog.=) caller::text)
+	   OR EXISTS (SELECT 1 FROM sbpg.identity_usage u JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) u.grantee
+	              WHERE u.identity OPERATOR(pg_catalog.=) _check_identity_usage.identity
+	              AND pg_catalog.pg_has_role(caller, r.oid, 'MEMBER')) THEN
+		RETURN;
+	END IF;
+	RAISE EXCEPTION 'permission denied to use identity "%"', identity
+		USING ERRCODE = 'insufficient_privilege',
+		      DETAIL = pg_catalog.format('%s did not create identity "%s" and belongs to no role it was granted to.', caller, identity),
+		      HINT = pg_catalog.format('Its creator or a superuser can run SELECT sbpg.grant_identity(%L, %L).', identity, caller::text);
+END
+$$;
