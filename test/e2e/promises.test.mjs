@@ -147,8 +147,8 @@ describe("documented promises", () => {
 
     await pg.psql("REVOKE EXECUTE ON FUNCTION handle_noexec(sbpg.message) FROM app;");
     await send("noexec", [{ messageId: "nx-2", body: { n: 2 } }, { messageId: "nx-3", body: { n: 3 } }]);
-    await pausedTwice("noexec", /run_as role app may not execute handler handle_noexec\(sbpg\.message\)/);
-    assert.match(pg.serverLog(), /subscription "noexec": run_as role app may not execute handler handle_noexec\(sbpg\.message\); messages are left for later/);
+    await pausedTwice("noexec", /run_as role app may not execute handler (public\.)?handle_noexec\(sbpg\.message\)/);
+    assert.match(pg.serverLog(), /subscription "noexec": run_as role app may not execute handler (public\.)?handle_noexec\(sbpg\.message\); messages are left for later/);
     // Held, not settled, not counted: no inbox or retry row, no notification, nothing on the DLQ.
     assert.equal(await inboxRows("noexec"), 1);
     assert.equal(await retryRows("noexec"), 0);
@@ -189,7 +189,8 @@ describe("documented promises", () => {
     assert.equal(await retryRows("dropped"), 0);
     assert.deepEqual(got("dropped").map((x) => x.message_id), ["dr-1"]);
     let e = await emu.entity("dropped");
-    assert.deepEqual([e.locked, e.dead_letter_moves, e.abandoned, e.delivered], [1, 0, 0, 2]);
+    assert.deepEqual([e.locked, e.dead_letter_moves, e.abandoned], [1, 0, 0]);
+    const deliveredWhilePaused = e.delivered;
     assert.deepEqual([(await stats("dropped")).retries, (await stats("dropped")).dead_lettered].map(Number), [0, 0]);
 
     // A new function is a new object: the subscription is pointed at it (README: troubleshooting).
@@ -199,12 +200,22 @@ describe("documented promises", () => {
       SELECT sbpg.alter_subscription('dropped', handler => 'handle_dropped(sbpg.message)');`);
     await waitFor(async () => (await appliesOf("dr-2")) === 1, { what: "dr-2 applied" });
     await waitFor(async () => (await emu.entity("dropped")).completed === 2, { what: "2 completed" });
-    const row = (await pg.query("SELECT status, attempts FROM sbpg.inbox WHERE subscription = 'dropped' AND message_id = 'dr-2'")).rows[0];
+    const row = (await pg.query("SELECT status, attempts, delivery_count FROM sbpg.inbox WHERE subscription = 'dropped' AND message_id = 'dr-2'")).rows[0];
     assert.deepEqual([row.status, row.attempts], ["applied", 1], "the pause cost no attempt");
     assert.deepEqual(got("dropped").map((x) => [x.message_id, x.status, x.attempts]), [["dr-1", "applied", 1], ["dr-2", "applied", 1]]);
     e = await emu.entity("dropped");
-    assert.deepEqual([e.dead_letter_moves, e.abandoned], [0, 0]);
+    assert.equal(e.dead_letter_moves, 0);
     assert.equal(await applies("dropped"), 2);
+    // TODO(bug: dropping the handler restarts the worker, which gives the held messages back):
+    // the launcher's version of a subscription (src/pg/launcher.cpp, LoadDesired) is an md5 of
+    // CAST(ROW(s.*) AS text), where the regprocedure handler prints as its name and then, once the
+    // function is dropped, as its bare oid; the version changes, the worker is restarted, and the
+    // held messages' locks are released: the broker delivers them again and counts a delivery
+    // against MaxDeliveryCount, where the docs promise the worker "holds the messages, their locks
+    // renewed". dr-2 should have been delivered once before the alter_subscription above, and
+    // once more after it (the restart that alter asks for).
+    assert.equal(deliveredWhilePaused, 2, "dr-1 and dr-2 delivered once each while paused: held, not given back");
+    assert.equal(row.delivery_count, 1, "dr-2 delivered again only by the restart alter_subscription asked for");
   });
 
   it("asks again for a deferred message the broker did not hand over, and applies it", async () => {
@@ -221,7 +232,9 @@ describe("documented promises", () => {
 
     // Someone else holds the deferred message's lock: sbpg's fetch is answered "not found".
     const other = sb.createReceiver("lostdefer");
-    const [held] = await other.receiveDeferredMessages([seq]);
+    const [peeked] = await other.peekMessages(1); // the SDK takes sequence numbers as Long
+    assert.equal(peeked.sequenceNumber.toNumber(), seq);
+    const [held] = await other.receiveDeferredMessages([peeked.sequenceNumber]);
     assert.equal(held.messageId, "ld-1");
     await pg.query("DELETE FROM failing WHERE message_id = 'ld-1'");
     await pg.query("UPDATE sbpg.retries SET next_attempt_at = now() WHERE subscription = 'lostdefer'");
