@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 N=${1:-20000}
 mkdir -p bench/bin
 g++ -std=c++17 -O2 -Iinclude -o bench/bin/classify_bench bench/classify_bench.cpp src/schema/schema.cpp \
-	src/schema/registry.cpp src/message/message.cpp src/amqp/codec.cpp src/core/text.cpp -lssl -lcrypto
+	src/schema/registry.cpp src/message/message.cpp src/amqp/codec_*.cpp src/core/text.cpp -lssl -lcrypto
 echo "== per message, AMQP thread"
 bench/bin/classify_bench 200000
 echo "== end to end, batch 100"

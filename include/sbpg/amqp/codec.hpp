@@ -1,7 +1,10 @@
 // sbpg/amqp/codec.hpp
-//   A small AMQP 1.0 type-system codec (pure C++, no Proton, no PostgreSQL): a value tree for requests and replies, a writer for
-//   the hot paths (delivery headers and annotations), and the split of an encoded message into
-//   its sections so that the bare message can be stored and forwarded byte for byte.
+//   A small AMQP 1.0 type-system codec (pure C++, no Proton, no PostgreSQL): a value tree for
+//   requests and replies, a writer for the hot paths (delivery headers and annotations), and the
+//   split of an encoded message into its sections so that the bare message can be stored and
+//   forwarded byte for byte. Built into the extension, the emulator (test/sbemu), the unit tests
+//   and the fuzzers: src/amqp/codec_value.cpp (Value), codec_decode.cpp, codec_encode.cpp (Writer,
+//   Encode), codec_sections.cpp (sections of a message).
 #pragma once
 
 #include <cstdint>
@@ -135,9 +138,11 @@ class Writer {
 	std::string *out() { return out_; }
 
   private:
-	void Be16(uint16_t v);
 	void Be32(uint32_t v);
 	void Be64(uint64_t v);
+	// Binary, string or symbol: `code8` is the constructor of the 8-bit-length form.
+	void Variable(uint8_t code8, std::string_view bytes);
+	void ArrayOf64(uint8_t code, const std::vector<int64_t> &v);
 	std::string *out_;
 };
 
@@ -180,3 +185,5 @@ enum PropertyField {
 };
 
 } // namespace sbpg::amqp
+
+#include "sbpg/core/cpp_only.hpp"

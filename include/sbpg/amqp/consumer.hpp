@@ -75,7 +75,6 @@ struct SettleResult {
 struct ConsumerEvent {
 	enum class Kind : uint8_t { Connected, Disconnected, TokenRenewed, TokenRefused, Error } kind = Kind::Error;
 	std::string text;
-	int64_t at_ms = 0;
 };
 
 struct ConsumerStatus {
