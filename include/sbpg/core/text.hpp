@@ -8,6 +8,8 @@
 #include <string_view>
 #include <vector>
 
+#include "sbpg/core/cpp_only.hpp"
+
 namespace sbpg {
 
 std::string ToLower(std::string_view s);
