@@ -98,13 +98,36 @@ FromHttp(const HttpResponse &r, const std::string &what, bool retry_404, const s
 }
 
 std::string
-Query(const std::vector<std::pair<std::string, std::string>> &q) {
-	return FormEncode(q);
-}
-
-std::string
 Join(const std::string &base, const std::string &query) {
 	return base + (base.find('?') == std::string::npos ? "?" : "&") + query;
+}
+
+// The query parameters a managed identity endpoint names a user-assigned identity's ids with
+// (null: that id is not sent).
+struct IdParams {
+	const char *client_id = nullptr, *object_id = nullptr, *resource_id = nullptr;
+};
+
+// A GET of a managed identity endpoint: api-version, resource and the configured ids in the query,
+// one header, never through a proxy.
+HttpRequest
+ManagedRequest(const IdentityConfig &cfg, const std::string &endpoint, const char *api_version, const IdParams &ids,
+               std::string header, const std::atomic<bool> *abort) {
+	std::vector<std::pair<std::string, std::string>> q = {{"api-version", api_version}, {"resource", cfg.resource}};
+	if (ids.client_id && !cfg.client_id.empty())
+		q.emplace_back(ids.client_id, cfg.client_id);
+	if (ids.object_id && !cfg.object_id.empty())
+		q.emplace_back(ids.object_id, cfg.object_id);
+	if (ids.resource_id && !cfg.resource_id.empty())
+		q.emplace_back(ids.resource_id, cfg.resource_id);
+	HttpRequest req;
+	req.url = Join(endpoint, FormEncode(q));
+	req.headers = {std::move(header)};
+	req.no_proxy = true;
+	req.timeout_ms = cfg.timeout_ms;
+	req.abort = abort;
+	req.extra_ca_file = cfg.extra_ca_file;
+	return req;
 }
 
 // ---- Managed identity: IMDS
@@ -113,20 +136,8 @@ class ImdsProvider : public TokenProvider {
   public:
 	ImdsProvider(IdentityConfig cfg, std::string endpoint) : cfg_(std::move(cfg)), endpoint_(std::move(endpoint)) {}
 	TokenResult Fetch() override {
-		std::vector<std::pair<std::string, std::string>> q = {{"api-version", "2018-02-01"}, {"resource", cfg_.resource}};
-		if (!cfg_.client_id.empty())
-			q.emplace_back("client_id", cfg_.client_id);
-		if (!cfg_.object_id.empty())
-			q.emplace_back("object_id", cfg_.object_id);
-		if (!cfg_.resource_id.empty())
-			q.emplace_back("msi_res_id", cfg_.resource_id);
-		HttpRequest req;
-		req.url = Join(endpoint_, Query(q));
-		req.headers = {"Metadata: true"};
-		req.no_proxy = true;
-		req.timeout_ms = cfg_.timeout_ms;
-		req.abort = abort_;
-		req.extra_ca_file = cfg_.extra_ca_file;
+		HttpRequest req = ManagedRequest(cfg_, endpoint_, "2018-02-01", {"client_id", "object_id", "msi_res_id"},
+		                                 "Metadata: true", abort_);
 		req.connect_timeout_ms = std::min<long>(cfg_.timeout_ms, 2000);
 		TokenResult r = FromHttp(Http(req), "the instance metadata endpoint", true);
 		if (r.http_status == 400)
@@ -147,20 +158,8 @@ class AppServiceProvider : public TokenProvider {
 	AppServiceProvider(IdentityConfig cfg, std::string endpoint, std::string header)
 	    : cfg_(std::move(cfg)), endpoint_(std::move(endpoint)), header_(std::move(header)) {}
 	TokenResult Fetch() override {
-		std::vector<std::pair<std::string, std::string>> q = {{"api-version", "2019-08-01"}, {"resource", cfg_.resource}};
-		if (!cfg_.client_id.empty())
-			q.emplace_back("client_id", cfg_.client_id);
-		if (!cfg_.object_id.empty())
-			q.emplace_back("principal_id", cfg_.object_id);
-		if (!cfg_.resource_id.empty())
-			q.emplace_back("mi_res_id", cfg_.resource_id);
-		HttpRequest req;
-		req.url = Join(endpoint_, Query(q));
-		req.headers = {"X-IDENTITY-HEADER: " + header_};
-		req.no_proxy = true;
-		req.timeout_ms = cfg_.timeout_ms;
-		req.abort = abort_;
-		req.extra_ca_file = cfg_.extra_ca_file;
+		HttpRequest req = ManagedRequest(cfg_, endpoint_, "2019-08-01", {"client_id", "principal_id", "mi_res_id"},
+		                                 "X-IDENTITY-HEADER: " + header_, abort_);
 		return FromHttp(Http(req), "the App Service identity endpoint", true, {header_});
 	}
 	std::string Describe() const override { return "managed identity (App Service identity endpoint " + endpoint_ + ")"; }
@@ -176,14 +175,8 @@ class ArcProvider : public TokenProvider {
   public:
 	ArcProvider(IdentityConfig cfg, std::string endpoint) : cfg_(std::move(cfg)), endpoint_(std::move(endpoint)) {}
 	TokenResult Fetch() override {
-		std::vector<std::pair<std::string, std::string>> q = {{"api-version", "2020-06-01"}, {"resource", cfg_.resource}};
-		HttpRequest req;
-		req.url = Join(endpoint_, Query(q));
-		req.headers = {"Metadata: true"};
-		req.no_proxy = true;
-		req.timeout_ms = cfg_.timeout_ms;
-		req.abort = abort_;
-		req.extra_ca_file = cfg_.extra_ca_file;
+		// System-assigned only: MakeManaged refuses ids for Azure Arc, so none is sent.
+		HttpRequest req = ManagedRequest(cfg_, endpoint_, "2020-06-01", {}, "Metadata: true", abort_);
 		HttpResponse first = Http(req);
 		if (first.status != 401)
 			return FromHttp(first, "the Azure Arc identity endpoint", true);
