@@ -87,7 +87,8 @@ FromHttp(const HttpResponse &r, const std::string &what, bool retry_404, const s
 	if (detail.size() > 300)
 		detail = detail.substr(0, 300) + "...";
 	res.error = what + " answered HTTP " + std::to_string(r.status) + (detail.empty() ? "" : " (" + detail + ")");
-	res.retryable = r.status == 408 || r.status == 429 || r.status >= 500 || (retry_404 && (r.status == 404 || r.status == 410));
+	res.retryable = r.status == 408 || r.status == 429 || r.status >= 500 ||
+	                (retry_404 && (r.status == 404 || r.status == 410));
 	auto ra = r.headers.find("retry-after");
 	if (ra != r.headers.end()) {
 		long s = std::atol(ra->second.c_str());
@@ -141,7 +142,8 @@ class ImdsProvider : public TokenProvider {
 		req.connect_timeout_ms = std::min<long>(cfg_.timeout_ms, 2000);
 		TokenResult r = FromHttp(Http(req), "the instance metadata endpoint", true);
 		if (r.http_status == 400)
-			r.error += "; is a managed identity assigned to this machine (and, for a user-assigned one, is its id right)?";
+			r.error += "; is a managed identity assigned to this machine (and, for a user-assigned one, is its id "
+			           "right)?";
 		return r;
 	}
 	std::string Describe() const override { return "managed identity (instance metadata endpoint " + endpoint_ + ")"; }
@@ -162,7 +164,9 @@ class AppServiceProvider : public TokenProvider {
 		                                 "X-IDENTITY-HEADER: " + header_, abort_);
 		return FromHttp(Http(req), "the App Service identity endpoint", true, {header_});
 	}
-	std::string Describe() const override { return "managed identity (App Service identity endpoint " + endpoint_ + ")"; }
+	std::string Describe() const override {
+		return "managed identity (App Service identity endpoint " + endpoint_ + ")";
+	}
 
   private:
 	IdentityConfig cfg_;
@@ -210,7 +214,8 @@ class ArcProvider : public TokenProvider {
 		if (fd < 0 || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > 4096) {
 			if (fd >= 0)
 				close(fd);
-			bad.error = "the Azure Arc key file " + realm + " is missing, unreadable, a link, not a file, or larger than 4096 bytes";
+			bad.error = "the Azure Arc key file " + realm +
+			            " is missing, unreadable, a link, not a file, or larger than 4096 bytes";
 			return bad;
 		}
 		std::string key(static_cast<size_t>(st.st_size), '\0');
@@ -259,7 +264,8 @@ class EntraProvider : public TokenProvider {
 			form.emplace_back("client_assertion", t);
 		} else {
 			std::string secret = cfg_.client_secret, why;
-			if (secret.empty() && !ReadSecret(cfg_.client_secret_file, cfg_.client_secret_env, ProcessEnv(), &secret, &why)) {
+			if (secret.empty() &&
+			    !ReadSecret(cfg_.client_secret_file, cfg_.client_secret_env, ProcessEnv(), &secret, &why)) {
 				TokenResult r;
 				r.error = why;
 				r.retryable = false;
@@ -337,7 +343,8 @@ MakeManaged(IdentityConfig cfg, const EnvLookup &env, std::string *why) {
 		std::string ep = cfg.endpoint.empty() ? identity_endpoint : cfg.endpoint;
 		std::string header = env("IDENTITY_HEADER");
 		if (ep.empty() || header.empty()) {
-			*why = "the App Service identity endpoint needs IDENTITY_ENDPOINT and IDENTITY_HEADER in the server's environment";
+			*why = "the App Service identity endpoint needs IDENTITY_ENDPOINT and IDENTITY_HEADER in the server's "
+			       "environment";
 			return nullptr;
 		}
 		return std::unique_ptr<TokenProvider>(new AppServiceProvider(cfg, ep, header));
@@ -388,8 +395,8 @@ class DefaultChain : public TokenProvider {
 			last = r;
 		}
 		if (errors.empty()) {
-			last.error = "no credential is configured: " + std::string(kSteps[0]) + ", " + kSteps[1] + " and " + kSteps[2] +
-			             " were all skipped";
+			last.error = "no credential is configured: " + std::string(kSteps[0]) + ", " + kSteps[1] + " and " +
+			             kSteps[2] + " were all skipped";
 			last.retryable = false;
 		} else {
 			last.error = "no credential in the default chain returned a token; last: " + last.error;
@@ -397,7 +404,8 @@ class DefaultChain : public TokenProvider {
 		return last;
 	}
 	std::string Describe() const override {
-		return chosen_ ? "default chain: " + chosen_->Describe() : "default chain (environment, workload identity, managed identity)";
+		return chosen_ ? "default chain: " + chosen_->Describe()
+		               : "default chain (environment, workload identity, managed identity)";
 	}
 	std::vector<std::string> TakeNotes() override {
 		std::vector<std::string> n;
@@ -460,7 +468,8 @@ MakeTokenProvider(const IdentityConfig &cfg, const EnvLookup &env, std::string *
 		if (assertion && c.token_file.empty())
 			c.token_file = env("AZURE_FEDERATED_TOKEN_FILE");
 		if (c.tenant_id.empty() || c.client_id.empty()) {
-			*why = "tenant_id and client_id are needed (options, or AZURE_TENANT_ID and AZURE_CLIENT_ID in the server's environment)";
+			*why = "tenant_id and client_id are needed (options, or AZURE_TENANT_ID and AZURE_CLIENT_ID in the "
+			       "server's environment)";
 			return nullptr;
 		}
 		if (assertion && c.token_file.empty()) {

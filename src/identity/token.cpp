@@ -160,7 +160,8 @@ ReadSecret(const std::string &file, const std::string &env_name, const EnvLookup
 	if (!file.empty()) {
 		std::ifstream f(file, std::ios::binary);
 		if (!f) {
-			*why = "cannot read the secret file " + file + " (it must be readable by the server's operating system user)";
+			*why = "cannot read the secret file " + file +
+			       " (it must be readable by the server's operating system user)";
 			return false;
 		}
 		std::stringstream ss;
@@ -179,7 +180,8 @@ ReadSecret(const std::string &file, const std::string &env_name, const EnvLookup
 	while (!out->empty() && (out->back() == '\n' || out->back() == '\r' || out->back() == ' ' || out->back() == '\t'))
 		out->pop_back();
 	if (out->empty()) {
-		*why = file.empty() ? "environment variable " + env_name + " is empty" : "the secret file " + file + " is empty";
+		*why = file.empty() ? "environment variable " + env_name + " is empty"
+		                    : "the secret file " + file + " is empty";
 		return false;
 	}
 	return true;
@@ -200,17 +202,19 @@ IdentityConfigFromJson(const std::string &kind, const std::string &options_json,
 			const char *name;
 			std::string *dest;
 		};
-		const Field fields[] = {{"client_id", &cfg->client_id},
-		                        {"object_id", &cfg->object_id},
-		                        {"resource_id", &cfg->resource_id},
-		                        {"source", &cfg->source},
-		                        {"endpoint", &cfg->endpoint},
-		                        {"arc_key_dir", &cfg->arc_key_dir},
-		                        {"tenant_id", &cfg->tenant_id},
-		                        {"authority_host", &cfg->authority_host},
-		                        {"token_file", &cfg->token_file},
-		                        {"secret_file", &cfg->client_secret_file},
-		                        {"secret_env", &cfg->client_secret_env}};
+		const Field fields[] = {
+		    {"client_id", &cfg->client_id},
+		    {"object_id", &cfg->object_id},
+		    {"resource_id", &cfg->resource_id},
+		    {"source", &cfg->source},
+		    {"endpoint", &cfg->endpoint},
+		    {"arc_key_dir", &cfg->arc_key_dir},
+		    {"tenant_id", &cfg->tenant_id},
+		    {"authority_host", &cfg->authority_host},
+		    {"token_file", &cfg->token_file},
+		    {"secret_file", &cfg->client_secret_file},
+		    {"secret_env", &cfg->client_secret_env},
+		};
 		for (auto m = d.MemberBegin(); m != d.MemberEnd(); ++m) {
 			std::string name(m->name.GetString(), m->name.GetStringLength());
 			const Field *f = nullptr;

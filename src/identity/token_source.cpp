@@ -146,12 +146,12 @@ TokenSource::Run() {
 				next_ms_ = r.token.refresh_ms;
 				backoff_until_ = 0;
 				bool routine = token_.serial > 1 && !recovering;
-				log_.push_back({routine, "token " + std::to_string(token_.serial) + " obtained from " + status_.provider +
-				                             (recovering ? " after " + std::to_string(recovering) + " failed attempts" : "") +
-				                             ": subject " + (r.token.subject.empty() ? "?" : r.token.subject) +
-				                             ", audience " + (r.token.audience.empty() ? "?" : r.token.audience) +
-				                             ", expires " + FormatTime(r.token.expires_ms) + ", next renewal " +
-				                             FormatTime(next_ms_)});
+				log_.push_back(
+				    {routine, "token " + std::to_string(token_.serial) + " obtained from " + status_.provider +
+				                  (recovering ? " after " + std::to_string(recovering) + " failed attempts" : "") +
+				                  ": subject " + (r.token.subject.empty() ? "?" : r.token.subject) + ", audience " +
+				                  (r.token.audience.empty() ? "?" : r.token.audience) + ", expires " +
+				                  FormatTime(r.token.expires_ms) + ", next renewal " + FormatTime(next_ms_)});
 				status_.last_error.clear();
 			} else {
 				++failures;
@@ -171,9 +171,10 @@ TokenSource::Run() {
 				changed = status_.last_error != r.error || failures == 1;
 				status_.last_error = r.error;
 				status_.last_error_ms = now;
-				log_.push_back({false, "token request failed (attempt " + std::to_string(failures) + ", " +
-				                           (r.retryable ? "retrying" : "not likely to be cured by a retry; retrying slowly") +
-				                           " in " + std::to_string(delay) + " ms): " + r.error});
+				log_.push_back(
+				    {false, "token request failed (attempt " + std::to_string(failures) + ", " +
+				                (r.retryable ? "retrying" : "not likely to be cured by a retry; retrying slowly") +
+				                " in " + std::to_string(delay) + " ms): " + r.error});
 			}
 		}
 		if (changed && on_change_)

@@ -76,8 +76,7 @@ struct JsonChecker : rapidjson::BaseReaderHandler<rapidjson::UTF8<>, JsonChecker
 		// The input is valid UTF-8, so a surrogate in the decoded text (ED A0..BF ..) came from an
 		// escape: RapidJSON pairs a high surrogate but lets a lone low one (\udc00-\udfff) through,
 		// which jsonb refuses.
-		for (const char *p = s, *end = s + len; (p = static_cast<const char *>(std::memchr(p, '\xed', end - p)));
-		     ++p) {
+		for (const char *p = s, *end = s + len; (p = static_cast<const char *>(std::memchr(p, '\xed', end - p))); ++p) {
 			if (p + 1 < end && (static_cast<unsigned char>(p[1]) & 0xe0) == 0xa0) {
 				error = "JSON string contains an unpaired UTF-16 surrogate escape, which jsonb cannot store";
 				return false;

@@ -152,7 +152,8 @@ class Comparer {
 		if (of && nf)
 			return;
 		if (nf) {
-			Report(r.closed, ptr, Effect::Narrowing, slot + ": the old schema allowed values there, the new one allows none");
+			Report(r.closed, ptr, Effect::Narrowing,
+			       slot + ": the old schema allowed values there, the new one allows none");
 			return;
 		}
 		if (of) {
@@ -200,10 +201,14 @@ class Comparer {
 		UniqueItems(o, n, ptr);
 		MultipleOf(o, n, ptr);
 		static const std::pair<const char *, const char *> kOpaque[] = {
-		    {"allOf", "all-of-changed"},         {"anyOf", "any-of-changed"},
-		    {"oneOf", "one-of-changed"},         {"not", "not-changed"},
-		    {"dependencies", "dependencies-changed"}, {"patternProperties", "pattern-properties-changed"},
-		    {"$ref", "ref-changed"}};
+		    {"allOf", "all-of-changed"},
+		    {"anyOf", "any-of-changed"},
+		    {"oneOf", "one-of-changed"},
+		    {"not", "not-changed"},
+		    {"dependencies", "dependencies-changed"},
+		    {"patternProperties", "pattern-properties-changed"},
+		    {"$ref", "ref-changed"},
+		};
 		for (auto &[kw, rule] : kOpaque) {
 			const Value *a = Member(o, kw), *b = Member(n, kw);
 			if ((a || b) && !(a && b && *a == *b))
@@ -254,7 +259,8 @@ class Comparer {
 		};
 		for (auto &e : a->GetArray())
 			if (!has(*b, e))
-				Report("enum-value-removed", p, Effect::Narrowing, "the value " + ToJson(e) + " was removed from \"enum\"");
+				Report("enum-value-removed", p, Effect::Narrowing,
+				       "the value " + ToJson(e) + " was removed from \"enum\"");
 		for (auto &e : b->GetArray())
 			if (!has(*a, e))
 				Report("enum-value-added", p, Effect::Widening, "the value " + ToJson(e) + " was added to \"enum\"");
@@ -296,7 +302,8 @@ class Comparer {
 			} else {
 				Slot(oap, m.value, p, depth,
 				     {nullptr, "property-added-to-closed-model", "property-added-to-open-model", nullptr},
-				     "property " + Quote(Name(m.name)) + " was added (the old schema left it to \"additionalProperties\")");
+				     "property " + Quote(Name(m.name)) +
+				         " was added (the old schema left it to \"additionalProperties\")");
 			}
 		}
 		for (auto &m : opr.GetObject()) {
@@ -345,10 +352,12 @@ class Comparer {
 		for (; i < a->Size(); ++i)
 			Slot((*a)[i], nai, Child(p, std::to_string(i)), depth,
 			     {"item-removed-from-closed-tuple", nullptr, nullptr, "item-removed-from-open-tuple"},
-			     "tuple position " + std::to_string(i) + " was removed (the new schema leaves it to \"additionalItems\")");
+			     "tuple position " + std::to_string(i) +
+			         " was removed (the new schema leaves it to \"additionalItems\")");
 		if (!(oai == nai))
 			Slot(oai, nai, Child(ptr, "additionalItems"), depth,
-			     {"additional-items-closed", "additional-items-opened", nullptr, nullptr}, "\"additionalItems\" changed");
+			     {"additional-items-closed", "additional-items-opened", nullptr, nullptr},
+			     "\"additionalItems\" changed");
 	}
 
 	// minimum/maximum with draft-04's boolean exclusiveMinimum/exclusiveMaximum.
@@ -396,12 +405,14 @@ class Comparer {
 			return;
 		if (!a) {
 			if (upper || b->GetUint64() > 0)
-				Report((rule + "-added").c_str(), p, Effect::Narrowing, std::string("\"") + kw + "\" " + ToJson(*b) + " was added");
+				Report((rule + "-added").c_str(), p, Effect::Narrowing,
+				       std::string("\"") + kw + "\" " + ToJson(*b) + " was added");
 			return;
 		}
 		if (!b) {
 			if (upper || a->GetUint64() > 0)
-				Report((rule + "-removed").c_str(), p, Effect::Widening, std::string("\"") + kw + "\" " + ToJson(*a) + " was removed");
+				Report((rule + "-removed").c_str(), p, Effect::Widening,
+				       std::string("\"") + kw + "\" " + ToJson(*a) + " was removed");
 			return;
 		}
 		uint64_t x = a->GetUint64(), y = b->GetUint64();
@@ -437,7 +448,8 @@ class Comparer {
 		if (y)
 			Report("unique-items-added", Child(ptr, "uniqueItems"), Effect::Narrowing, "items must now be unique");
 		else
-			Report("unique-items-removed", Child(ptr, "uniqueItems"), Effect::Widening, "items need no longer be unique");
+			Report("unique-items-removed", Child(ptr, "uniqueItems"), Effect::Widening,
+			       "items need no longer be unique");
 	}
 
 	void MultipleOf(const Value &o, const Value &n, const std::string &ptr) {

@@ -119,7 +119,8 @@ ReadStructuredEvent(ReceivedMessage *m, std::string *type, int *version) {
 	ev.Parse<kParse>(m->raw_body.c_str(), m->raw_body.size());
 	if (ev.HasParseError() || !ev.IsObject() || !ev.HasMember("type") || !ev["type"].IsString()) {
 		m->schema_reason = "SchemaViolation";
-		m->schema_error = "a structured CloudEvent (application/cloudevents+json) needs an object body with a string \"type\"";
+		m->schema_error = "a structured CloudEvent (application/cloudevents+json) needs an object body with a "
+		                  "string \"type\"";
 		return false;
 	}
 	*type = ev["type"].GetString();

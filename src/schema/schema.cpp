@@ -176,7 +176,6 @@ UniqueStrings(const Value &v, bool nonempty) {
 	return true;
 }
 
-
 // The walk behind CheckSupported: every subschema is visited once, from an explicit stack; each
 // keyword is accepted, pushes the subschemas it holds, or refuses the schema with *why_ set.
 // References are resolved after the walk, when every position that is a schema is known.
@@ -257,18 +256,20 @@ class SupportCheck {
 				return Refuse(p, k, "only the root may name the JSON Schema version");
 			if (!v.IsString() || (Name(v) != "http://json-schema.org/draft-04/schema#" &&
 			                      Name(v) != "http://json-schema.org/draft-04/schema"))
-				return Refuse(p, k, "only draft-04 (\"http://json-schema.org/draft-04/schema#\") is supported, " +
-				                        ToJson(v) + " is not");
+				return Refuse(p, k,
+				              "only draft-04 (\"http://json-schema.org/draft-04/schema#\") is supported, " + ToJson(v) +
+				                  " is not");
 		} else if (k == "id") {
 			if (!root || !v.IsString())
-				return Refuse(p, k, "RapidJSON does not resolve references against \"id\"; only a string \"id\" "
-				                    "at the root is accepted");
+				return Refuse(p, k,
+				              "RapidJSON does not resolve references against \"id\"; only a string \"id\" "
+				              "at the root is accepted");
 		} else if (k == "format") {
 			return Refuse(p, k, "RapidJSON's validator ignores \"format\", so it would never be checked");
-		} else if (k == "const" || k == "contains" || k == "propertyNames" || k == "if" || k == "then" ||
-		           k == "else") {
-			return Refuse(p, k, "not a draft-04 keyword (draft-06 or later); RapidJSON's draft-04 validator "
-			                    "would silently ignore it");
+		} else if (k == "const" || k == "contains" || k == "propertyNames" || k == "if" || k == "then" || k == "else") {
+			return Refuse(p, k,
+			              "not a draft-04 keyword (draft-06 or later); RapidJSON's draft-04 validator "
+			              "would silently ignore it");
 		} else {
 			return Verdict::NotMine;
 		}
@@ -333,19 +334,21 @@ class SupportCheck {
 				for (auto &t : v.GetArray())
 					ok = ok && IsTypeName(Name(t));
 			if (!ok)
-				return Refuse(p, k, "must be one of null, boolean, integer, number, string, array, object, or a "
-				                    "non-empty array of distinct such names; got " + ToJson(v));
+				return Refuse(p, k,
+				              "must be one of null, boolean, integer, number, string, array, object, or a "
+				              "non-empty array of distinct such names; got " +
+				                  ToJson(v));
 		} else if (k == "enum") {
 			if (!v.IsArray() || v.Empty())
 				return Refuse(p, k, "must be a non-empty array");
 		} else if (k == "required") {
 			if (!UniqueStrings(v, true))
 				return Refuse(p, k, "must be a non-empty array of distinct strings");
-		} else if (k == "minLength" || k == "maxLength" || k == "minItems" || k == "maxItems" ||
-		           k == "minProperties" || k == "maxProperties") {
+		} else if (k == "minLength" || k == "maxLength" || k == "minItems" || k == "maxItems" || k == "minProperties" ||
+		           k == "maxProperties") {
 			if (!IsCount(v))
-				return Refuse(p, k, "must be a non-negative integer (RapidJSON ignores anything else); got " +
-				                        ToJson(v));
+				return Refuse(p, k,
+				              "must be a non-negative integer (RapidJSON ignores anything else); got " + ToJson(v));
 		} else if (k == "minimum" || k == "maximum") {
 			if (!v.IsNumber())
 				return Refuse(p, k, "must be a number");
@@ -360,9 +363,10 @@ class SupportCheck {
 				return Refuse(p, k, "must be a boolean");
 		} else if (k == "pattern") {
 			if (!PatternCompiles(v))
-				return Refuse(p, k, "the pattern " + ToJson(v) +
-				                        " does not compile with RapidJSON's regular expressions (no \\d, \\w, "
-				                        "lookaround or backreferences), which would silently ignore it");
+				return Refuse(p, k,
+				              "the pattern " + ToJson(v) +
+				                  " does not compile with RapidJSON's regular expressions (no \\d, \\w, "
+				                  "lookaround or backreferences), which would silently ignore it");
 		} else {
 			return Verdict::NotMine;
 		}
@@ -400,7 +404,7 @@ class SupportCheck {
 	const rapidjson::Document &doc_;
 	std::string *why_;
 	std::vector<Item> stack_;
-	std::unordered_set<const Value *> schemas_;              // every position walked as a schema
+	std::unordered_set<const Value *> schemas_;               // every position walked as a schema
 	std::vector<std::pair<const Value *, std::string>> refs_; // ($ref target, pointer of the $ref)
 };
 
