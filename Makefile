@@ -2,6 +2,8 @@
 #   make            the extension (sbpg.so) and test/sbemu/sbemu
 #   make install    the extension into the PostgreSQL found by pg_config
 #   test/run        every test suite
+#   make format     rewrites the C++ files in place per .clang-format; make format-check lists
+#                   the ones that differ (and fails if any does)
 EXTENSION = sbpg
 EXTVERSION = 0.2
 MODULE_big = sbpg
@@ -41,5 +43,23 @@ clean-sbemu:
 	$(MAKE) -C test/unit clean
 	rm -rf test/unit/build-asan
 
+# One list for make format, make format-check and test/run format: the extension's C++ sources
+# and headers, the emulator, the unit tests, the fuzzers and the test library.
+FORMAT_FILES = $(sort $(wildcard src/*.cpp src/*/*.cpp include/sbpg/*.hpp include/sbpg/*/*.hpp \
+                                 test/sbemu/*.cpp test/sbemu/*.hpp test/unit/*.cpp test/unit/*.hpp \
+                                 test/fuzz/*.cpp test/fuzz/*.hpp test/lib/*.hpp))
+CLANG_FORMAT ?= clang-format
+
+format:
+	$(CLANG_FORMAT) -i $(FORMAT_FILES)
+
+# Prints each file that clang-format would change, then a count; fails when there is one.
+format-check:
+	@command -v $(CLANG_FORMAT) >/dev/null || { echo "format-check: $(CLANG_FORMAT) not found (test/setup installs it)"; exit 2; }
+	@n=0; for f in $(FORMAT_FILES); do \
+		$(CLANG_FORMAT) --dry-run -Werror "$$f" >/dev/null 2>&1 || { echo "$$f"; n=$$((n + 1)); }; \
+	done; \
+	if [ $$n -gt 0 ]; then echo "format-check: $$n files differ from .clang-format (make format rewrites them)"; exit 1; fi
+
 -include $(SRCS:.cpp=.d)
-.PHONY: sbemu clean-sbemu
+.PHONY: sbemu clean-sbemu format format-check

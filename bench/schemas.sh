@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-20000}
 mkdir -p bench/bin
-g++ -std=c++17 -O2 -Iinclude -o bench/bin/classify_bench bench/classify_bench.cpp src/schema/schema.cpp \
+g++ -std=c++17 -O2 -Iinclude -o bench/bin/classify_bench bench/classify_bench.cpp src/schema/schema.cpp src/schema/compat.cpp \
 	src/schema/registry.cpp src/message/message.cpp src/amqp/codec_*.cpp src/core/text.cpp -lssl -lcrypto
 echo "== per message, AMQP thread"
 bench/bin/classify_bench 200000

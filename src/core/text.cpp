@@ -188,7 +188,8 @@ RandomBytes(uint8_t *out, size_t n) {
 				seed = 0;
 			::close(fd);
 		}
-		return seed ^ static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^ reinterpret_cast<uintptr_t>(&seed);
+		return seed ^ static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
+		       reinterpret_cast<uintptr_t>(&seed);
 	}());
 	for (size_t i = 0; i < n; i += 8) {
 		uint64_t v = gen();
@@ -290,8 +291,8 @@ ScanUtf8(const unsigned char *p, size_t avail, size_t *bad) {
 	*bad = 1;
 	if (c < 0x80)
 		return 1;
-	size_t n;                         // bytes in the character
-	unsigned lo = 0x80, hi = 0xbf;    // the range the second byte must fall in
+	size_t n;                      // bytes in the character
+	unsigned lo = 0x80, hi = 0xbf; // the range the second byte must fall in
 	if (c >= 0xc2 && c <= 0xdf) {
 		n = 2;
 	} else if (c >= 0xe0 && c <= 0xef) {

@@ -76,8 +76,7 @@ struct JsonChecker : rapidjson::BaseReaderHandler<rapidjson::UTF8<>, JsonChecker
 		// The input is valid UTF-8, so a surrogate in the decoded text (ED A0..BF ..) came from an
 		// escape: RapidJSON pairs a high surrogate but lets a lone low one (\udc00-\udfff) through,
 		// which jsonb refuses.
-		for (const char *p = s, *end = s + len; (p = static_cast<const char *>(std::memchr(p, '\xed', end - p)));
-		     ++p) {
+		for (const char *p = s, *end = s + len; (p = static_cast<const char *>(std::memchr(p, '\xed', end - p))); ++p) {
 			if (p + 1 < end && (static_cast<unsigned char>(p[1]) & 0xe0) == 0xa0) {
 				error = "JSON string contains an unpaired UTF-16 surrogate escape, which jsonb cannot store";
 				return false;
@@ -398,6 +397,128 @@ CheckJson(std::string_view text, int max_depth, std::string *why) {
 
 namespace {
 
+// The header's delivery count and the broker's annotations (sequence number, enqueued time,
+// locked-until); a section that does not decode leaves them unset.
+void
+ReadHeaderAndAnnotations(const amqp::Sections &sec, ReceivedMessage *m) {
+	if (!sec.header.empty()) {
+		amqp::Value h;
+		if (amqp::DecodeSection(sec.header, &h) && h.kind == amqp::Value::Kind::List && h.items.size() > 4 &&
+		    h.items[4].IsInteger())
+			m->delivery_count = static_cast<uint32_t>(h.items[4].AsInt());
+	}
+	if (!sec.message_annotations.empty()) {
+		amqp::Value ma;
+		if (amqp::DecodeSection(sec.message_annotations, &ma) && ma.kind == amqp::Value::Kind::Map) {
+			const amqp::Value *seq = ma.Get("x-opt-sequence-number");
+			if (seq && seq->IsInteger()) {
+				m->has_sequence_number = true;
+				m->sequence_number = seq->AsInt();
+			}
+			const amqp::Value *enq = ma.Get("x-opt-enqueued-time");
+			if (enq && (enq->kind == amqp::Value::Kind::Timestamp || enq->IsInteger()))
+				m->enqueued_ms = enq->AsInt();
+			const amqp::Value *lu = ma.Get("x-opt-locked-until");
+			if (lu && (lu->kind == amqp::Value::Kind::Timestamp || lu->IsInteger()))
+				m->locked_until_ms = lu->AsInt();
+		}
+	}
+}
+
+// The properties section's text fields; false with decode_error set when it is malformed.
+bool
+ReadProperties(const amqp::Sections &sec, ReceivedMessage *m) {
+	if (sec.properties.empty())
+		return true;
+	amqp::Value p;
+	if (!amqp::DecodeSection(sec.properties, &p) || p.kind != amqp::Value::Kind::List) {
+		m->decode_error = "the properties section is malformed";
+		return false;
+	}
+	m->message_id = ListText(p, amqp::kMessageId);
+	m->to = ListText(p, amqp::kTo);
+	m->subject = ListText(p, amqp::kSubject);
+	m->reply_to = ListText(p, amqp::kReplyTo);
+	m->correlation_id = ListText(p, amqp::kCorrelationId);
+	m->content_type = ListText(p, amqp::kContentType);
+	m->session_id = ListText(p, amqp::kGroupId);
+	return true;
+}
+
+// The application properties as JSON that jsonb accepts; false with decode_error set otherwise.
+bool
+ReadApplicationProperties(const amqp::Sections &sec, ReceivedMessage *m) {
+	if (sec.application_properties.empty())
+		return true;
+	amqp::Value ap;
+	if (!amqp::DecodeSection(sec.application_properties, &ap) || ap.kind != amqp::Value::Kind::Map) {
+		m->decode_error = "the application-properties section is malformed";
+		return false;
+	}
+	m->properties_json.clear();
+	ValueToJson(ap, &m->properties_json);
+	std::string why;
+	if (!CheckJson(m->properties_json, 64, &why)) {
+		m->decode_error = "the application properties cannot be stored as jsonb: " + why;
+		return false;
+	}
+	return true;
+}
+
+// The body: data sections joined, an amqp-value (its bytes for a string or binary, JSON for any
+// other value), or amqp-sequence sections as one JSON array. False with decode_error set when a
+// section is malformed.
+bool
+ReadBody(const amqp::Sections &sec, ReceivedMessage *m) {
+	const uint8_t *p = reinterpret_cast<const uint8_t *>(sec.body.data());
+	const uint8_t *end = p + sec.body.size();
+	if (sec.body_code == amqp::kData) {
+		m->body_kind = BodyKind::Data;
+		while (p < end && *p == 0x00) {
+			++p;
+			amqp::Value bin;
+			if (!amqp::Skip(p, end) || !amqp::Decode(p, end, &bin) || bin.kind != amqp::Value::Kind::Binary) {
+				m->decode_error = "a data section is malformed";
+				return false;
+			}
+			m->raw_body += bin.s;
+		}
+	} else if (sec.body_code == amqp::kAmqpValue) {
+		amqp::Value v;
+		if (!amqp::DecodeSection(sec.body, &v)) {
+			m->decode_error = "the amqp-value body is malformed";
+			return false;
+		}
+		if (v.kind == amqp::Value::Kind::String || v.kind == amqp::Value::Kind::Binary) {
+			m->body_kind = BodyKind::String;
+			m->raw_body = v.s;
+		} else {
+			m->body_kind = BodyKind::Value;
+			ValueToJson(v, &m->raw_body);
+		}
+	} else if (sec.body_code == amqp::kAmqpSequence) {
+		m->body_kind = BodyKind::Sequence;
+		m->raw_body = "[";
+		bool first = true;
+		while (p < end && *p == 0x00) {
+			++p;
+			amqp::Value v;
+			if (!amqp::Skip(p, end) || !amqp::Decode(p, end, &v)) {
+				m->decode_error = "an amqp-sequence section is malformed";
+				return false;
+			}
+			for (auto &item : v.items) {
+				if (!first)
+					m->raw_body.push_back(',');
+				first = false;
+				ValueToJson(item, &m->raw_body);
+			}
+		}
+		m->raw_body.push_back(']');
+	}
+	return true;
+}
+
 // DecodeMessage without the final pass over its error strings.
 void
 DecodeInto(std::string_view encoded, int max_json_depth, ReceivedMessage *m) {
@@ -408,110 +529,20 @@ DecodeInto(std::string_view encoded, int max_json_depth, ReceivedMessage *m) {
 			m->decode_error = err;
 			return;
 		}
-		if (!sec.header.empty()) {
-			amqp::Value h;
-			if (amqp::DecodeSection(sec.header, &h) && h.kind == amqp::Value::Kind::List && h.items.size() > 4 &&
-			    h.items[4].IsInteger())
-				m->delivery_count = static_cast<uint32_t>(h.items[4].AsInt());
-		}
-		if (!sec.message_annotations.empty()) {
-			amqp::Value ma;
-			if (amqp::DecodeSection(sec.message_annotations, &ma) && ma.kind == amqp::Value::Kind::Map) {
-				const amqp::Value *seq = ma.Get("x-opt-sequence-number");
-				if (seq && seq->IsInteger()) {
-					m->has_sequence_number = true;
-					m->sequence_number = seq->AsInt();
-				}
-				const amqp::Value *enq = ma.Get("x-opt-enqueued-time");
-				if (enq && (enq->kind == amqp::Value::Kind::Timestamp || enq->IsInteger()))
-					m->enqueued_ms = enq->AsInt();
-				const amqp::Value *lu = ma.Get("x-opt-locked-until");
-				if (lu && (lu->kind == amqp::Value::Kind::Timestamp || lu->IsInteger()))
-					m->locked_until_ms = lu->AsInt();
-			}
-		}
-		if (!sec.properties.empty()) {
-			amqp::Value p;
-			if (!amqp::DecodeSection(sec.properties, &p) || p.kind != amqp::Value::Kind::List) {
-				m->decode_error = "the properties section is malformed";
-				return;
-			}
-			m->message_id = ListText(p, amqp::kMessageId);
-			m->to = ListText(p, amqp::kTo);
-			m->subject = ListText(p, amqp::kSubject);
-			m->reply_to = ListText(p, amqp::kReplyTo);
-			m->correlation_id = ListText(p, amqp::kCorrelationId);
-			m->content_type = ListText(p, amqp::kContentType);
-			m->session_id = ListText(p, amqp::kGroupId);
-		}
+		ReadHeaderAndAnnotations(sec, m);
+		if (!ReadProperties(sec, m))
+			return;
 		// The fields are made valid text now, whatever happens below: a message that fails to
 		// decode is still dead-lettered and recorded with them.
 		std::string bad_text = SanitizeTextFields(m);
-		if (!sec.application_properties.empty()) {
-			amqp::Value ap;
-			if (!amqp::DecodeSection(sec.application_properties, &ap) || ap.kind != amqp::Value::Kind::Map) {
-				m->decode_error = "the application-properties section is malformed";
-				return;
-			}
-			m->properties_json.clear();
-			ValueToJson(ap, &m->properties_json);
-			std::string why;
-			if (!CheckJson(m->properties_json, 64, &why)) {
-				m->decode_error = "the application properties cannot be stored as jsonb: " + why;
-				return;
-			}
-		}
+		if (!ReadApplicationProperties(sec, m))
+			return;
 		if (!bad_text.empty()) {
 			m->decode_error = std::move(bad_text);
 			return; // dead-lettered; the body is not needed
 		}
-		// Body.
-		const uint8_t *p = reinterpret_cast<const uint8_t *>(sec.body.data());
-		const uint8_t *end = p + sec.body.size();
-		if (sec.body_code == amqp::kData) {
-			m->body_kind = BodyKind::Data;
-			while (p < end && *p == 0x00) {
-				++p;
-				amqp::Value bin;
-				if (!amqp::Skip(p, end) || !amqp::Decode(p, end, &bin) || bin.kind != amqp::Value::Kind::Binary) {
-					m->decode_error = "a data section is malformed";
-					return;
-				}
-				m->raw_body += bin.s;
-			}
-		} else if (sec.body_code == amqp::kAmqpValue) {
-			amqp::Value v;
-			if (!amqp::DecodeSection(sec.body, &v)) {
-				m->decode_error = "the amqp-value body is malformed";
-				return;
-			}
-			if (v.kind == amqp::Value::Kind::String || v.kind == amqp::Value::Kind::Binary) {
-				m->body_kind = BodyKind::String;
-				m->raw_body = v.s;
-			} else {
-				m->body_kind = BodyKind::Value;
-				ValueToJson(v, &m->raw_body);
-			}
-		} else if (sec.body_code == amqp::kAmqpSequence) {
-			m->body_kind = BodyKind::Sequence;
-			m->raw_body = "[";
-			bool first = true;
-			while (p < end && *p == 0x00) {
-				++p;
-				amqp::Value v;
-				if (!amqp::Skip(p, end) || !amqp::Decode(p, end, &v)) {
-					m->decode_error = "an amqp-sequence section is malformed";
-					return;
-				}
-				for (auto &item : v.items) {
-					if (!first)
-						m->raw_body.push_back(',');
-					first = false;
-					ValueToJson(item, &m->raw_body);
-				}
-			}
-			m->raw_body.push_back(']');
-		}
+		if (!ReadBody(sec, m))
+			return;
 		Classify(m, max_json_depth);
 	} catch (const std::exception &e) {
 		m->decode_error = std::string("the message could not be decoded: ") + e.what();

@@ -110,6 +110,120 @@ struct ValidSchemaError {
 	}
 };
 
+// A structured-mode CloudEvent (application/cloudevents+json): the event is the body, and its
+// `data` becomes the body that is validated and handed on. False when the event cannot be used
+// (schema_reason and schema_error set).
+bool
+ReadStructuredEvent(ReceivedMessage *m, std::string *type, int *version) {
+	rapidjson::Document ev;
+	ev.Parse<kParse>(m->raw_body.c_str(), m->raw_body.size());
+	if (ev.HasParseError() || !ev.IsObject() || !ev.HasMember("type") || !ev["type"].IsString()) {
+		m->schema_reason = "SchemaViolation";
+		m->schema_error = "a structured CloudEvent (application/cloudevents+json) needs an object body with a "
+		                  "string \"type\"";
+		return false;
+	}
+	*type = ev["type"].GetString();
+	if (ev.HasMember("dataschema"))
+		*version = VersionValue(ev["dataschema"]);
+	if (ev.HasMember("data_base64")) {
+		m->message_type = *type;
+		m->schema_reason = "SchemaViolation";
+		m->schema_error = "a structured CloudEvent with data_base64: only JSON data can be validated";
+		return false;
+	}
+	if (ev.HasMember("data")) {
+		m->raw_body = Stringify(ev["data"], std::string::npos);
+		m->json = JsonVerdict::Json;
+		m->body_kind = BodyKind::Data;
+	} else {
+		m->raw_body.clear();
+		m->json = JsonVerdict::Empty;
+		m->body_kind = BodyKind::None;
+	}
+	m->content_type = ev.HasMember("datacontenttype") && ev["datacontenttype"].IsString()
+	                      ? ev["datacontenttype"].GetString()
+	                      : "application/json";
+	return true;
+}
+
+// The message's type and version: CloudEvents binary mode (application properties), structured
+// mode (the body), or the subject; the version from the CloudEvent's dataschema, else the version
+// property, else the content type's v= parameter (0 when none says). False when the message is
+// refused already (schema_reason set).
+bool
+FindTypeAndVersion(ReceivedMessage *m, const ClassifyOptions &opt, std::string *type, int *version) {
+	rapidjson::Document props;
+	props.Parse<kParse>(m->properties_json.c_str(), m->properties_json.size());
+	auto prop = [&](const char *name) -> const rapidjson::Value * {
+		if (!props.IsObject())
+			return nullptr;
+		auto it = props.FindMember(name);
+		return it == props.MemberEnd() ? nullptr : &it->value;
+	};
+	const rapidjson::Value *v;
+	if ((v = prop("cloudEvents:type")) && v->IsString()) {
+		// CloudEvents, binary mode: attributes are application properties.
+		*type = v->GetString();
+		if ((v = prop("cloudEvents:dataschema")))
+			*version = VersionValue(*v);
+	} else if (IStartsWith(m->content_type, "application/cloudevents+json")) {
+		if (!ReadStructuredEvent(m, type, version))
+			return false;
+	} else if (!m->subject.empty()) {
+		*type = m->subject;
+	}
+	if (!*version && (v = prop(opt.version_property.c_str())))
+		*version = VersionValue(*v);
+	if (!*version)
+		*version = ContentTypeVersion(m->content_type);
+	return true;
+}
+
+// Validates the JSON body against a compiled schema; when it fails, schema_error says which
+// keyword failed where, and with what value (for "required", which names are missing).
+void
+Validate(ReceivedMessage *m, const rapidjson::Document &schema_doc, const rapidjson::SchemaDocument &sd) {
+	rapidjson::Document body;
+	body.Parse<kParse>(m->raw_body.c_str(), m->raw_body.size());
+	if (body.HasParseError()) {
+		m->schema_reason = "SchemaViolation";
+		m->schema_error = "the body cannot be validated (a number beyond double precision, or nesting too deep)";
+		return;
+	}
+	rapidjson::SchemaValidator validator(sd);
+	if (body.Accept(validator))
+		return;
+	rapidjson::StringBuffer sp, dp;
+	validator.GetInvalidSchemaPointer().Stringify(sp);
+	validator.GetInvalidDocumentPointer().Stringify(dp);
+	std::string doc_ptr(dp.GetString(), dp.GetSize());
+	std::string schema_ptr(sp.GetString(), sp.GetSize());
+	if (!doc_ptr.empty() && doc_ptr[0] == '#')
+		doc_ptr = doc_ptr.substr(1);
+	if (!schema_ptr.empty() && schema_ptr[0] == '#')
+		schema_ptr = schema_ptr.substr(1);
+	std::string keyword = validator.GetInvalidSchemaKeyword();
+	// What failed, in words: the offending value, or for "required" the missing names.
+	std::string what;
+	const rapidjson::Value *here = validator.GetInvalidDocumentPointer().Get(body);
+	if (keyword == "required") {
+		const rapidjson::Value *sub = validator.GetInvalidSchemaPointer().Get(schema_doc);
+		if (sub && sub->IsObject() && sub->HasMember("required") && (*sub)["required"].IsArray() && here &&
+		    here->IsObject()) {
+			for (auto &name : (*sub)["required"].GetArray())
+				if (name.IsString() && !here->HasMember(name))
+					what += (what.empty() ? "missing " : ", ") + Stringify(name, 100);
+		}
+	} else if (here) {
+		what = "the value is " + Stringify(*here, 200);
+	}
+	m->schema_reason = "SchemaViolation";
+	m->schema_error = "\"" + keyword + "\" failed at " + (doc_ptr.empty() ? std::string("/") : doc_ptr) +
+	                  (what.empty() ? "" : ": " + what) + " (message type \"" + m->message_type + "\" version " +
+	                  std::to_string(m->schema_version) + ", schema " + (schema_ptr.empty() ? "/" : schema_ptr) + ")";
+}
+
 } // namespace
 
 Registry::~Registry() = default;
@@ -153,59 +267,10 @@ Registry::Classify(ReceivedMessage *m, const ClassifyOptions &opt) const {
 	try {
 		if (!m->decode_error.empty() || m->json == JsonVerdict::Invalid)
 			return; // dead-lettered for that already
-		rapidjson::Document props;
-		props.Parse<kParse>(m->properties_json.c_str(), m->properties_json.size());
-		auto prop = [&](const char *name) -> const rapidjson::Value * {
-			if (!props.IsObject())
-				return nullptr;
-			auto it = props.FindMember(name);
-			return it == props.MemberEnd() ? nullptr : &it->value;
-		};
 		std::string type;
 		int version = 0;
-		const rapidjson::Value *v;
-		if ((v = prop("cloudEvents:type")) && v->IsString()) {
-			// CloudEvents, binary mode: attributes are application properties.
-			type = v->GetString();
-			if ((v = prop("cloudEvents:dataschema")))
-				version = VersionValue(*v);
-		} else if (IStartsWith(m->content_type, "application/cloudevents+json")) {
-			// Structured mode: the event is the body; its `data` is what is validated and handed on.
-			rapidjson::Document ev;
-			ev.Parse<kParse>(m->raw_body.c_str(), m->raw_body.size());
-			if (ev.HasParseError() || !ev.IsObject() || !ev.HasMember("type") || !ev["type"].IsString()) {
-				m->schema_reason = "SchemaViolation";
-				m->schema_error = "a structured CloudEvent (application/cloudevents+json) needs an object body with a string \"type\"";
-				return;
-			}
-			type = ev["type"].GetString();
-			if (ev.HasMember("dataschema"))
-				version = VersionValue(ev["dataschema"]);
-			if (ev.HasMember("data_base64")) {
-				m->message_type = type;
-				m->schema_reason = "SchemaViolation";
-				m->schema_error = "a structured CloudEvent with data_base64: only JSON data can be validated";
-				return;
-			}
-			if (ev.HasMember("data")) {
-				m->raw_body = Stringify(ev["data"], std::string::npos);
-				m->json = JsonVerdict::Json;
-				m->body_kind = BodyKind::Data;
-			} else {
-				m->raw_body.clear();
-				m->json = JsonVerdict::Empty;
-				m->body_kind = BodyKind::None;
-			}
-			m->content_type = ev.HasMember("datacontenttype") && ev["datacontenttype"].IsString()
-			                      ? ev["datacontenttype"].GetString()
-			                      : "application/json";
-		} else if (!m->subject.empty()) {
-			type = m->subject;
-		}
-		if (!version && (v = prop(opt.version_property.c_str())))
-			version = VersionValue(*v);
-		if (!version)
-			version = ContentTypeVersion(m->content_type);
+		if (!FindTypeAndVersion(m, opt, &type, &version))
+			return;
 		m->message_type = type;
 		m->schema_version = version;
 		auto unknown = [&](const std::string &why) {
@@ -231,44 +296,7 @@ Registry::Classify(ReceivedMessage *m, const ClassifyOptions &opt) const {
 			                  " has a JSON Schema, and the body is not JSON";
 			return;
 		}
-		rapidjson::Document body;
-		body.Parse<kParse>(m->raw_body.c_str(), m->raw_body.size());
-		if (body.HasParseError()) {
-			m->schema_reason = "SchemaViolation";
-			m->schema_error = "the body cannot be validated (a number beyond double precision, or nesting too deep)";
-			return;
-		}
-		rapidjson::SchemaValidator validator(*s->second->sd);
-		if (body.Accept(validator))
-			return;
-		rapidjson::StringBuffer sp, dp;
-		validator.GetInvalidSchemaPointer().Stringify(sp);
-		validator.GetInvalidDocumentPointer().Stringify(dp);
-		std::string doc_ptr(dp.GetString(), dp.GetSize());
-		std::string schema_ptr(sp.GetString(), sp.GetSize());
-		if (!doc_ptr.empty() && doc_ptr[0] == '#')
-			doc_ptr = doc_ptr.substr(1);
-		if (!schema_ptr.empty() && schema_ptr[0] == '#')
-			schema_ptr = schema_ptr.substr(1);
-		std::string keyword = validator.GetInvalidSchemaKeyword();
-		// What failed, in words: the offending value, or for "required" the missing names.
-		std::string what;
-		const rapidjson::Value *here = validator.GetInvalidDocumentPointer().Get(body);
-		if (keyword == "required") {
-			const rapidjson::Value *sub = validator.GetInvalidSchemaPointer().Get(s->second->doc);
-			if (sub && sub->IsObject() && sub->HasMember("required") && (*sub)["required"].IsArray() && here &&
-			    here->IsObject()) {
-				for (auto &name : (*sub)["required"].GetArray())
-					if (name.IsString() && !here->HasMember(name))
-						what += (what.empty() ? "missing " : ", ") + Stringify(name, 100);
-			}
-		} else if (here) {
-			what = "the value is " + Stringify(*here, 200);
-		}
-		m->schema_reason = "SchemaViolation";
-		m->schema_error = "\"" + keyword + "\" failed at " + (doc_ptr.empty() ? std::string("/") : doc_ptr) +
-		                  (what.empty() ? "" : ": " + what) + " (message type \"" + type + "\" version " +
-		                  std::to_string(s->first) + ", schema " + (schema_ptr.empty() ? "/" : schema_ptr) + ")";
+		Validate(m, s->second->doc, *s->second->sd);
 	} catch (const std::exception &e) {
 		m->schema_reason = "SchemaViolation";
 		m->schema_error = std::string("the message could not be validated: ") + e.what();

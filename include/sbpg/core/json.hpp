@@ -18,3 +18,5 @@
 #include <rapidjson/error/en.h>
 #include <rapidjson/stringbuffer.h>
 #include <rapidjson/writer.h>
+
+#include "sbpg/core/cpp_only.hpp"

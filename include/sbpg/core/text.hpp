@@ -8,6 +8,8 @@
 #include <string_view>
 #include <vector>
 
+#include "sbpg/core/cpp_only.hpp"
+
 namespace sbpg {
 
 std::string ToLower(std::string_view s);
@@ -18,7 +20,7 @@ std::vector<std::string> Split(std::string_view s, char sep);
 std::string Base64Encode(std::string_view data);
 // Accepts standard and URL-safe alphabets, with or without padding.
 bool Base64Decode(std::string_view text, std::string *out);
-std::string UrlEncode(std::string_view s);             // RFC 3986 unreserved kept, the rest %XX
+std::string UrlEncode(std::string_view s);            // RFC 3986 unreserved kept, the rest %XX
 bool UrlDecode(std::string_view s, std::string *out); // '+' stays '+'
 std::string HexEncode(std::string_view data);
 

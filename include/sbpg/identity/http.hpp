@@ -20,16 +20,16 @@ struct HttpRequest {
 	std::string body;                 // for POST
 	long timeout_ms = 10000;
 	long connect_timeout_ms = 5000;
-	std::string extra_ca_file; // trusted in addition to the system's CA store
-	bool no_proxy = false; // the metadata endpoints must bypass proxies
+	std::string extra_ca_file;                // trusted in addition to the system's CA store
+	bool no_proxy = false;                    // the metadata endpoints must bypass proxies
 	const std::atomic<bool> *abort = nullptr; // set: give up as soon as possible
 };
 
 struct HttpResponse {
-	long status = 0;       // 0 when no answer came
+	long status = 0; // 0 when no answer came
 	std::string body;
 	std::map<std::string, std::string> headers; // lower-case names
-	std::string error;     // transport error (no status)
+	std::string error;                          // transport error (no status)
 	bool timed_out = false;
 	bool local_error = false; // the request could not be made here (e.g. the CA file): not worth a fast retry
 };

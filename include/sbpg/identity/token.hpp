@@ -53,8 +53,8 @@ struct IdentityConfig {
 	std::string arc_key_dir = "/var/opt/azcmagent/tokens";
 	// Entra ID (workload identity, client secret).
 	std::string tenant_id, authority_host, token_file;
-	std::string client_secret;                          // given literally (never logged)
-	std::string client_secret_file, client_secret_env;  // or read at every exchange
+	std::string client_secret;                         // given literally (never logged)
+	std::string client_secret_file, client_secret_env; // or read at every exchange
 	// Common.
 	std::string resource = "https://servicebus.azure.net";
 	std::string extra_ca_file; // trusted in addition to the system's CA store (sbpg.ca_file)
@@ -143,11 +143,11 @@ class TokenSource {
 	bool stop_ = false;
 	bool started_ = false;
 	bool force_ = false;
-	int refusals_ = 0;           // consecutive refusals by the broker
+	int refusals_ = 0; // consecutive refusals by the broker
 	uint64_t next_serial_ = 1;
-	int64_t next_ms_ = 0;        // when the thread fetches next
-	int64_t backoff_until_ = 0;  // after a failure: no request before this
-	std::mt19937_64 rng_;        // jitter (under mu_)
+	int64_t next_ms_ = 0;       // when the thread fetches next
+	int64_t backoff_until_ = 0; // after a failure: no request before this
+	std::mt19937_64 rng_;       // jitter (under mu_)
 	AccessToken token_;
 	Status status_;
 	std::vector<LogLine> log_;

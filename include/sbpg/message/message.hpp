@@ -14,11 +14,11 @@ namespace sbpg {
 
 enum class BodyKind : uint8_t { None, Data, String, Value, Sequence };
 enum class JsonVerdict : uint8_t {
-	Json,        // body parsed as JSON (content type JSON or absent)
-	NotJson,     // no content type and not JSON: handler gets body NULL, raw_body set
-	OtherType,   // a non-JSON content type: body NULL, raw_body set
-	Invalid,     // JSON content type but not valid JSON: dead-letter
-	Empty,       // no body at all
+	Json,      // body parsed as JSON (content type JSON or absent)
+	NotJson,   // no content type and not JSON: handler gets body NULL, raw_body set
+	OtherType, // a non-JSON content type: body NULL, raw_body set
+	Invalid,   // JSON content type but not valid JSON: dead-letter
+	Empty,     // no body at all
 };
 
 struct ReceivedMessage {
@@ -26,14 +26,14 @@ struct ReceivedMessage {
 	uint64_t connection_gen = 0; // which connection delivered it (settlements on older ones are void)
 	std::string message_id, correlation_id, session_id, subject, content_type, reply_to, to;
 	BodyKind body_kind = BodyKind::None;
-	std::string raw_body;        // data sections joined, a string value's bytes, or JSON for other values
+	std::string raw_body; // data sections joined, a string value's bytes, or JSON for other values
 	std::string properties_json = "{}";
 	bool has_sequence_number = false;
 	int64_t sequence_number = 0;
-	int64_t enqueued_ms = 0;     // 0 when the broker gave none
+	int64_t enqueued_ms = 0; // 0 when the broker gave none
 	int64_t locked_until_ms = 0;
 	uint32_t delivery_count = 0;
-	int64_t received_ms = 0;     // when the worker received it
+	int64_t received_ms = 0; // when the worker received it
 	// Versioned schemas (filled on the AMQP thread when the subscription validates): the type and
 	// version the message carries, and why it may not be applied (schema_reason is
 	// "SchemaViolation" or "UnknownMessageType", with schema_error the description).
@@ -41,11 +41,11 @@ struct ReceivedMessage {
 	int schema_version = 0;
 	int latest_version = 0; // the type's newest registered version (upcasts run when behind it)
 	std::string schema_reason, schema_error;
-	bool fetched = false;        // received by sequence number (a deferred message): it stays deferred
-	                             // on the broker until a settlement over $management is confirmed
+	bool fetched = false; // received by sequence number (a deferred message): it stays deferred
+	                      // on the broker until a settlement over $management is confirmed
 	JsonVerdict json = JsonVerdict::Empty;
-	std::string json_error;      // why the body is not valid JSON
-	std::string decode_error;    // set when the message could not be decoded at all
+	std::string json_error;   // why the body is not valid JSON
+	std::string decode_error; // set when the message could not be decoded at all
 };
 
 // Decodes an encoded AMQP message (the bytes of one transfer). Never throws; a message that cannot

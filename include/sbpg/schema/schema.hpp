@@ -9,6 +9,8 @@
 #include <string_view>
 #include <vector>
 
+#include "sbpg/core/cpp_only.hpp"
+
 namespace sbpg {
 namespace schema {
 
