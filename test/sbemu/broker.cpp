@@ -942,7 +942,8 @@ Broker::CancelScheduled(Entity &e, const std::vector<int64_t> &seqs, int64_t *mi
 }
 
 void
-Broker::EncodeDelivery(const Entity &e, const StoredMessage &m, bool locked, std::string *out) const {
+Broker::EncodeDelivery(const Entity &e, const StoredMessage &m, bool locked, std::string *out,
+                       bool with_sequence_number) const {
 	amqp::Writer w(out);
 	// header: durable, priority, ttl, first-acquirer, delivery-count
 	w.Descriptor(amqp::kHeader);
@@ -962,11 +963,14 @@ Broker::EncodeDelivery(const Entity &e, const StoredMessage &m, bool locked, std
 	mark = w.BeginCompound(0xd1);
 	w.Raw(m.annotations);
 	uint32_t n = m.annotation_count;
-	w.Symbol("x-opt-sequence-number");
-	w.Long(static_cast<int64_t>(m.seq));
+	if (with_sequence_number) {
+		w.Symbol("x-opt-sequence-number");
+		w.Long(static_cast<int64_t>(m.seq));
+		n += 2;
+	}
 	w.Symbol("x-opt-enqueued-time");
 	w.Timestamp(m.enqueued_ms);
-	n += 4;
+	n += 2;
 	if (locked) {
 		w.Symbol("x-opt-locked-until");
 		w.Timestamp(m.locked_until);

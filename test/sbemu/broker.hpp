@@ -198,7 +198,9 @@ class Broker {
 
 	// Encodes a message as delivered: header, annotations (sequence number, enqueued time, lock
 	// expiry, state) and the bare message.
-	void EncodeDelivery(const Entity &e, const StoredMessage &m, bool locked, std::string *out) const;
+	// with_sequence_number false leaves out x-opt-sequence-number (fault omit-sequence-numbers).
+	void EncodeDelivery(const Entity &e, const StoredMessage &m, bool locked, std::string *out,
+	                    bool with_sequence_number = true) const;
 
 	// Time-driven work: lock expiry, TTL, scheduled activation, duplicate windows, session locks.
 	void Tick(int64_t now);

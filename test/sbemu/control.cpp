@@ -16,6 +16,8 @@
 //     POST /faults/expire-locks            every message and session lock expires now
 //     POST /faults/reject-tokens?count=N   next N put-token requests refused
 //     POST /faults/delay-dispositions?ms=N settlements take effect (and are answered) N ms late
+//     POST /faults/omit-sequence-numbers?entity=PATH
+//                                          that entity's deliveries carry no x-opt-sequence-number
 //     POST /faults/clear                   switch every fault off
 //     POST /reset                          purge all entities, zero counters, clear faults
 #include "control.hpp"
@@ -571,7 +573,13 @@ ControlServer::Handle(const std::string &method, const std::string &path, const 
 				f.reject_tokens = static_cast<int>(IntParam(q, "count", 1, 0, INT32_MAX));
 			else if (fault == "delay-dispositions")
 				f.delay_dispositions_ms = IntParam(q, "ms", 0, 0, kMaxFaultMs);
-			else if (fault == "clear")
+			else if (fault == "omit-sequence-numbers") {
+				auto it = q.find("entity");
+				Entity *e = it == q.end() ? nullptr : srv.broker().Find(it->second);
+				if (!e)
+					return Error(&code, 404, "unknown entity '" + (it == q.end() ? std::string() : it->second) + "'");
+				f.omit_sequence_numbers.insert(e->key);
+			} else if (fault == "clear")
 				srv.ClearFaults();
 			else
 				return Error(&code, 404, "unknown fault '" + fault + "'");

@@ -275,7 +275,7 @@ class LinkCtx : public Consumer {
 	bool PeekLock() const override { return peek_lock; }
 	void Deliver(Entity &e, StoredMessage &m) override {
 		scratch.clear();
-		srv->broker().EncodeDelivery(e, m, peek_lock, &scratch);
+		srv->broker().EncodeDelivery(e, m, peek_lock, &scratch, srv->faults().omit_sequence_numbers.count(e.key) == 0);
 		pn_delivery_t *d;
 		if (peek_lock) {
 			d = pn_delivery(link, pn_dtag(reinterpret_cast<const char *>(m.lock.data()), 16));
@@ -1782,6 +1782,7 @@ Server::ClearFaults() {
 	faults_.server_busy_attaches = 0;
 	faults_.reject_tokens = 0;
 	faults_.delay_dispositions_ms = 0;
+	faults_.omit_sequence_numbers.clear();
 	if (faults_.refuse_until_ms)
 		EndRefusal();
 }
@@ -1854,12 +1855,20 @@ Server::StatsJson() {
 	std::snprintf(buf, sizeof buf,
 	              "{\"uptime_ms\":%lld,\"connections\":%zu,\"connections_total\":%llu,\"put_tokens_accepted\":%llu,"
 	              "\"put_tokens_refused\":%llu,\"sasl_failures\":%llu,\"listening\":%s,\"faults\":{\"server_busy_attaches\":%d,"
-	              "\"reject_tokens\":%d,\"delay_dispositions_ms\":%lld,\"refusing_connections\":%s}}",
+	              "\"reject_tokens\":%d,\"delay_dispositions_ms\":%lld,\"refusing_connections\":%s",
 	              (long long)(NowMs() - started_ms_), conns_.size(), (unsigned long long)total_connections_,
 	              (unsigned long long)put_tokens_ok_, (unsigned long long)put_tokens_refused_,
 	              (unsigned long long)sasl_failures_, listening ? "true" : "false", faults_.server_busy_attaches,
 	              faults_.reject_tokens, (long long)faults_.delay_dispositions_ms, refusing ? "true" : "false");
-	return buf;
+	std::string out = buf;
+	out += ",\"omit_sequence_numbers\":[";
+	const char *sep = "";
+	for (const std::string &key : faults_.omit_sequence_numbers) {
+		out += sep;
+		out += "\"" + JsonEscape(key) + "\"";
+		sep = ",";
+	}
+	return out + "]}}";
 }
 
 } // namespace sbemu

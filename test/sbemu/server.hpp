@@ -15,6 +15,7 @@
 #include <future>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -49,6 +50,9 @@ struct Faults {
 	int reject_tokens = 0;         // refuse the next N put-token requests (401)
 	int64_t delay_dispositions_ms = 0;
 	int64_t refuse_until_ms = 0;   // listeners closed until then
+	// Entities (by key) whose receive-link deliveries carry no x-opt-sequence-number, as a broker
+	// that numbers nothing would send them ($management answers keep it).
+	std::set<std::string> omit_sequence_numbers;
 };
 
 struct Conn;

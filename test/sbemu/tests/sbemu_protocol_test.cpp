@@ -465,6 +465,42 @@ TEST("deliveries: the delivery tag is the 16-byte lock token and Service Bus ann
 	CHECK_EQ(emu.Count("q", "completed"), 1);
 }
 
+TEST("faults: omit-sequence-numbers leaves x-opt-sequence-number out of one entity's deliveries until cleared") {
+	Sbemu emu({"--queue", "q", "--queue", "other"});
+	bool refused = false;
+	try {
+		emu.Post("/faults/omit-sequence-numbers?entity=nosuch");
+	} catch (const std::runtime_error &e) {
+		refused = std::string(e.what()).find("404") != std::string::npos;
+	}
+	CHECK(refused);
+	std::string stats = emu.Post("/faults/omit-sequence-numbers?entity=q");
+	CHECK(stats.find("\"omit_sequence_numbers\":[\"q\"]") != std::string::npos);
+	// Which of the three deliveries carried a sequence number, in the order received.
+	auto receive = [&](const std::string &entity) {
+		SendText(emu, entity, "m");
+		Script s;
+		int has_seq = -1;
+		bool enq = false;
+		s.start = [&](proton::container &c) { SecondMode(c.open_receiver(emu.url() + "/" + entity, PeekLock(), Plain())); };
+		s.message = [&](proton::delivery &d, proton::message &m) {
+			auto ann = m.message_annotations();
+			has_seq = ann.exists(proton::annotation_key("x-opt-sequence-number")) ? 1 : 0;
+			enq = ann.exists(proton::annotation_key("x-opt-enqueued-time"));
+			AcceptUnsettled(d);
+		};
+		s.delivery_settle = [&](proton::delivery &d) { s.Finish(d.connection()); };
+		Run(s);
+		CHECK(enq);
+		return has_seq;
+	};
+	CHECK_EQ(receive("q"), 0);
+	CHECK_EQ(receive("other"), 1);
+	emu.Post("/faults/clear");
+	CHECK_EQ(receive("q"), 1);
+	CHECK_EQ(emu.Count("q", "completed"), 2);
+}
+
 TEST("settlement: rejected with com.microsoft:dead-letter, modified and released map to dead-letter, defer and abandon") {
 	Sbemu emu({"--queue", "q"});
 	for (const char *b : {"dead", "defer", "release"})
