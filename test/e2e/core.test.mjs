@@ -4,7 +4,7 @@ import { describe, it, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { ServiceBusClient } from "@azure/service-bus";
 import { startSbemu, configWith, queue } from "../conformance/lib/sbemu.mjs";
-import { startCluster, installOrders, waitFor } from "./lib/cluster.mjs";
+import { startCluster, installOrders, appliesOf, waitFor } from "./lib/cluster.mjs";
 
 const retryOptions = { maxRetries: 0, timeoutInMs: 20000 };
 
@@ -52,6 +52,7 @@ describe("sbpg core", () => {
     const rows = await pg.query("SELECT count(*)::int AS c, count(DISTINCT seq)::int AS s FROM orders WHERE id < 100000");
     assert.equal(rows.rows[0].c, n);
     assert.equal(rows.rows[0].s, n);
+    assert.deepEqual(await appliesOf(pg, "id < 100000"), { rows: n, messages: n, twice: [] }, "each applied exactly once");
     const inbox = await pg.query("SELECT count(*)::int AS c FROM sbpg.inbox WHERE subscription = 'bulk' AND status = 'applied'");
     assert.equal(inbox.rows[0].c, n);
     await waitFor(async () => (await emu.entity("bulk")).completed === n, { what: "all completed on the broker" });
@@ -105,22 +106,58 @@ describe("sbpg core", () => {
   });
 
   it("isolates a failing batch message by message, at most 50 subtransactions per transaction", async () => {
-    // 120 messages wait before the worker starts, so the first batch holds 100, one of them bad.
+    // The worker takes what has arrived, so the batch sizes are made certain: the first batch
+    // blocks on a lock on orders while the 120 messages reach the worker (prefetch 200), and each
+    // later batch takes a full 100 of them. Whatever the first batch took, the batch holding c-59
+    // (the bad one) then holds more than 50 messages.
     await sendAll("chunks", Array.from({ length: 120 }, (_, i) =>
       ({ messageId: `c-${i}`, body: { id: 300000 + i, amount: i === 59 ? -1 : 1 } })));
-    await subscribe("chunks", "chunks");
+    const blocker = await pg.client();
+    await blocker.query("BEGIN");
+    await blocker.query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE");
+    await subscribe("chunks", "chunks", "apply_order", ", batch_size => 100, prefetch => 200");
+    await waitFor(async () => (await emu.entity("chunks")).locked === 120, { what: "all 120 held by the worker" });
+    await blocker.query("ROLLBACK");
+    await blocker.end();
     await waitFor(() => listener.got.filter((x) => x.subscription === "chunks").length >= 120, { what: "120 notifications" });
-    // The batch that held the bad message was re-applied message by message; the transaction
-    // that recorded the bad one holds at most 50 messages, however large the batch was.
     const m = /subscription "chunks": a batch of (\d+) was applied message by message after: .*orders_amount_check/.exec(pg.serverLog());
     assert.ok(m, "the isolation is logged");
-    const perXid = (await pg.query(
-      "SELECT count(*)::int AS n FROM sbpg.inbox WHERE subscription = 'chunks' AND xid = (SELECT xid FROM sbpg.inbox WHERE subscription = 'chunks' AND message_id = 'c-59')")).rows[0].n;
-    assert.ok(perXid <= 50, `${perXid} messages in one isolated transaction`);
-    if (Number(m[1]) > 50) assert.ok(perXid < Number(m[1]), "a large isolated batch is split across transactions");
+    const batch = Number(m[1]);
+    assert.ok(batch > 50 && batch <= 100, `the isolated batch held ${batch} messages, more than 50 and at most batch_size`);
+    // The transactions, in delivery order: runs of inbox rows with one xid. Those of the isolated
+    // batch are consecutive runs around c-59's that hold the whole batch, each of at most 50.
+    const rows = (await pg.query(
+      "SELECT message_id, xid::text FROM sbpg.inbox WHERE subscription = 'chunks' ORDER BY sequence_number")).rows;
+    assert.equal(rows.length, 120);
+    const runs = [];
+    for (const r of rows) {
+      if (runs.length && runs.at(-1).xid === r.xid) runs.at(-1).ids.push(r.message_id);
+      else runs.push({ xid: r.xid, ids: [r.message_id] });
+    }
+    assert.equal(new Set(runs.map((r) => r.xid)).size, runs.length, "each transaction holds consecutive messages");
+    const bad = runs.findIndex((r) => r.ids.includes("c-59"));
+    let split = null;
+    for (let from = 0; from <= bad && !split; from++) {
+      let n = 0;
+      for (let to = from; to < runs.length && runs[to].ids.length <= 50; to++) {
+        n += runs[to].ids.length;
+        if (to >= bad && n === batch) {
+          split = runs.slice(from, to + 1);
+          break;
+        }
+      }
+    }
+    assert.ok(split, `the ${batch} messages of the isolated batch lie in transactions of at most 50: ${runs.map((r) => r.ids.length).join(", ")}`);
+    assert.ok(split.length >= Math.ceil(batch / 50), `split into ${split.length} transactions`);
+    // Each applied message's handler ran in the transaction the inbox names.
+    const mismatched = (await pg.query(`SELECT count(*)::int n FROM sbpg.inbox i JOIN orders_applies a USING (message_id)
+      WHERE i.subscription = 'chunks' AND i.xid::text <> a.xid::text`)).rows[0].n;
+    assert.equal(mismatched, 0);
     const dead = listener.got.filter((x) => x.subscription === "chunks" && x.status === "dead_lettered");
     assert.deepEqual(dead.map((x) => x.message_id), ["c-59"]);
     assert.equal(Number((await pg.query("SELECT count(*) c FROM orders WHERE id >= 300000 AND id < 400000")).rows[0].c), 119);
+    const applies = await appliesOf(pg, "id >= 300000 AND id < 400000");
+    assert.deepEqual(applies, { rows: 119, messages: 119, twice: [] }, "each applied once");
   });
 
   it("hands non-JSON bodies to the handler as raw_body with body NULL", async () => {
@@ -304,13 +341,31 @@ describe("sbpg core", () => {
   });
 
   it("shows per-subscription statistics in sbpg.stats", async () => {
-    const st = (await pg.query("SELECT * FROM sbpg.stats WHERE subscription = 'bulk'")).rows[0];
+    // 300 more messages, so the throughput window (the last 60 s) and last_batch_at have
+    // something of this test's own to show.
+    const t0 = (await pg.query("SELECT now() t")).rows[0].t;
+    const had = listener.got.filter((x) => x.subscription === "bulk").length;
+    await sendAll("bulk", Array.from({ length: 300 }, (_, i) => ({ messageId: `b2-${i}`, body: { id: 20000 + i, amount: 1 } })));
+    await waitFor(() => listener.got.filter((x) => x.subscription === "bulk").length >= had + 300, { what: "300 more notifications" });
+    const st = (await pg.query("SELECT *, now() AS now FROM sbpg.stats WHERE subscription = 'bulk'")).rows[0];
     assert.equal(st.state, "connected");
-    assert.equal(Number(st.received), 20000);
-    assert.equal(Number(st.applied), 20000);
-    assert.ok(Number(st.batches) >= 20000 / 100);
-    assert.ok(st.apply_ms_p50 !== null && st.apply_ms_p99 >= st.apply_ms_p50);
+    assert.equal(Number(st.received), 20300);
+    assert.equal(Number(st.applied), 20300);
+    assert.ok(Number(st.batches) >= 20300 / 100);
+    for (const k of ["apply_ms_p50", "apply_ms_p99", "lag_ms_p50", "lag_ms_p99"]) {
+      assert.equal(typeof st[k], "number", `${k} is set (${st[k]})`);
+      assert.ok(st[k] >= 0, `${k} = ${st[k]}`);
+    }
+    assert.ok(st.apply_ms_p99 >= st.apply_ms_p50);
     assert.ok(st.lag_ms_p99 >= st.lag_ms_p50);
+    // Messages settled in the last 60 s over 60: at least the 300 just applied, at most all.
+    assert.equal(typeof st.messages_per_second, "number");
+    const inWindow = Math.round(st.messages_per_second * 60);
+    assert.ok(inWindow >= 300 && inWindow <= 20300, `messages_per_second ${st.messages_per_second} (${inWindow} in 60 s)`);
+    assert.ok(st.last_batch_at instanceof Date);
+    assert.ok(st.last_batch_at >= t0 && st.last_batch_at <= st.now, `last_batch_at ${st.last_batch_at.toISOString()} in this test`);
+    assert.equal(Number(st.locks_lost), 0, "no lock was lost");
+    assert.equal((await emu.entity("bulk")).lock_lost, 0);
     assert.ok(st.connected_since instanceof Date);
     assert.ok(st.token_expires_at > new Date());
     await waitFor(async () => {

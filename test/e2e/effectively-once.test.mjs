@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { ServiceBusClient } from "@azure/service-bus";
 import { startSbemu, configWith, queue } from "../conformance/lib/sbemu.mjs";
-import { startCluster, installOrders, waitFor } from "./lib/cluster.mjs";
+import { startCluster, installOrders, appliesOf, waitFor } from "./lib/cluster.mjs";
 
 const retryOptions = { maxRetries: 0, timeoutInMs: 20000 };
 
@@ -18,7 +18,8 @@ describe("effectively once", () => {
   before(async () => {
     emu = await startSbemu({ config: configWith({ queues: ["once", "crash"].map((n) => queue(n, { MaxDeliveryCount: 100 })) }) });
     pg = await startCluster({ conf: { synchronous_commit: "off" } });
-    await installOrders(pg);
+    // No key on orders: a message applied twice would be two rows, not a failed second apply.
+    await installOrders(pg, { keyed: false });
     await pg.psql(`SELECT sbpg.create_identity('emu', 'sas', '{"key_name": "RootManageSharedAccessKey", "key": "SAS_KEY_VALUE"}');`);
     sb = new ServiceBusClient(emu.connectionString(), { retryOptions });
   });
@@ -41,6 +42,7 @@ describe("effectively once", () => {
     await waitFor(async () => (await emu.entity("once")).completed === n, { timeout: 60000, what: "every message completed" });
     assert.equal(await count("WHERE id < 1000"), n, "each message applied exactly once");
     assert.equal(Number((await pg.query("SELECT count(DISTINCT message_id) c FROM orders WHERE id < 1000")).rows[0].c), n);
+    assert.deepEqual(await appliesOf(pg, "id < 1000"), { rows: n, messages: n, twice: [] });
     const dups = listener.got.filter((x) => x.subscription === "once" && x.status === "duplicate");
     assert.ok(dups.length >= 1 && dups.length <= 50, `the committed batch came back as duplicates (${dups.length})`);
     const applied = listener.got.filter((x) => x.subscription === "once" && x.status === "applied");
@@ -62,8 +64,19 @@ describe("effectively once", () => {
       await sender.sendMessages(Array.from({ length: 500 }, (_, k) => ({ messageId: `crash-${i + k}`, body: { id: 10000 + i + k, amount: 1 } })));
     await waitFor(async () => (await count("WHERE id >= 10000")) >= 500, { what: "part of the run applied" });
     pg.restart("immediate");
+    // The crash hit work in flight: the broker saw the worker's link go with messages it had
+    // received and not settled (their locks released by the detach, delivered again later).
+    const atCrash = await waitFor(async () => {
+      const e = await emu.entity("crash");
+      return e.released_by_detach > 0 ? e : null;
+    }, { what: "the dead worker's unsettled messages released" });
     await waitFor(async () => (await emu.entity("crash")).completed === n, { timeout: 90000, interval: 200, what: "every message completed" });
+    const e = await emu.entity("crash");
+    assert.ok(atCrash.completed < n, `the crash came before the run ended (${atCrash.completed} of ${n} completed)`);
+    assert.ok(e.delivered >= n + atCrash.released_by_detach,
+      `the ${atCrash.released_by_detach} messages in flight were delivered again (${e.delivered} deliveries of ${n})`);
     assert.equal(await count("WHERE id >= 10000"), n);
+    assert.deepEqual(await appliesOf(pg, "id >= 10000"), { rows: n, messages: n, twice: [] }, "none lost, none applied twice");
     assert.equal(Number((await pg.query("SELECT count(DISTINCT message_id) c FROM orders WHERE id >= 10000")).rows[0].c), n);
     const inbox = (await pg.query("SELECT count(*)::int c FROM sbpg.inbox WHERE subscription = 'crash' AND status = 'applied'")).rows[0].c;
     assert.equal(inbox, n);

@@ -58,14 +58,33 @@ describe("lifecycle", () => {
 
   it("restarts a worker with the new settings when a subscription is altered", async () => {
     const before = await waitFor(() => workerPid("one"), { what: "worker one" });
+    const logFrom = pg.serverLog().length;
     await pg.psql("SELECT sbpg.alter_subscription('one', batch_size => 10)");
-    await waitFor(async () => {
+    const after = await waitFor(async () => {
       const p = await workerPid("one");
-      return p && p !== before;
+      return p && p !== before ? p : null;
     }, { timeout: 5000, what: "a new worker" });
-    assert.equal((await pg.query("SELECT batch_size, prefetch FROM sbpg.subscriptions WHERE name = 'one'")).rows[0].batch_size, 10);
+    // The new worker starts with the new batch size (prefetch stays 100)...
+    await waitFor(() => /subscription "one": consuming q1 from \S+ as app \(batch 10, prefetch 100\)/.test(pg.serverLog().slice(logFrom)),
+      { what: "the new worker's start line with batch 10" });
+    // ...and applies with it: 30 messages reach the worker while its first batch waits on a lock
+    // on orders, so every later batch takes all it may. No transaction holds more than 10, full
+    // ones hold 10, and the new worker applied them all.
+    const blocker = await pg.client();
+    await blocker.query("BEGIN");
+    await blocker.query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE");
+    const from = nextId;
     await send("q1", 30);
+    await waitFor(async () => (await emu.entity("q1")).locked === 30, { what: "30 held by the worker" });
+    await blocker.query("ROLLBACK");
+    await blocker.end();
     await waitFor(async () => (await rows()) === 45, { what: "45 rows" });
+    const txs = (await pg.query(`SELECT xid, count(*)::int n, min(pid) pid, max(pid) maxpid FROM orders_applies
+      WHERE id > $1 GROUP BY xid ORDER BY min(at)`, [from])).rows;
+    assert.equal(txs.reduce((a, t) => a + t.n, 0), 30);
+    assert.ok(txs.every((t) => t.n <= 10), `transactions of ${txs.map((t) => t.n).join(", ")} messages, none over 10`);
+    assert.ok(txs.length >= 3 && txs.slice(1).some((t) => t.n === 10), `full batches take 10: ${txs.map((t) => t.n).join(", ")}`);
+    assert.ok(txs.every((t) => t.pid === after && t.maxpid === after), "applied by the restarted worker");
   });
 
   it("restarts a worker that was terminated, and keeps consuming", async () => {

@@ -205,14 +205,14 @@ Entity::KindName() const {
 
 std::string
 Entity::CountsJson() const {
-	char buf[1024];
+	char buf[1536];
 	std::snprintf(buf, sizeof buf,
 	              "{\"name\":\"%s\",\"kind\":\"%s\",\"messages\":%zu,\"active\":%zu,\"locked\":%zu,\"scheduled\":%zu,"
 	              "\"deferred\":%zu,\"dead_lettered\":%zu,\"sent\":%llu,\"delivered\":%llu,\"completed\":%llu,"
 	              "\"abandoned\":%llu,\"deferrals\":%llu,\"dead_letter_moves\":%llu,\"expired\":%llu,"
 	              "\"lock_renewals\":%llu,\"lock_lost\":%llu,\"lock_expired\":%llu,\"released_by_detach\":%llu,"
 	              "\"duplicates\":%llu,\"put_tokens\":%llu,\"scheduled_total\":%llu,\"cancelled\":%llu,"
-	              "\"sessions\":%zu,\"consumers\":%zu}",
+	              "\"sessions\":%zu,\"consumers\":%zu,\"max_locked_by_link\":%llu}",
 	              JsonEscape(name).c_str(), KindName(), msgs.size(), n_active, n_locked, n_scheduled, n_deferred,
 	              dlq ? dlq->msgs.size() : static_cast<size_t>(0), (unsigned long long)counters.sent,
 	              (unsigned long long)counters.delivered, (unsigned long long)counters.completed,
@@ -222,7 +222,8 @@ Entity::CountsJson() const {
 	              (unsigned long long)counters.lock_expired, (unsigned long long)counters.released_by_detach,
 	              (unsigned long long)counters.duplicates, (unsigned long long)counters.put_tokens,
 	              (unsigned long long)counters.scheduled, (unsigned long long)counters.cancelled,
-	              SessionsEnabled() ? groups.size() : static_cast<size_t>(0), consumers.size());
+	              SessionsEnabled() ? groups.size() : static_cast<size_t>(0), consumers.size(),
+	              (unsigned long long)counters.max_locked_by_link);
 	return buf;
 }
 
@@ -510,9 +511,7 @@ Broker::Pump(Consumer &c, Entity &e, int64_t now) {
 		++e.counters.delivered;
 		if (c.PeekLock()) {
 			SetState(e, m, MsgState::Locked);
-			RandomBytes(m.lock.data(), 16);
-			m.lock_owner = &c;
-			++m.lock_gen;
+			GrantLock(e, m, &c);
 			if (e.SessionsEnabled()) {
 				m.locked_until = g->locked_until;
 			} else {
@@ -542,6 +541,7 @@ Broker::Remove(Entity &e, std::map<uint64_t, StoredMessage>::iterator it) {
 	case MsgState::Locked:
 		--e.n_locked;
 		e.locks.erase(m.lock);
+		ForgetOwner(e, m);
 		break;
 	case MsgState::Deferred:
 		--e.n_deferred;
@@ -560,8 +560,30 @@ Broker::Remove(Entity &e, std::map<uint64_t, StoredMessage>::iterator it) {
 }
 
 void
+Broker::GrantLock(Entity &e, StoredMessage &m, const void *owner) {
+	RandomBytes(m.lock.data(), 16);
+	m.lock_owner = owner;
+	++m.lock_gen;
+	size_t held = ++e.locked_by_owner[owner];
+	if (held > e.counters.max_locked_by_link)
+		e.counters.max_locked_by_link = held;
+}
+
+void
+Broker::ForgetOwner(Entity &e, const StoredMessage &m) {
+	if (!m.lock_owner)
+		return;
+	auto it = e.locked_by_owner.find(m.lock_owner);
+	if (it == e.locked_by_owner.end())
+		return;
+	if (--it->second == 0)
+		e.locked_by_owner.erase(it);
+}
+
+void
 Broker::Unlock(Entity &e, StoredMessage &m) {
 	e.locks.erase(m.lock);
+	ForgetOwner(e, m);
 	m.lock_owner = nullptr;
 	m.locked_until = 0;
 	++m.lock_gen;
@@ -892,9 +914,7 @@ Broker::ReceiveDeferred(Entity &e, const std::vector<int64_t> &requested, bool p
 		StoredMessage &m = it->second;
 		++e.counters.delivered;
 		SetState(e, m, MsgState::Locked);
-		RandomBytes(m.lock.data(), 16);
-		m.lock_owner = owner;
-		++m.lock_gen;
+		GrantLock(e, m, owner);
 		m.locked_until = now + e.props.lock_duration_ms;
 		lock_timers_.push({m.locked_until, &e, m.seq, m.lock_gen});
 		e.locks[m.lock] = m.seq;

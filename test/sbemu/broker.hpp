@@ -83,6 +83,10 @@ struct Counters {
 	uint64_t sent = 0, delivered = 0, completed = 0, abandoned = 0, deferred = 0, dead_lettered = 0, expired = 0,
 	         lock_renewals = 0, lock_lost = 0, lock_expired = 0, duplicates = 0, put_tokens = 0, scheduled = 0,
 	         cancelled = 0, released_by_detach = 0;
+	// The most messages one owner (a receive link, or the $management link for messages received
+	// by sequence number) ever held locked at once: a high-water mark, so a test sees a breach of
+	// prefetch however briefly it lasted. Zeroed with the counters.
+	uint64_t max_locked_by_link = 0;
 };
 
 class Entity;
@@ -129,6 +133,7 @@ class Entity {
 	std::unordered_map<LockToken, uint64_t, LockTokenHash> locks;
 	std::vector<Consumer *> consumers;
 	size_t n_active = 0, n_locked = 0, n_deferred = 0, n_scheduled = 0;
+	std::unordered_map<const void *, size_t> locked_by_owner; // messages locked now, per lock owner
 	Counters counters;
 	std::unordered_map<std::string, int64_t> dup_ids;
 	std::deque<std::pair<int64_t, std::string>> dup_order;
@@ -219,6 +224,10 @@ class Broker {
 	void NotifyAvailable(Entity &e, const std::string &session_id);
 	void Remove(Entity &e, std::map<uint64_t, StoredMessage>::iterator it);
 	void Unlock(Entity &e, StoredMessage &m);
+	// Gives `m` (already in state Locked) a new lock held by `owner`; every lock starts here.
+	void GrantLock(Entity &e, StoredMessage &m, const void *owner);
+	// Forgets the owner's hold on `m`'s lock (for Unlock and Remove).
+	void ForgetOwner(Entity &e, const StoredMessage &m);
 	// Ends a lock without completion: delivery count + 1, dead-letter at MaxDeliveryCount.
 	void ReleaseLock(Entity &e, StoredMessage &m, int64_t now, bool count_delivery);
 	// `hops`: how many times the message has been forwarded to get here; a dead-letter forward

@@ -150,18 +150,41 @@ export async function startCluster({ conf = {}, env = {} } = {}) {
   return cluster;
 }
 
-/** Installs sbpg with a table, a run_as role and a handler that inserts orders. */
-export async function installOrders(cluster, { table = "orders", role = "app", handler = "apply_order" } = {}) {
+/**
+ * Installs sbpg with a table, a run_as role and a handler that inserts orders. Every apply also
+ * adds a row to `<table>_applies`, which has no key: a message applied twice shows there as two
+ * rows, with the transaction (txid_current(), the top-level one even in a subtransaction), the
+ * handler's clock_timestamp() and the worker's pid of each apply. With `keyed: false` the orders
+ * table has no primary key either, so a double apply is two rows rather than a failed second
+ * apply (tests that claim exactly-once count there); the default keeps `id` a primary key.
+ */
+export async function installOrders(cluster, { table = "orders", role = "app", handler = "apply_order", keyed = true } = {}) {
   await cluster.psql(`
     CREATE EXTENSION IF NOT EXISTS sbpg;
     DO $$ BEGIN CREATE ROLE ${role} NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-    CREATE TABLE ${table} (id bigint PRIMARY KEY, amount numeric NOT NULL CHECK (amount >= 0), message_id text, seq bigint);
-    GRANT SELECT, INSERT ON ${table} TO ${role};
+    CREATE TABLE ${table} (id bigint ${keyed ? "PRIMARY KEY" : "NOT NULL"}, amount numeric NOT NULL CHECK (amount >= 0), message_id text, seq bigint);
+    CREATE TABLE ${table}_applies (message_id text, id bigint, xid bigint, at timestamptz, pid int);
+    GRANT SELECT, INSERT ON ${table}, ${table}_applies TO ${role};
     CREATE FUNCTION ${handler}(m sbpg.message) RETURNS void LANGUAGE plpgsql AS $f$
     BEGIN
+      INSERT INTO public.${table}_applies
+      VALUES (m.message_id, (m.body->>'id')::bigint, txid_current(), clock_timestamp(), pg_backend_pid());
       INSERT INTO public.${table} (id, amount, message_id, seq)
       VALUES ((m.body->>'id')::bigint, (m.body->>'amount')::numeric, m.message_id, m.sequence_number);
     END $f$;
     GRANT EXECUTE ON FUNCTION ${handler}(sbpg.message) TO ${role};
   `);
+}
+
+/**
+ * How often each message of `table`_applies (within `where`) was applied: { rows, messages, twice }
+ * where `twice` lists the message ids applied more than once.
+ */
+export async function appliesOf(cluster, where = "true", table = "orders") {
+  const r = await cluster.query(`SELECT message_id, count(*)::int n FROM ${table}_applies WHERE ${where} GROUP BY message_id`);
+  return {
+    rows: r.rows.reduce((a, x) => a + x.n, 0),
+    messages: r.rows.length,
+    twice: r.rows.filter((x) => x.n > 1).map((x) => x.message_id),
+  };
 }

@@ -817,6 +817,55 @@ TEST("batches: a message whose data holds an encoded message is one message unle
 	CHECK_EQ(emu.Count("q", "messages"), 2);
 }
 
+TEST("counts: max_locked_by_link is the most messages one receive link held locked at once") {
+	Sbemu emu({"--queue", "q"});
+	for (int i = 0; i < 6; ++i)
+		SendText(emu, "q", "m" + std::to_string(i));
+	// Link a takes 3, link b 2 (five locked in all); then a settles one and takes the sixth, so it
+	// never holds more than three: the mark is per link, not the entity's locked count or the
+	// deliveries a link got (four).
+	Script s;
+	proton::receiver a, b;
+	std::vector<proton::delivery> held_a;
+	int got_b = 0, settled = 0;
+	bool topped_up = false;
+	s.start = [&](proton::container &c) {
+		proton::connection conn = c.connect(emu.url(), Plain());
+		a = conn.open_receiver("q", PeekLock(0));
+		b = conn.open_receiver("q", PeekLock(0));
+		SecondMode(a);
+		SecondMode(b);
+	};
+	s.receiver_open = [&](proton::receiver &r) { r.add_credit(r == a ? 3 : 2); };
+	s.message = [&](proton::delivery &d, proton::message &) {
+		if (d.receiver() == a)
+			held_a.push_back(d);
+		else
+			++got_b;
+		if (held_a.size() == 3 && got_b == 2 && !topped_up) {
+			topped_up = true;
+			AcceptUnsettled(held_a.front());
+		} else if (held_a.size() == 4) {
+			s.Finish(d.connection());
+		}
+	};
+	s.delivery_settle = [&](proton::delivery &) {
+		if (++settled == 1)
+			a.add_credit(1);
+	};
+	Run(s);
+	CHECK(s.done);
+	CHECK_EQ(held_a.size(), 4u);
+	CHECK_EQ(got_b, 2);
+	CHECK_EQ(emu.Count("q", "completed"), 1);
+	CHECK_EQ(emu.Count("q", "max_locked_by_link"), 3);
+	// Closing the connection released the locks; the mark stays until /reset.
+	CHECK(harness::WaitUntil([&] { return emu.Count("q", "locked") == 0; }));
+	CHECK_EQ(emu.Count("q", "max_locked_by_link"), 3);
+	emu.Post("/reset");
+	CHECK_EQ(emu.Count("q", "max_locked_by_link"), 0);
+}
+
 TEST("faults: server-busy answers the next attaches with com.microsoft:server-busy") {
 	Sbemu emu({"--queue", "q"});
 	emu.Post("/faults/server-busy?count=1");

@@ -830,6 +830,54 @@ TEST("store: removing a consumer releases its locks") {
 	CHECK_EQ(other.counts[0], 1u);
 }
 
+TEST("store: the most messages one link held locked at once is kept as a high-water mark, per link") {
+	EntityProps p;
+	p.lock_duration_ms = 5000;
+	Broker b(OneQueue(p));
+	Entity &q = *b.Find("q");
+	for (int i = 0; i < 10; ++i)
+		b.Send(q, Msg("m" + std::to_string(i)), 1);
+	FakeConsumer c(true, 3), other(true, 2);
+	b.AddConsumer(q, &c);
+	b.AddConsumer(q, &other);
+	b.Pump(c, q, 1);
+	b.Pump(other, q, 1);
+	// Five locked in all, but never more than three by one link.
+	CHECK_EQ(q.n_locked, 5u);
+	CHECK_EQ(q.counters.max_locked_by_link, 3u);
+	// Settling and taking one more keeps c at three: the mark does not move.
+	CHECK(b.Complete(q, c.tokens[0], 2) == SettleResult::Ok);
+	c.credit_ = 1;
+	b.Pump(c, q, 2);
+	CHECK_EQ(c.got.size(), 4u);
+	CHECK_EQ(q.counters.max_locked_by_link, 3u);
+	// A breach, however brief, stays recorded after the locks go (settled, abandoned, expired).
+	c.credit_ = 1;
+	b.Pump(c, q, 3);
+	CHECK_EQ(q.counters.max_locked_by_link, 4u);
+	CHECK(b.Complete(q, c.tokens[1], 3) == SettleResult::Ok);
+	CHECK(b.Abandon(q, c.tokens[2], nullptr, 3) == SettleResult::Ok);
+	b.Tick(10000);
+	CHECK_EQ(q.n_locked, 0u);
+	CHECK_EQ(q.counters.max_locked_by_link, 4u);
+	CHECK(q.CountsJson().find("\"max_locked_by_link\":4") != std::string::npos);
+	// Locks that ended do not count again: c, with every lock gone, takes three and the mark stays.
+	c.credit_ = 3;
+	b.Pump(c, q, 10002);
+	CHECK_EQ(q.counters.max_locked_by_link, 4u);
+	// Messages received by sequence number count against the link that asked for them.
+	CHECK(b.Defer(q, c.tokens.back(), nullptr, 10003) == SettleResult::Ok);
+	std::vector<StoredMessage *> got;
+	int64_t missing = 0;
+	REQUIRE(b.ReceiveDeferred(q, {static_cast<int64_t>(c.got.back())}, true, &c, 10004, &got, &missing));
+	CHECK_EQ(q.counters.max_locked_by_link, 4u);
+	// A removed link's locks are forgotten, and the counters reset zeroes the mark.
+	b.RemoveConsumer(q, &c, 10005);
+	CHECK(q.locked_by_owner.find(&c) == q.locked_by_owner.end());
+	b.ResetCounters();
+	CHECK_EQ(q.counters.max_locked_by_link, 0u);
+}
+
 TEST("store: defer keeps a message out of the queue until received by sequence number") {
 	Broker b(OneQueue());
 	Entity &q = *b.Find("q");
