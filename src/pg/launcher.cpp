@@ -4,6 +4,8 @@
 //   with backoff, and stops workers whose subscription was disabled, dropped or changed (a changed
 //   subscription is restarted with its new settings). It holds no C++ objects: plain PostgreSQL
 //   code, with errors caught per cycle.
+#include "sbpg/core/fixed_text.hpp"
+
 extern "C" {
 #include "postgres.h"
 
@@ -25,6 +27,7 @@ extern "C" {
 
 #include "sbpg/pg/apply.hpp"
 #include "sbpg/pg/shared.hpp"
+#include "sbpg/pg/slots.hpp"
 
 #include <algorithm>
 #include <csignal>
@@ -181,7 +184,6 @@ StartEntry(Entry *e, const Desired *d) {
 	snprintf(w.bgw_name, BGW_MAXLEN, "sbpg worker %s", e->name);
 	snprintf(w.bgw_type, BGW_MAXLEN, "sbpg worker");
 	w.bgw_notify_pid = MyProcPid;
-	w.bgw_main_arg = Int32GetDatum(e->slot);
 	WorkerStart start;
 	std::memset(&start, 0, sizeof start);
 	start.database = MyDatabaseId;
@@ -320,7 +322,6 @@ sbpg_launcher_main(Datum) {
 
 	nentries = shared->nslots;
 	entries = static_cast<Entry *>(MemoryContextAllocZero(TopMemoryContext, sizeof(Entry) * nentries));
-	shared->launcher_pid = MyProcPid;
 	shared->launcher_latch = &MyProc->procLatch;
 	AdoptRunningWorkers();
 	ereport(LOG, (errmsg("sbpg launcher started for database \"%s\"", guc_database)));

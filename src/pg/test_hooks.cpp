@@ -3,6 +3,8 @@
 //   and the one function that says whether a fault fires. Invariant: with sbpg.test_hooks off (the
 //   default, and the only value outside the test harness) sbpg.test_fault can only be empty and
 //   Fires() returns false.
+#include "sbpg/core/fixed_text.hpp"
+
 extern "C" {
 #include "postgres.h"
 
@@ -10,6 +12,7 @@ extern "C" {
 }
 
 #include "sbpg/pg/shared.hpp"
+#include "sbpg/pg/slots.hpp"
 #include "sbpg/pg/test_hooks.hpp"
 
 #include <cstring>
