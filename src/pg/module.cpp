@@ -47,6 +47,11 @@ PG_FUNCTION_INFO_V1(sbpg_worker_stats);
 
 namespace sbpg::pg {
 
+// File-scope state, each kept because PostgreSQL's machinery or callbacks need it:
+//   guc_*: the settings' variables, which PostgreSQL's GUC code writes;
+//   shared: the shared-memory segment, set by the shmem_startup_hook;
+//   in_sbpg_worker, tenant_role: per process, read by sbpg._caller() (an SQL function) and the
+//   object access hook, which receive no context of ours.
 char *guc_database = nullptr;
 int guc_max_workers = 8;
 int guc_log_messages = kLogFailures;
@@ -62,6 +67,7 @@ namespace {
 const struct config_enum_entry kLogMessagesOptions[] = {
     {"none", kLogNone, false}, {"failures", kLogFailures, false}, {"all", kLogAll, false}, {nullptr, 0, false}};
 
+// The hooks installed before ours, each called on by ours (PostgreSQL's hook chaining).
 shmem_request_hook_type prev_shmem_request_hook = nullptr;
 shmem_startup_hook_type prev_shmem_startup_hook = nullptr;
 object_access_hook_type prev_object_access_hook = nullptr;
@@ -80,6 +86,8 @@ struct DefinerFrame {
 DefinerFrame *frames = nullptr;
 int nframes = 0, maxframes = 0;
 
+// Set by the trigger and the drop hook, read by the transaction callback at commit: the launcher is
+// woken once the change is visible.
 bool wake_at_commit = false;
 bool xact_callback_registered = false;
 
