@@ -55,7 +55,8 @@ ArmedWith(const char *prefix, const char **rest) {
 
 void
 DefineSettings() {
-	DefineCustomBoolVariable("sbpg.test_hooks", "Lets sbpg's own test suite arm fault points; never set it in production.",
+	DefineCustomBoolVariable("sbpg.test_hooks",
+	                         "Lets sbpg's own test suite arm fault points; never set it in production.",
 	                         "Only sbpg's test harness sets it. Without it sbpg.test_fault must stay empty.",
 	                         &hooks_enabled, false, PGC_POSTMASTER, GUC_NOT_IN_SAMPLE | GUC_SUPERUSER_ONLY, nullptr,
 	                         nullptr, nullptr);
@@ -83,7 +84,9 @@ Fires(Fault f, const char *subject) {
 		// Once per tag: the tag that fired is kept in shared memory, so the worker the launcher
 		// starts again does not fire it a second time. (Unlocked: tests arm it with one worker
 		// running a batch at a time.)
-		if (!ArmedWith("exit_after_commit#", &rest) || !shared || std::strcmp(shared->test_fault_fired, guc_test_fault) == 0)
+		if (!ArmedWith("exit_after_commit#", &rest) || !shared)
+			return false;
+		if (std::strcmp(shared->test_fault_fired, guc_test_fault) == 0)
 			return false;
 		strlcpy(shared->test_fault_fired, guc_test_fault, sizeof shared->test_fault_fired);
 		return true;

@@ -98,7 +98,8 @@ Worker::RefreshSchemas(bool force) {
 	SchemaRowC *rows = nullptr;
 	int n = 0;
 	if (!PgGuard([&] { n = LoadSchemas(&rows); }, &err)) {
-		Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": cannot read sbpg.schemas: " + err.message.c_str());
+		Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": cannot read sbpg.schemas: " +
+		                 err.message.c_str());
 		return;
 	}
 	std::vector<schema::SchemaRow> list;
@@ -146,7 +147,8 @@ Worker::ProcessBatch(std::vector<ReceivedMessage> &msgs) {
 	AfterCommit(res);
 	if (testing::Fires(testing::kExitAfterCommit)) {
 		// Leave the loop before any settlement; sbpg_worker_main exits once the C++ frames are gone.
-		Log(LOG, std::string("sbpg: test fault ") + testing::ArmedFault() + ": exiting after commit, before settlement");
+		Log(LOG, std::string("sbpg: test fault ") + testing::ArmedFault() +
+		             ": exiting after commit, before settlement");
 		exit_code_ = 1;
 		return;
 	}
