@@ -21,13 +21,13 @@ extern "C" {
 #include "tcop/tcopprot.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
-#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 }
 
 #include "sbpg/pg/apply.hpp"
 #include "sbpg/pg/shared.hpp"
 #include "sbpg/pg/slots.hpp"
+#include "sbpg/pg/spi.hpp"
 
 #include <algorithm>
 #include <csignal>
@@ -88,50 +88,41 @@ NewEntry(Launcher *l, const char *name) {
 	return nullptr;
 }
 
-// Reads what should run. Returns the number of subscriptions (0 when the extension is absent).
+// Reads what should run, in a short transaction of its own. Returns the number of subscriptions (0
+// when the extension is absent).
 int
 LoadDesired(Launcher *l, Desired *out, int max) {
 	int n = 0;
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
+	spi::BeginShort();
 	pgstat_report_activity(STATE_RUNNING, "reading sbpg.subscriptions");
-	l->ext_present = false;
-	if (SPI_execute("SELECT extowner FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'sbpg'", true, 1) ==
-	        SPI_OK_SELECT &&
-	    SPI_processed == 1) {
-		bool isnull;
-		l->ext_owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-		l->ext_present = true;
-	}
+	spi::SpiResult ext = spi::ExecSql("read pg_extension",
+	                                  "SELECT extowner FROM pg_catalog.pg_extension WHERE extname" OP_EQ "'sbpg'", 0,
+	                                  nullptr, nullptr, nullptr, SPI_OK_SELECT, 1);
+	l->ext_present = ext.rows == 1;
 	if (l->ext_present) {
+		l->ext_owner = ext.ObjectId(0, ext.Col("extowner"));
 		// The version covers every setting of the subscription and of its identity, so a change
 		// restarts the worker with the new configuration.
 		// Every name schema-qualified: the launcher's session belongs to a superuser.
 		const char *q = "SELECT s.name, s.enabled, pg_catalog.md5(CAST(ROW(s.*) AS pg_catalog.text) OPERATOR(pg_catalog.||) "
 		                "coalesce(CAST(ROW(i.*) AS pg_catalog.text), '') OPERATOR(pg_catalog.||) coalesce(k.secret, '')) "
+		                "AS version "
 		                "FROM sbpg.subscriptions s "
 		                "LEFT JOIN sbpg.identities i ON i.name OPERATOR(pg_catalog.=) s.identity "
 		                "LEFT JOIN sbpg.identity_secrets k ON k.identity OPERATOR(pg_catalog.=) s.identity "
 		                "ORDER BY s.name USING OPERATOR(pg_catalog.<)";
-		if (SPI_execute(q, true, 0) != SPI_OK_SELECT)
-			elog(ERROR, "sbpg launcher: cannot read sbpg.subscriptions");
-		for (uint64 r = 0; r < SPI_processed && n < max; ++r) {
-			HeapTuple t = SPI_tuptable->vals[r];
-			TupleDesc d = SPI_tuptable->tupdesc;
-			bool isnull;
-			char *name = SPI_getvalue(t, d, 1);
+		spi::SpiResult r = spi::ExecSql("read sbpg.subscriptions", q, 0, nullptr, nullptr, nullptr, SPI_OK_SELECT);
+		int name_col = r.Col("name"), enabled_col = r.Col("enabled"), version_col = r.Col("version");
+		for (uint64 row = 0; row < r.rows && n < max; ++row) {
+			char *name = r.Text(row, name_col);
 			strlcpy(out[n].name, name ? name : "", kNameLen);
-			out[n].enabled = DatumGetBool(SPI_getbinval(t, d, 2, &isnull));
-			char *ver = SPI_getvalue(t, d, 3);
+			out[n].enabled = r.Bool(row, enabled_col);
+			char *ver = r.Text(row, version_col);
 			strlcpy(out[n].version, ver ? ver : "", sizeof out[n].version);
 			++n;
 		}
 	}
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
+	spi::EndShort();
 	pgstat_report_activity(STATE_IDLE, nullptr);
 	return n;
 }
