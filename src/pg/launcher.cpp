@@ -4,6 +4,8 @@
 //   with backoff, and stops workers whose subscription was disabled, dropped or changed (a changed
 //   subscription is restarted with its new settings). It holds no C++ objects: plain PostgreSQL
 //   code, with errors caught per cycle.
+#include "sbpg/core/fixed_text.hpp"
+
 extern "C" {
 #include "postgres.h"
 
@@ -19,12 +21,13 @@ extern "C" {
 #include "tcop/tcopprot.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
-#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 }
 
 #include "sbpg/pg/apply.hpp"
 #include "sbpg/pg/shared.hpp"
+#include "sbpg/pg/slots.hpp"
+#include "sbpg/pg/spi.hpp"
 
 #include <algorithm>
 #include <csignal>
@@ -54,77 +57,72 @@ struct Entry {
 	TimestampTz next_start;
 };
 
-Entry *entries = nullptr;
-int nentries = 0;
-Oid ext_owner = InvalidOid;
-bool ext_present = false;
+// The launcher's own state, kept by sbpg_launcher_main and handed to every step (no file-scope
+// state: nothing here is needed by a PostgreSQL callback).
+struct Launcher {
+	Entry *entries;  // one per slot, in TopMemoryContext
+	int nentries;
+	Oid ext_owner;   // the extension's owner, whom workers connect as
+	bool ext_present; // the extension exists in sbpg.database (as of the last read)
+};
 
 Entry *
-FindEntry(const char *name) {
-	for (int i = 0; i < nentries; ++i)
-		if (entries[i].used && strcmp(entries[i].name, name) == 0)
-			return &entries[i];
+FindEntry(Launcher *l, const char *name) {
+	for (int i = 0; i < l->nentries; ++i)
+		if (l->entries[i].used && strcmp(l->entries[i].name, name) == 0)
+			return &l->entries[i];
 	return nullptr;
 }
 
 Entry *
-NewEntry(const char *name) {
-	for (int i = 0; i < nentries; ++i) {
-		if (!entries[i].used) {
-			std::memset(&entries[i], 0, sizeof entries[i]);
-			entries[i].used = true;
-			strlcpy(entries[i].name, name, kNameLen);
-			entries[i].slot = -1;
-			return &entries[i];
+NewEntry(Launcher *l, const char *name) {
+	for (int i = 0; i < l->nentries; ++i) {
+		if (!l->entries[i].used) {
+			std::memset(&l->entries[i], 0, sizeof l->entries[i]);
+			l->entries[i].used = true;
+			strlcpy(l->entries[i].name, name, kNameLen);
+			l->entries[i].slot = -1;
+			return &l->entries[i];
 		}
 	}
 	return nullptr;
 }
 
-// Reads what should run. Returns the number of subscriptions (0 when the extension is absent).
+// Reads what should run, in a short transaction of its own. Returns the number of subscriptions (0
+// when the extension is absent).
 int
-LoadDesired(Desired *out, int max) {
+LoadDesired(Launcher *l, Desired *out, int max) {
 	int n = 0;
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
+	spi::BeginShort();
 	pgstat_report_activity(STATE_RUNNING, "reading sbpg.subscriptions");
-	ext_present = false;
-	if (SPI_execute("SELECT extowner FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'sbpg'", true, 1) ==
-	        SPI_OK_SELECT &&
-	    SPI_processed == 1) {
-		bool isnull;
-		ext_owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-		ext_present = true;
-	}
-	if (ext_present) {
+	spi::SpiResult ext = spi::ExecSql("read pg_extension",
+	                                  "SELECT extowner FROM pg_catalog.pg_extension WHERE extname" OP_EQ "'sbpg'", 0,
+	                                  nullptr, nullptr, nullptr, SPI_OK_SELECT, 1);
+	l->ext_present = ext.rows == 1;
+	if (l->ext_present) {
+		l->ext_owner = ext.ObjectId(0, ext.Col("extowner"));
 		// The version covers every setting of the subscription and of its identity, so a change
 		// restarts the worker with the new configuration.
 		// Every name schema-qualified: the launcher's session belongs to a superuser.
 		const char *q = "SELECT s.name, s.enabled, pg_catalog.md5(CAST(ROW(s.*) AS pg_catalog.text) OPERATOR(pg_catalog.||) "
 		                "coalesce(CAST(ROW(i.*) AS pg_catalog.text), '') OPERATOR(pg_catalog.||) coalesce(k.secret, '')) "
+		                "AS version "
 		                "FROM sbpg.subscriptions s "
 		                "LEFT JOIN sbpg.identities i ON i.name OPERATOR(pg_catalog.=) s.identity "
 		                "LEFT JOIN sbpg.identity_secrets k ON k.identity OPERATOR(pg_catalog.=) s.identity "
 		                "ORDER BY s.name USING OPERATOR(pg_catalog.<)";
-		if (SPI_execute(q, true, 0) != SPI_OK_SELECT)
-			elog(ERROR, "sbpg launcher: cannot read sbpg.subscriptions");
-		for (uint64 r = 0; r < SPI_processed && n < max; ++r) {
-			HeapTuple t = SPI_tuptable->vals[r];
-			TupleDesc d = SPI_tuptable->tupdesc;
-			bool isnull;
-			char *name = SPI_getvalue(t, d, 1);
+		spi::SpiResult r = spi::ExecSql("read sbpg.subscriptions", q, 0, nullptr, nullptr, nullptr, SPI_OK_SELECT);
+		int name_col = r.Col("name"), enabled_col = r.Col("enabled"), version_col = r.Col("version");
+		for (uint64 row = 0; row < r.rows && n < max; ++row) {
+			char *name = r.Text(row, name_col);
 			strlcpy(out[n].name, name ? name : "", kNameLen);
-			out[n].enabled = DatumGetBool(SPI_getbinval(t, d, 2, &isnull));
-			char *ver = SPI_getvalue(t, d, 3);
+			out[n].enabled = r.Bool(row, enabled_col);
+			char *ver = r.Text(row, version_col);
 			strlcpy(out[n].version, ver ? ver : "", sizeof out[n].version);
 			++n;
 		}
 	}
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
+	spi::EndShort();
 	pgstat_report_activity(STATE_IDLE, nullptr);
 	return n;
 }
@@ -161,7 +159,7 @@ StopEntry(Entry *e) {
 }
 
 void
-StartEntry(Entry *e, const Desired *d) {
+StartEntry(const Launcher *l, Entry *e, const Desired *d) {
 	if (e->slot < 0)
 		e->slot = AssignSlot(e->name);
 	if (e->slot < 0) {
@@ -181,11 +179,10 @@ StartEntry(Entry *e, const Desired *d) {
 	snprintf(w.bgw_name, BGW_MAXLEN, "sbpg worker %s", e->name);
 	snprintf(w.bgw_type, BGW_MAXLEN, "sbpg worker");
 	w.bgw_notify_pid = MyProcPid;
-	w.bgw_main_arg = Int32GetDatum(e->slot);
 	WorkerStart start;
 	std::memset(&start, 0, sizeof start);
 	start.database = MyDatabaseId;
-	start.user = ext_owner;
+	start.user = l->ext_owner;
 	start.slot = e->slot;
 	strlcpy(start.name, e->name, kNameLen);
 	static_assert(sizeof(WorkerStart) <= BGW_EXTRALEN, "WorkerStart must fit bgw_extra");
@@ -211,13 +208,13 @@ StartEntry(Entry *e, const Desired *d) {
 
 // A previous launcher's workers keep running after it dies: adopt them by their slots.
 void
-AdoptRunningWorkers() {
+AdoptRunningWorkers(Launcher *l) {
 	for (int i = 0; i < shared->nslots; ++i) {
 		WorkerSlot copy;
 		CopySlot(i, &copy);
 		if (!copy.in_use || copy.pid <= 0 || kill(copy.pid, 0) != 0)
 			continue;
-		Entry *e = NewEntry(copy.name);
+		Entry *e = NewEntry(l, copy.name);
 		if (!e)
 			break;
 		e->slot = i;
@@ -229,14 +226,14 @@ AdoptRunningWorkers() {
 }
 
 void
-Reconcile() {
-	Desired *desired = static_cast<Desired *>(palloc0(sizeof(Desired) * (nentries + 64)));
-	int nd = LoadDesired(desired, nentries + 64);
+Reconcile(Launcher *l) {
+	Desired *desired = static_cast<Desired *>(palloc0(sizeof(Desired) * (l->nentries + 64)));
+	int nd = LoadDesired(l, desired, l->nentries + 64);
 	TimestampTz now = GetCurrentTimestamp();
 
 	// Workers that stopped, and workers that must stop.
-	for (int i = 0; i < nentries; ++i) {
-		Entry *e = &entries[i];
+	for (int i = 0; i < l->nentries; ++i) {
+		Entry *e = &l->entries[i];
 		if (!e->used)
 			continue;
 		if (e->running && !Alive(e)) {
@@ -278,25 +275,25 @@ Reconcile() {
 	for (int k = 0; k < nd; ++k) {
 		if (!desired[k].enabled)
 			continue;
-		Entry *e = FindEntry(desired[k].name);
+		Entry *e = FindEntry(l, desired[k].name);
 		if (!e)
-			e = NewEntry(desired[k].name);
+			e = NewEntry(l, desired[k].name);
 		if (!e) {
 			ereport(WARNING, (errmsg("sbpg: more enabled subscriptions than sbpg.max_workers (%d)", guc_max_workers)));
 			break;
 		}
 		if (!e->running && now >= e->next_start)
-			StartEntry(e, &desired[k]);
+			StartEntry(l, e, &desired[k]);
 	}
 	pfree(desired);
 }
 
 int
-NextWaitMs() {
+NextWaitMs(const Launcher *l) {
 	TimestampTz now = GetCurrentTimestamp();
 	long ms = 1000; // also notices CREATE EXTENSION and DROP EXTENSION within a second
-	for (int i = 0; i < nentries; ++i) {
-		Entry *e = &entries[i];
+	for (int i = 0; i < l->nentries; ++i) {
+		Entry *e = &l->entries[i];
 		if (e->used && !e->running && e->next_start > now)
 			ms = std::min<long>(ms, (e->next_start - now) / 1000 + 1);
 	}
@@ -318,11 +315,11 @@ sbpg_launcher_main(Datum) {
 	PinSessionSettings();
 	pgstat_report_appname("sbpg launcher");
 
-	nentries = shared->nslots;
-	entries = static_cast<Entry *>(MemoryContextAllocZero(TopMemoryContext, sizeof(Entry) * nentries));
-	shared->launcher_pid = MyProcPid;
+	Launcher *l = static_cast<Launcher *>(MemoryContextAllocZero(TopMemoryContext, sizeof(Launcher)));
+	l->nentries = shared->nslots;
+	l->entries = static_cast<Entry *>(MemoryContextAllocZero(TopMemoryContext, sizeof(Entry) * l->nentries));
 	shared->launcher_latch = &MyProc->procLatch;
-	AdoptRunningWorkers();
+	AdoptRunningWorkers(l);
 	ereport(LOG, (errmsg("sbpg launcher started for database \"%s\"", guc_database)));
 
 	MemoryContext loop_cxt = AllocSetContextCreate(TopMemoryContext, "sbpg launcher loop", ALLOCSET_DEFAULT_SIZES);
@@ -336,7 +333,7 @@ sbpg_launcher_main(Datum) {
 		MemoryContext old = MemoryContextSwitchTo(loop_cxt);
 		PG_TRY();
 		{
-			Reconcile();
+			Reconcile(l);
 			last_error_logged = false;
 		}
 		PG_CATCH();
@@ -353,12 +350,12 @@ sbpg_launcher_main(Datum) {
 		PG_END_TRY();
 		MemoryContextSwitchTo(old);
 		MemoryContextReset(loop_cxt);
-		if (!ext_present) {
-			for (int i = 0; i < nentries; ++i)
-				if (entries[i].used && entries[i].running)
-					StopEntry(&entries[i]);
+		if (!l->ext_present) {
+			for (int i = 0; i < l->nentries; ++i)
+				if (l->entries[i].used && l->entries[i].running)
+					StopEntry(&l->entries[i]);
 		}
-		(void)WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, NextWaitMs(), PG_WAIT_EXTENSION);
+		(void)WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, NextWaitMs(l), PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 	}
 }

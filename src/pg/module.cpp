@@ -1,6 +1,8 @@
 // src/pg/module.cpp
 //   Module entry: _PG_init (settings, shared memory, the launcher), the SQL-callable C functions
 //   and the hooks that wake the launcher when the configuration changes.
+#include "sbpg/pg/pg_error.hpp"
+
 extern "C" {
 #include "postgres.h"
 
@@ -35,6 +37,9 @@ PG_FUNCTION_INFO_V1(sbpg_worker_stats);
 }
 
 #include "sbpg/pg/shared.hpp"
+#include "sbpg/pg/slots.hpp"
+#include "sbpg/pg/sql_entry.hpp"
+#include "sbpg/pg/test_hooks.hpp"
 
 #include <algorithm>
 #include <cstddef>
@@ -42,12 +47,16 @@ PG_FUNCTION_INFO_V1(sbpg_worker_stats);
 
 namespace sbpg::pg {
 
+// File-scope state, each kept because PostgreSQL's machinery or callbacks need it:
+//   guc_*: the settings' variables, which PostgreSQL's GUC code writes;
+//   shared: the shared-memory segment, set by the shmem_startup_hook;
+//   in_sbpg_worker, tenant_role: per process, read by sbpg._caller() (an SQL function) and the
+//   object access hook, which receive no context of ours.
 char *guc_database = nullptr;
 int guc_max_workers = 8;
 int guc_log_messages = kLogFailures;
 int guc_inbox_retention_s = 7 * 24 * 3600;
 int guc_max_json_depth = 1000;
-char *guc_test_fault = nullptr;
 char *guc_ca_file = nullptr;
 SharedState *shared = nullptr;
 bool in_sbpg_worker = false;
@@ -58,6 +67,7 @@ namespace {
 const struct config_enum_entry kLogMessagesOptions[] = {
     {"none", kLogNone, false}, {"failures", kLogFailures, false}, {"all", kLogAll, false}, {nullptr, 0, false}};
 
+// The hooks installed before ours, each called on by ours (PostgreSQL's hook chaining).
 shmem_request_hook_type prev_shmem_request_hook = nullptr;
 shmem_startup_hook_type prev_shmem_startup_hook = nullptr;
 object_access_hook_type prev_object_access_hook = nullptr;
@@ -76,6 +86,8 @@ struct DefinerFrame {
 DefinerFrame *frames = nullptr;
 int nframes = 0, maxframes = 0;
 
+// Set by the trigger and the drop hook, read by the transaction callback at commit: the launcher is
+// woken once the change is visible.
 bool wake_at_commit = false;
 bool xact_callback_registered = false;
 
@@ -329,6 +341,13 @@ CheckCaFile(char **newval, void **extra, GucSource source) {
 
 void
 _PG_init(void) {
+	// pg_upgrade runs both servers in binary-upgrade mode: it loads the library to check it can,
+	// and restores the extension's objects, with no data to consume and no one to answer a
+	// worker. Nothing of sbpg may act then (no launcher, no hooks, no shared memory), and loading
+	// must not fail for want of shared_preload_libraries. PostgreSQL's own logical replication
+	// launcher and pg_cron stand down the same way.
+	if (IsBinaryUpgrade)
+		return;
 	if (!process_shared_preload_libraries_in_progress)
 		ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 		                errmsg("sbpg must be loaded with shared_preload_libraries"),
@@ -354,11 +373,7 @@ _PG_init(void) {
 	                           "Used for amqps:// connections and the HTTPS token endpoints, with host-name "
 	                           "verification. Empty: only the system's CA store.",
 	                           &guc_ca_file, "", PGC_SIGHUP, GUC_SUPERUSER_ONLY, CheckCaFile, nullptr, nullptr);
-	DefineCustomStringVariable("sbpg.test_fault", "Fault injection for sbpg's own tests; leave empty.",
-	                           "exit_after_commit#TAG makes a worker exit after a batch commits and before it "
-	                           "settles, once per TAG.",
-	                           &guc_test_fault, "", PGC_SUSET, GUC_NOT_IN_SAMPLE | GUC_SUPERUSER_ONLY, nullptr,
-	                           nullptr, nullptr);
+	testing::DefineSettings();
 	MarkGUCPrefixReserved("sbpg");
 
 	prev_shmem_request_hook = shmem_request_hook;
@@ -372,6 +387,10 @@ _PG_init(void) {
 	RegisterXactCallback(FramesXactCallback, nullptr);
 	RegisterLauncher();
 }
+
+namespace sbpg::pg {
+
+namespace {
 
 // sbpg._caller(): the role whose code called a SECURITY DEFINER function of sbpg, which every
 // permission check of the configuration functions judges.
@@ -389,7 +408,7 @@ _PG_init(void) {
 //     role whose code runs, and no other is known: refused.
 //   - Otherwise the session's current role (after SET ROLE), not the function's owner.
 Datum
-sbpg_caller(PG_FUNCTION_ARGS) {
+Caller(FunctionCallInfo fcinfo) {
 	Oid sbpg_schema = get_namespace_oid("sbpg", true);
 	const DefinerFrame *f = nullptr;
 	for (int i = nframes - 1; i >= 0 && !f; --i)
@@ -415,7 +434,7 @@ sbpg_caller(PG_FUNCTION_ARGS) {
 
 // Statement trigger on the configuration tables: wake the launcher when the transaction commits.
 Datum
-sbpg_config_changed(PG_FUNCTION_ARGS) {
+ConfigChanged(FunctionCallInfo fcinfo) {
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		ereport(ERROR, (errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 		                errmsg("sbpg._config_changed() must be called as a trigger")));
@@ -423,78 +442,142 @@ sbpg_config_changed(PG_FUNCTION_ARGS) {
 	PG_RETURN_POINTER(nullptr);
 }
 
+// One row of sbpg._worker_stats(), filled by column name: where each column goes is read from the
+// result's TupleDesc (the SQL declaration's OUT parameters), so a column added there cannot shift
+// the others. A name the declaration lacks, or a column left unfilled, is an error, not a shift.
+struct StatsRow {
+	TupleDesc desc;
+	Datum *values;
+	bool *nulls;
+	bool *filled;
+
+	void Set(const char *column, Datum value, bool isnull = false) {
+		int k = Column(column);
+		values[k] = value;
+		nulls[k] = isnull;
+		filled[k] = true;
+	}
+	void SetText(const char *column, const char *text, bool null_if_empty) {
+		Set(column, CStringGetTextDatum(text), null_if_empty && text[0] == '\0');
+	}
+	void SetCount(const char *column, uint64 n) { Set(column, Int64GetDatum(static_cast<int64>(n))); }
+	void SetTime(const char *column, TimestampTz t) { Set(column, TimestampTzGetDatum(t), t == 0); }
+	void SetMs(const char *column, double ms) { Set(column, Float8GetDatum(ms), ms < 0); }
+
+	int Column(const char *column) const {
+		for (int k = 0; k < desc->natts; ++k) {
+			Form_pg_attribute a = TupleDescAttr(desc, k);
+			if (!a->attisdropped && strcmp(NameStr(a->attname), column) == 0)
+				return k;
+		}
+		ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR),
+		                errmsg("sbpg._worker_stats() has no column \"%s\"", column),
+		                errhint("The installed extension's version does not match the library: ALTER EXTENSION sbpg "
+		                        "UPDATE.")));
+		pg_unreachable();
+	}
+	void Start() {
+		for (int k = 0; k < desc->natts; ++k)
+			filled[k] = TupleDescAttr(desc, k)->attisdropped;
+		std::memset(nulls, 0, sizeof(bool) * desc->natts);
+	}
+	void Put(Tuplestorestate *store) {
+		for (int k = 0; k < desc->natts; ++k)
+			if (!filled[k])
+				ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR),
+				                errmsg("sbpg._worker_stats(): the library does not fill column \"%s\"",
+				                       NameStr(TupleDescAttr(desc, k)->attname)),
+				                errhint("The installed extension's version does not match the library: ALTER "
+				                        "EXTENSION sbpg UPDATE.")));
+		tuplestore_putvalues(store, desc, values, nulls);
+	}
+};
+
+// Messages settled per second over the last kRateSeconds.
+double
+MessagesPerSecond(const WorkerSlot *slot, TimestampTz now) {
+	int64 now_s = now / USECS_PER_SEC;
+	uint64 in_window = 0;
+	for (int b = 0; b < kRateSeconds; ++b)
+		if (slot->rate_second[b] > now_s - kRateSeconds && slot->rate_second[b] <= now_s)
+			in_window += slot->rate_count[b];
+	return static_cast<double>(in_window) / kRateSeconds;
+}
+
+void
+FillStatsRow(StatsRow *row, const WorkerSlot *slot, TimestampTz now) {
+	row->SetText("subscription", slot->name, false);
+	row->SetText("state", WorkerStateName(slot->state), false);
+	row->Set("pid", Int32GetDatum(slot->pid), slot->pid == 0);
+	row->SetTime("connected_since", slot->connected_since);
+	row->SetCount("received", slot->received);
+	row->SetCount("applied", slot->applied);
+	row->SetCount("dead_lettered", slot->dead_lettered);
+	row->SetCount("duplicates", slot->duplicates);
+	row->SetCount("abandoned", slot->abandoned);
+	row->SetCount("batches", slot->batches);
+	row->SetCount("settle_failures", slot->settle_failures);
+	row->SetCount("reconnects", slot->reconnects);
+	row->SetText("last_error", slot->last_error.c_str(), true);
+	row->SetTime("last_error_at", slot->last_error_at);
+	row->SetMs("apply_ms_p50", Percentile(slot->apply_ms, slot->apply_count, 0.5));
+	row->SetMs("apply_ms_p99", Percentile(slot->apply_ms, slot->apply_count, 0.99));
+	row->SetMs("lag_ms_p50", Percentile(slot->lag_ms, slot->lag_count, 0.5));
+	row->SetMs("lag_ms_p99", Percentile(slot->lag_ms, slot->lag_count, 0.99));
+	row->Set("messages_per_second", Float8GetDatum(MessagesPerSecond(slot, now)));
+	row->SetTime("token_expires_at", slot->token_expires_at);
+	row->SetTime("last_batch_at", slot->last_batch_at);
+	row->SetCount("tokens_put", slot->tokens_put);
+	row->SetText("token_subject", slot->token_subject, true);
+	row->SetText("token_error", slot->token_error.c_str(), true);
+	row->SetCount("retries", slot->retries);
+	row->SetCount("retried_messages", slot->retried_messages);
+	row->SetCount("max_retries_exceeded", slot->max_retries_exceeded);
+	row->Set("waiting_retry", Int32GetDatum(slot->waiting_retry));
+	row->SetCount("deferred", slot->deferred);
+	row->SetCount("lock_renewals", slot->lock_renewals);
+	row->SetCount("locks_lost", slot->locks_lost);
+}
+
 // sbpg._worker_stats(): one row per subscription slot in use.
 Datum
-sbpg_worker_stats(PG_FUNCTION_ARGS) {
+WorkerStats(FunctionCallInfo fcinfo) {
 	ReturnSetInfo *rsinfo = reinterpret_cast<ReturnSetInfo *>(fcinfo->resultinfo);
 	InitMaterializedSRF(fcinfo, 0);
 	if (!shared)
 		PG_RETURN_VOID();
 	TimestampTz now = GetCurrentTimestamp();
-	int64 now_s = now / USECS_PER_SEC;
+	int natts = rsinfo->setDesc->natts;
+	StatsRow row{rsinfo->setDesc, static_cast<Datum *>(palloc(sizeof(Datum) * natts)),
+	             static_cast<bool *>(palloc(sizeof(bool) * natts)), static_cast<bool *>(palloc(sizeof(bool) * natts))};
 	WorkerSlot *slot = static_cast<WorkerSlot *>(palloc(sizeof(WorkerSlot)));
 	for (int i = 0; i < shared->nslots; ++i) {
 		CopySlot(i, slot);
 		if (!slot->in_use)
 			continue;
-		Datum values[31];
-		bool nulls[31];
-		std::memset(nulls, 0, sizeof nulls);
-		int k = 0;
-		values[k++] = CStringGetTextDatum(slot->name);
-		values[k++] = CStringGetTextDatum(WorkerStateName(slot->state));
-		nulls[k] = slot->pid == 0;
-		values[k++] = Int32GetDatum(slot->pid);
-		nulls[k] = slot->connected_since == 0;
-		values[k++] = TimestampTzGetDatum(slot->connected_since);
-		values[k++] = Int64GetDatum(static_cast<int64>(slot->received));
-		values[k++] = Int64GetDatum(static_cast<int64>(slot->applied));
-		values[k++] = Int64GetDatum(static_cast<int64>(slot->dead_lettered));
-		values[k++] = Int64GetDatum(static_cast<int64>(slot->duplicates));
-		values[k++] = Int64GetDatum(static_cast<int64>(slot->abandoned));
-		values[k++] = Int64GetDatum(static_cast<int64>(slot->batches));
-		values[k++] = Int64GetDatum(static_cast<int64>(slot->settle_failures));
-		values[k++] = Int64GetDatum(static_cast<int64>(slot->reconnects));
-		nulls[k] = slot->last_error[0] == '\0';
-		values[k++] = CStringGetTextDatum(slot->last_error);
-		nulls[k] = slot->last_error_at == 0;
-		values[k++] = TimestampTzGetDatum(slot->last_error_at);
-		double p;
-		p = Percentile(slot->apply_ms, slot->apply_count, 0.5);
-		nulls[k] = p < 0;
-		values[k++] = Float8GetDatum(p);
-		p = Percentile(slot->apply_ms, slot->apply_count, 0.99);
-		nulls[k] = p < 0;
-		values[k++] = Float8GetDatum(p);
-		p = Percentile(slot->lag_ms, slot->lag_count, 0.5);
-		nulls[k] = p < 0;
-		values[k++] = Float8GetDatum(p);
-		p = Percentile(slot->lag_ms, slot->lag_count, 0.99);
-		nulls[k] = p < 0;
-		values[k++] = Float8GetDatum(p);
-		uint64 in_window = 0;
-		for (int b = 0; b < kRateSeconds; ++b)
-			if (slot->rate_second[b] > now_s - kRateSeconds && slot->rate_second[b] <= now_s)
-				in_window += slot->rate_count[b];
-		values[k++] = Float8GetDatum(static_cast<double>(in_window) / kRateSeconds);
-		nulls[k] = slot->token_expires_at == 0;
-		values[k++] = TimestampTzGetDatum(slot->token_expires_at);
-		nulls[k] = slot->last_batch_at == 0;
-		values[k++] = TimestampTzGetDatum(slot->last_batch_at);
-		values[k++] = Int64GetDatum(static_cast<int64>(slot->tokens_put));
-		nulls[k] = slot->token_subject[0] == '\0';
-		values[k++] = CStringGetTextDatum(slot->token_subject);
-		nulls[k] = slot->token_error[0] == '\0';
-		values[k++] = CStringGetTextDatum(slot->token_error);
-		values[k++] = Int64GetDatum(static_cast<int64>(slot->retries));
-		values[k++] = Int64GetDatum(static_cast<int64>(slot->retried_messages));
-		values[k++] = Int64GetDatum(static_cast<int64>(slot->max_retries_exceeded));
-		values[k++] = Int32GetDatum(slot->waiting_retry);
-		values[k++] = Int64GetDatum(static_cast<int64>(slot->deferred));
-		values[k++] = Int64GetDatum(static_cast<int64>(slot->lock_renewals));
-		values[k++] = Int64GetDatum(static_cast<int64>(slot->locks_lost));
-		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+		row.Start();
+		FillStatsRow(&row, slot, now);
+		row.Put(rsinfo->setResult);
 	}
 	pfree(slot);
 	PG_RETURN_VOID();
+}
+
+} // namespace
+
+} // namespace sbpg::pg
+
+Datum
+sbpg_caller(PG_FUNCTION_ARGS) {
+	return SqlEntry("sbpg._caller()", fcinfo, Caller);
+}
+
+Datum
+sbpg_config_changed(PG_FUNCTION_ARGS) {
+	return SqlEntry("sbpg._config_changed()", fcinfo, ConfigChanged);
+}
+
+Datum
+sbpg_worker_stats(PG_FUNCTION_ARGS) {
+	return SqlEntry("sbpg._worker_stats()", fcinfo, WorkerStats);
 }

@@ -9,7 +9,10 @@
 //   destructors (its frames are the ones the longjmp crosses) and must not throw.
 //
 //   C++ -> PostgreSQL: the worker's entry point (worker.cpp) catches every C++ exception and
-//   reports it with ereport only after the C++ frames are gone. SQL-callable functions are plain C.
+//   reports it with ereport only after the C++ frames are gone. Every SQL-callable function runs
+//   its body under SqlEntry (sql_entry.hpp), which does the same.
+//
+//   The error copy, PgError, is in sbpg/pg/pg_error.hpp (plain C++, included before postgres.h).
 #pragma once
 
 #ifndef POSTGRES_H
@@ -22,39 +25,13 @@ extern "C" {
 #include "utils/memutils.h"
 }
 
-#include <cstring>
-
 namespace sbpg::pg {
 
-// A copy of a PostgreSQL error that outlives the error state.
-struct PgError {
-	int sqlerrcode = 0;
-	int elevel = 0;
-	char message[1024] = "";
-	char detail[1024] = "";
-	char hint[256] = "";
-	char context[512] = "";
+struct PgError; // sbpg/pg/pg_error.hpp, which C++ code reading the error includes before postgres.h
 
-	void Set(const ErrorData *e) {
-		sqlerrcode = e->sqlerrcode;
-		elevel = e->elevel;
-		std::strncpy(message, e->message ? e->message : "", sizeof message - 1);
-		std::strncpy(detail, e->detail ? e->detail : "", sizeof detail - 1);
-		std::strncpy(hint, e->hint ? e->hint : "", sizeof hint - 1);
-		std::strncpy(context, e->context ? e->context : "", sizeof context - 1);
-	}
-	const char *SqlState() const { return unpack_sql_state(sqlerrcode); }
-};
-
-// Copies the current error into *err and clears the error state. Call in a PG_CATCH block.
-inline void
-TakeError(MemoryContext safe, PgError *err) {
-	MemoryContextSwitchTo(safe);
-	ErrorData *e = CopyErrorData();
-	FlushErrorState();
-	err->Set(e);
-	FreeErrorData(e);
-}
+// Copies the current error into *err and clears the error state. Call in a PG_CATCH block
+// (guard.cpp).
+void TakeError(MemoryContext safe, PgError *err);
 
 template <typename Fn>
 bool

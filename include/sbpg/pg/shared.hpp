@@ -1,6 +1,6 @@
 // sbpg/pg/shared.hpp
-//   Settings, shared memory and the hand-over between launcher and workers (include after
-//   postgres.h, only from src/pg/).
+//   Settings (GUCs) and the per-process state sbpg's code shares across files (include after
+//   postgres.h, only from src/pg/). Shared memory (worker slots) is in sbpg/pg/slots.hpp.
 #pragma once
 
 #ifndef POSTGRES_H
@@ -22,6 +22,7 @@ extern int guc_max_workers;
 extern int guc_log_messages; // LogMessages
 extern int guc_inbox_retention_s;
 extern int guc_max_json_depth;
+// sbpg.test_fault, defined in test_hooks.cpp: ask testing::Fires() (test_hooks.hpp), never read it.
 extern char *guc_test_fault;
 extern char *guc_ca_file;
 
@@ -32,84 +33,4 @@ extern Oid tenant_role;
 
 enum LogMessages { kLogNone = 0, kLogFailures = 1, kLogAll = 2 };
 
-constexpr int kSamples = 512;   // recent latency samples kept per subscription
-constexpr int kRateSeconds = 60; // throughput window
-constexpr int kNameLen = 64;
-
-enum WorkerState : int {
-	kStateFree = 0,
-	kStateStarting,
-	kStateConnecting,
-	kStateConnected,
-	kStateReconnecting,
-	kStateStopped,
-	kStateFailed,
-	kStatePaused, // the handler cannot run; see last_error
-	kStateWaitingForToken, // no Entra ID token yet (or the last one expired); see token_error
-};
-const char *WorkerStateName(int state);
-
-// Statistics and state of one subscription's worker. Written by its worker, read by sbpg.stats.
-struct WorkerSlot {
-	slock_t mutex;
-	bool in_use;
-	char name[kNameLen];
-	int pid;
-	int state;
-	TimestampTz connected_since;
-	TimestampTz last_error_at;
-	TimestampTz last_batch_at;
-	TimestampTz token_expires_at;
-	uint64 received, applied, dead_lettered, duplicates, abandoned, batches, settle_failures, reconnects;
-	char last_error[256];
-	uint64 tokens_put;       // put-token requests the broker accepted
-	char token_subject[64];  // the Entra ID principal (oid) of the current token
-	char token_error[256];   // why the last token request failed; empty once one succeeds
-	uint64 retries;            // transient failures that scheduled another attempt
-	uint64 retried_messages;   // messages that needed more than one attempt to reach an outcome
-	uint64 max_retries_exceeded; // dead-lettered with MaxRetriesExceeded
-	int32 waiting_retry;       // messages the worker holds for a retry right now
-	uint64 deferred;           // messages set aside on the broker (deferral) for a later retry
-	uint64 lock_renewals;      // message locks renewed
-	uint64 locks_lost;         // renewals refused because the lock was gone
-	float apply_ms[kSamples];
-	uint32 apply_next, apply_count;
-	float lag_ms[kSamples];
-	uint32 lag_next, lag_count;
-	int64 rate_second[kRateSeconds];
-	uint32 rate_count[kRateSeconds];
-};
-
-struct SharedState {
-	LWLock *lock; // slot allocation
-	int launcher_pid;
-	Latch *launcher_latch;
-	char test_fault_fired[kNameLen]; // the last test fault tag that fired (fires once per tag)
-	int nslots;
-	WorkerSlot *slots;
-};
-
-extern SharedState *shared;
-
-// What a worker is started with (in bgw_extra).
-struct WorkerStart {
-	Oid database;
-	Oid user;
-	int slot;
-	char name[kNameLen];
-};
-
-// Sets the launcher's latch (wake it now).
-void WakeLauncher();
-// Reserves the slot for a subscription (launcher); -1 when none is free.
-int AssignSlot(const char *name);
-void FreeSlot(int slot);
-// Takes a consistent copy of a slot.
-void CopySlot(int slot, WorkerSlot *out);
-
 } // namespace sbpg::pg
-
-extern "C" {
-PGDLLEXPORT void sbpg_launcher_main(Datum arg);
-PGDLLEXPORT void sbpg_worker_main(Datum arg);
-}
