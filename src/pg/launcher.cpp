@@ -102,9 +102,15 @@ LoadDesired(Launcher *l, Desired *out, int max) {
 	if (l->ext_present) {
 		l->ext_owner = ext.ObjectId(0, ext.Col("extowner"));
 		// The version covers every setting of the subscription and of its identity, so a change
-		// restarts the worker with the new configuration.
+		// restarts the worker with the new configuration. The handler and run_as count by their
+		// OIDs, not as text: a regprocedure prints as a bare number once its function is dropped,
+		// and a dropped handler must pause the worker, not restart it (which would hand its held
+		// messages back to the broker). updated_at covers whatever alter_subscription changes.
 		// Every name schema-qualified: the launcher's session belongs to a superuser.
-		const char *q = "SELECT s.name, s.enabled, pg_catalog.md5(CAST(ROW(s.*) AS pg_catalog.text) OPERATOR(pg_catalog.||) "
+		const char *q = "SELECT s.name, s.enabled, pg_catalog.md5(CAST(ROW(s.name, s.namespace, s.entity, "
+		                "CAST(s.handler AS pg_catalog.oid), CAST(s.run_as AS pg_catalog.oid), s.identity, s.batch_size, "
+		                "s.prefetch, s.notify_channel, s.enabled, s.options, s.updated_at) AS pg_catalog.text) "
+		                "OPERATOR(pg_catalog.||) "
 		                "coalesce(CAST(ROW(i.*) AS pg_catalog.text), '') OPERATOR(pg_catalog.||) coalesce(k.secret, '')) "
 		                "AS version "
 		                "FROM sbpg.subscriptions s "

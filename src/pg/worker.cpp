@@ -218,6 +218,9 @@ Worker::AfterCommit(const BatchResult &res) {
 		paused_until_ = GetCurrentTimestamp() + 5 * USECS_PER_SEC;
 		Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": " + res.handler_error +
 		                 "; messages are left for later");
+	} else if (g_slot->state == kStatePaused) {
+		// The handler is usable again: the pause is over (last_error keeps why it was).
+		SetState(consumer_->Status().connected ? kStateConnected : kStateReconnecting);
 	}
 }
 

@@ -171,9 +171,7 @@ describe("documented promises", () => {
     assert.deepEqual([e.delivered, e.dead_letter_moves, e.abandoned], [3, 0, 0], "held throughout: delivered once each");
     st = await stats("noexec");
     assert.deepEqual([st.retries, st.retried_messages, st.dead_lettered, st.abandoned].map(Number), [0, 0, 0, 0]);
-    // TODO(bug: state stays "paused" after the pause ends): src/pg/worker.cpp sets kStatePaused
-    // when a batch finds the handler unusable (ProcessBatch, `if (res.handler_unusable)`) and
-    // nothing sets it back when a later batch runs; only a link (re)attach sets "connected".
+    // The pause ends with the first batch that finds the handler usable (Worker::AfterCommit).
     await waitFor(async () => (await stats("noexec")).state === "connected", { timeout: 10000, what: "state connected again" });
   });
 
@@ -206,14 +204,10 @@ describe("documented promises", () => {
     e = await emu.entity("dropped");
     assert.equal(e.dead_letter_moves, 0);
     assert.equal(await applies("dropped"), 2);
-    // TODO(bug: dropping the handler restarts the worker, which gives the held messages back):
-    // the launcher's version of a subscription (src/pg/launcher.cpp, LoadDesired) is an md5 of
-    // CAST(ROW(s.*) AS text), where the regprocedure handler prints as its name and then, once the
-    // function is dropped, as its bare oid; the version changes, the worker is restarted, and the
-    // held messages' locks are released: the broker delivers them again and counts a delivery
-    // against MaxDeliveryCount, where the docs promise the worker "holds the messages, their locks
-    // renewed". dr-2 should have been delivered once before the alter_subscription above, and
-    // once more after it (the restart that alter asks for).
+    // The launcher's version of a subscription counts the handler by its OID (src/pg/launcher.cpp),
+    // so the drop did not restart the worker: the held messages kept their locks. dr-2 was
+    // delivered once before the alter_subscription above and once more after it (the restart that
+    // alter asks for).
     assert.equal(deliveredWhilePaused, 2, "dr-1 and dr-2 delivered once each while paused: held, not given back");
     assert.equal(row.delivery_count, 1, "dr-2 delivered again only by the restart alter_subscription asked for");
   });
