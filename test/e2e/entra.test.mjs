@@ -206,7 +206,7 @@ describe("Entra ID identities over TLS", () => {
     assert.match(log, /"event":"token","subscription":"imds".*subject [0-9a-f-]{36}, audience https:\/\/servicebus.azure.net, expires /);
   });
 
-  it("uses one token per worker, not one per message or connection", async () => {
+  it("uses one token per worker, not one per message (per connection attempt: token-rules.test.mjs)", async () => {
     const before = (await w.svc.stats()).issued.filter((t) => t.kind === "imds").length;
     const ids = await w.send("imds", 200);
     await waitFor(async () => (await w.rowsFor(ids)) === 200, { what: "200 more rows" });

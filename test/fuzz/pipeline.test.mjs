@@ -4,6 +4,13 @@
 // accounted for exactly once (a handler row, or a dead-letter in sbemu's DLQ with the reason its
 // class calls for and a description), nothing may be left on the queue, and no process may have
 // died. SBPG_FUZZ_SEED makes the run repeatable (default: a fixed seed).
+//
+// The schema run: SBPG_FUZZ_SCHEMA_MESSAGES (default 2,000) fuzzed payloads, subjects and version
+// properties against a registered JSON Schema, on a subscription that validates. An oracle written
+// here, independently of sbpg, decides each message's one outcome (applied; InvalidJson;
+// UnknownMessageType; SchemaViolation with the keyword and JSON pointer of a rule the payload
+// breaks), and the run asserts exactly that outcome for every message. The handler cannot fail, so a
+// validator that lets everything through shows as applied messages the oracle refused.
 import { describe, it, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
@@ -167,11 +174,89 @@ function build(k, cls, spec) {
   return { k, cls, msg, expect, older: spec.older, raw, props: spec.props };
 }
 
+// The schema run. The registered schema (draft-04, as RapidJSON validates it):
+const NS = Number(process.env.SBPG_FUZZ_SCHEMA_MESSAGES || 2000);
+const ORDER_SCHEMA = {
+  type: "object",
+  properties: {
+    id: { type: "integer" },
+    amount: { type: "number", minimum: 0, maximum: 1000000 },
+    currency: { enum: ["EUR", "USD"] },
+    code: { type: "string", pattern: "^[A-Z]{3}-[0-9]+$" },
+  },
+  required: ["id", "amount"],
+  additionalProperties: false,
+};
+const SCHEMA_VALUES = [0, 7, -1, 2.5, 1e308, -1e-308, 1234567, 1e6, 1000000.5, "", "EUR", "USD", "eur", "ORD-12", "ord-1", "AB-1",
+  "x".repeat(300), null, true, false, [], {}, [1, [2]], { sku: 1 }];
+const SCHEMA_KEYS = ["id", "amount", "currency", "code", "items", "extra", ""];
+
+// A JSON number's kind as RapidJSON parses it: "integer" only for a literal without fraction or
+// exponent that fits 64 bits; JSON.stringify writes every JavaScript number the way it is sent.
+const isIntegerLiteral = (v) => typeof v === "number" && /^-?\d+$/.test(JSON.stringify(v)) && Math.abs(v) < 2 ** 63;
+
+// The rules of ORDER_SCHEMA a JSON value breaks, each as "keyword pointer"; none when it conforms.
+// additionalProperties is reported at the object or at the extra member, so both are listed.
+function orderViolations(v) {
+  if (v === null || typeof v !== "object" || Array.isArray(v)) return ["type /"];
+  const out = [];
+  for (const k of Object.keys(v))
+    if (!(k in ORDER_SCHEMA.properties)) out.push("additionalProperties /", `additionalProperties /${k}`);
+  if (!("id" in v) || !("amount" in v)) out.push("required /");
+  if ("id" in v && !isIntegerLiteral(v.id)) out.push("type /id");
+  if ("amount" in v) {
+    if (typeof v.amount !== "number") out.push("type /amount");
+    else if (v.amount < 0) out.push("minimum /amount");
+    else if (v.amount > 1000000) out.push("maximum /amount");
+  }
+  if ("currency" in v && !ORDER_SCHEMA.properties.currency.enum.includes(v.currency)) out.push("enum /currency");
+  if ("code" in v) {
+    if (typeof v.code !== "string") out.push("type /code");
+    else if (!/^[A-Z]{3}-[0-9]+$/.test(v.code)) out.push("pattern /code");
+  }
+  return out;
+}
+
+// Message k of the schema run, and the one outcome the documented rules give it (docs/schemas.md):
+// a body that is not JSON under a JSON content type is InvalidJson before anything else; then the
+// type (the subject) and version (the schema_version property, else v= of the content type, else
+// the latest) must be registered, else UnknownMessageType; then the body is validated.
+function schemaMessage(k) {
+  let value;
+  switch (int(6)) {
+    case 0: value = pick(SCHEMA_VALUES); break; // any JSON value
+    case 1: { value = { id: k, amount: 1 }; for (let d = int(40); d > 0; d--) value = { id: k, amount: 1, items: [value] }; break; }
+    case 2: value = { id: k, amount: int(1000), ...(int(2) ? { currency: pick(["EUR", "USD"]) } : {}), ...(int(2) ? { code: `ORD-${k}` } : {}) }; break;
+    default: value = Object.fromEntries(Array.from({ length: int(6) }, () => [pick(SCHEMA_KEYS), pick(SCHEMA_VALUES)]));
+  }
+  let text = JSON.stringify(value);
+  const truncated = int(8) === 0;
+  if (truncated) text = text.slice(0, int(text.length)); // a proper prefix: never JSON (objects and arrays are open)
+  const subject = pick(["orders.created", "orders.created", "orders.created", "orders.created", "orders.created", "orders.unknown", null]);
+  const version = pick([undefined, undefined, undefined, 1, 1, 0, 2]);
+  const contentType = int(6) === 0 ? "application/json; v=2" : JSON_CT;
+  let parsed, json = true;
+  try { parsed = JSON.parse(text); } catch { json = false; }
+  let expect, violations = [];
+  const effective = version > 0 ? version : contentType.endsWith("v=2") ? 2 : 1;
+  if (!json) expect = "InvalidJson";
+  else if (subject !== "orders.created") expect = "UnknownMessageType";
+  else if (effective !== 1) expect = "UnknownMessageType";
+  else {
+    violations = orderViolations(parsed);
+    expect = violations.length ? "SchemaViolation" : "applied";
+  }
+  const props = { fz: k, ...(version === undefined ? {} : { schema_version: version }) };
+  const msg = { messageId: `fzs-${k}`, contentType, body: Buffer.from(text), applicationProperties: props };
+  if (subject) msg.subject = subject;
+  return { k, msg, text, parsed, subject, effective, expect, violations };
+}
+
 describe(`pipeline fuzz: ${N} malformed messages through sbemu and sbpg`, () => {
   let emu, pg, sb;
   before(async () => {
     emu = await startSbemu({
-      config: configWith({ queues: [queue("fz", { MaxDeliveryCount: 100, LockDuration: "PT5M" })] }),
+      config: configWith({ queues: ["fz", "fzs"].map((n) => queue(n, { MaxDeliveryCount: 100, LockDuration: "PT5M" })) }),
       args: ["--max-message-size", String(MAX_MESSAGE), "--log-level", "info"],
     });
     pg = await startCluster({ conf: { "sbpg.log_messages": "'none'" } });
@@ -198,6 +283,13 @@ describe(`pipeline fuzz: ${N} malformed messages through sbemu and sbpg`, () => 
         IF (m.body->>'id')::bigint <> k THEN RAISE EXCEPTION 'fz: id % in message %', m.body->>'id', k USING ERRCODE = '22023'; END IF;
       END $f$;
       GRANT EXECUTE ON FUNCTION fz_handle(sbpg.message) TO fz_app;
+      -- The schema run: no key, so a message applied twice shows as two rows.
+      CREATE TABLE fzs_applied (k int, message_type text, schema_version text, body jsonb);
+      GRANT INSERT ON fzs_applied TO fz_app;
+      CREATE FUNCTION fzs_handle(m sbpg.message) RETURNS void LANGUAGE sql AS $f$
+        INSERT INTO public.fzs_applied VALUES ((m.properties->>'fz')::int, m.message_type, m.schema_version, m.body) $f$;
+      GRANT EXECUTE ON FUNCTION fzs_handle(sbpg.message) TO fz_app;
+      SELECT sbpg.register_schema('orders.created', 1, '${JSON.stringify(ORDER_SCHEMA)}');
       SELECT sbpg.create_identity('emu', 'sas', '{"key_name": "RootManageSharedAccessKey", "key": "SAS_KEY_VALUE"}');
     `);
     sb = new ServiceBusClient(emu.connectionString(), { retryOptions: { maxRetries: 2, timeoutInMs: 60000 } });
@@ -310,5 +402,65 @@ describe(`pipeline fuzz: ${N} malformed messages through sbemu and sbpg`, () => 
     assert.equal(Number(stats.duplicates), 0);
     assert.deepEqual(pg.unexpectedSignals(), []);
     assert.doesNotMatch(pg.serverLog(), /terminated by signal|PANIC|server process .* was terminated/);
+  });
+
+  it(`gives each of ${NS} fuzzed payloads against a registered schema exactly the outcome an independent oracle expects`, async () => {
+    await pg.psql(`SELECT sbpg.create_subscription('fzs', '${emu.amqp}', 'fzs', 'fzs_handle(sbpg.message)', 'fz_app', 'emu',
+      batch_size => 100, options => '{"schemas": "validate"}')`);
+    await waitFor(() => /subscription "fzs": validating against 1 registered schema versions/.test(pg.serverLog()), { what: "the registry loaded" });
+    const pid0 = (await pg.query("SELECT pid FROM sbpg.stats WHERE subscription = 'fzs'")).rows[0].pid;
+    const msgs = Array.from({ length: NS }, (_, k) => schemaMessage(k));
+    const sender = sb.createSender("fzs");
+    for (let i = 0; i < NS; i += 200) await sender.sendMessages(msgs.slice(i, i + 200).map((m) => m.msg));
+    await sender.close();
+    await waitFor(async () => {
+      const e = await emu.entity("fzs");
+      return e.sent === NS && e.messages === 0 && e.completed + e.dead_lettered === NS;
+    }, { timeout: 300000, interval: 250, what: "every schema message settled" });
+
+    const outcome = new Map();
+    const problems = [];
+    for (const r of (await pg.query("SELECT k, message_type, schema_version, body FROM fzs_applied")).rows) {
+      if (outcome.has(r.k)) problems.push(`message ${r.k} applied twice`);
+      outcome.set(r.k, { what: "applied", row: r });
+    }
+    const dead = await emu.ctl("GET", `/entities/${encodeURIComponent("fzs/$DeadLetterQueue")}/messages`, { limit: 10 * NS });
+    for (const d of dead) {
+      const k = d.application_properties?.fz;
+      if (outcome.has(k)) problems.push(`message ${k} accounted twice`);
+      outcome.set(k, { what: d.dead_letter_reason, desc: d.dead_letter_description || "" });
+    }
+    const counts = {};
+    for (const m of msgs) {
+      const o = outcome.get(m.k);
+      const tag = `message ${m.k} (subject ${m.subject}, version ${m.effective}, body ${m.text.slice(0, 80)})`;
+      if (!o) { problems.push(`${tag} lost`); continue; }
+      counts[o.what] = (counts[o.what] || 0) + 1;
+      if (o.what !== m.expect) { problems.push(`${tag}: ${o.what} ${o.desc || ""}, expected ${m.expect} ${m.violations.join("; ")}`); continue; }
+      if (o.what === "applied") {
+        if (o.row.message_type !== "orders.created" || o.row.schema_version !== "1") problems.push(`${tag}: handed on as ${o.row.message_type} v${o.row.schema_version}`);
+        try { assert.deepEqual(o.row.body, m.parsed); } catch { problems.push(`${tag}: the handler got ${JSON.stringify(o.row.body).slice(0, 80)}`); }
+      } else if (o.what === "SchemaViolation") {
+        const d = /^"(\w+)" failed at (\S*?):? .*\(message type "orders\.created" version 1, schema \S+\)$/.exec(o.desc);
+        if (!d || !m.violations.includes(`${d[1]} ${d[2]}`)) problems.push(`${tag}: described as "${o.desc}", which is none of: ${m.violations.join("; ")}`);
+      } else if (o.what === "UnknownMessageType") {
+        const want = m.subject === null ? "the message names no type (no CloudEvents type, no subject)"
+          : m.subject !== "orders.created" ? `no schema is registered for message type "${m.subject}"`
+            : `version ${m.effective} of message type "orders.created" is not registered (the latest is 1)`;
+        if (o.desc !== want) problems.push(`${tag}: described as "${o.desc}", expected "${want}"`);
+      } else if (!o.desc) problems.push(`${tag}: ${o.what} without a description`);
+    }
+    const expected = {};
+    for (const m of msgs) expected[m.expect] = (expected[m.expect] || 0) + 1;
+    console.log(`pipeline fuzz: schema run ${JSON.stringify({ messages: NS, expected, outcomes: counts })}`);
+    assert.deepEqual(problems.slice(0, 30), [], `${problems.length} problems`);
+    for (const r of ["applied", "SchemaViolation", "UnknownMessageType", "InvalidJson"])
+      assert.ok(expected[r] >= 10, `the run exercised ${r} (${expected[r] || 0} messages)`);
+    const stats = (await pg.query("SELECT pid, applied, dead_lettered, duplicates FROM sbpg.stats WHERE subscription = 'fzs'")).rows[0];
+    assert.equal(stats.pid, pid0, "the same worker throughout");
+    assert.equal(Number(stats.applied), expected.applied);
+    assert.equal(Number(stats.dead_lettered), NS - expected.applied);
+    assert.equal(Number(stats.duplicates), 0);
+    assert.deepEqual(pg.unexpectedSignals(), []);
   });
 });

@@ -1,7 +1,7 @@
 -- pgTAP: sbpg's catalog objects and who may use them. Runs in a database of its own, with the
 -- extensions pgtap and sbpg created by test/pg/run.
 BEGIN;
-SELECT plan(44);
+SELECT plan(45);
 
 SELECT has_schema('sbpg');
 SELECT has_role('sbpg_admin');
@@ -31,9 +31,17 @@ SELECT columns_are('sbpg', 'inbox', ARRAY['subscription', 'sequence_number', 'me
 SELECT col_type_is('sbpg', 'inbox', 'xid', 'xid8', 'sbpg.inbox.xid is xid8');
 SELECT has_index('sbpg', 'inbox', 'inbox_by_sequence', ARRAY['subscription', 'sequence_number']);
 SELECT index_is_unique('sbpg', 'inbox', 'inbox_by_sequence');
-SELECT has_column('sbpg', 'stats', 'apply_ms_p99', 'stats show apply latency');
-SELECT has_column('sbpg', 'stats', 'lag_ms_p99', 'stats show end-to-end lag');
-SELECT has_column('sbpg', 'stats', 'token_expires_at', 'stats show the token expiry, never the token');
+-- The shape of sbpg.stats. The figures themselves (latencies, lag, the token's expiry) are checked
+-- with a running worker: test/e2e/core.test.mjs and test/e2e/entra.test.mjs.
+SELECT columns_are('sbpg', 'stats', ARRAY['subscription', 'enabled', 'state', 'pid', 'connected_since', 'received', 'applied',
+    'dead_lettered', 'duplicates', 'abandoned', 'batches', 'settle_failures', 'reconnects', 'last_error', 'last_error_at',
+    'apply_ms_p50', 'apply_ms_p99', 'lag_ms_p50', 'lag_ms_p99', 'messages_per_second', 'token_expires_at', 'tokens_put',
+    'token_subject', 'token_error', 'last_batch_at', 'retries', 'retried_messages', 'max_retries_exceeded', 'waiting_retry',
+    'deferred', 'lock_renewals', 'locks_lost'],
+    'sbpg.stats has exactly these columns: of the token only its expiry, principal, error and how many were put, never the token');
+SELECT col_type_is('sbpg', 'stats', 'apply_ms_p99', 'double precision', 'sbpg.stats.apply_ms_p99 (apply latency, ms) is double precision');
+SELECT col_type_is('sbpg', 'stats', 'lag_ms_p99', 'double precision', 'sbpg.stats.lag_ms_p99 (end-to-end lag, ms) is double precision');
+SELECT col_type_is('sbpg', 'stats', 'token_expires_at', 'timestamp with time zone', 'sbpg.stats.token_expires_at is a point in time');
 
 SELECT function_returns('sbpg', 'create_identity', ARRAY['text', 'text', 'jsonb'], 'void');
 SELECT function_returns('sbpg', 'create_subscription',

@@ -1,6 +1,6 @@
 -- pgTAP: declarative mappings: what create_mapping accepts and refuses, and who may.
 BEGIN;
-SELECT plan(12);
+SELECT plan(14);
 
 CREATE ROLE tap_mapp NOLOGIN;
 CREATE ROLE tap_madmin NOLOGIN IN ROLE sbpg_admin;
@@ -16,7 +16,9 @@ SELECT sbpg.create_subscription('m-sub', 'amqp://127.0.0.1:5672', 'q', 'tap_mhan
 
 SELECT lives_ok($$SELECT sbpg.create_mapping('m-sub', 'cust.upserted', 'tap_cust', 'upsert', ARRAY['id'], '{"name": "full_name"}')$$, 'an upsert mapping on the primary key');
 SELECT is((SELECT action FROM sbpg.mappings WHERE message_type = 'cust.upserted'), 'upsert', 'it is listed');
-SELECT lives_ok($$SELECT sbpg.create_mapping('m-sub', 'cust.upserted', 'tap_cust', 'insert')$$, 'creating it again replaces it');
+SELECT lives_ok($$SELECT sbpg.create_mapping('m-sub', 'cust.upserted', 'tap_cust', 'insert')$$, 'creating it again is accepted');
+SELECT results_eq($$SELECT target::text, action, key_columns, column_map FROM sbpg.mappings WHERE subscription = 'm-sub'$$,
+    $$VALUES ('tap_cust', 'insert', NULL::text[], '{}'::jsonb)$$, 'creating it again replaces it: one mapping, the new one');
 SELECT throws_ok($$SELECT sbpg.create_mapping('m-sub', 'x.y', 'tap_nokey', 'upsert', ARRAY['id'])$$, '42P17',
     'no unique index of public.tap_nokey covers exactly id', 'an upsert needs a unique index on its keys');
 SELECT throws_ok($$SELECT sbpg.create_mapping('m-sub', 'x.y', 'tap_cust', 'delete')$$, '22023', 'mapping action delete needs key_columns', 'delete needs keys');
@@ -28,9 +30,10 @@ REVOKE DELETE ON tap_cust FROM tap_mapp;
 SELECT throws_ok($$SELECT sbpg.create_mapping('m-sub', 'x.y', 'tap_cust', 'delete', ARRAY['id'])$$, '42501',
     'run_as role tap_mapp may not DELETE on public.tap_cust', 'run_as needs the privileges the action uses');
 SET ROLE tap_mother;
-SELECT throws_ok($$SELECT sbpg.create_mapping('m-sub', 'x.y', 'tap_cust')$$, '42501', NULL, 'an admin who is not a member of run_as may not');
+SELECT throws_ok($$SELECT sbpg.create_mapping('m-sub', 'x.y', 'tap_cust')$$, '42501', 'permission denied to create mapping', 'an admin who is not a member of run_as may not');
 RESET ROLE;
 SELECT lives_ok($$SELECT sbpg.drop_mapping('m-sub', 'cust.upserted')$$, 'drop_mapping');
+SELECT is((SELECT count(*)::int FROM sbpg.mappings WHERE subscription = 'm-sub'), 0, 'drop_mapping removes the mapping');
 
 SELECT * FROM finish();
 ROLLBACK;

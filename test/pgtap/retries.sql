@@ -1,7 +1,7 @@
 -- pgTAP: the retry policy's settings (subscription options), the retries table, and who sees it.
 -- Runs in the database test/pg/run prepares (extensions pgtap and sbpg); everything is rolled back.
 BEGIN;
-SELECT plan(26);
+SELECT plan(28);
 
 CREATE ROLE tap_rapp NOLOGIN;
 CREATE ROLE tap_rmon NOLOGIN IN ROLE sbpg_monitor;
@@ -14,17 +14,24 @@ SELECT columns_are('sbpg', 'retries', ARRAY['subscription', 'sequence_number', '
     'first_failed_at', 'last_failed_at', 'next_attempt_at', 'last_error', 'deferred']);
 SELECT index_is_unique('sbpg', 'retries', 'retries_by_sequence');
 SELECT col_default_is('sbpg', 'inbox', 'attempts', '1', 'an inbox row counts one attempt unless told otherwise');
-SELECT has_column('sbpg', 'stats', 'retries', 'stats count retries');
-SELECT has_column('sbpg', 'stats', 'max_retries_exceeded', 'stats count messages that ran out of retries');
-SELECT has_column('sbpg', 'stats', 'lock_renewals', 'stats count lock renewals');
-SELECT has_column('sbpg', 'stats', 'waiting_retry', 'stats show messages held for a retry');
+-- The retry figures of sbpg.stats; a worker counts them in test/e2e/retries.test.mjs and
+-- test/e2e/faults.test.mjs.
+SELECT col_type_is('sbpg', 'stats', 'retries', 'bigint', 'sbpg.stats.retries (retries made) is a bigint counter');
+SELECT col_type_is('sbpg', 'stats', 'max_retries_exceeded', 'bigint', 'sbpg.stats.max_retries_exceeded is a bigint counter');
+SELECT col_type_is('sbpg', 'stats', 'lock_renewals', 'bigint', 'sbpg.stats.lock_renewals is a bigint counter');
+SELECT col_type_is('sbpg', 'stats', 'waiting_retry', 'integer', 'sbpg.stats.waiting_retry (messages held now) is an integer');
 
 -- Every option, in range.
 SELECT lives_ok($$SELECT sbpg.create_subscription('r-ok', 'amqp://127.0.0.1:5672', 'q', 'tap_rhandler(sbpg.message)', 'tap_rapp',
     enabled => false, options => '{"max_retries": 3, "retry_base_ms": 200, "retry_cap_ms": 5000, "retry_hold_ms": 1000, "max_lock_renewal_s": 60}')$$,
     'all retry options in range are accepted');
 SELECT is((SELECT options ->> 'max_retries' FROM sbpg.subscriptions WHERE name = 'r-ok'), '3', 'options are stored as given');
-SELECT lives_ok($$SELECT sbpg.alter_subscription('r-ok', options => '{"max_retries": 0}')$$, 'max_retries 0: dead-letter on the first transient failure');
+SELECT results_eq($$SELECT state, retries, max_retries_exceeded, lock_renewals, waiting_retry FROM sbpg.stats WHERE subscription = 'r-ok'$$,
+    $$VALUES ('unserved', NULL::bigint, NULL::bigint, NULL::bigint, NULL::integer)$$,
+    'a subscription no worker serves (not this database) is listed with no retry figures: NULL, not zero');
+SELECT lives_ok($$SELECT sbpg.alter_subscription('r-ok', options => '{"max_retries": 0}')$$, 'max_retries 0 is accepted');
+SELECT is((SELECT options ->> 'max_retries' FROM sbpg.subscriptions WHERE name = 'r-ok'), '0',
+    'max_retries 0 is stored (the worker then dead-letters on the first transient failure)');
 
 -- Out of range, wrong type, unknown: refused with the option named.
 SELECT throws_ok($$SELECT sbpg.alter_subscription('r-ok', options => '{"max_retries": -1}')$$, '22023',
@@ -57,7 +64,7 @@ SET ROLE tap_rmon;
 SELECT is((SELECT attempts FROM sbpg.retries WHERE subscription = 'r-ok'), 2, 'sbpg_monitor reads sbpg.retries');
 RESET ROLE;
 SET ROLE tap_rnobody;
-SELECT throws_ok($$SELECT * FROM sbpg.retries$$, '42501', NULL, 'others cannot read sbpg.retries');
+SELECT throws_ok($$SELECT * FROM sbpg.retries$$, '42501', 'permission denied for table retries', 'others cannot read sbpg.retries');
 RESET ROLE;
 
 -- Dropping the subscription removes its retries with its inbox.

@@ -2,7 +2,7 @@
 -- of docs/schemas.md accepted and refused, schemas refused for what RapidJSON would ignore, and
 -- who may register. Runs in the database test/pg/run prepares; everything is rolled back.
 BEGIN;
-SELECT plan(54);
+SELECT plan(56);
 
 CREATE ROLE tap_sadmin NOLOGIN IN ROLE sbpg_admin;
 CREATE ROLE tap_snobody NOLOGIN;
@@ -96,7 +96,8 @@ SELECT is(tap_try('full', '{"type": "string", "pattern": "^[a-z]+$"}', '{"type":
 SELECT is(tap_try('none', '{"type": "string"}', '{"type": "object", "required": ["x"]}'), 'ok', 'mode none accepts any change');
 
 -- An upcast comes with the version it leads into, or later with set_upcast, by the type's owner.
-SELECT lives_ok($$SELECT sbpg.set_upcast('orders.created', 2, NULL)$$, 'set_upcast removes an upcast');
+SELECT lives_ok($$SELECT sbpg.set_upcast('orders.created', 2, NULL)$$, 'set_upcast with NULL is accepted');
+SELECT is((SELECT upcast FROM sbpg.schemas WHERE message_type = 'orders.created' AND version = 2), NULL, 'set_upcast removes an upcast');
 SELECT is((SELECT chain_gap FROM sbpg.schema_catalog WHERE message_type = 'orders.created' AND version = 2), true,
     'a step without an upcast shows as a gap in the catalog');
 SELECT lives_ok($$SELECT sbpg.set_upcast('orders.created', 2, 'tap_upcast(jsonb)')$$, 'and attaches one to a registered version');
@@ -111,10 +112,11 @@ SELECT is((SELECT upcast::text FROM sbpg.schemas WHERE message_type = 'orders.cr
     'the upcast stays');
 
 -- Changing the mode, and who may register.
-SELECT lives_ok($$SELECT sbpg.set_compatibility('orders.created', 'full')$$, 'set_compatibility');
+SELECT lives_ok($$SELECT sbpg.set_compatibility('orders.created', 'full')$$, 'set_compatibility is accepted');
+SELECT is((SELECT compatibility FROM sbpg.message_types WHERE name = 'orders.created'), 'full', 'set_compatibility changes the mode');
 SELECT throws_ok($$SELECT sbpg.set_compatibility('no.such.type', 'full')$$, '42704', 'message type ''no.such.type'' has no registered schema', 'set_compatibility of an unknown type');
 SET ROLE tap_snobody;
-SELECT throws_ok($$SELECT sbpg.register_schema('x.y', 1, '{}')$$, '42501', NULL, 'a role without sbpg_admin cannot register');
+SELECT throws_ok($$SELECT sbpg.register_schema('x.y', 1, '{}')$$, '42501', 'permission denied for function register_schema', 'a role without sbpg_admin cannot register');
 RESET ROLE;
 
 SELECT * FROM finish();

@@ -2,7 +2,7 @@
 -- owners of message types, statistics by visibility, the handler time limit, configuration
 -- functions refused where the calling role cannot be told, and what pg_dump keeps.
 BEGIN;
-SELECT plan(35);
+SELECT plan(40);
 
 CREATE ROLE tap_alice NOLOGIN IN ROLE sbpg_admin;
 CREATE ROLE tap_bob NOLOGIN IN ROLE sbpg_admin;
@@ -22,17 +22,21 @@ SELECT throws_ok($$SELECT sbpg.create_subscription('s-plain', 'amqp://contoso.se
     '42501', 'identity "tap-mi" sends Entra ID tokens only to Service Bus namespaces over TLS, not to amqp://contoso.servicebus.windows.net',
     'no token over plain AMQP, even to a Service Bus host name');
 SELECT throws_ok($$SELECT sbpg.create_subscription('s-plain', 'amqp://contoso.servicebus.windows.net:5671', 'q', 'tap_sh(sbpg.message)', 'tap_alice_w', 'tap-mi')$$,
-    '42501', NULL, 'nor with the TLS port written on a plain URL');
+    '42501', 'identity "tap-mi" sends Entra ID tokens only to Service Bus namespaces over TLS, not to amqp://contoso.servicebus.windows.net:5671', 'nor with the TLS port written on a plain URL');
 SELECT throws_ok($$SELECT sbpg.create_subscription('s-plain', 'amqps://evil.example', 'q', 'tap_sh(sbpg.message)', 'tap_alice_w', 'tap-mi')$$,
-    '42501', NULL, 'nor to another TLS broker that is not listed');
+    '42501', 'identity "tap-mi" sends Entra ID tokens only to Service Bus namespaces over TLS, not to amqps://evil.example', 'nor to another TLS broker that is not listed');
 SELECT lives_ok($$SELECT sbpg.create_subscription('s-bare', 'contoso.servicebus.windows.net', 'q', 'tap_sh(sbpg.message)', 'tap_alice_w', 'tap-mi', enabled => false)$$,
     'a namespace host name means TLS');
 SELECT lives_ok($$SELECT sbpg.create_subscription('s-amqps', 'amqps://contoso.servicebus.windows.net', 'q', 'tap_sh(sbpg.message)', 'tap_alice_w', 'tap-mi', enabled => false)$$,
     'amqps:// to a namespace');
 SELECT lives_ok($$SELECT sbpg.create_subscription('s-listed', 'amqp://127.0.0.1:5672', 'q', 'tap_sh(sbpg.message)', 'tap_alice_w', 'tap-mi', enabled => false)$$,
     'a plain broker the identity lists exactly (a local emulator)');
+SELECT results_eq($$SELECT name, namespace FROM sbpg.subscriptions WHERE name IN ('s-bare', 's-amqps', 's-listed') ORDER BY name$$,
+    $$VALUES ('s-amqps', 'amqps://contoso.servicebus.windows.net'), ('s-bare', 'contoso.servicebus.windows.net'), ('s-listed', 'amqp://127.0.0.1:5672')$$,
+    'the accepted subscriptions are stored with their namespaces; the refused ones are not');
 SELECT throws_ok($$SELECT sbpg.alter_subscription('s-bare', namespace => 'amqp://contoso.servicebus.windows.net')$$,
-    '42501', NULL, 'alter_subscription checks the same rule');
+    '42501', 'identity "tap-mi" sends Entra ID tokens only to Service Bus namespaces over TLS, not to amqp://contoso.servicebus.windows.net', 'alter_subscription checks the same rule');
+SELECT is((SELECT namespace FROM sbpg.subscriptions WHERE name = 's-bare'), 'contoso.servicebus.windows.net', 'and leaves the namespace as it was');
 
 -- Code that messages drive never manages sbpg.
 SELECT throws_ok($$SELECT sbpg.create_subscription('s-admin', 'amqp://127.0.0.1:5672', 'q', 'tap_sh(sbpg.message)', 'sbpg_admin')$$,
@@ -42,12 +46,15 @@ SELECT throws_ok($$SELECT sbpg.create_subscription('s-admin', 'amqp://127.0.0.1:
 
 -- The handler time limit: 100 ms to an hour, never past the lock renewal limit.
 SELECT lives_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"handler_timeout_ms": 5000}')$$, 'handler_timeout_ms is an option');
+SELECT is((SELECT options ->> 'handler_timeout_ms' FROM sbpg.subscriptions WHERE name = 's-listed'), '5000', 'and is stored');
 SELECT throws_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"handler_timeout_ms": 50}')$$,
     '22023', 'subscription option "handler_timeout_ms" must be an integer from 100 to 3600000', 'not below 100 ms');
 SELECT throws_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"handler_timeout_ms": 400000}')$$,
     '22023', 'handler_timeout_ms must not exceed max_lock_renewal_s', 'not past the lock renewal limit (300 s by default)');
 SELECT lives_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"handler_timeout_ms": 400000, "max_lock_renewal_s": 600}')$$,
     'unless the locks are renewed for longer');
+SELECT is((SELECT options FROM sbpg.subscriptions WHERE name = 's-listed'), '{"handler_timeout_ms": 400000, "max_lock_renewal_s": 600}'::jsonb,
+    'both are stored together');
 
 -- Message types belong to whoever registers them first.
 SET ROLE tap_alice;
@@ -72,18 +79,20 @@ SET ROLE tap_alice_team;
 SELECT lives_ok($$SELECT sbpg.set_compatibility('tap.orders', 'full')$$, 'a member of the owner role may');
 RESET ROLE;
 SELECT lives_ok($$SELECT sbpg.register_schema('tap.orders', 2, '{"type": "object"}')$$, 'and so may a superuser');
+SELECT results_eq($$SELECT name, owner::text FROM sbpg.message_types WHERE name LIKE 'tap.%' ORDER BY name$$,
+    $$VALUES ('tap.invoices', 'tap_bob'), ('tap.orders', 'tap_alice')$$, 'bob owns his type; the superuser''s version leaves tap.orders alice''s');
 SELECT is((SELECT compatibility FROM sbpg.message_types WHERE name = 'tap.orders'), 'full', 'the change by the member stands');
 
 -- Statistics by visibility: sbpg_admin members see their own subscriptions; sbpg_monitor sees all;
 -- the raw slots are superusers'.
 SET ROLE tap_bob;
-SELECT throws_ok($$SELECT * FROM sbpg._worker_stats()$$, '42501', NULL, 'sbpg_admin may not read the raw worker slots');
+SELECT throws_ok($$SELECT * FROM sbpg._worker_stats()$$, '42501', 'permission denied for function _worker_stats', 'sbpg_admin may not read the raw worker slots');
 SELECT is((SELECT array_agg(subscription ORDER BY subscription) FROM sbpg.stats), ARRAY['s-bob'],
     'an admin sees the subscriptions whose run_as they belong to');
 RESET ROLE;
 SET ROLE tap_watch;
 SELECT is((SELECT count(*)::int FROM sbpg.stats), (SELECT count(*)::int FROM sbpg.subscriptions), 'sbpg_monitor sees every subscription');
-SELECT throws_ok($$SELECT * FROM sbpg._worker_stats()$$, '42501', NULL, 'nor may sbpg_monitor');
+SELECT throws_ok($$SELECT * FROM sbpg._worker_stats()$$, '42501', 'permission denied for function _worker_stats', 'nor may sbpg_monitor');
 RESET ROLE;
 SELECT is((SELECT count(*)::int FROM sbpg.stats), (SELECT count(*)::int FROM sbpg.subscriptions), 'a superuser sees every subscription');
 

@@ -13,6 +13,7 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <fstream>
+#include <future>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -1002,7 +1003,23 @@ TEST("TokenSource::Abort ends a token request that hangs") {
 	TokenSource ts(MakeTokenProvider(c, Env({}), &why), nullptr);
 	ts.Start();
 	REQUIRE(Eventually([&] { return srv.Requests().size() == 1; }));
-	ts.Abort(); // returns: the request gave up
+	// Abort must end the request long before its 600 s timeout. It runs on a thread so that an Abort
+	// that does not return fails the suite with a message instead of hanging it: after a generous 30 s
+	// the program reports the failure and exits (the stuck thread and `ts` cannot be unwound safely).
+	std::promise<void> returned;
+	std::future<void> done = returned.get_future();
+	std::thread aborter([&] {
+		ts.Abort();
+		returned.set_value();
+	});
+	if (done.wait_for(std::chrono::seconds(30)) != std::future_status::ready) {
+		std::printf("not ok - TokenSource::Abort ends a token request that hangs: Abort() did not return within 30 s "
+		            "(the request blocked in the provider was not ended); the test program stops here\n");
+		std::printf("# fail 1\n");
+		std::fflush(stdout);
+		std::_Exit(1);
+	}
+	aborter.join();
 	CHECK(!ts.GetStatus().has_token);
 }
 
