@@ -188,9 +188,8 @@ describe("token rules (docs/security.md, Tokens)", () => {
     await pg.psql("SELECT sbpg.disable_subscription('quarter')");
   });
 
-  // TODO(issue 11): needs an sbemu fault that takes put-tokens and never answers them
-  // (POST /faults/hold-tokens?count=N; see the issue 11 report). Until test/sbemu has it, this test
-  // fails at the fault request.
+  // The emulator takes the renewal's put-token and never answers it (fault hold-tokens); the
+  // connection's request timeout (60 s) ends it, and the worker connects again with its token.
   it("drops a connection whose put-token goes unanswered for 60 s, and reconnects", async () => {
     await svc.config({ lifetime: 3600, refresh_in: 5 }); // renewed after 5 s; the token itself stays valid
     await subscribe("unanswered");

@@ -15,6 +15,7 @@
 //     POST /faults/server-busy?count=N     next N entity attaches answered com.microsoft:server-busy
 //     POST /faults/expire-locks            every message and session lock expires now
 //     POST /faults/reject-tokens?count=N   next N put-token requests refused
+//     POST /faults/hold-tokens?count=N    next N put-token requests taken and never answered
 //     POST /faults/delay-dispositions?ms=N settlements take effect (and are answered) N ms late
 //     POST /faults/omit-sequence-numbers?entity=PATH
 //                                          that entity's deliveries carry no x-opt-sequence-number
@@ -571,6 +572,8 @@ ControlServer::Handle(const std::string &method, const std::string &path, const 
 				srv.broker().ExpireAllLocks(NowMs());
 			else if (fault == "reject-tokens")
 				f.reject_tokens = static_cast<int>(IntParam(q, "count", 1, 0, INT32_MAX));
+			else if (fault == "hold-tokens")
+				f.hold_tokens = static_cast<int>(IntParam(q, "count", 1, 0, INT32_MAX));
 			else if (fault == "delay-dispositions")
 				f.delay_dispositions_ms = IntParam(q, "ms", 0, 0, kMaxFaultMs);
 			else if (fault == "omit-sequence-numbers") {

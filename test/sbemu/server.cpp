@@ -1376,6 +1376,12 @@ Server::HandleCbs(Conn &c, LinkCtx &l, const std::string &msg) {
 	};
 	if (op != "put-token")
 		return reply(400, "The $cbs node supports only the put-token operation.");
+	if (faults_.hold_tokens > 0) {
+		--faults_.hold_tokens;
+		LOG_INFO("connection %llu: put-token for '%s' held, never answered (fault injected by sbemu)",
+		         (unsigned long long)c.id, name.c_str());
+		return;
+	}
 	std::string token = req.body.ToText();
 	int64_t n = NowMs();
 	TokenGrant g;
@@ -1781,6 +1787,7 @@ void
 Server::ClearFaults() {
 	faults_.server_busy_attaches = 0;
 	faults_.reject_tokens = 0;
+	faults_.hold_tokens = 0;
 	faults_.delay_dispositions_ms = 0;
 	faults_.omit_sequence_numbers.clear();
 	if (faults_.refuse_until_ms)
@@ -1855,11 +1862,11 @@ Server::StatsJson() {
 	std::snprintf(buf, sizeof buf,
 	              "{\"uptime_ms\":%lld,\"connections\":%zu,\"connections_total\":%llu,\"put_tokens_accepted\":%llu,"
 	              "\"put_tokens_refused\":%llu,\"sasl_failures\":%llu,\"listening\":%s,\"faults\":{\"server_busy_attaches\":%d,"
-	              "\"reject_tokens\":%d,\"delay_dispositions_ms\":%lld,\"refusing_connections\":%s",
+	              "\"reject_tokens\":%d,\"hold_tokens\":%d,\"delay_dispositions_ms\":%lld,\"refusing_connections\":%s",
 	              (long long)(NowMs() - started_ms_), conns_.size(), (unsigned long long)total_connections_,
 	              (unsigned long long)put_tokens_ok_, (unsigned long long)put_tokens_refused_,
 	              (unsigned long long)sasl_failures_, listening ? "true" : "false", faults_.server_busy_attaches,
-	              faults_.reject_tokens, (long long)faults_.delay_dispositions_ms, refusing ? "true" : "false");
+	              faults_.reject_tokens, faults_.hold_tokens, (long long)faults_.delay_dispositions_ms, refusing ? "true" : "false");
 	std::string out = buf;
 	out += ",\"omit_sequence_numbers\":[";
 	const char *sep = "";

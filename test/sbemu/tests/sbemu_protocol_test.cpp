@@ -386,6 +386,26 @@ TEST("tokens: a bad token is answered 401 and an unknown entity 404") {
 	CHECK(st == std::vector<int>({401, 404, 401}));
 }
 
+TEST("faults: hold-tokens takes the next put-token and never answers it; the one after is answered") {
+	Sbemu emu({"--queue", "q"});
+	CHECK(emu.Post("/faults/hold-tokens?count=1").find("\"hold_tokens\":1") != std::string::npos);
+	Script s;
+	std::vector<std::string> answered;
+	proton::connection conn;
+	s.start = [&](proton::container &c) { c.connect(emu.url(), Anonymous()); };
+	s.connection_open = [&](proton::connection &c) {
+		conn = c;
+		s.PutToken(c, Audience(emu, "q"), "held", "jwt", [&](int x) { answered.push_back("first " + std::to_string(x)); });
+		s.PutToken(c, Audience(emu, "q"), "not a jwt", "jwt", [&](int x) {
+			answered.push_back("second " + std::to_string(x));
+			s.Finish(conn);
+		});
+	};
+	Run(s);
+	CHECK(answered == std::vector<std::string>({"second 401"}));
+	CHECK(emu.Get("/stats").find("\"hold_tokens\":0") != std::string::npos);
+}
+
 TEST("sasl: PLAIN with a shared access key authorizes the connection; a wrong key is refused") {
 	Sbemu emu({"--queue", "q"});
 	Script s;
