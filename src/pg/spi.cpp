@@ -1,0 +1,175 @@
+// src/pg/spi.cpp
+//   The SPI toolkit (sbpg/pg/spi.hpp): the short-transaction bracket, the plan cache, statement
+//   execution with one handling of SPI result codes, and results read by column name.
+//
+//   Invariants: the bracket opens in one order (StartTransactionCommand, SPI_connect,
+//   PushActiveSnapshot) and closes in its exact reverse; a plan is in the cache only once it was
+//   prepared and kept, so a failed Prepare leaves no trace; runs inside PgGuard and owns no C++
+//   objects with destructors.
+extern "C" {
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "access/xlog.h"
+#include "catalog/pg_type.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+}
+
+#include "sbpg/pg/spi.hpp"
+
+namespace sbpg::pg::spi {
+
+namespace {
+
+// The process's kept plans, one per PlanSpec. File-scope because a kept plan belongs to the
+// process (SPI_keepplan: it outlives every transaction) and is shared by all of its batches.
+constexpr int kMaxKeptPlans = 32;
+struct KeptPlan {
+	const PlanSpec *spec;
+	SPIPlanPtr plan;
+};
+KeptPlan kept_plans[kMaxKeptPlans];
+int nkept_plans = 0;
+
+SPIPlanPtr
+PlanFor(const PlanSpec &spec) {
+	for (int i = 0; i < nkept_plans; ++i)
+		if (kept_plans[i].spec == &spec)
+			return kept_plans[i].plan;
+	if (nkept_plans == kMaxKeptPlans)
+		elog(ERROR, "sbpg: more than %d kept plans", kMaxKeptPlans);
+	SPIPlanPtr p = SPI_prepare_cursor(spec.sql, spec.nargs, const_cast<Oid *>(spec.types),
+	                                  spec.custom_plan ? CURSOR_OPT_CUSTOM_PLAN : 0);
+	if (!p)
+		elog(ERROR, "sbpg: cannot prepare the statement to %s: %s", spec.what, SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(p) != 0)
+		elog(ERROR, "sbpg: cannot keep the plan of the statement to %s", spec.what);
+	kept_plans[nkept_plans++] = KeptPlan{&spec, p};
+	return p;
+}
+
+SpiResult
+Checked(int rc, int expect, const char *what) {
+	if (rc != expect)
+		elog(ERROR, "sbpg: cannot %s: %s", what, SPI_result_code_string(rc));
+	return SpiResult{SPI_tuptable, SPI_processed};
+}
+
+} // namespace
+
+void
+BeginShort() {
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "sbpg: cannot connect to SPI");
+	PushActiveSnapshot(GetTransactionSnapshot());
+}
+
+void
+EndShort(Commit how) {
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+	// Settle only what is durable: flush the commit record whatever synchronous_commit says.
+	if (how == Commit::kFlushed)
+		XLogFlush(XactLastCommitEnd);
+}
+
+int
+SpiResult::Col(const char *name) const {
+	int col = table ? SPI_fnumber(table->tupdesc, name) : SPI_ERROR_NOATTRIBUTE;
+	if (col <= 0)
+		elog(ERROR, "sbpg: a result without the column \"%s\"", name);
+	return col;
+}
+
+Datum
+SpiResult::Value(uint64 row, int col, bool *isnull) const {
+	return SPI_getbinval(table->vals[row], table->tupdesc, col, isnull);
+}
+
+bool
+SpiResult::IsNull(uint64 row, int col) const {
+	bool isnull;
+	(void)Value(row, col, &isnull);
+	return isnull;
+}
+
+int32
+SpiResult::Int32(uint64 row, int col, int32 if_null) const {
+	bool isnull;
+	Datum d = Value(row, col, &isnull);
+	return isnull ? if_null : DatumGetInt32(d);
+}
+
+int64
+SpiResult::Int64(uint64 row, int col, int64 if_null) const {
+	bool isnull;
+	Datum d = Value(row, col, &isnull);
+	return isnull ? if_null : DatumGetInt64(d);
+}
+
+bool
+SpiResult::Bool(uint64 row, int col, bool if_null) const {
+	bool isnull;
+	Datum d = Value(row, col, &isnull);
+	return isnull ? if_null : DatumGetBool(d);
+}
+
+Oid
+SpiResult::ObjectId(uint64 row, int col) const {
+	bool isnull;
+	Datum d = Value(row, col, &isnull);
+	return isnull ? InvalidOid : DatumGetObjectId(d);
+}
+
+TimestampTz
+SpiResult::Timestamp(uint64 row, int col, TimestampTz if_null) const {
+	bool isnull;
+	Datum d = Value(row, col, &isnull);
+	return isnull ? if_null : DatumGetTimestampTz(d);
+}
+
+char *
+SpiResult::Text(uint64 row, int col, MemoryContext cxt) const {
+	char *v = SPI_getvalue(table->vals[row], table->tupdesc, col);
+	return v && cxt ? MemoryContextStrdup(cxt, v) : v;
+}
+
+SpiResult
+Exec(const PlanSpec &spec, const Datum *args, const char *nulls, int expect, long limit) {
+	SPIPlanPtr plan = PlanFor(spec);
+	int rc = SPI_execute_plan(plan, const_cast<Datum *>(args), nulls, expect == SPI_OK_SELECT, limit);
+	return Checked(rc, expect, spec.what);
+}
+
+SpiResult
+ExecSql(const char *what, const char *sql, int nargs, const Oid *types, const Datum *args, const char *nulls, int expect,
+        long limit) {
+	int rc = nargs == 0 ? SPI_execute(sql, expect == SPI_OK_SELECT, limit)
+	                    : SPI_execute_with_args(sql, nargs, const_cast<Oid *>(types), const_cast<Datum *>(args), nulls,
+	                                            expect == SPI_OK_SELECT, limit);
+	return Checked(rc, expect, what);
+}
+
+Datum
+Int8ArrayDatum(const int64 *v, int n) {
+	Datum *d = static_cast<Datum *>(palloc(sizeof(Datum) * (n > 0 ? n : 1)));
+	for (int i = 0; i < n; ++i)
+		d[i] = Int64GetDatum(v[i]);
+	return PointerGetDatum(construct_array(d, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+}
+
+Datum
+TextArrayDatum(const char *const *v, int n) {
+	Datum *d = static_cast<Datum *>(palloc(sizeof(Datum) * (n > 0 ? n : 1)));
+	for (int i = 0; i < n; ++i)
+		d[i] = CStringGetTextDatum(v[i]);
+	return PointerGetDatum(construct_array(d, n, TEXTOID, -1, false, TYPALIGN_INT));
+}
+
+} // namespace sbpg::pg::spi
