@@ -35,6 +35,7 @@ PG_FUNCTION_INFO_V1(sbpg_worker_stats);
 }
 
 #include "sbpg/pg/shared.hpp"
+#include "sbpg/pg/test_hooks.hpp"
 
 #include <algorithm>
 #include <cstddef>
@@ -47,7 +48,6 @@ int guc_max_workers = 8;
 int guc_log_messages = kLogFailures;
 int guc_inbox_retention_s = 7 * 24 * 3600;
 int guc_max_json_depth = 1000;
-char *guc_test_fault = nullptr;
 char *guc_ca_file = nullptr;
 SharedState *shared = nullptr;
 bool in_sbpg_worker = false;
@@ -354,11 +354,7 @@ _PG_init(void) {
 	                           "Used for amqps:// connections and the HTTPS token endpoints, with host-name "
 	                           "verification. Empty: only the system's CA store.",
 	                           &guc_ca_file, "", PGC_SIGHUP, GUC_SUPERUSER_ONLY, CheckCaFile, nullptr, nullptr);
-	DefineCustomStringVariable("sbpg.test_fault", "Fault injection for sbpg's own tests; leave empty.",
-	                           "exit_after_commit#TAG makes a worker exit after a batch commits and before it "
-	                           "settles, once per TAG.",
-	                           &guc_test_fault, "", PGC_SUSET, GUC_NOT_IN_SAMPLE | GUC_SUPERUSER_ONLY, nullptr,
-	                           nullptr, nullptr);
+	testing::DefineSettings();
 	MarkGUCPrefixReserved("sbpg");
 
 	prev_shmem_request_hook = shmem_request_hook;

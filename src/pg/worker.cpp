@@ -46,6 +46,7 @@ extern "C" {
 #include "sbpg/pg/apply.hpp"
 #include "sbpg/pg/guard.hpp"
 #include "sbpg/pg/shared.hpp"
+#include "sbpg/pg/test_hooks.hpp"
 
 namespace sbpg::pg {
 
@@ -298,7 +299,8 @@ class Worker {
 		g_consumer = nullptr;
 		g_tokens = nullptr;
 	}
-	void Run();
+	// Returns the process's exit code: 0, or 1 when a test fault ended the loop.
+	int Run();
 
   private:
 	bool Setup();
@@ -329,6 +331,7 @@ class Worker {
 	TimestampTz last_stamp_ = 0, last_prune_ = 0;
 	TimestampTz paused_until_ = 0;
 	bool stop_ = false;
+	int exit_code_ = 0; // nonzero: leave the loop at once and exit the process with it
 	// Messages waiting for their next attempt while the worker holds their locks (renewed on the
 	// AMQP thread), and deferred messages asked for by sequence number and not back yet.
 	struct Held {
@@ -803,12 +806,11 @@ Worker::ProcessBatch(std::vector<ReceivedMessage> &msgs) {
 		Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": " + res.handler_error +
 		                 "; messages are left for later");
 	}
-	// Test-only fault point: exit after the commit, before any settlement.
-	if (guc_test_fault && strncmp(guc_test_fault, "exit_after_commit#", 18) == 0 &&
-	    strcmp(shared->test_fault_fired, guc_test_fault) != 0) {
-		strlcpy(shared->test_fault_fired, guc_test_fault, kNameLen);
-		Log(LOG, std::string("sbpg: test fault ") + guc_test_fault + ": exiting after commit, before settlement");
-		proc_exit(1);
+	if (testing::Fires(testing::kExitAfterCommit)) {
+		// Leave the loop before any settlement; sbpg_worker_main exits once the C++ frames are gone.
+		Log(LOG, std::string("sbpg: test fault ") + testing::ArmedFault() + ": exiting after commit, before settlement");
+		exit_code_ = 1;
+		return;
 	}
 	int64_t commit_ms = WallMs();
 	for (size_t i = 0; i < items.size(); ++i) {
@@ -968,6 +970,8 @@ Worker::Loop() {
 				if (consumer_->Status().in_flight >= static_cast<uint32_t>(cfg_.batch_size))
 					more = true;
 				ProcessBatch(msgs);
+				if (exit_code_)
+					break;
 			}
 		}
 		Publish(stats_, false, 0);
@@ -978,11 +982,12 @@ Worker::Loop() {
 	}
 }
 
-void
+int
 Worker::Run() {
 	if (!Setup())
-		return;
+		return 0;
 	Loop();
+	return exit_code_;
 }
 
 } // namespace
@@ -1013,9 +1018,10 @@ sbpg_worker_main(Datum arg) {
 	pgstat_report_activity(STATE_IDLE, "starting");
 
 	char error[512] = "";
+	int exit_code = 0;
 	try {
 		Worker w(start);
-		w.Run();
+		exit_code = w.Run();
 	} catch (const std::exception &e) {
 		sbpg::CopyUtf8(error, e.what(), sizeof error);
 	} catch (...) {
@@ -1027,5 +1033,5 @@ sbpg_worker_main(Datum arg) {
 		SetState(kStateFailed);
 		ereport(FATAL, (errmsg("sbpg: subscription \"%s\": %s", start.name, error)));
 	}
-	proc_exit(0);
+	proc_exit(exit_code);
 }

@@ -22,6 +22,7 @@ extern int guc_max_workers;
 extern int guc_log_messages; // LogMessages
 extern int guc_inbox_retention_s;
 extern int guc_max_json_depth;
+// sbpg.test_fault, defined in test_hooks.cpp: ask testing::Fires() (test_hooks.hpp), never read it.
 extern char *guc_test_fault;
 extern char *guc_ca_file;
 
@@ -84,7 +85,7 @@ struct SharedState {
 	LWLock *lock; // slot allocation
 	int launcher_pid;
 	Latch *launcher_latch;
-	char test_fault_fired[kNameLen]; // the last test fault tag that fired (fires once per tag)
+	char test_fault_fired[kNameLen]; // test_hooks.cpp: the last exit_after_commit tag that fired
 	int nslots;
 	WorkerSlot *slots;
 };

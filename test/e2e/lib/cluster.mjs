@@ -64,6 +64,7 @@ export async function startCluster({ conf = {}, env = {} } = {}) {
     fsync: "off",
     max_worker_processes: 40,
     "sbpg.max_workers": 16,
+    "sbpg.test_hooks": "on", // lets tests arm sbpg.test_fault (src/pg/test_hooks.cpp)
     log_line_prefix: "'%m [%p] %b: '",
     ...conf,
   };
