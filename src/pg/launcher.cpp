@@ -24,7 +24,7 @@ extern "C" {
 #include "utils/timestamp.h"
 }
 
-#include "sbpg/pg/apply.hpp"
+#include "sbpg/pg/config.hpp"
 #include "sbpg/pg/shared.hpp"
 #include "sbpg/pg/slots.hpp"
 #include "sbpg/pg/spi.hpp"

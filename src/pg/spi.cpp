@@ -99,39 +99,41 @@ SpiResult::IsNull(uint64 row, int col) const {
 	return isnull;
 }
 
+bool
+SpiResult::Get(uint64 row, int col, Datum *value) const {
+	bool isnull;
+	*value = Value(row, col, &isnull);
+	return !isnull;
+}
+
 int32
 SpiResult::Int32(uint64 row, int col, int32 if_null) const {
-	bool isnull;
-	Datum d = Value(row, col, &isnull);
-	return isnull ? if_null : DatumGetInt32(d);
+	Datum d;
+	return Get(row, col, &d) ? DatumGetInt32(d) : if_null;
 }
 
 int64
 SpiResult::Int64(uint64 row, int col, int64 if_null) const {
-	bool isnull;
-	Datum d = Value(row, col, &isnull);
-	return isnull ? if_null : DatumGetInt64(d);
+	Datum d;
+	return Get(row, col, &d) ? DatumGetInt64(d) : if_null;
 }
 
 bool
 SpiResult::Bool(uint64 row, int col, bool if_null) const {
-	bool isnull;
-	Datum d = Value(row, col, &isnull);
-	return isnull ? if_null : DatumGetBool(d);
+	Datum d;
+	return Get(row, col, &d) ? DatumGetBool(d) : if_null;
 }
 
 Oid
 SpiResult::ObjectId(uint64 row, int col) const {
-	bool isnull;
-	Datum d = Value(row, col, &isnull);
-	return isnull ? InvalidOid : DatumGetObjectId(d);
+	Datum d;
+	return Get(row, col, &d) ? DatumGetObjectId(d) : InvalidOid;
 }
 
 TimestampTz
 SpiResult::Timestamp(uint64 row, int col, TimestampTz if_null) const {
-	bool isnull;
-	Datum d = Value(row, col, &isnull);
-	return isnull ? if_null : DatumGetTimestampTz(d);
+	Datum d;
+	return Get(row, col, &d) ? DatumGetTimestampTz(d) : if_null;
 }
 
 char *
@@ -148,8 +150,8 @@ Exec(const PlanSpec &spec, const Datum *args, const char *nulls, int expect, lon
 }
 
 SpiResult
-ExecSql(const char *what, const char *sql, int nargs, const Oid *types, const Datum *args, const char *nulls, int expect,
-        long limit) {
+ExecSql(const char *what, const char *sql, int nargs, const Oid *types, const Datum *args, const char *nulls,
+        int expect, long limit) {
 	int rc = nargs == 0 ? SPI_execute(sql, expect == SPI_OK_SELECT, limit)
 	                    : SPI_execute_with_args(sql, nargs, const_cast<Oid *>(types), const_cast<Datum *>(args), nulls,
 	                                            expect == SPI_OK_SELECT, limit);

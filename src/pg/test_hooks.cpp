@@ -19,16 +19,14 @@ extern "C" {
 
 namespace sbpg::pg {
 
-// sbpg.test_fault (PostgreSQL's GUC machinery writes it). Declared in shared.hpp for apply.cpp's
-// fault points until they ask Fires(); read nowhere else.
-char *guc_test_fault = nullptr;
-
 namespace testing {
 
 namespace {
 
 // sbpg.test_hooks, written by PostgreSQL's GUC machinery (PGC_POSTMASTER: fixed at server start).
 bool hooks_enabled = false;
+// sbpg.test_fault, written by PostgreSQL's GUC machinery; read only here, through Fires().
+char *guc_test_fault = nullptr;
 
 // A fault may be armed only in a server started with sbpg.test_hooks = on. sbpg.test_hooks is
 // defined first, so at server start its value is known when the stored sbpg.test_fault is checked.

@@ -1,6 +1,6 @@
 // src/pg/worker.cpp
 //   One batch of a subscription's worker (the rest of the worker: worker.hpp). It takes up to
-//   batch_size messages, applies them in one transaction (apply.cpp), and only after the commit is
+//   batch_size messages, applies them in one transaction (pass.cpp, through apply.hpp), and only after the commit is
 //   flushed hands the settlements back to the AMQP thread. Broker confirmations of earlier
 //   settlements are stamped into sbpg.inbox.settled_at with the same transaction. Also here: the
 //   JSON log line of a settled message, and the schema registry handed to the AMQP thread.
@@ -30,6 +30,7 @@ extern "C" {
 
 #include "sbpg/pg/apply.hpp"
 #include "sbpg/pg/guard.hpp"
+#include "sbpg/pg/outcome.hpp"
 #include "sbpg/pg/shared.hpp"
 #include "sbpg/pg/test_hooks.hpp"
 #include "sbpg/pg/worker.hpp"
@@ -38,41 +39,13 @@ namespace sbpg::pg {
 
 namespace {
 
-std::string
-JsonField(const char *name, const std::string &v, bool null_if_empty = true) {
-	if (null_if_empty && v.empty())
-		return std::string(",\"") + name + "\":null";
-	return std::string(",\"") + name + "\":\"" + JsonEscape(v) + "\"";
-}
-
-// The structured log line of one settled message.
+// The structured log line of one settled message (the same outcome record NOTIFY carries).
 std::string
 MessageLogLine(const std::string &sub, const ApplyItem &it, uint64 xid) {
-	const ReceivedMessage &m = *it.msg;
-	const char *status = it.status == kApplied        ? "applied"
-	                     : it.status == kDeadLettered ? "dead_lettered"
-	                     : it.status == kDuplicate    ? "duplicate"
-	                     : it.status == kDelayed      ? "delayed"
-	                                                  : "retry";
-	std::string s = "sbpg: {\"event\":\"message\",\"subscription\":\"" + JsonEscape(sub) + "\"";
-	s += JsonField("message_id", m.message_id);
-	s += JsonField("correlation_id", m.correlation_id);
-	s += m.has_sequence_number ? ",\"sequence_number\":" + std::to_string(m.sequence_number) : ",\"sequence_number\":null";
-	s += ",\"delivery_count\":" + std::to_string(m.delivery_count);
-	s += ",\"xid\":\"" + std::to_string(xid) + "\"";
-	s += std::string(",\"status\":\"") + status + "\"";
-	std::string reason = it.reason[0] ? std::string(it.reason) + ": " + it.description : "";
-	s += JsonField("reason", reason);
-	if (it.status == kTransient || it.status == kDelayed) {
-		s += ",\"attempts\":" + std::to_string(it.attempts);
-		s += JsonField("next_attempt_at", timestamptz_to_str(it.next_attempt));
-		s += std::string(",\"deferred\":") + (it.defer ? "true" : "false");
-	} else if (it.status == kApplied || it.status == kDeadLettered) {
-		s += ",\"attempts\":" + std::to_string(it.attempts + 1);
-	}
-	char ms[32];
-	snprintf(ms, sizeof ms, "%.3f", it.apply_ms);
-	s += std::string(",\"apply_ms\":") + ms + "}";
+	std::string s = "sbpg: ";
+	WriteOutcome(
+	    sub.c_str(), it, xid, OutcomeFor::kLog,
+	    [](void *line, const char *text, size_t len) { static_cast<std::string *>(line)->append(text, len); }, &s);
 	return s;
 }
 
@@ -95,24 +68,12 @@ Worker::RefreshSchemas(bool force) {
 		return;
 	if (stamp == schemas_stamp_)
 		return;
-	SchemaRowC *rows = nullptr;
-	int n = 0;
-	if (!PgGuard([&] { n = LoadSchemas(&rows); }, &err)) {
+	std::vector<schema::SchemaRow> list;
+	if (!PgGuard([&] { LoadSchemas(&list); }, &err)) {
 		Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": cannot read sbpg.schemas: " +
 		                 err.message.c_str());
 		return;
 	}
-	std::vector<schema::SchemaRow> list;
-	for (int i = 0; i < n; ++i) {
-		schema::SchemaRow r;
-		r.message_type = rows[i].message_type ? rows[i].message_type : "";
-		r.version = rows[i].version;
-		r.schema_json = rows[i].schema_json ? rows[i].schema_json : "";
-		list.push_back(std::move(r));
-		free(rows[i].message_type);
-		free(rows[i].schema_json);
-	}
-	free(rows);
 	std::vector<std::string> errors;
 	std::shared_ptr<const schema::Registry> reg = schema::Registry::Build(list, &errors);
 	for (auto &e : errors)
@@ -213,10 +174,10 @@ Worker::AfterCommit(const BatchResult &res) {
 	confirmed_.clear();
 	last_stamp_ = GetCurrentTimestamp();
 	if (res.handler_unusable) {
-		SetError(res.handler_error);
+		SetError(res.handler_error.view());
 		SetState(kStatePaused);
 		paused_until_ = GetCurrentTimestamp() + 5 * USECS_PER_SEC;
-		Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": " + res.handler_error +
+		Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": " + res.handler_error.str() +
 		                 "; messages are left for later");
 	} else if (g_slot->state == kStatePaused) {
 		// The handler is usable again: the pause is over (last_error keeps why it was).
@@ -239,8 +200,8 @@ SettlementFor(const ApplyItem &it, const ReceivedMessage &m, bool *held) {
 		break;
 	case kDeadLettered:
 		s.outcome = Outcome::DeadLetter;
-		s.reason = it.reason;
-		s.description = it.description;
+		s.reason = it.reason.str();
+		s.description = it.description.str();
 		break;
 	case kTransient:
 	case kDelayed:
@@ -288,7 +249,7 @@ Worker::Settle(std::vector<ApplyItem> &items, std::vector<ReceivedMessage> &msgs
 	}
 	if (res.isolated)
 		Log(LOG, std::string("sbpg: subscription \"") + start_.name + "\": a batch of " + std::to_string(items.size()) +
-		             " was applied message by message after: " + res.batch_error);
+		             " was applied message by message after: " + res.batch_error.str());
 	consumer_->Settle(std::move(settle));
 	Publish(stats_, true, res.committed_at);
 }
@@ -306,7 +267,7 @@ Worker::Count(const ApplyItem &it, const ReceivedMessage &m, bool held, const Se
 		++stats_.dup;
 	else if (!held && s.outcome == Outcome::Abandon)
 		++stats_.abandoned;
-	if (it.status == kTransient && strcmp(it.reason, "HandlerUnusable") != 0)
+	if (it.status == kTransient && strcmp(it.reason.c_str(), "HandlerUnusable") != 0)
 		++stats_.retries;
 	if ((it.status == kApplied || it.status == kDeadLettered) && it.attempts > 0)
 		++stats_.retried;

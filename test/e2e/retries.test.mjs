@@ -95,7 +95,7 @@ describe("retry policy", () => {
     await waitFor(() => got("flaky").some((x) => x.status === "applied"), { timeout: 30000, what: "flaky-1 applied" });
     const events = got("flaky");
     const retries = events.filter((x) => x.status === "retry");
-    assert.deepEqual(retries.map((x) => x.attempt), [1, 2, 3, 4], "four failed attempts, numbered");
+    assert.deepEqual(retries.map((x) => x.attempts), [1, 2, 3, 4], "four failed attempts, numbered");
     for (const r of retries) {
       assert.equal(r.reason, "TransientError", "NOTIFY carries the reason code; the description is in sbpg.retries and the log");
       assert.equal(r.deferred, false, "short delays are waited out holding the lock");
@@ -163,7 +163,7 @@ describe("retry policy", () => {
     await subscribe("exhaust", { max_retries: 2, retry_base_ms: 50, retry_cap_ms: 200 });
     await send("exhaust", [{ messageId: "stuck-1", body: { id: 3, amount: 1 } }]);
     await waitFor(() => got("exhaust").some((x) => x.status === "dead_lettered"), { timeout: 20000, what: "stuck-1 given up" });
-    assert.deepEqual(got("exhaust").filter((x) => x.status === "retry").map((x) => x.attempt), [1, 2]);
+    assert.deepEqual(got("exhaust").filter((x) => x.status === "retry").map((x) => x.attempts), [1, 2]);
     const dl = got("exhaust").find((x) => x.status === "dead_lettered");
     assert.equal(dl.attempts, 3);
     assert.equal(dl.reason, "MaxRetriesExceeded");

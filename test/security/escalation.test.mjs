@@ -17,7 +17,7 @@ import pg from "pg";
 
 const queues = ["victim", "bobq", "slow", "notes", "odd", "stubborn"];
 const notifyKeys = new Set(["subscription", "message_id", "correlation_id", "sequence_number", "status", "xid", "attempts",
-  "attempt", "next_attempt_at", "deferred", "reason"]);
+  "next_attempt_at", "deferred", "reason"]);
 
 describe("privilege escalation", () => {
   let emu, db, sb, listener, spy;

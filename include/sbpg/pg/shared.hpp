@@ -22,8 +22,6 @@ extern int guc_max_workers;
 extern int guc_log_messages; // LogMessages
 extern int guc_inbox_retention_s;
 extern int guc_max_json_depth;
-// sbpg.test_fault, defined in test_hooks.cpp: ask testing::Fires() (test_hooks.hpp), never read it.
-extern char *guc_test_fault;
 extern char *guc_ca_file;
 
 // Set in sbpg's workers: tenant_role is the run_as role while tenant code runs (InvalidOid

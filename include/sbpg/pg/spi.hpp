@@ -69,7 +69,8 @@ struct PlanSpec {
 	bool custom_plan;
 };
 
-// A result of the statement just run; valid until the next SPI call or SPI_finish.
+// A result of a statement; its table stays valid until SPI_finish (or the end of the subtransaction
+// it was read in): the next statement replaces SPI_tuptable, not this table.
 struct SpiResult {
 	SPITupleTable *table;
 	uint64 rows;
@@ -78,6 +79,8 @@ struct SpiResult {
 	int Col(const char *name) const;
 	bool IsNull(uint64 row, int col) const;
 	Datum Value(uint64 row, int col, bool *isnull) const;
+	// Whether the value is not NULL; *value is set either way.
+	bool Get(uint64 row, int col, Datum *value) const;
 	// The value, or if_null when it is NULL.
 	int32 Int32(uint64 row, int col, int32 if_null = 0) const;
 	int64 Int64(uint64 row, int col, int64 if_null = 0) const;

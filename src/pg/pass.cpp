@@ -1,0 +1,326 @@
+// src/pg/pass.cpp
+//   One batch, one transaction. For each message: the inbox says whether it was already decided
+//   (a redelivery is settled again with the recorded outcome, never applied twice); otherwise its
+//   tenant code runs as run_as (tenant.cpp); the outcome goes to sbpg.inbox and to NOTIFY in the
+//   same transaction (outcome.cpp).
+//
+//   The batch first runs without savepoints (one subtransaction-free transaction, so the 64-entry
+//   subtransaction cache never overflows in the common case). If anything fails, it is rolled
+//   back and the batch runs again message by message, each in a subtransaction, at most
+//   kMaxSubxacts per transaction: a failing message then undoes only its own work. A transaction
+//   of that pass that fails as a whole is run again one message per transaction, and a message
+//   whose own transaction fails has its failure recorded in another (RecordFailure). After COMMIT
+//   the commit record is flushed before the caller may settle anything.
+//
+//   The state of a pass is a Pass (pass.hpp) in ApplyBatch's frame, handed to every step; the
+//   error recovery of a pass reads which message was running from it. Everything here runs inside
+//   PgGuard and owns no C++ objects with destructors.
+#include "sbpg/core/fixed_text.hpp"
+#include "sbpg/message/message.hpp"
+
+extern "C" {
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "pgstat.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+}
+
+#include "sbpg/pg/apply.hpp"
+#include "sbpg/pg/inbox.hpp"
+#include "sbpg/pg/outcome.hpp"
+#include "sbpg/pg/pass.hpp"
+#include "sbpg/pg/retry.hpp"
+#include "sbpg/pg/spi.hpp"
+#include "sbpg/pg/tenant.hpp"
+#include "sbpg/pg/test_hooks.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <ctime>
+
+namespace sbpg::pg {
+
+namespace {
+
+constexpr int kMaxSubxacts = 50; // per transaction in the isolated pass (the cache holds 64)
+
+// The settlements the broker confirmed, stamped with the first pass that commits.
+struct Confirmed {
+	const int64 *seqs;
+	int nseqs;
+	const char *const *ids;
+	int nids;
+};
+
+// A fresh pass over cfg's batch.
+void
+StartPass(Pass *pass, const SubConfig *cfg) {
+	memset(pass, 0, sizeof *pass);
+	pass->cfg = cfg;
+	pass->applying = pass->first_applied = -1;
+}
+
+double
+MsSince(const struct timespec &t0) {
+	struct timespec t1;
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	return (t1.tv_sec - t0.tv_sec) * 1000.0 + (t1.tv_nsec - t0.tv_nsec) / 1e6;
+}
+
+void
+DescribeError(const ErrorData *e, ErrorText *out) {
+	if (e->detail)
+		FormatText(out, "%s (SQLSTATE %s; %s)", e->message, unpack_sql_state(e->sqlerrcode), e->detail);
+	else
+		FormatText(out, "%s (SQLSTATE %s)", e->message, unpack_sql_state(e->sqlerrcode));
+}
+
+// Applies one message in the current (sub)transaction. Errors propagate.
+void
+ApplyOne(Pass *pass, ApplyItem *it, MemoryContext msgcxt) {
+	const ReceivedMessage *m = it->msg;
+	if (!m->decode_error.empty()) {
+		SetReason(it, "MalformedMessage", m->decode_error.c_str());
+		Record(pass, it, kDeadLettered);
+		return;
+	}
+	if (m->json == JsonVerdict::Invalid) {
+		ErrorText desc;
+		FormatText(&desc, "content type %s but the body is %s", m->content_type.c_str(), m->json_error.c_str());
+		SetReason(it, "InvalidJson", desc.c_str());
+		Record(pass, it, kDeadLettered);
+		return;
+	}
+	if (!m->schema_reason.empty()) {
+		// Decided on the AMQP thread (docs/schemas.md): the handler is not called.
+		SetReason(it, m->schema_reason.c_str(), m->schema_error.c_str());
+		Record(pass, it, kDeadLettered);
+		return;
+	}
+	MemoryContext old = MemoryContextSwitchTo(msgcxt);
+	struct timespec t0;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	RunTenantCode(pass, it);
+	MemoryContextSwitchTo(old);
+	it->apply_ms = MsSince(t0);
+	Record(pass, it, kApplied);
+	MemoryContextReset(msgcxt);
+}
+
+// Applies one message in a subtransaction of its own; its failure is recorded in the enclosing
+// transaction.
+void
+ApplyIsolated(Pass *pass, ApplyItem *it, MemoryContext msgcxt) {
+	ErrorData *e = nullptr;
+	if (InSubtransaction(
+	        &pass->clock, [&] { ApplyOne(pass, it, msgcxt); }, &e))
+		return;
+	MemoryContextReset(msgcxt);
+	it->timed_out = RunAsFailed(&pass->clock, e->sqlerrcode);
+	ErrorText desc;
+	DescribeError(e, &desc);
+	FailItem(pass, it, e->sqlerrcode, desc.c_str());
+	FreeErrorData(e);
+}
+
+// Applies items[lo..hi) in the current transaction; with isolate, each in a subtransaction whose
+// failure records a dead-letter (permanent errors) or a retry (transient).
+void
+ApplyRange(Pass *pass, ApplyItem *items, int lo, int hi, bool isolate) {
+	MemoryContext msgcxt = AllocSetContextCreate(TopTransactionContext, "sbpg message", ALLOCSET_DEFAULT_SIZES);
+	for (int i = lo; i < hi; ++i) {
+		ApplyItem *it = &items[i];
+		if (it->status == kDuplicate) {
+			Notify(pass, it);
+			continue;
+		}
+		if (it->status == kDelayed)
+			continue;
+		if (!isolate) {
+			pass->applying = i;
+			if (pass->first_applied < 0)
+				pass->first_applied = i;
+			ApplyOne(pass, it, msgcxt);
+			pass->applying = -1;
+			continue;
+		}
+		if (it->failed_errcode) {
+			// It failed in the batch's first pass: that was its attempt; record it, do not run it again.
+			int code = it->failed_errcode;
+			it->failed_errcode = 0;
+			FailItem(pass, it, code, it->failed_error.c_str());
+			it->timed_out = false;
+			continue;
+		}
+		ApplyIsolated(pass, it, msgcxt);
+	}
+}
+
+// Test fault fail_commit#<message id> (test_hooks.hpp): the transaction that applied that message
+// fails as a whole just before COMMIT, as a deferred constraint would.
+void
+TestCommitFault(const ApplyItem *items, int lo, int hi) {
+	for (int i = lo; i < hi; ++i) {
+		const char *id = items[i].msg->message_id.c_str();
+		if (items[i].status == kApplied && testing::Fires(testing::kFailCommit, id))
+			ereport(ERROR, (errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
+			                errmsg("sbpg test fault: the transaction that applied message %s fails at COMMIT", id)));
+	}
+}
+
+// What a pass knows before it applies anything: the transaction, whether it notifies, which
+// items are redeliveries or wait for a later attempt, the mappings.
+void
+LookUpItems(Pass *pass, ApplyItem *items, int lo, int hi, BatchResult *out) {
+	const SubConfig *cfg = pass->cfg;
+	pass->xid = U64FromFullTransactionId(GetTopFullTransactionId());
+	out->xid = pass->xid;
+	LookupDuplicates(cfg, items, lo, hi);
+	ReplaceStale(cfg, items, lo, hi);
+	LookupRetries(cfg, items, lo, hi);
+	LoadMappings(pass);
+}
+
+// Forgets what an earlier pass found out about the item (`in_mapping`, `failed_errcode` stay:
+// they describe the attempt that failed).
+void
+ResetItem(ApplyItem *it) {
+	it->status = kPending;
+	it->reason.Clear();
+	it->description.Clear();
+	it->apply_ms = 0;
+	it->attempts = 0;
+	it->next_attempt = 0;
+	it->defer = false;
+	it->gave_up = false;
+	it->stale = false;
+}
+
+// The work of one pass, inside its transaction.
+void
+PassBody(Pass *pass, ApplyItem *items, int lo, int hi, bool isolate, const Confirmed *confirmed, BatchResult *out) {
+	CheckNotifyQueue(pass);
+	Stamp(pass->cfg, confirmed->seqs, confirmed->nseqs, confirmed->ids, confirmed->nids);
+	ErrorText why;
+	why.Clear();
+	if (!HandlerUsable(pass, &why)) {
+		out->handler_unusable = true;
+		out->handler_error = why;
+		for (int i = lo; i < hi; ++i) {
+			items[i].status = kTransient;
+			items[i].next_attempt = GetCurrentTimestamp() + 5 * USECS_PER_SEC;
+			SetReason(&items[i], "HandlerUnusable", why.c_str());
+		}
+	} else {
+		LookUpItems(pass, items, lo, hi, out);
+		ApplyRange(pass, items, lo, hi, isolate);
+	}
+	TestCommitFault(items, lo, hi);
+}
+
+// A pass without subtransactions failed with e: when the message being applied failed by its own
+// fault (a permanent error, the time limit, or a transient one before any other message of the
+// pass ran), remember it, so the isolated pass records this attempt's failure instead of running
+// it again. A deadlock over locks that earlier messages took is the batch's, and is tried again
+// message by message.
+void
+NoteFailure(Pass *pass, ApplyItem *items, int lo, int hi, const ErrorData *e, BatchResult *out) {
+	DescribeError(e, &out->batch_error);
+	out->batch_sqlerrcode = e->sqlerrcode;
+	bool timed_out = RunAsFailed(&pass->clock, e->sqlerrcode);
+	int k = pass->applying;
+	if (k >= lo && k < hi && (!IsTransient(e->sqlerrcode) || timed_out || k == pass->first_applied)) {
+		items[k].failed_errcode = e->sqlerrcode;
+		items[k].timed_out = timed_out;
+		items[k].failed_error = out->batch_error;
+	}
+	pass->applying = -1;
+}
+
+// One transaction over items[lo..hi). isolate: each message in a subtransaction. Returns false
+// (after rolling back) when the pass failed; out->batch_error says why.
+bool
+RunPass(Pass *pass, const SubConfig *cfg, ApplyItem *items, int lo, int hi, bool isolate, const Confirmed *confirmed,
+        BatchResult *out) {
+	MemoryContext caller = CurrentMemoryContext;
+	volatile bool ok = true;
+	for (int i = lo; i < hi; ++i)
+		ResetItem(&items[i]);
+	StartPass(pass, cfg);
+	PG_TRY();
+	{
+		spi::BeginShort();
+		PassBody(pass, items, lo, hi, isolate, confirmed, out);
+		spi::EndShort(spi::Commit::kFlushed);
+		out->committed_at = GetCurrentTimestamp();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(caller);
+		ErrorData *e = CopyErrorData();
+		FlushErrorState();
+		NoteFailure(pass, items, lo, hi, e, out);
+		FreeErrorData(e);
+		AbortCurrentTransaction();
+		MemoryContextSwitchTo(caller);
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(caller);
+	return ok;
+}
+
+// Records the failure of a message whose own transaction failed, in a transaction of its own.
+// Errors propagate: then the server itself is in trouble and the caller retries the batch.
+void
+RecordFailure(Pass *pass, const SubConfig *cfg, ApplyItem *it, int sqlerrcode, const ErrorText &error,
+              BatchResult *out) {
+	ErrorText desc = error;
+	ResetItem(it);
+	StartPass(pass, cfg);
+	spi::BeginShort();
+	CheckNotifyQueue(pass);
+	LookUpItems(pass, it, 0, 1, out);
+	if (it->status == kDuplicate)
+		Notify(pass, it);
+	else if (it->status == kPending)
+		FailItem(pass, it, sqlerrcode, desc.c_str());
+	it->timed_out = false;
+	spi::EndShort(spi::Commit::kFlushed);
+	out->committed_at = GetCurrentTimestamp();
+}
+
+} // namespace
+
+void
+ApplyBatch(const SubConfig *cfg, ApplyItem *items, int n, const int64 *seqs, int nseqs, const char *const *ids,
+           int nids, BatchResult *out) {
+	memset(out, 0, sizeof *out);
+	pgstat_report_activity(STATE_RUNNING, "sbpg: applying a batch");
+	Pass pass;
+	const Confirmed all = {seqs, nseqs, ids, nids}, none = {nullptr, 0, nullptr, 0};
+	if (RunPass(&pass, cfg, items, 0, n, false, &all, out))
+		return;
+	// Apply message by message, in chunks that keep subtransactions within PostgreSQL's cache.
+	out->isolated = true;
+	bool stamped = false;
+	for (int lo = 0; lo < n; lo += kMaxSubxacts) {
+		int hi = std::min(n, lo + kMaxSubxacts);
+		if (RunPass(&pass, cfg, items, lo, hi, true, stamped ? &none : &all, out)) {
+			stamped = true;
+			continue;
+		}
+		// The chunk's transaction itself failed (at COMMIT: a deferred constraint, a serialization
+		// failure; or the server is in trouble): one transaction per message, and a message whose
+		// own transaction fails has that failure recorded in another.
+		for (int i = lo; i < hi; ++i) {
+			if (RunPass(&pass, cfg, items, i, i + 1, false, &none, out))
+				continue;
+			RecordFailure(&pass, cfg, &items[i], out->batch_sqlerrcode, out->batch_error, out);
+		}
+	}
+}
+
+} // namespace sbpg::pg

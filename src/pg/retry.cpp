@@ -1,0 +1,304 @@
+// src/pg/retry.cpp
+//   Retries (docs/retries.md): a failed attempt is either transient (a retry may cure it) or
+//   permanent. A transient failure writes the attempt to sbpg.retries with the next attempt's time
+//   (full jitter under a doubling ceiling), or past max_retries dead-letters with
+//   MaxRetriesExceeded; a permanent one dead-letters with the reason FailureReason gives. A message
+//   back before its time waits again, deferred on the broker when the wait is long.
+//
+//   Invariants: FailItem is the only place a failed attempt's outcome and reason are decided;
+//   every statement is schema-qualified (spi.hpp); runs inside PgGuard and owns no C++ objects with
+//   destructors.
+#include "sbpg/core/fixed_text.hpp"
+#include "sbpg/message/message.hpp"
+
+extern "C" {
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "common/pg_prng.h"
+#include "utils/builtins.h"
+#include "utils/timestamp.h"
+}
+
+#include "sbpg/pg/apply.hpp"
+#include "sbpg/pg/inbox.hpp"
+#include "sbpg/pg/outcome.hpp"
+#include "sbpg/pg/pass.hpp"
+#include "sbpg/pg/retry.hpp"
+#include "sbpg/pg/spi.hpp"
+#include "sbpg/pg/tenant.hpp"
+
+#include <algorithm>
+
+namespace sbpg::pg {
+
+namespace {
+
+constexpr spi::PlanSpec kLookup = {
+    "read sbpg.retries",
+    "SELECT sequence_number, message_id, attempts, next_attempt_at, deferred FROM sbpg.retries WHERE " SBPG_KEYS_MATCH,
+    3,
+    {TEXTOID, INT8ARRAYOID, TEXTARRAYOID},
+    true,
+};
+
+#define RETRY_INSERT                                                                                                   \
+	"INSERT INTO sbpg.retries (subscription, sequence_number, message_id, attempts, next_attempt_at, last_error, "     \
+	"deferred) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+#define RETRY_UPDATE                                                                                                   \
+	" DO UPDATE SET attempts = excluded.attempts, last_failed_at = pg_catalog.now(), next_attempt_at = "               \
+	"excluded.next_attempt_at, last_error = excluded.last_error, deferred = excluded.deferred"
+
+constexpr spi::PlanSpec kUpsertBySeq = {
+    "write sbpg.retries",
+    RETRY_INSERT "ON CONFLICT (subscription, sequence_number) WHERE sequence_number IS NOT NULL" RETRY_UPDATE,
+    7,
+    {TEXTOID, INT8OID, TEXTOID, INT4OID, TIMESTAMPTZOID, TEXTOID, BOOLOID},
+    false,
+};
+
+constexpr spi::PlanSpec kUpsertById = {
+    "write sbpg.retries",
+    RETRY_INSERT "ON CONFLICT (subscription, message_id) WHERE sequence_number IS NULL" RETRY_UPDATE,
+    7,
+    {TEXTOID, INT8OID, TEXTOID, INT4OID, TIMESTAMPTZOID, TEXTOID, BOOLOID},
+    false,
+};
+
+#undef RETRY_INSERT
+#undef RETRY_UPDATE
+
+// The row of one message: $2 its sequence number or, when NULL, $3 its message id.
+#define RETRY_ROW                                                                                                      \
+	"subscription" OP_EQ "$1 AND CASE WHEN $2::bigint IS NOT NULL THEN sequence_number" OP_EQ                          \
+	"$2 ELSE sequence_number "                                                                                         \
+	"IS NULL AND message_id" OP_EQ "$3 END"
+
+constexpr spi::PlanSpec kDelete = {
+    "update sbpg.retries", "DELETE FROM sbpg.retries WHERE " RETRY_ROW, 3, {TEXTOID, INT8OID, TEXTOID}, true,
+};
+
+constexpr spi::PlanSpec kMarkDeferred = {
+    "update sbpg.retries",
+    "UPDATE sbpg.retries SET deferred = true WHERE " RETRY_ROW,
+    3,
+    {TEXTOID, INT8OID, TEXTOID},
+    true,
+};
+
+#undef RETRY_ROW
+
+constexpr spi::PlanSpec kAwaitSettlement = {
+    "update sbpg.retries",
+    "UPDATE sbpg.retries SET deferred = true, next_attempt_at = pg_catalog.now()" OP_PLUS "interval '1 minute', "
+    "last_error = 'outcome recorded; waiting for the broker to confirm its settlement' "
+    "WHERE subscription" OP_EQ "$1 AND sequence_number" OP_EQ "$2",
+    3,
+    {TEXTOID, INT8OID, TEXTOID},
+    true,
+};
+
+// The key columns ($2 sequence number, $3 message id) of a message's sbpg.retries row; false when
+// it has neither.
+bool
+RetryKey(const SubConfig *cfg, const ReceivedMessage *m, Datum *args, char *nulls) {
+	args[0] = CStringGetTextDatum(cfg->name);
+	nulls[0] = nulls[1] = nulls[2] = ' ';
+	args[1] = Int64GetDatum(m->sequence_number);
+	if (!m->has_sequence_number)
+		nulls[1] = 'n';
+	if (m->message_id.empty()) {
+		nulls[2] = 'n';
+		args[2] = 0;
+	} else {
+		args[2] = CStringGetTextDatum(m->message_id.c_str());
+	}
+	return m->has_sequence_number || !m->message_id.empty();
+}
+
+// A transient failure: schedule another attempt (with full jitter under a doubling ceiling), or,
+// past max_retries, dead-letter with MaxRetriesExceeded and the last error. In the transaction
+// that records the failed attempt.
+void
+ScheduleRetry(Pass *pass, ApplyItem *it, const char *reason, const char *desc) {
+	const SubConfig *cfg = pass->cfg;
+	const ReceivedMessage *m = it->msg;
+	int failed = it->attempts + 1;
+	Datum a[7];
+	char nl[7];
+	bool keyed = RetryKey(cfg, m, a, nl);
+	if (!keyed) // nothing to remember it by: the broker's delivery count stands in
+		failed = std::max<int>(failed, static_cast<int>(m->delivery_count) + 1);
+	if (failed > cfg->max_retries) {
+		ErrorText d;
+		FormatText(&d, "%d attempt%s failed; the last with %s: %s", failed, failed == 1 ? "" : "s", reason, desc);
+		it->attempts = failed - 1;
+		it->gave_up = true;
+		SetReason(it, "MaxRetriesExceeded", d.c_str());
+		Record(pass, it, kDeadLettered);
+		return;
+	}
+	int shift = std::min(failed - 1, 30);
+	int64 ceiling = std::min<int64>(cfg->retry_cap_ms, static_cast<int64>(cfg->retry_base_ms) << shift);
+	int64 delay_ms = static_cast<int64>(pg_prng_uint64_range(&pg_global_prng_state, 0, static_cast<uint64>(ceiling)));
+	it->status = kTransient;
+	it->attempts = failed;
+	it->next_attempt = GetCurrentTimestamp() + delay_ms * 1000;
+	it->defer = cfg->can_defer && m->has_sequence_number && delay_ms > cfg->retry_hold_ms;
+	SetReason(it, reason, desc);
+	if (keyed) {
+		ErrorText err;
+		FormatText(&err, "%s: %s", reason, desc);
+		a[3] = Int32GetDatum(failed);
+		a[4] = TimestampTzGetDatum(it->next_attempt);
+		a[5] = CStringGetTextDatum(err.c_str());
+		a[6] = BoolGetDatum(it->defer || m->fetched); // a fetched message stays deferred on the broker
+		nl[3] = nl[4] = nl[5] = nl[6] = ' ';
+		spi::Exec(m->has_sequence_number ? kUpsertBySeq : kUpsertById, a, nl, SPI_OK_INSERT);
+	}
+	Notify(pass, it);
+}
+
+// The reason of a permanent failure (docs/retries.md): PermissionDenied for SQLSTATE 42501;
+// MappingError when the message's declarative mapping raised it; HandlerError otherwise, which
+// takes in an upcast's failure (docs/schemas.md) and a failure at COMMIT after the mapping or the
+// handler returned.
+const char *
+FailureReason(const ApplyItem *it, int sqlerrcode) {
+	if (sqlerrcode == ERRCODE_INSUFFICIENT_PRIVILEGE)
+		return "PermissionDenied";
+	return it->in_mapping ? "MappingError" : "HandlerError";
+}
+
+} // namespace
+
+bool
+IsTransient(int sqlerrcode) {
+	switch (ERRCODE_TO_CATEGORY(sqlerrcode)) {
+	case ERRCODE_TO_CATEGORY(ERRCODE_TRANSACTION_ROLLBACK):   // 40: serialization, deadlock
+	case ERRCODE_TO_CATEGORY(ERRCODE_INSUFFICIENT_RESOURCES): // 53: disk full, out of memory
+	case ERRCODE_TO_CATEGORY(ERRCODE_PROGRAM_LIMIT_EXCEEDED): // 54: statement too complex, stack depth
+	case ERRCODE_TO_CATEGORY(ERRCODE_OPERATOR_INTERVENTION):  // 57: query canceled, shutdown
+	case ERRCODE_TO_CATEGORY(ERRCODE_SYSTEM_ERROR):           // 58: I/O
+	case ERRCODE_TO_CATEGORY(ERRCODE_CONNECTION_EXCEPTION):   // 08: remote servers
+	case ERRCODE_TO_CATEGORY(ERRCODE_INTERNAL_ERROR):         // XX
+		return true;
+	default:
+		break;
+	}
+	return sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE || sqlerrcode == ERRCODE_OBJECT_IN_USE; // 55P03, 55006
+}
+
+void
+LookupRetries(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
+	Datum args[3];
+	if (!KeyArgs(cfg, items, lo, hi, true, args))
+		return;
+	spi::SpiResult res = spi::Exec(kLookup, args, nullptr, SPI_OK_SELECT);
+	int seq_col = res.Col("sequence_number"), id_col = res.Col("message_id"), attempts_col = res.Col("attempts");
+	int next_col = res.Col("next_attempt_at"), deferred_col = res.Col("deferred");
+	TimestampTz now = GetCurrentTimestamp();
+	for (uint64 r = 0; r < res.rows; ++r) {
+		bool seq_null;
+		int64 seq = DatumGetInt64(res.Value(r, seq_col, &seq_null));
+		char *mid = res.Text(r, id_col);
+		int attempts = res.Int32(r, attempts_col);
+		TimestampTz next = res.Timestamp(r, next_col);
+		bool deferred = res.Bool(r, deferred_col);
+		for (int i = lo; i < hi; ++i) {
+			ApplyItem *it = &items[i];
+			const ReceivedMessage *m = it->msg;
+			if (it->status == kDuplicate || MatchKey(m, seq_null, seq, mid) != kSame)
+				continue;
+			it->attempts = attempts;
+			if (next <= now)
+				continue;
+			// Back before its time (a lost lock, a restart, a deferral undone): wait again.
+			it->status = kDelayed;
+			it->next_attempt = next;
+			it->defer = cfg->can_defer && m->has_sequence_number && (next - now) / 1000 > cfg->retry_hold_ms;
+			if (it->defer && !deferred) {
+				Datum a[3];
+				char nl[3];
+				RetryKey(cfg, m, a, nl);
+				// res stays readable: another statement replaces SPI_tuptable, not res's table.
+				spi::Exec(kMarkDeferred, a, nl, SPI_OK_UPDATE);
+			}
+		}
+	}
+}
+
+void
+DeleteRetry(const SubConfig *cfg, const ApplyItem *it) {
+	Datum a[3];
+	char nl[3];
+	if (!RetryKey(cfg, it->msg, a, nl))
+		return;
+	if (it->msg->fetched && it->msg->has_sequence_number) {
+		// Still deferred on the broker until the settlement is confirmed: if it is lost, the row
+		// brings the message back (as a duplicate) a minute later.
+		spi::Exec(kAwaitSettlement, a, nl, SPI_OK_UPDATE);
+		return;
+	}
+	spi::Exec(kDelete, a, nl, SPI_OK_DELETE);
+}
+
+void
+FailItem(Pass *pass, ApplyItem *it, int sqlerrcode, const char *desc) {
+	const SubConfig *cfg = pass->cfg;
+	if (it->timed_out) {
+		ErrorText d;
+		FormatText(&d, "the handler ran longer than handler_timeout_ms (%d ms) and was cancelled: %s",
+		           cfg->handler_timeout_ms, desc);
+		ScheduleRetry(pass, it, "HandlerTimeout", d.c_str());
+		return;
+	}
+	if (IsTransient(sqlerrcode)) {
+		ScheduleRetry(pass, it, "TransientError", desc);
+		return;
+	}
+	ErrorText full;
+	full.Set(desc);
+	const char *reason = FailureReason(it, sqlerrcode);
+	if (it->in_mapping && ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_TO_CATEGORY(ERRCODE_DATA_EXCEPTION)) {
+		// A mapping's data error names the column and the value that failed.
+		char *what = DiagnoseMapping(pass, it);
+		if (what)
+			FormatText(&full, "%s (SQLSTATE %s)", what, unpack_sql_state(sqlerrcode));
+	}
+	SetReason(it, reason, full.c_str());
+	Record(pass, it, kDeadLettered);
+}
+
+int
+DueDeferred(const SubConfig *cfg, int64 *out, int max) {
+	int got = 0;
+	spi::ShortTransaction([&] {
+		Oid types[2] = {TEXTOID, INT4OID};
+		Datum args[2] = {CStringGetTextDatum(cfg->name), Int32GetDatum(max)};
+		spi::SpiResult res = spi::ExecSql("read sbpg.retries",
+		                                  "SELECT sequence_number FROM sbpg.retries WHERE subscription" OP_EQ
+		                                  "$1 AND deferred AND sequence_number IS "
+		                                  "NOT NULL AND next_attempt_at" OP_LE
+		                                  "pg_catalog.now() ORDER BY next_attempt_at USING" OP_LT "LIMIT $2",
+		                                  2, types, args, nullptr, SPI_OK_SELECT);
+		int seq_col = res.Col("sequence_number");
+		for (uint64 r = 0; r < res.rows && got < max; ++r)
+			out[got++] = res.Int64(r, seq_col);
+	});
+	return got;
+}
+
+void
+PostponeDeferred(const SubConfig *cfg, int64 seq) {
+	spi::ShortTransaction([&] {
+		Oid types[2] = {TEXTOID, INT8OID};
+		Datum args[2] = {CStringGetTextDatum(cfg->name), Int64GetDatum(seq)};
+		spi::ExecSql("update sbpg.retries",
+		             "UPDATE sbpg.retries SET next_attempt_at = pg_catalog.now()" OP_PLUS "interval '1 minute' "
+		             "WHERE subscription" OP_EQ "$1 AND sequence_number" OP_EQ "$2 AND deferred",
+		             2, types, args, nullptr, SPI_OK_UPDATE);
+	});
+}
+
+} // namespace sbpg::pg
