@@ -23,6 +23,7 @@ extern "C" {
 
 #include "access/xact.h"
 #include "pgstat.h"
+#include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 }
@@ -170,11 +171,34 @@ TestCommitFault(const ApplyItem *items, int lo, int hi) {
 	}
 }
 
+constexpr spi::PlanSpec kLockSubscription = {
+    "lock the subscription's row",
+    "SELECT 1 FROM sbpg.subscriptions s WHERE s.name" OP_EQ "$1 FOR KEY SHARE OF s",
+    1,
+    {TEXTOID},
+    false,
+    true,
+};
+
+// The subscription's row, locked FOR KEY SHARE until the pass ends: sbpg.drop_subscription (FOR
+// UPDATE) then waits for a batch in flight and deletes its inbox rows too, and a batch that comes
+// after the drop finds no row and records nothing (the launcher is ending the worker).
+void
+LockSubscription(const SubConfig *cfg) {
+	Datum arg = CStringGetTextDatum(cfg->name);
+	if (spi::Exec(kLockSubscription, &arg, nullptr, SPI_OK_SELECT).rows == 0)
+		ereport(ERROR, (errcode(ERRCODE_UNDEFINED_OBJECT),
+		                errmsg("sbpg: subscription \"%s\" no longer exists", cfg->name),
+		                errdetail("It was dropped while this batch was waiting; nothing of the batch is recorded, "
+		                          "and the broker delivers its messages again to whoever consumes the entity next.")));
+}
+
 // What a pass knows before it applies anything: the transaction, whether it notifies, which
 // items are redeliveries or wait for a later attempt, the mappings.
 void
 LookUpItems(Pass *pass, ApplyItem *items, int lo, int hi, BatchResult *out) {
 	const SubConfig *cfg = pass->cfg;
+	LockSubscription(cfg);
 	pass->xid = U64FromFullTransactionId(GetTopFullTransactionId());
 	out->xid = pass->xid;
 	LookupDuplicates(cfg, items, lo, hi);

@@ -335,10 +335,8 @@ describe("documented promises", () => {
     }
     await waitFor(async () => !(await workerPid("droprace")), { what: "worker droprace ended" });
     assert.equal(await retryRows("droprace"), 0);
-    // TODO(bug: drop_subscription leaves the rows of a batch in flight): sbpg.drop_subscription
-    // (sql/sbpg--0.1.sql) deletes the inbox rows it can see, but nothing makes it wait for a batch
-    // the worker is committing, and the batch does not check that its subscription still exists, so
-    // the batch's inbox row outlives the drop (and is never pruned: pruning runs per subscription).
+    // Each pass of a batch locks its subscription's row (FOR KEY SHARE, src/pg/pass.cpp), so the
+    // drop (FOR UPDATE) waited for the batch in flight and deleted its inbox row too.
     assert.equal(await inboxRows("droprace"), 0, "no inbox row outlives drop_subscription");
   });
 });

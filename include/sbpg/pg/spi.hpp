@@ -67,6 +67,9 @@ struct PlanSpec {
 	// statements that search the inbox or the retries, which a generic plan made while the table
 	// was empty would scan sequentially for ever after.
 	bool custom_plan;
+	// A SELECT that locks rows (FOR KEY SHARE ...): run read-write, as row locks require. Other
+	// SELECTs run read-only.
+	bool locks_rows;
 };
 
 // A result of a statement; its table stays valid until SPI_finish (or the end of the subtransaction
