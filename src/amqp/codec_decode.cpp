@@ -24,9 +24,9 @@ constexpr size_t kBudgetPerByte = 16;
 
 struct Budget {
 	size_t left;
-	explicit Budget(size_t input) : left(kBudgetBase + (input > (SIZE_MAX - kBudgetBase) / kBudgetPerByte
-	                                                        ? SIZE_MAX - kBudgetBase
-	                                                        : input * kBudgetPerByte)) {}
+	explicit Budget(size_t input)
+	    : left(kBudgetBase +
+	           (input > (SIZE_MAX - kBudgetBase) / kBudgetPerByte ? SIZE_MAX - kBudgetBase : input * kBudgetPerByte)) {}
 	bool Take(size_t n) {
 		if (n > left)
 			return false;

@@ -164,8 +164,8 @@ Consumer::Impl::ForgetConnection() {
 
 void
 Consumer::Impl::ScheduleReconnect(const std::string &why, bool was_connected) {
-	int64_t cap =
-	    std::min<int64_t>(cfg.reconnect_max_ms, static_cast<int64_t>(cfg.reconnect_min_ms) << std::min(attempts, 16));
+	int64_t cap = std::min<int64_t>(cfg.reconnect_max_ms, static_cast<int64_t>(cfg.reconnect_min_ms)
+	                                                          << std::min(attempts, 16));
 	int64_t delay = static_cast<int64_t>(rng() % static_cast<uint64_t>(cap + 1)); // full jitter
 	++attempts;
 	reconnect_at = amqp::Now() + std::max<int64_t>(delay, 50);

@@ -175,15 +175,16 @@ Deliveries::SettleFetched(const Settlement &s, Lock &l) {
 	}
 	uint64_t id = s.delivery_id;
 	l.renewing = true; // no renewal races the settlement
-	mgmt_.Request("com.microsoft:update-disposition", body, [this, id](int64_t code, const std::string &desc,
-	                                                                    const proton::value &) {
-		locks_.Release(id);
-		{
-			std::lock_guard<std::mutex> g(handoff_.mu);
-			handoff_.results.push_back({id, code == 200, code == 200 ? "" : std::to_string(code) + " " + desc});
-		}
-		handoff_.Wake();
-	});
+	mgmt_.Request(
+	    "com.microsoft:update-disposition", body,
+	    [this, id](int64_t code, const std::string &desc, const proton::value &) {
+		    locks_.Release(id);
+		    {
+			    std::lock_guard<std::mutex> g(handoff_.mu);
+			    handoff_.results.push_back({id, code == 200, code == 200 ? "" : std::to_string(code) + " " + desc});
+		    }
+		    handoff_.Wake();
+	    });
 }
 
 // Settles a delivery locally and returns its credit.

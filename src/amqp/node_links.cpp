@@ -15,8 +15,8 @@ void
 NodeLinks::Open(proton::connection &conn, const std::string &node, const std::string &reply_prefix, int credit) {
 	reply_ = reply_prefix + NewGuid();
 	sender_ = conn.open_sender(node);
-	receiver_ = conn.open_receiver(
-	    node, proton::receiver_options().credit_window(credit).target(proton::target_options().address(reply_)));
+	receiver_ = conn.open_receiver(node, proton::receiver_options().credit_window(credit).target(
+	                                         proton::target_options().address(reply_)));
 }
 
 void

@@ -34,13 +34,12 @@ TakeError(MemoryContext safe, PgError *err) {
 void
 ReportSqlError(const char *function, const PgError &err) {
 	if (err.sqlerrcode == ERRCODE_INTERNAL_ERROR)
-		ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR),
-		                errmsg("internal error in %s: %s", function, err.message.c_str()),
-		                errdetail("sbpg's C++ code failed unexpectedly; nothing the function did was kept."),
-		                errhint("This is a bug in sbpg: please report it with the statement that caused it.")));
+		ereport(ERROR,
+		        (errcode(ERRCODE_INTERNAL_ERROR), errmsg("internal error in %s: %s", function, err.message.c_str()),
+		         errdetail("sbpg's C++ code failed unexpectedly; nothing the function did was kept."),
+		         errhint("This is a bug in sbpg: please report it with the statement that caused it.")));
 	ereport(ERROR, (errcode(err.sqlerrcode ? err.sqlerrcode : ERRCODE_INTERNAL_ERROR),
-	                errmsg("%s", err.message.c_str()),
-	                err.detail.Empty() ? 0 : errdetail("%s", err.detail.c_str()),
+	                errmsg("%s", err.message.c_str()), err.detail.Empty() ? 0 : errdetail("%s", err.detail.c_str()),
 	                err.hint.Empty() ? 0 : errhint("%s", err.hint.c_str())));
 	pg_unreachable();
 }

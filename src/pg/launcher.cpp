@@ -60,9 +60,9 @@ struct Entry {
 // The launcher's own state, kept by sbpg_launcher_main and handed to every step (no file-scope
 // state: nothing here is needed by a PostgreSQL callback).
 struct Launcher {
-	Entry *entries;  // one per slot, in TopMemoryContext
+	Entry *entries; // one per slot, in TopMemoryContext
 	int nentries;
-	Oid ext_owner;   // the extension's owner, whom workers connect as
+	Oid ext_owner;    // the extension's owner, whom workers connect as
 	bool ext_present; // the extension exists in sbpg.database (as of the last read)
 };
 
@@ -107,16 +107,17 @@ LoadDesired(Launcher *l, Desired *out, int max) {
 		// and a dropped handler must pause the worker, not restart it (which would hand its held
 		// messages back to the broker). updated_at covers whatever alter_subscription changes.
 		// Every name schema-qualified: the launcher's session belongs to a superuser.
-		const char *q = "SELECT s.name, s.enabled, pg_catalog.md5(CAST(ROW(s.name, s.namespace, s.entity, "
-		                "CAST(s.handler AS pg_catalog.oid), CAST(s.run_as AS pg_catalog.oid), s.identity, s.batch_size, "
-		                "s.prefetch, s.notify_channel, s.enabled, s.options, s.updated_at) AS pg_catalog.text) "
-		                "OPERATOR(pg_catalog.||) "
-		                "coalesce(CAST(ROW(i.*) AS pg_catalog.text), '') OPERATOR(pg_catalog.||) coalesce(k.secret, '')) "
-		                "AS version "
-		                "FROM sbpg.subscriptions s "
-		                "LEFT JOIN sbpg.identities i ON i.name OPERATOR(pg_catalog.=) s.identity "
-		                "LEFT JOIN sbpg.identity_secrets k ON k.identity OPERATOR(pg_catalog.=) s.identity "
-		                "ORDER BY s.name USING OPERATOR(pg_catalog.<)";
+		const char *q =
+		    "SELECT s.name, s.enabled, pg_catalog.md5(CAST(ROW(s.name, s.namespace, s.entity, "
+		    "CAST(s.handler AS pg_catalog.oid), CAST(s.run_as AS pg_catalog.oid), s.identity, s.batch_size, "
+		    "s.prefetch, s.notify_channel, s.enabled, s.options, s.updated_at) AS pg_catalog.text) "
+		    "OPERATOR(pg_catalog.||) "
+		    "coalesce(CAST(ROW(i.*) AS pg_catalog.text), '') OPERATOR(pg_catalog.||) coalesce(k.secret, '')) "
+		    "AS version "
+		    "FROM sbpg.subscriptions s "
+		    "LEFT JOIN sbpg.identities i ON i.name OPERATOR(pg_catalog.=) s.identity "
+		    "LEFT JOIN sbpg.identity_secrets k ON k.identity OPERATOR(pg_catalog.=) s.identity "
+		    "ORDER BY s.name USING OPERATOR(pg_catalog.<)";
 		spi::SpiResult r = spi::ExecSql("read sbpg.subscriptions", q, 0, nullptr, nullptr, nullptr, SPI_OK_SELECT);
 		int name_col = r.Col("name"), enabled_col = r.Col("enabled"), version_col = r.Col("version");
 		for (uint64 row = 0; row < r.rows && n < max; ++row) {
@@ -198,9 +199,10 @@ StartEntry(const Launcher *l, Entry *e, const Desired *d) {
 	bool ok = RegisterDynamicBackgroundWorker(&w, &handle);
 	MemoryContextSwitchTo(old);
 	if (!ok) {
-		ereport(WARNING, (errmsg("sbpg: cannot start a worker for subscription \"%s\": no background worker slot is free",
-		                         e->name),
-		                  errhint("Raise max_worker_processes and restart the server.")));
+		ereport(WARNING,
+		        (errmsg("sbpg: cannot start a worker for subscription \"%s\": no background worker slot is free",
+		                e->name),
+		         errhint("Raise max_worker_processes and restart the server.")));
 		e->next_start = GetCurrentTimestamp() + 10 * USECS_PER_SEC;
 		return;
 	}

@@ -64,8 +64,10 @@ Oid tenant_role = InvalidOid;
 
 namespace {
 
-const struct config_enum_entry kLogMessagesOptions[] = {
-    {"none", kLogNone, false}, {"failures", kLogFailures, false}, {"all", kLogAll, false}, {nullptr, 0, false}};
+const struct config_enum_entry kLogMessagesOptions[] = {{"none", kLogNone, false},
+                                                        {"failures", kLogFailures, false},
+                                                        {"all", kLogAll, false},
+                                                        {nullptr, 0, false}};
 
 // The hooks installed before ours, each called on by ours (PostgreSQL's hook chaining).
 shmem_request_hook_type prev_shmem_request_hook = nullptr;
@@ -167,8 +169,9 @@ FmgrHook(FmgrHookEventType event, FmgrInfo *flinfo, Datum *arg) {
 		return;
 	if (nframes == maxframes) {
 		int grow = maxframes ? maxframes * 2 : 16;
-		frames = static_cast<DefinerFrame *>(frames ? repalloc(frames, sizeof(DefinerFrame) * grow)
-		                                            : MemoryContextAlloc(TopMemoryContext, sizeof(DefinerFrame) * grow));
+		frames = static_cast<DefinerFrame *>(frames
+		                                         ? repalloc(frames, sizeof(DefinerFrame) * grow)
+		                                         : MemoryContextAlloc(TopMemoryContext, sizeof(DefinerFrame) * grow));
 		maxframes = grow;
 	}
 	// fmgr_security_definer has switched to the owner already.
@@ -364,11 +367,11 @@ _PG_init(void) {
 	                         kLogFailures, kLogMessagesOptions, PGC_SIGHUP, 0, nullptr, nullptr, nullptr);
 	DefineCustomIntVariable("sbpg.inbox_retention", "How long sbpg.inbox keeps rows whose settlement was confirmed.",
 	                        "0 keeps them forever. Rows whose settlement was never confirmed are kept.",
-	                        &guc_inbox_retention_s, 7 * 24 * 3600, 0, INT_MAX, PGC_SIGHUP, GUC_UNIT_S, nullptr,
-	                        nullptr, nullptr);
+	                        &guc_inbox_retention_s, 7 * 24 * 3600, 0, INT_MAX, PGC_SIGHUP, GUC_UNIT_S, nullptr, nullptr,
+	                        nullptr);
 	DefineCustomIntVariable("sbpg.max_json_depth", "Deepest JSON nesting a message body may have.",
-	                        "Deeper bodies are dead-lettered instead of reaching jsonb.", &guc_max_json_depth, 1000,
-	                        1, 100000, PGC_SIGHUP, 0, nullptr, nullptr, nullptr);
+	                        "Deeper bodies are dead-lettered instead of reaching jsonb.", &guc_max_json_depth, 1000, 1,
+	                        100000, PGC_SIGHUP, 0, nullptr, nullptr, nullptr);
 	DefineCustomStringVariable("sbpg.ca_file", "A PEM file of CA certificates trusted in addition to the system's.",
 	                           "Used for amqps:// connections and the HTTPS token endpoints, with host-name "
 	                           "verification. Empty: only the system's CA store.",
@@ -421,14 +424,16 @@ Caller(FunctionCallInfo fcinfo) {
 	if (OidIsValid(tenant_role))
 		PG_RETURN_OID(tenant_role);
 	if (in_sbpg_worker)
-		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-		                errmsg("sbpg's configuration functions cannot be called by an sbpg worker outside tenant code")));
+		ereport(ERROR,
+		        (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+		         errmsg("sbpg's configuration functions cannot be called by an sbpg worker outside tenant code")));
 	if (InSecurityRestrictedOperation())
-		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-		                errmsg("sbpg's configuration functions cannot be called within a security-restricted operation"),
-		                errdetail("Index expressions, materialized views and maintenance commands run a table owner's "
-		                          "code under another session user, so the role calling cannot be told."),
-		                errhint("Call them in a session of your own.")));
+		ereport(ERROR,
+		        (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+		         errmsg("sbpg's configuration functions cannot be called within a security-restricted operation"),
+		         errdetail("Index expressions, materialized views and maintenance commands run a table owner's "
+		                   "code under another session user, so the role calling cannot be told."),
+		         errhint("Call them in a session of your own.")));
 	PG_RETURN_OID(GetOuterUserId());
 }
 
@@ -470,8 +475,7 @@ struct StatsRow {
 			if (!a->attisdropped && strcmp(NameStr(a->attname), column) == 0)
 				return k;
 		}
-		ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR),
-		                errmsg("sbpg._worker_stats() has no column \"%s\"", column),
+		ereport(ERROR, (errcode(ERRCODE_INTERNAL_ERROR), errmsg("sbpg._worker_stats() has no column \"%s\"", column),
 		                errhint("The installed extension's version does not match the library: ALTER EXTENSION sbpg "
 		                        "UPDATE.")));
 		pg_unreachable();

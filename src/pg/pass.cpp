@@ -187,10 +187,10 @@ void
 LockSubscription(const SubConfig *cfg) {
 	Datum arg = CStringGetTextDatum(cfg->name);
 	if (spi::Exec(kLockSubscription, &arg, nullptr, SPI_OK_SELECT).rows == 0)
-		ereport(ERROR, (errcode(ERRCODE_UNDEFINED_OBJECT),
-		                errmsg("sbpg: subscription \"%s\" no longer exists", cfg->name),
-		                errdetail("It was dropped while this batch was waiting; nothing of the batch is recorded, "
-		                          "and the broker delivers its messages again to whoever consumes the entity next.")));
+		ereport(ERROR,
+		        (errcode(ERRCODE_UNDEFINED_OBJECT), errmsg("sbpg: subscription \"%s\" no longer exists", cfg->name),
+		         errdetail("It was dropped while this batch was waiting; nothing of the batch is recorded, "
+		                   "and the broker delivers its messages again to whoever consumes the entity next.")));
 }
 
 // What a pass knows before it applies anything: the transaction, whether it notifies, which

@@ -145,7 +145,8 @@ SpiResult::Text(uint64 row, int col, MemoryContext cxt) const {
 SpiResult
 Exec(const PlanSpec &spec, const Datum *args, const char *nulls, int expect, long limit) {
 	SPIPlanPtr plan = PlanFor(spec);
-	int rc = SPI_execute_plan(plan, const_cast<Datum *>(args), nulls, expect == SPI_OK_SELECT && !spec.locks_rows, limit);
+	int rc = SPI_execute_plan(plan, const_cast<Datum *>(args), nulls, expect == SPI_OK_SELECT && !spec.locks_rows,
+	                          limit);
 	return Checked(rc, expect, spec.what);
 }
 

@@ -70,8 +70,8 @@ Worker::RefreshSchemas(bool force) {
 		return;
 	std::vector<schema::SchemaRow> list;
 	if (!PgGuard([&] { LoadSchemas(&list); }, &err)) {
-		Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": cannot read sbpg.schemas: " +
-		                 err.message.c_str());
+		Log(WARNING, std::string("sbpg: subscription \"") + start_.name +
+		                 "\": cannot read sbpg.schemas: " + err.message.c_str());
 		return;
 	}
 	std::vector<std::string> errors;
@@ -108,8 +108,8 @@ Worker::ProcessBatch(std::vector<ReceivedMessage> &msgs) {
 	AfterCommit(res);
 	if (testing::Fires(testing::kExitAfterCommit)) {
 		// Leave the loop before any settlement; sbpg_worker_main exits once the C++ frames are gone.
-		Log(LOG, std::string("sbpg: test fault ") + testing::ArmedFault() +
-		             ": exiting after commit, before settlement");
+		Log(LOG,
+		    std::string("sbpg: test fault ") + testing::ArmedFault() + ": exiting after commit, before settlement");
 		exit_code_ = 1;
 		return;
 	}
@@ -127,7 +127,8 @@ Worker::DropStale(std::vector<ReceivedMessage> &msgs) {
 		for (auto it = awaiting_.begin(); it != awaiting_.end();)
 			it = it->second.gen != gen ? awaiting_.erase(it) : std::next(it);
 	}
-	msgs.erase(std::remove_if(msgs.begin(), msgs.end(), [gen](const ReceivedMessage &m) { return m.connection_gen != gen; }),
+	msgs.erase(std::remove_if(msgs.begin(), msgs.end(),
+	                          [gen](const ReceivedMessage &m) { return m.connection_gen != gen; }),
 	           msgs.end());
 	for (auto &m : msgs)
 		if (m.has_sequence_number)
@@ -148,8 +149,8 @@ Worker::Apply(std::vector<ApplyItem> &items, BatchResult *res, PgError *err) {
 	    err);
 	PgError cleanup_err;
 	if (!PgGuard([] { CleanSession(); }, &cleanup_err))
-		Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": cannot clean the session: " +
-		                 cleanup_err.message.c_str());
+		Log(WARNING, std::string("sbpg: subscription \"") + start_.name +
+		                 "\": cannot clean the session: " + cleanup_err.message.c_str());
 	return ok;
 }
 
@@ -237,7 +238,8 @@ Worker::Settle(std::vector<ApplyItem> &items, std::vector<ReceivedMessage> &msgs
 		Count(it, m, held, s, commit_ms);
 		int effective = it.status == kDuplicate ? it.recorded : it.status;
 		if (effective == kApplied || effective == kDeadLettered)
-			awaiting_[m.delivery_id] = InboxKey{m.has_sequence_number, m.sequence_number, m.message_id, m.connection_gen};
+			awaiting_[m.delivery_id] = InboxKey{m.has_sequence_number, m.sequence_number, m.message_id,
+			                                    m.connection_gen};
 		bool failure = it.status == kDeadLettered || it.status == kTransient ||
 		               (it.status == kDuplicate && it.recorded == kDeadLettered);
 		if (guc_log_messages == kLogAll || (guc_log_messages == kLogFailures && failure))

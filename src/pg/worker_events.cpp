@@ -39,9 +39,9 @@ Worker::LogTokenEvents() {
 	if (!tokens_)
 		return;
 	for (auto &l : tokens_->TakeLog())
-		Log(l.routine ? DEBUG1 : LOG,
-		    std::string("sbpg: {\"event\":\"token\",\"subscription\":\"") + JsonEscape(start_.name) +
-		        "\",\"identity\":\"" + JsonEscape(cfg_.identity) + "\",\"detail\":\"" + JsonEscape(l.text) + "\"}");
+		Log(l.routine ? DEBUG1 : LOG, std::string("sbpg: {\"event\":\"token\",\"subscription\":\"") +
+		                                  JsonEscape(start_.name) + "\",\"identity\":\"" + JsonEscape(cfg_.identity) +
+		                                  "\",\"detail\":\"" + JsonEscape(l.text) + "\"}");
 }
 
 void
@@ -50,8 +50,8 @@ Worker::LogConnectionEvents() {
 	consumer_->TakeEvents(&events);
 	for (auto &e : events) {
 		int level = LOG;
-		std::string line = std::string("sbpg: {\"event\":\"connection\",\"subscription\":\"") + JsonEscape(start_.name) +
-		                   "\",\"state\":\"";
+		std::string line = std::string("sbpg: {\"event\":\"connection\",\"subscription\":\"") +
+		                   JsonEscape(start_.name) + "\",\"state\":\"";
 		switch (e.kind) {
 		case ConsumerEvent::Kind::Connected:
 			line += "connected";
@@ -126,8 +126,8 @@ Worker::HandleResults() {
 			// The broker will deliver the message again; the inbox recognises it then.
 			++stats_.settle_failures;
 			if (guc_log_messages != kLogNone)
-				Log(LOG, std::string("sbpg: {\"event\":\"settle_failed\",\"subscription\":\"") + JsonEscape(start_.name) +
-				             "\",\"detail\":\"" + JsonEscape(r.error) + "\"}");
+				Log(LOG, std::string("sbpg: {\"event\":\"settle_failed\",\"subscription\":\"") +
+				             JsonEscape(start_.name) + "\",\"detail\":\"" + JsonEscape(r.error) + "\"}");
 		}
 		awaiting_.erase(it);
 	}

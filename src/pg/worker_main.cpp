@@ -141,8 +141,9 @@ OnExit(int, Datum) {
 	if (g_tokens)
 		g_tokens->Abort();
 	if (g_slot && EndedByTimeLimit()) {
-		const char *why = "tenant code went on past handler_timeout_ms after its statement was cancelled, so the worker "
-		                  "ended; the broker delivers the message again";
+		const char *why =
+		    "tenant code went on past handler_timeout_ms after its statement was cancelled, so the worker "
+		    "ended; the broker delivers the message again";
 		ereport(LOG, (errmsg("sbpg: subscription \"%s\": %s", g_slot->name, why)));
 		SetError(why);
 	}
@@ -274,13 +275,16 @@ Worker::StampConfirmed(TimestampTz now) {
 		return;
 	ConfirmedKeys keys = CollectConfirmed(confirmed_);
 	PgError err;
-	if (PgGuard([&] { StampSettled(&cfg_, keys.seqs.data(), static_cast<int>(keys.seqs.size()), keys.ids.data(),
-	                               static_cast<int>(keys.ids.size())); },
-	            &err))
+	if (PgGuard(
+	        [&] {
+		        StampSettled(&cfg_, keys.seqs.data(), static_cast<int>(keys.seqs.size()), keys.ids.data(),
+		                     static_cast<int>(keys.ids.size()));
+	        },
+	        &err))
 		confirmed_.clear();
 	else
-		Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": cannot stamp settled_at: " +
-		                 err.message.c_str());
+		Log(WARNING,
+		    std::string("sbpg: subscription \"") + start_.name + "\": cannot stamp settled_at: " + err.message.c_str());
 	last_stamp_ = now;
 }
 
@@ -289,8 +293,8 @@ Worker::StampConfirmed(TimestampTz now) {
 // long or competes with applying messages.
 void
 Worker::Prune(TimestampTz now) {
-	int64 prune_every = std::min<int64>(60 * USECS_PER_SEC, std::max<int64>(USECS_PER_SEC,
-	                                                                        guc_inbox_retention_s * USECS_PER_SEC / 2));
+	int64 prune_every = std::min<int64>(60 * USECS_PER_SEC,
+	                                    std::max<int64>(USECS_PER_SEC, guc_inbox_retention_s * USECS_PER_SEC / 2));
 	if (guc_inbox_retention_s <= 0 || now - last_prune_ <= prune_every)
 		return;
 	last_prune_ = now;
@@ -298,8 +302,8 @@ Worker::Prune(TimestampTz now) {
 	int64 removed = 0, round = 0;
 	for (int i = 0; i < 20; ++i) {
 		if (!PgGuard([&] { round = PruneInbox(&cfg_, guc_inbox_retention_s, 1000); }, &err)) {
-			Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": cannot prune sbpg.inbox: " +
-			                 err.message.c_str());
+			Log(WARNING, std::string("sbpg: subscription \"") + start_.name +
+			                 "\": cannot prune sbpg.inbox: " + err.message.c_str());
 			break;
 		}
 		removed += round;

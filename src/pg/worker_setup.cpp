@@ -139,8 +139,8 @@ Worker::Setup() {
 	if (!PgGuard([&] { LoadSubConfig(start_.name, &cfg_); }, &err)) {
 		SetError(std::string("cannot read the subscription: ") + err.message.c_str());
 		SetState(kStateFailed);
-		Log(WARNING, std::string("sbpg: subscription \"") + start_.name + "\": cannot read its settings: " +
-		                 err.message.c_str());
+		Log(WARNING, std::string("sbpg: subscription \"") + start_.name +
+		                 "\": cannot read its settings: " + err.message.c_str());
 		return false;
 	}
 	if (!cfg_.found || !cfg_.enabled) {
@@ -200,8 +200,10 @@ Worker::Authentication(ConsumerConfig *cc) {
 	if (kind == "managed_identity" || kind == "workload_identity" || kind == "client_secret" || kind == "default") {
 		// Checked when the subscription was created; checked again here, where the token would go.
 		if (!cfg_.token_destination_ok)
-			return Fail(std::string("identity \"") + cfg_.identity + "\" sends Entra ID tokens only over TLS to "
-			            "Service Bus namespaces or to brokers it lists in allowed_namespaces, not to " + cfg_.namespace_,
+			return Fail(std::string("identity \"") + cfg_.identity +
+			                "\" sends Entra ID tokens only over TLS to "
+			                "Service Bus namespaces or to brokers it lists in allowed_namespaces, not to " +
+			                cfg_.namespace_,
 			            true);
 		return SetupTokens(cc);
 	}
@@ -242,7 +244,8 @@ bool
 Worker::SetupTokens(ConsumerConfig *cc) {
 	IdentityConfig ic;
 	std::string why;
-	bool ok = IdentityConfigFromJson(cfg_.identity_kind, cfg_.identity_options ? cfg_.identity_options : "{}", &ic, &why);
+	bool ok = IdentityConfigFromJson(cfg_.identity_kind, cfg_.identity_options ? cfg_.identity_options : "{}", &ic,
+	                                 &why);
 	if (ok) {
 		if (cfg_.key)
 			ic.client_secret = cfg_.key; // a client secret given literally

@@ -169,7 +169,8 @@ FuzzValue(FuzzedDataProvider &in, int depth) {
 		std::vector<amqp::Value> kv;
 		int n = in.ConsumeIntegralInRange<int>(0, 4);
 		for (int k = 0; k < n; ++k) {
-			kv.push_back(in.ConsumeBool() ? amqp::Value::String(in.ConsumeRandomLengthString(16)) : FuzzValue(in, depth + 1));
+			kv.push_back(in.ConsumeBool() ? amqp::Value::String(in.ConsumeRandomLengthString(16))
+			                              : FuzzValue(in, depth + 1));
 			kv.push_back(FuzzValue(in, depth + 1));
 		}
 		return amqp::Value::Map(kv);
@@ -185,8 +186,14 @@ FuzzValue(FuzzedDataProvider &in, int depth) {
 
 std::string
 FuzzText(FuzzedDataProvider &in) {
-	static const char *const types[] = {"application/json", "text/json; charset=utf-8", " Application/Problem+JSON ",
-	                                    "text/plain", "", "application/octet-stream", "+json", "application/json;"};
+	static const char *const types[] = {"application/json",
+	                                    "text/json; charset=utf-8",
+	                                    " Application/Problem+JSON ",
+	                                    "text/plain",
+	                                    "",
+	                                    "application/octet-stream",
+	                                    "+json",
+	                                    "application/json;"};
 	if (in.ConsumeBool())
 		return types[in.ConsumeIntegralInRange<int>(0, 7)];
 	return in.ConsumeRandomLengthString(24);
@@ -202,8 +209,8 @@ BuildMessage(FuzzedDataProvider &in, int depth) {
 	}
 	if (in.ConsumeBool()) {
 		std::vector<amqp::Value> kv{amqp::Value::Symbol("x-opt-sequence-number"), FuzzValue(in, 3),
-		                            amqp::Value::Symbol("x-opt-enqueued-time"), FuzzValue(in, 3),
-		                            amqp::Value::Symbol("x-opt-locked-until"), FuzzValue(in, 3)};
+		                            amqp::Value::Symbol("x-opt-enqueued-time"),   FuzzValue(in, 3),
+		                            amqp::Value::Symbol("x-opt-locked-until"),    FuzzValue(in, 3)};
 		amqp::EncodeSection(amqp::kMessageAnnotations, amqp::Value::Map(kv), &msg);
 	}
 	if (in.ConsumeBool()) {
@@ -239,7 +246,8 @@ BuildMessage(FuzzedDataProvider &in, int depth) {
 	}
 	case 2:
 		amqp::EncodeSection(amqp::kAmqpValue,
-		                    in.ConsumeBool() ? amqp::Value::String(in.ConsumeRemainingBytesAsString()) : FuzzValue(in, 0),
+		                    in.ConsumeBool() ? amqp::Value::String(in.ConsumeRemainingBytesAsString())
+		                                     : FuzzValue(in, 0),
 		                    &msg);
 		break;
 	default: {

@@ -15,7 +15,8 @@
 namespace oracle {
 
 // RFC 3629 UTF-8: no overlong forms, no surrogates, nothing above U+10FFFF.
-inline bool StrictUtf8(std::string_view s) {
+inline bool
+StrictUtf8(std::string_view s) {
 	const unsigned char *p = reinterpret_cast<const unsigned char *>(s.data());
 	size_t n = s.size(), i = 0;
 	while (i < n) {
@@ -44,8 +45,7 @@ inline bool StrictUtf8(std::string_view s) {
 				return false;
 			cp = (cp << 6) | (p[i + k] & 0x3f);
 		}
-		if ((need == 2 && cp < 0x800) || (need == 3 && cp < 0x10000) || cp > 0x10ffff ||
-		    (cp >= 0xd800 && cp <= 0xdfff))
+		if ((need == 2 && cp < 0x800) || (need == 3 && cp < 0x10000) || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
 			return false;
 		i += need + 1;
 	}
@@ -55,7 +55,8 @@ inline bool StrictUtf8(std::string_view s) {
 // Whether PostgreSQL 15's numeric_in accepts a JSON number (grammar already checked): decimal
 // exponent magnitude below INT_MAX/2, display scale at most 16383, and for non-zero values the
 // leading digit's decimal weight at most 131071 (32767 base-10000 digits).
-inline bool NumericFits(std::string_view num) {
+inline bool
+NumericFits(std::string_view num) {
 	size_t i = 0;
 	if (i < num.size() && num[i] == '-')
 		++i;
@@ -103,7 +104,8 @@ struct Verdict {
 };
 
 // Would PostgreSQL's jsonb_in accept `text` (with nesting at most max_depth)?
-inline Verdict JsonbAccepts(std::string_view text, int max_depth) {
+inline Verdict
+JsonbAccepts(std::string_view text, int max_depth) {
 	Verdict v;
 	if (text.empty()) {
 		v.why = "empty";
@@ -154,15 +156,29 @@ inline Verdict JsonbAccepts(std::string_view text, int max_depth) {
 			// grammar: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?
 			size_t k = 0;
 			bool ok = true;
-			auto run = [&] { size_t s0 = k; while (k < tok.size() && tok[k] >= '0' && tok[k] <= '9') ++k; return k - s0; };
-			if (k < tok.size() && tok[k] == '-') ++k;
-			if (k < tok.size() && tok[k] == '0') ++k;
-			else if (!run()) ok = false;
-			if (ok && k < tok.size() && tok[k] == '.') { ++k; if (!run()) ok = false; }
+			auto run = [&] {
+				size_t s0 = k;
+				while (k < tok.size() && tok[k] >= '0' && tok[k] <= '9')
+					++k;
+				return k - s0;
+			};
+			if (k < tok.size() && tok[k] == '-')
+				++k;
+			if (k < tok.size() && tok[k] == '0')
+				++k;
+			else if (!run())
+				ok = false;
+			if (ok && k < tok.size() && tok[k] == '.') {
+				++k;
+				if (!run())
+					ok = false;
+			}
 			if (ok && k < tok.size() && (tok[k] == 'e' || tok[k] == 'E')) {
 				++k;
-				if (k < tok.size() && (tok[k] == '+' || tok[k] == '-')) ++k;
-				if (!run()) ok = false;
+				if (k < tok.size() && (tok[k] == '+' || tok[k] == '-'))
+					++k;
+				if (!run())
+					ok = false;
 			}
 			ok = ok && k == tok.size();
 			if (ok && !NumericFits(tok))

@@ -51,8 +51,9 @@ ClassifyFuzzed(FuzzedDataProvider &in) {
 	m.content_type = in.PickValueInArray({"application/json", "application/json; v=2", "application/cloudevents+json",
 	                                      "text/plain", "", "application/json;version=\"1\""});
 	std::string props = in.ConsumeRandomLengthString(200);
-	m.properties_json = in.ConsumeBool() ? props : std::string("{\"schema_version\":") +
-	                                                   std::to_string(in.ConsumeIntegralInRange<int>(-2, 3)) + "}";
+	m.properties_json = in.ConsumeBool() ? props
+	                                     : std::string("{\"schema_version\":") +
+	                                           std::to_string(in.ConsumeIntegralInRange<int>(-2, 3)) + "}";
 	m.raw_body = in.ConsumeRemainingBytesAsString();
 	m.body_kind = sbpg::BodyKind::Data;
 	std::string why;

@@ -51,7 +51,8 @@ struct DeliveryAccess : proton::delivery {
 	}
 };
 
-inline std::string ReadAll(int fd) {
+inline std::string
+ReadAll(int fd) {
 	std::string out;
 	char buf[4096];
 	ssize_t n;
@@ -61,10 +62,12 @@ inline std::string ReadAll(int fd) {
 }
 
 // A TCP connection to host:port (the caller closes it); -1 when it cannot connect.
-inline int ConnectTcp(const std::string &hostport) {
+inline int
+ConnectTcp(const std::string &hostport) {
 	size_t colon = hostport.rfind(':');
 	std::string host = hostport.substr(0, colon), port = hostport.substr(colon + 1);
-	struct addrinfo hints {}, *res = nullptr;
+	struct addrinfo hints {
+	}, *res = nullptr;
 	hints.ai_socktype = SOCK_STREAM;
 	if (getaddrinfo(host.c_str(), port.c_str(), &hints, &res) != 0)
 		throw std::runtime_error("cannot resolve " + hostport);
@@ -79,8 +82,9 @@ inline int ConnectTcp(const std::string &hostport) {
 }
 
 // A blocking HTTP/1.1 request to host:port; returns the body, sets *status.
-inline std::string Http(const std::string &hostport, const std::string &method, const std::string &path,
-                        int *status = nullptr, const std::string &body = "") {
+inline std::string
+Http(const std::string &hostport, const std::string &method, const std::string &path, int *status = nullptr,
+     const std::string &body = "") {
 	int fd = ConnectTcp(hostport);
 	if (fd < 0)
 		throw std::runtime_error("cannot connect to control " + hostport);
@@ -98,7 +102,8 @@ inline std::string Http(const std::string &hostport, const std::string &method, 
 }
 
 // The integer value of "field" in a flat JSON object (enough for sbemu's counts).
-inline long JsonInt(const std::string &json, const std::string &field) {
+inline long
+JsonInt(const std::string &json, const std::string &field) {
 	std::string key = "\"" + field + "\":";
 	size_t pos = json.find(key);
 	if (pos == std::string::npos)
@@ -107,7 +112,8 @@ inline long JsonInt(const std::string &json, const std::string &field) {
 }
 
 // The value after "key=" in a readiness line, up to the next space or newline.
-inline std::string Field(const std::string &line, const std::string &key) {
+inline std::string
+Field(const std::string &line, const std::string &key) {
 	size_t pos = line.find(" " + key + "=");
 	if (pos == std::string::npos)
 		return "";
@@ -116,7 +122,8 @@ inline std::string Field(const std::string &line, const std::string &key) {
 	return line.substr(start, end == std::string::npos ? std::string::npos : end - start);
 }
 
-inline std::string UrlEncode(const std::string &s) {
+inline std::string
+UrlEncode(const std::string &s) {
 	static const char hex[] = "0123456789ABCDEF";
 	std::string out;
 	for (unsigned char c : s) {
@@ -131,35 +138,39 @@ inline std::string UrlEncode(const std::string &s) {
 	return out;
 }
 
-inline std::string Base64(const std::string &in) {
+inline std::string
+Base64(const std::string &in) {
 	std::string out(4 * ((in.size() + 2) / 3) + 1, '\0');
-	int n = EVP_EncodeBlock(reinterpret_cast<unsigned char *>(&out[0]), reinterpret_cast<const unsigned char *>(in.data()),
-	                        static_cast<int>(in.size()));
+	int n = EVP_EncodeBlock(reinterpret_cast<unsigned char *>(&out[0]),
+	                        reinterpret_cast<const unsigned char *>(in.data()), static_cast<int>(in.size()));
 	out.resize(static_cast<size_t>(n));
 	return out;
 }
 
 // A Shared Access Signature as the SDKs make it.
-inline std::string SasToken(const std::string &resource, const std::string &key_name, const std::string &key,
-                            long expiry_unix) {
+inline std::string
+SasToken(const std::string &resource, const std::string &key_name, const std::string &key, long expiry_unix) {
 	std::string sr = UrlEncode(resource), se = std::to_string(expiry_unix);
 	std::string to_sign = sr + "\n" + se;
 	unsigned char mac[EVP_MAX_MD_SIZE];
 	unsigned int len = 0;
-	HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()), reinterpret_cast<const unsigned char *>(to_sign.data()),
-	     to_sign.size(), mac, &len);
-	return "SharedAccessSignature sr=" + sr + "&sig=" + UrlEncode(Base64(std::string(reinterpret_cast<char *>(mac), len))) +
-	       "&se=" + se + "&skn=" + UrlEncode(key_name);
+	HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()),
+	     reinterpret_cast<const unsigned char *>(to_sign.data()), to_sign.size(), mac, &len);
+	return "SharedAccessSignature sr=" + sr +
+	       "&sig=" + UrlEncode(Base64(std::string(reinterpret_cast<char *>(mac), len))) + "&se=" + se +
+	       "&skn=" + UrlEncode(key_name);
 }
 
-inline long NowUnix() {
-	return static_cast<long>(std::chrono::duration_cast<std::chrono::seconds>(
-	                             std::chrono::system_clock::now().time_since_epoch())
-	                             .count());
+inline long
+NowUnix() {
+	return static_cast<long>(
+	    std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count());
 }
 
 // Polls fn until true; the timeout only guards against a hang.
-template <class F> bool WaitUntil(F fn, int timeout_ms = 15000) {
+template <class F>
+bool
+WaitUntil(F fn, int timeout_ms = 15000) {
 	auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
 	while (std::chrono::steady_clock::now() < deadline) {
 		if (fn())
@@ -177,8 +188,8 @@ class Sbemu {
 		if (!mkdtemp(dir))
 			throw std::runtime_error("mkdtemp failed");
 		dir_ = dir;
-		std::vector<std::string> argv = {SBEMU_BIN, "--control", "127.0.0.1:0", "--log-file", dir_ + "/sbemu.log",
-		                                 "--log-level", "debug"};
+		std::vector<std::string> argv = {SBEMU_BIN,           "--control",   "127.0.0.1:0", "--log-file",
+		                                 dir_ + "/sbemu.log", "--log-level", "debug"};
 		bool has_listen = false;
 		for (auto &a : args)
 			if (a == "--listen" || a == "--tls-listen")

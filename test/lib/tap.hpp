@@ -26,12 +26,14 @@ struct Test {
 	std::function<void()> fn;
 };
 
-inline std::vector<Test> &Registry() {
+inline std::vector<Test> &
+Registry() {
 	static std::vector<Test> tests;
 	return tests;
 }
 
-inline std::vector<std::string> &Failures() {
+inline std::vector<std::string> &
+Failures() {
 	static std::vector<std::string> f;
 	return f;
 }
@@ -40,13 +42,15 @@ struct Register {
 	Register(const char *name, std::function<void()> fn) { Registry().push_back({name, std::move(fn)}); }
 };
 
-inline void Fail(const char *file, int line, const std::string &msg) {
+inline void
+Fail(const char *file, int line, const std::string &msg) {
 	std::ostringstream s;
 	s << file << ":" << line << ": " << msg;
 	Failures().push_back(s.str());
 }
 
-inline int RunAll(int argc, char **argv) {
+inline int
+RunAll(int argc, char **argv) {
 	const char *filter = argc > 1 ? argv[1] : nullptr;
 	int n = 0, pass = 0, fail = 0;
 	std::vector<Test *> selected;
@@ -86,7 +90,7 @@ inline int RunAll(int argc, char **argv) {
 #define TAP_CAT(a, b) TAP_CAT2(a, b)
 #define TEST(name)                                                                                                     \
 	static void TAP_CAT(tap_test_, __LINE__)();                                                                        \
-	static tap::Register TAP_CAT(tap_reg_, __LINE__)(name, TAP_CAT(tap_test_, __LINE__));                               \
+	static tap::Register TAP_CAT(tap_reg_, __LINE__)(name, TAP_CAT(tap_test_, __LINE__));                              \
 	static void TAP_CAT(tap_test_, __LINE__)()
 
 #define CHECK(cond)                                                                                                    \

@@ -249,8 +249,10 @@ JwtKeys::AddJwksFile(const std::string &path, std::string *err) {
 		std::string n, e;
 		if (!Base64Decode(k["n"].GetString(), &n) || !Base64Decode(k["e"].GetString(), &e))
 			continue;
-		BIGNUM *bn_n = BN_bin2bn(reinterpret_cast<const unsigned char *>(n.data()), static_cast<int>(n.size()), nullptr);
-		BIGNUM *bn_e = BN_bin2bn(reinterpret_cast<const unsigned char *>(e.data()), static_cast<int>(e.size()), nullptr);
+		BIGNUM *bn_n = BN_bin2bn(reinterpret_cast<const unsigned char *>(n.data()), static_cast<int>(n.size()),
+		                         nullptr);
+		BIGNUM *bn_e = BN_bin2bn(reinterpret_cast<const unsigned char *>(e.data()), static_cast<int>(e.size()),
+		                         nullptr);
 		OSSL_PARAM_BLD *bld = OSSL_PARAM_BLD_new();
 		OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_N, bn_n);
 		OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_E, bn_e);

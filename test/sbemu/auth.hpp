@@ -26,11 +26,11 @@ struct SasKey {
 // The outcome of verifying one token.
 struct TokenGrant {
 	bool ok = false;
-	std::string error;       // why it was refused (never contains the token)
-	std::string scope;       // entity path prefix the token covers ("" = whole namespace), lower case
-	int64_t expires_ms = 0;  // wall-clock expiry
+	std::string error;      // why it was refused (never contains the token)
+	std::string scope;      // entity path prefix the token covers ("" = whole namespace), lower case
+	int64_t expires_ms = 0; // wall-clock expiry
 	unsigned rights = 0;
-	std::string identity;    // key name, or the JWT's oid/appid/sub
+	std::string identity; // key name, or the JWT's oid/appid/sub
 };
 
 // Reduces an audience or resource URI ("sb://host:port/a/b", "amqps://host/a", "/a", "a") to the

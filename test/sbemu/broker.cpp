@@ -31,8 +31,8 @@ namespace {
 // Annotations owned by the service: a sender's values for them are dropped.
 bool
 ServiceOwnedAnnotation(const std::string &key) {
-	static const char *owned[] = {"x-opt-sequence-number",  "x-opt-enqueued-time",         "x-opt-locked-until",
-	                              "x-opt-message-state",    "x-opt-deadletter-source",     "x-opt-lock-token",
+	static const char *owned[] = {"x-opt-sequence-number",         "x-opt-enqueued-time",         "x-opt-locked-until",
+	                              "x-opt-message-state",           "x-opt-deadletter-source",     "x-opt-lock-token",
 	                              "x-opt-enqueue-sequence-number", "x-opt-scheduled-enqueue-time"};
 	for (const char *o : owned)
 		if (key == o)

@@ -98,8 +98,8 @@ class Consumer {
 	virtual uint32_t Credit() const = 0;
 	virtual bool PeekLock() const = 0;
 	virtual void Deliver(Entity &e, StoredMessage &m) = 0;
-	virtual void Wake() = 0;                 // ask the owning connection to pump this consumer soon
-	virtual void SessionLockLost() {}        // the session lock expired
+	virtual void Wake() = 0;          // ask the owning connection to pump this consumer soon
+	virtual void SessionLockLost() {} // the session lock expired
 	bool session_bound = false;
 	std::string session_id;
 };
@@ -123,7 +123,7 @@ class Entity {
 	Kind kind = Kind::Queue;
 	EntityProps props;
 	Entity *dlq = nullptr;
-	Entity *owner = nullptr; // DLQ -> its entity; subscription -> its topic
+	Entity *owner = nullptr;             // DLQ -> its entity; subscription -> its topic
 	std::vector<Entity *> subscriptions; // topic
 	std::vector<Rule> rules;             // subscription
 	uint64_t next_seq = 1;               // queues and topics assign sequence numbers

@@ -255,7 +255,8 @@ ValidName(const std::string &n) {
 	if (n.empty() || n.size() > 260)
 		return false;
 	for (char ch : n)
-		if (!(std::isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '.' || ch == '_' || ch == '/' || ch == '~'))
+		if (!(std::isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '.' || ch == '_' || ch == '/' ||
+		      ch == '~'))
 			return false;
 	return n.front() != '/' && n.back() != '/';
 }

@@ -12,9 +12,9 @@
 namespace sbemu {
 
 struct EntityProps {
-	int64_t lock_duration_ms = 60000;  // Service Bus default PT1M
+	int64_t lock_duration_ms = 60000; // Service Bus default PT1M
 	int max_delivery_count = 10;
-	int64_t default_ttl_ms = kNever;   // TimeSpan.MaxValue unless configured
+	int64_t default_ttl_ms = kNever; // TimeSpan.MaxValue unless configured
 	bool dead_letter_on_expiration = false;
 	bool requires_duplicate_detection = false;
 	int64_t duplicate_window_ms = 10 * 60000; // PT10M
@@ -49,7 +49,8 @@ struct NamespaceConfig {
 // Parses a Config.json text. Unknown keys are ignored (with a warning in `warnings`), so that a
 // user's existing file works unchanged.
 bool ParseConfig(const std::string &text, NamespaceConfig *out, std::string *err, std::vector<std::string> *warnings);
-bool LoadConfigFile(const std::string &path, NamespaceConfig *out, std::string *err, std::vector<std::string> *warnings);
+bool LoadConfigFile(const std::string &path, NamespaceConfig *out, std::string *err,
+                    std::vector<std::string> *warnings);
 // Checks what spans entities (ParseConfig does it; call it again after adding entities): no two
 // entity names that differ only in case, no ForwardTo cycle.
 bool ValidateNamespace(const NamespaceConfig &cfg, std::string *err);

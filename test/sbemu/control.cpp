@@ -91,9 +91,10 @@ std::string
 MessageJson(const Entity &e, const StoredMessage &m) {
 	amqp::Sections sec;
 	std::string err;
-	std::string out = "{\"sequence_number\":" + std::to_string(m.seq) + ",\"message_id\":\"" + JsonEscape(m.message_id) +
-	                  "\",\"state\":\"" + MsgStateName(m.state) + "\",\"delivery_count\":" +
-	                  std::to_string(m.delivery_count) + ",\"enqueued_at\":\"" + FormatTime(m.enqueued_ms) + "\"";
+	std::string out = "{\"sequence_number\":" + std::to_string(m.seq) + ",\"message_id\":\"" +
+	                  JsonEscape(m.message_id) + "\",\"state\":\"" + MsgStateName(m.state) +
+	                  "\",\"delivery_count\":" + std::to_string(m.delivery_count) + ",\"enqueued_at\":\"" +
+	                  FormatTime(m.enqueued_ms) + "\"";
 	if (m.state == MsgState::Locked)
 		out += ",\"locked_until\":\"" + FormatTime(m.locked_until) + "\"";
 	if (m.scheduled_ms)
@@ -173,16 +174,15 @@ MessageJson(const Entity &e, const StoredMessage &m) {
 
 // Builds an encoded message from control parameters.
 bool
-BuildMessage(const std::string &body, const std::map<std::string, std::string> &q, std::string *out,
-             std::string *err) {
+BuildMessage(const std::string &body, const std::map<std::string, std::string> &q, std::string *out, std::string *err) {
 	auto get = [&](const char *k) -> std::string {
 		auto it = q.find(k);
 		return it == q.end() ? std::string() : it->second;
 	};
 	int64_t ttl = IntParam(q, "ttl_ms", 0, 0, UINT32_MAX);
 	if (ttl > 0) {
-		amqp::Value h = amqp::Value::List({amqp::Value::Bool(false), amqp::Value::UByte(4),
-		                                   amqp::Value::UInt(static_cast<uint32_t>(ttl))});
+		amqp::Value h = amqp::Value::List(
+		    {amqp::Value::Bool(false), amqp::Value::UByte(4), amqp::Value::UInt(static_cast<uint32_t>(ttl))});
 		amqp::EncodeSection(amqp::kHeader, h, out);
 	}
 	int64_t sched = IntParam(q, "scheduled_ms", 0);
@@ -196,8 +196,8 @@ BuildMessage(const std::string &body, const std::map<std::string, std::string> &
 		return v.empty() ? amqp::Value() : amqp::Value::String(v);
 	};
 	std::string ct = get("content_type");
-	amqp::Value props = amqp::Value::List({str_or_null("message_id"), amqp::Value(), amqp::Value(), str_or_null("subject"),
-	                                       amqp::Value(), str_or_null("correlation_id"),
+	amqp::Value props = amqp::Value::List({str_or_null("message_id"), amqp::Value(), amqp::Value(),
+	                                       str_or_null("subject"), amqp::Value(), str_or_null("correlation_id"),
 	                                       ct.empty() ? amqp::Value() : amqp::Value::Symbol(ct), amqp::Value(),
 	                                       amqp::Value(), amqp::Value(), str_or_null("session_id")});
 	amqp::EncodeSection(amqp::kProperties, props, out);
@@ -247,7 +247,8 @@ ControlServer::Start(const std::string &addr, std::string *err) {
 		return false;
 	}
 	std::string host = addr.substr(0, colon), port = addr.substr(colon + 1);
-	struct addrinfo hints {}, *res = nullptr;
+	struct addrinfo hints {
+	}, *res = nullptr;
 	hints.ai_family = AF_UNSPEC;
 	hints.ai_socktype = SOCK_STREAM;
 	hints.ai_flags = AI_PASSIVE;
@@ -340,8 +341,9 @@ ControlServer::Loop() {
 		// nothing cannot hold up the others.
 		std::lock_guard<std::mutex> g(mu_);
 		if (client_fds_.size() >= kMaxClients) {
-			static const char busy[] = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-			                           "Connection: close\r\nContent-Length: 30\r\n\r\n{\"error\":\"too many requests\"}\n";
+			static const char busy[] =
+			    "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+			    "Connection: close\r\nContent-Length: 30\r\n\r\n{\"error\":\"too many requests\"}\n";
 			ssize_t n = send(fd, busy, sizeof busy - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
 			(void)n;
 			close(fd);

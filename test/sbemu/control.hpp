@@ -27,9 +27,9 @@ class ControlServer {
 	void Stop();
 
   private:
-	static constexpr size_t kMaxClients = 32;          // requests served at once
-	static constexpr int64_t kReadTimeoutMs = 5000;    // for the whole request to arrive
-	static constexpr size_t kMaxBody = 64u << 20;      // request body
+	static constexpr size_t kMaxClients = 32;       // requests served at once
+	static constexpr int64_t kReadTimeoutMs = 5000; // for the whole request to arrive
+	static constexpr size_t kMaxBody = 64u << 20;   // request body
 	struct Worker {
 		std::thread thread;
 		std::shared_ptr<std::atomic<bool>> done;
@@ -45,8 +45,8 @@ class ControlServer {
 	std::thread thread_;
 	std::atomic<bool> stop_{false};
 	std::mutex mu_;
-	std::set<int> client_fds_;   // connections being served (guarded by mu_)
-	std::list<Worker> workers_;  // their threads (guarded by mu_)
+	std::set<int> client_fds_;  // connections being served (guarded by mu_)
+	std::list<Worker> workers_; // their threads (guarded by mu_)
 };
 
 } // namespace sbemu

@@ -200,8 +200,8 @@ struct SqlFilter::Node {
 		Cmp, // s = operator
 		Arith,
 		Neg,
-		In,    // children[0] expr, rest list
-		Like,  // children[0] expr, pattern in value.s, escape in esc
+		In,   // children[0] expr, rest list
+		Like, // children[0] expr, pattern in value.s, escape in esc
 		IsNull,
 	} op = Op::Literal;
 	FilterValue value;
@@ -269,7 +269,8 @@ class Lexer {
 			tok->text = v;
 			return true;
 		}
-		if (std::isdigit(static_cast<unsigned char>(c)) || (c == '.' && pos_ + 1 < s_.size() && std::isdigit(static_cast<unsigned char>(s_[pos_ + 1])))) {
+		if (std::isdigit(static_cast<unsigned char>(c)) ||
+		    (c == '.' && pos_ + 1 < s_.size() && std::isdigit(static_cast<unsigned char>(s_[pos_ + 1])))) {
 			size_t start = pos_;
 			while (pos_ < s_.size() && (std::isdigit(static_cast<unsigned char>(s_[pos_])) || s_[pos_] == '.' ||
 			                            s_[pos_] == 'e' || s_[pos_] == 'E'))
@@ -421,9 +422,8 @@ class Parser {
 		NodeP l = Additive();
 		if (!l)
 			return nullptr;
-		if (tok_.t == Token::T::Op &&
-		    (tok_.text == "=" || tok_.text == "<>" || tok_.text == "!=" || tok_.text == "<" || tok_.text == ">" ||
-		     tok_.text == "<=" || tok_.text == ">=")) {
+		if (tok_.t == Token::T::Op && (tok_.text == "=" || tok_.text == "<>" || tok_.text == "!=" || tok_.text == "<" ||
+		                               tok_.text == ">" || tok_.text == "<=" || tok_.text == ">=")) {
 			std::string op = tok_.text == "!=" ? "<>" : tok_.text;
 			if (!Advance())
 				return nullptr;
@@ -767,12 +767,12 @@ Truth(const SqlFilter::Node &n, const FilterInput &m) {
 		if (c == -2)
 			return -1;
 		const std::string &op = n.s;
-		bool r = op == "=" ? c == 0
-		       : op == "<>" ? c != 0
-		       : op == "<" ? c < 0
-		       : op == ">" ? c > 0
-		       : op == "<=" ? c <= 0
-		                    : c >= 0;
+		bool r = op == "="    ? c == 0
+		         : op == "<>" ? c != 0
+		         : op == "<"  ? c < 0
+		         : op == ">"  ? c > 0
+		         : op == "<=" ? c <= 0
+		                      : c >= 0;
 		return r ? 1 : 0;
 	}
 	case Op::In: {

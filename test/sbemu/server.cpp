@@ -103,9 +103,9 @@ std::string
 BuildReply(const Request &req, int status, const std::string &desc, const char *condition, const amqp::Value *body,
            bool camel) {
 	std::string out;
-	amqp::Value props = amqp::Value::List(
-	    {amqp::Value(), amqp::Value(), req.reply_to.empty() ? amqp::Value() : amqp::Value::String(req.reply_to),
-	     amqp::Value(), amqp::Value(), req.message_id});
+	amqp::Value props = amqp::Value::List({amqp::Value(), amqp::Value(),
+	                                       req.reply_to.empty() ? amqp::Value() : amqp::Value::String(req.reply_to),
+	                                       amqp::Value(), amqp::Value(), req.message_id});
 	amqp::EncodeSection(amqp::kProperties, props, &out);
 	amqp::Value app = amqp::Value::Map();
 	app.Put(amqp::Value::String(camel ? "statusCode" : "status-code"), amqp::Value::Int(status));
@@ -313,7 +313,8 @@ namespace {
 const char kAnonymousUser[] = "anonymous";
 const char kSasUser[] = "sas-key";
 
-void SaslFree(pn_transport_t *) {}
+void
+SaslFree(pn_transport_t *) {}
 const char *
 SaslListMechs(pn_transport_t *) {
 	return "MSSBCBS PLAIN ANONYMOUS";
@@ -327,7 +328,8 @@ bool
 SaslInitClient(pn_transport_t *) {
 	return false;
 }
-void SaslPrepare(pn_transport_t *) {}
+void
+SaslPrepare(pn_transport_t *) {}
 void
 SaslProcessInit(pn_transport_t *t, const char *mech, const pn_bytes_t *recv) {
 	Conn *c = static_cast<Conn *>(pnx_sasl_get_context(t));
@@ -365,13 +367,16 @@ SaslProcessInit(pn_transport_t *t, const char *mech, const pn_bytes_t *recv) {
 	}
 	pnx_sasl_set_desired_state(t, SASL_POSTED_OUTCOME);
 }
-void SaslProcessResponse(pn_transport_t *, const pn_bytes_t *) {}
+void
+SaslProcessResponse(pn_transport_t *, const pn_bytes_t *) {}
 bool
 SaslProcessMechanisms(pn_transport_t *, const char *) {
 	return false;
 }
-void SaslProcessChallenge(pn_transport_t *, const pn_bytes_t *) {}
-void SaslProcessOutcome(pn_transport_t *, const pn_bytes_t *) {}
+void
+SaslProcessChallenge(pn_transport_t *, const pn_bytes_t *) {}
+void
+SaslProcessOutcome(pn_transport_t *, const pn_bytes_t *) {}
 bool
 SaslCanEncrypt(pn_transport_t *) {
 	return false;
@@ -436,8 +441,8 @@ Server::Start(std::function<void(const std::vector<std::string> &)> on_ready, st
 		}
 		ssl_domain_ = pn_ssl_domain(PN_SSL_MODE_SERVER);
 		if (pn_ssl_domain_set_credentials(ssl_domain_, opts_.tls_cert.c_str(), opts_.tls_key.c_str(),
-		                                  opts_.tls_key_password.empty() ? nullptr
-		                                                                 : opts_.tls_key_password.c_str()) != 0) {
+		                                  opts_.tls_key_password.empty() ? nullptr : opts_.tls_key_password.c_str()) !=
+		    0) {
 			*err = "cannot load TLS certificate " + opts_.tls_cert + " / key " + opts_.tls_key;
 			return false;
 		}
@@ -859,8 +864,10 @@ Server::Authorized(Conn &c, const std::string &path, unsigned right, std::string
 			return true;
 	}
 	if (covered)
-		*why = "Unauthorized access. '" + RightsText(right) + "' claim(s) are required to perform this operation. "
-		       "Resource: 'sb://" + broker_.namespace_name() + "/" + path + "'.";
+		*why = "Unauthorized access. '" + RightsText(right) +
+		       "' claim(s) are required to perform this operation. "
+		       "Resource: 'sb://" +
+		       broker_.namespace_name() + "/" + path + "'.";
 	else
 		*why = "Unauthorized access. No valid token was put on $cbs for 'sb://" + broker_.namespace_name() + "/" +
 		       path + "' on this connection.";
@@ -875,7 +882,8 @@ Server::DetachLink(LinkCtx &l, const char *cond, const std::string &desc) {
 		l.registered = false;
 		broker_.RemoveConsumer(*l.entity, &l, NowMs());
 	}
-	pending_sessions_.erase(std::remove(pending_sessions_.begin(), pending_sessions_.end(), &l), pending_sessions_.end());
+	pending_sessions_.erase(std::remove(pending_sessions_.begin(), pending_sessions_.end(), &l),
+	                        pending_sessions_.end());
 	l.closing = true;
 	if (pn_link_state(l.link) & PN_LOCAL_CLOSED)
 		return;
@@ -940,7 +948,8 @@ Server::OnLinkOpen(Conn &c, LinkCtx &l) {
 		return;
 	}
 	const std::string mgmt_suffix = "/$management";
-	if (path.size() > mgmt_suffix.size() && path.compare(path.size() - mgmt_suffix.size(), mgmt_suffix.size(), mgmt_suffix) == 0) {
+	if (path.size() > mgmt_suffix.size() &&
+	    path.compare(path.size() - mgmt_suffix.size(), mgmt_suffix.size(), mgmt_suffix) == 0) {
 		Entity *e = broker_.Find(path.substr(0, path.size() - mgmt_suffix.size()));
 		if (!e)
 			return refuse("amqp:not-found", "The messaging entity 'sb://" + broker_.namespace_name() + "/" + path +
@@ -989,7 +998,9 @@ Server::OnLinkOpen(Conn &c, LinkCtx &l) {
 			const amqp::Value *sv = fv.Get("com.microsoft:session-filter");
 			if (sv) {
 				has_filter = true;
-				const amqp::Value *inner = sv->kind == amqp::Value::Kind::Described && sv->items.size() == 2 ? &sv->items[1] : sv;
+				const amqp::Value *inner = sv->kind == amqp::Value::Kind::Described && sv->items.size() == 2
+				                               ? &sv->items[1]
+				                               : sv;
 				if (inner->IsNull())
 					any = true;
 				else
@@ -1000,7 +1011,8 @@ Server::OnLinkOpen(Conn &c, LinkCtx &l) {
 			if (!has_filter)
 				return refuse("amqp:not-allowed",
 				              "It is not possible for an entity that requires sessions to create a non-sessionful "
-				              "message receiver. Entity: " + e->name);
+				              "message receiver. Entity: " +
+				                  e->name);
 			int64_t timeout = opts_.session_wait_ms;
 			amqp::Value props;
 			if (DataToValue(pn_link_remote_properties(link), &props) && props.kind == amqp::Value::Kind::Map) {
@@ -1025,8 +1037,9 @@ Server::OnLinkOpen(Conn &c, LinkCtx &l) {
 			                                "' cannot be accepted. It may be locked by another receiver.");
 		}
 		if (has_filter)
-			return refuse("amqp:not-allowed", "Entity '" + e->name + "' does not require sessions; a session "
-			                                                          "receiver cannot be created on it.");
+			return refuse("amqp:not-allowed", "Entity '" + e->name +
+			                                      "' does not require sessions; a session "
+			                                      "receiver cannot be created on it.");
 		accept_termini();
 		pn_link_open(link);
 		broker_.AddConsumer(*e, &l);
@@ -1049,7 +1062,8 @@ Server::OnLinkOpen(Conn &c, LinkCtx &l) {
 void
 Server::CompletePendingSession(LinkCtx &l, bool timed_out) {
 	pn_link_t *link = l.link;
-	pending_sessions_.erase(std::remove(pending_sessions_.begin(), pending_sessions_.end(), &l), pending_sessions_.end());
+	pending_sessions_.erase(std::remove(pending_sessions_.begin(), pending_sessions_.end(), &l),
+	                        pending_sessions_.end());
 	l.pending_session = false;
 	if (timed_out) {
 		DetachLink(l, "com.microsoft:timeout",
@@ -1074,7 +1088,8 @@ Server::CompletePendingSession(LinkCtx &l, bool timed_out) {
 	pn_data_clear(props);
 	pn_data_put_map(props);
 	pn_data_enter(props);
-	pn_data_put_symbol(props, pn_bytes(std::strlen("com.microsoft:locked-until-utc"), "com.microsoft:locked-until-utc"));
+	pn_data_put_symbol(props,
+	                   pn_bytes(std::strlen("com.microsoft:locked-until-utc"), "com.microsoft:locked-until-utc"));
 	pn_data_put_long(props, DotNetTicks(until));
 	pn_data_exit(props);
 	pn_link_open(link);
@@ -1151,9 +1166,9 @@ Server::OnIncoming(Conn &c, LinkCtx &l, void *dv) {
 	switch (l.role) {
 	case Role::Sender:
 		if (too_big) {
-			reject("amqp:link:message-size-exceeded",
-			       "The received message exceeds the limit (" + std::to_string(opts_.max_message_size) +
-			           " bytes) currently allowed on the link.");
+			reject("amqp:link:message-size-exceeded", "The received message exceeds the limit (" +
+			                                              std::to_string(opts_.max_message_size) +
+			                                              " bytes) currently allowed on the link.");
 			break;
 		}
 		HandleEntitySend(c, l, msg, d);
@@ -1211,8 +1226,9 @@ Server::HandleEntitySend(Conn &c, LinkCtx &l, const std::string &msg, void *dv) 
 		if (l.entity->kind == Entity::Kind::Queue && l.entity->props.requires_session && incoming[k].session_id.empty())
 			return reject("amqp:not-allowed",
 			              "The SessionId was not set on a message, and it cannot be sent to the entity '" +
-			                  l.entity->name + "'. Entities that have session support enabled can only receive "
-			                                   "messages that have the SessionId set to a valid value.");
+			                  l.entity->name +
+			                  "'. Entities that have session support enabled can only receive "
+			                  "messages that have the SessionId set to a valid value.");
 	}
 	int64_t n = NowMs();
 	for (auto &in : incoming) {
@@ -1412,7 +1428,8 @@ Server::HandleCbs(Conn &c, LinkCtx &l, const std::string &msg) {
 	}
 	std::string entity_path = scope;
 	const std::string mgmt = "/$management";
-	if (entity_path.size() > mgmt.size() && entity_path.compare(entity_path.size() - mgmt.size(), mgmt.size(), mgmt) == 0)
+	if (entity_path.size() > mgmt.size() &&
+	    entity_path.compare(entity_path.size() - mgmt.size(), mgmt.size(), mgmt) == 0)
 		entity_path.resize(entity_path.size() - mgmt.size());
 	Entity *e = entity_path.empty() ? nullptr : broker_.Find(entity_path);
 	if (!entity_path.empty() && !e) {
@@ -1826,14 +1843,14 @@ Server::ConnectionsJson() {
 		if (!first)
 			out += ",";
 		first = false;
-		out += "{\"id\":" + std::to_string(c.id) + ",\"remote\":\"" + JsonEscape(c.remote) + "\",\"tls\":" +
-		       (c.tls ? "true" : "false") + ",\"sasl\":\"" + JsonEscape(c.mech) + "\",\"tokens\":[";
+		out += "{\"id\":" + std::to_string(c.id) + ",\"remote\":\"" + JsonEscape(c.remote) +
+		       "\",\"tls\":" + (c.tls ? "true" : "false") + ",\"sasl\":\"" + JsonEscape(c.mech) + "\",\"tokens\":[";
 		for (size_t k = 0; k < c.tokens.size(); ++k) {
 			auto &t = c.tokens[k];
 			out += std::string(k ? "," : "") + "{\"scope\":\"" + JsonEscape(t.scope) + "\",\"type\":\"" +
 			       JsonEscape(t.type) + "\",\"identity\":\"" + JsonEscape(t.identity) + "\",\"rights\":\"" +
-			       RightsText(t.rights) + "\",\"expires\":\"" + FormatTime(t.expires_ms) + "\",\"expired\":" +
-			       (t.expires_ms <= n ? "true" : "false") + "}";
+			       RightsText(t.rights) + "\",\"expires\":\"" + FormatTime(t.expires_ms) +
+			       "\",\"expired\":" + (t.expires_ms <= n ? "true" : "false") + "}";
 		}
 		out += "],\"links\":[";
 		bool lf = true;
@@ -1859,14 +1876,15 @@ Server::StatsJson() {
 	bool listening = std::all_of(listeners_.begin(), listeners_.end(), [](const ListenerInfo &l) { return l.open; });
 	// Refusing until the window has ended and every listener is open again.
 	bool refusing = faults_.refuse_until_ms != 0 || !listening;
-	std::snprintf(buf, sizeof buf,
-	              "{\"uptime_ms\":%lld,\"connections\":%zu,\"connections_total\":%llu,\"put_tokens_accepted\":%llu,"
-	              "\"put_tokens_refused\":%llu,\"sasl_failures\":%llu,\"listening\":%s,\"faults\":{\"server_busy_attaches\":%d,"
-	              "\"reject_tokens\":%d,\"hold_tokens\":%d,\"delay_dispositions_ms\":%lld,\"refusing_connections\":%s",
-	              (long long)(NowMs() - started_ms_), conns_.size(), (unsigned long long)total_connections_,
-	              (unsigned long long)put_tokens_ok_, (unsigned long long)put_tokens_refused_,
-	              (unsigned long long)sasl_failures_, listening ? "true" : "false", faults_.server_busy_attaches,
-	              faults_.reject_tokens, faults_.hold_tokens, (long long)faults_.delay_dispositions_ms, refusing ? "true" : "false");
+	std::snprintf(
+	    buf, sizeof buf,
+	    "{\"uptime_ms\":%lld,\"connections\":%zu,\"connections_total\":%llu,\"put_tokens_accepted\":%llu,"
+	    "\"put_tokens_refused\":%llu,\"sasl_failures\":%llu,\"listening\":%s,\"faults\":{\"server_busy_attaches\":%d,"
+	    "\"reject_tokens\":%d,\"hold_tokens\":%d,\"delay_dispositions_ms\":%lld,\"refusing_connections\":%s",
+	    (long long)(NowMs() - started_ms_), conns_.size(), (unsigned long long)total_connections_,
+	    (unsigned long long)put_tokens_ok_, (unsigned long long)put_tokens_refused_, (unsigned long long)sasl_failures_,
+	    listening ? "true" : "false", faults_.server_busy_attaches, faults_.reject_tokens, faults_.hold_tokens,
+	    (long long)faults_.delay_dispositions_ms, refusing ? "true" : "false");
 	std::string out = buf;
 	out += ",\"omit_sequence_numbers\":[";
 	const char *sep = "";

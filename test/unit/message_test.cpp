@@ -13,7 +13,8 @@ using namespace sbpg;
 
 namespace {
 
-bool Json(const std::string &text, std::string *why = nullptr, int depth = 1000) {
+bool
+Json(const std::string &text, std::string *why = nullptr, int depth = 1000) {
 	std::string w;
 	bool ok = CheckJson(text, depth, &w);
 	if (why)
@@ -22,7 +23,8 @@ bool Json(const std::string &text, std::string *why = nullptr, int depth = 1000)
 }
 
 // An encoded message: properties (message-id, content-type) and one data section.
-std::string Encoded(const std::string &message_id, const std::string &body) {
+std::string
+Encoded(const std::string &message_id, const std::string &body) {
 	std::string out;
 	std::vector<amqp::Value> p(7);
 	p[amqp::kMessageId] = amqp::Value::String(message_id);
@@ -64,7 +66,8 @@ TEST("CheckJson refuses an unpaired low surrogate escape, which jsonb refuses") 
 }
 
 TEST("message properties must be UTF-8 PostgreSQL accepts: no surrogates, overlong forms or > U+10FFFF") {
-	for (const char *bad : {"id-\xed\xa0\x80", "id-\xc0\xaf", "id-\xe0\x80\x80", "id-\xf4\x90\x80\x80", "id-\xf0\x80\x80\x80"}) {
+	for (const char *bad :
+	     {"id-\xed\xa0\x80", "id-\xc0\xaf", "id-\xe0\x80\x80", "id-\xf4\x90\x80\x80", "id-\xf0\x80\x80\x80"}) {
 		ReceivedMessage m;
 		DecodeMessage(Encoded(bad, "{}"), 1000, &m);
 		CHECK_EQ(m.decode_error,
@@ -82,7 +85,8 @@ TEST("message properties must be UTF-8 PostgreSQL accepts: no surrogates, overlo
 TEST("invalid message properties become U+FFFD text, and the decode error names each of them") {
 	std::string enc;
 	std::vector<amqp::Value> p(7);
-	p[amqp::kMessageId] = amqp::Value::String("ab\xFF\xFE" "cd");
+	p[amqp::kMessageId] = amqp::Value::String("ab\xFF\xFE"
+	                                          "cd");
 	p[amqp::kSubject] = amqp::Value::String("fine \xC3\xA9");
 	p[amqp::kCorrelationId] = amqp::Value::String("corr-\xC0\xAF-\xE0\x80\x80");
 	p[amqp::kContentType] = amqp::Value::Symbol("application/json");
@@ -143,8 +147,9 @@ TEST("a binary or uuid message-id becomes text: lower-case hex, canonical GUID")
 
 TEST("a schema violation quoting a long value is cut on a character boundary") {
 	std::vector<std::string> errors;
-	auto reg = schema::Registry::Build(
-	    {{"t", 1, "{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"integer\"}}}"}}, &errors);
+	auto reg = schema::Registry::Build({{"t", 1,
+	                                     "{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"integer\"}}}"}},
+	                                   &errors);
 	REQUIRE(errors.empty());
 	std::string value;
 	for (int k = 0; k < 150; ++k)
@@ -164,10 +169,13 @@ TEST("a schema violation quoting a long value is cut on a character boundary") {
 // byte-order mark and went on, so "\xEF" + a number passed as JSON; jsonb refuses it.
 TEST("CheckJson refuses a body that starts with a byte-order mark or a stray 0xEF") {
 	std::string why;
-	CHECK(!Json("\xef" "89012134565890123.45", &why));
+	CHECK(!Json("\xef"
+	            "89012134565890123.45",
+	            &why));
 	CHECK(why.find("at byte 0") != std::string::npos);
 	CHECK(!Json("\xef\xbb\xbf{\"a\": 1}"));
-	CHECK(!Json("\xef\xbb" "1"));
+	CHECK(!Json("\xef\xbb"
+	            "1"));
 	CHECK(Json(" {\"a\": \"\xef\xbb\xbf\"}")); // inside a string it is just a character
 }
 

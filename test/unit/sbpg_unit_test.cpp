@@ -143,7 +143,9 @@ class TinyHttp {
 			close(c);
 		}
 	}
-	ssize_t Read(int c, char *buf, size_t n) { return ssl_ ? SSL_read(ssl_, buf, static_cast<int>(n)) : read(c, buf, n); }
+	ssize_t Read(int c, char *buf, size_t n) {
+		return ssl_ ? SSL_read(ssl_, buf, static_cast<int>(n)) : read(c, buf, n);
+	}
 	ssize_t Write(int c, const std::string &out) {
 		return ssl_ ? SSL_write(ssl_, out.data(), static_cast<int>(out.size())) : write(c, out.data(), out.size());
 	}
@@ -371,12 +373,12 @@ TEST("ParseTokenResponse refuses unusable answers without quoting the token") {
 
 TEST("RefreshAt: half-life, refresh_in, a few minutes before long expiries, never sooner than a second") {
 	int64_t t = 1'000'000;
-	CHECK_EQ(RefreshAt(t, t + 8'000, -1), t + 4'000);          // an 8-second token: about every 4 seconds
+	CHECK_EQ(RefreshAt(t, t + 8'000, -1), t + 4'000); // an 8-second token: about every 4 seconds
 	CHECK_EQ(RefreshAt(t, t + 10'000, -1), t + 5'000);
-	CHECK_EQ(RefreshAt(t, t + 3'600'000, -1), t + 1'800'000);  // an hour: at half-life
+	CHECK_EQ(RefreshAt(t, t + 3'600'000, -1), t + 1'800'000);    // an hour: at half-life
 	CHECK_EQ(RefreshAt(t, t + 3'600'000, 3'500), t + 3'480'000); // refresh_in past expiry - 2 min is clamped
 	CHECK_EQ(RefreshAt(t, t + 86'400'000, 43'200), t + 43'200'000);
-	CHECK_EQ(RefreshAt(t, t + 500, -1), t + 1'000);            // never sooner than a second
+	CHECK_EQ(RefreshAt(t, t + 500, -1), t + 1'000); // never sooner than a second
 	CHECK_EQ(RefreshAt(t, t + 300'000, -1), t + 150'000);
 }
 
@@ -397,16 +399,17 @@ TEST("PeekJwtClaims reads subject, audience and expiry, and refuses what is not 
 TEST("IdentityConfigFromJson fills the configuration from sbpg.identities options") {
 	IdentityConfig c;
 	std::string why;
-	REQUIRE(IdentityConfigFromJson("managed_identity",
-	                               "{\"client_id\":\"cid\",\"source\":\"imds\",\"endpoint\":\"http://x/t\",\"arc_key_dir\":\"/k\"}",
-	                               &c, &why));
+	REQUIRE(IdentityConfigFromJson(
+	    "managed_identity",
+	    "{\"client_id\":\"cid\",\"source\":\"imds\",\"endpoint\":\"http://x/t\",\"arc_key_dir\":\"/k\"}", &c, &why));
 	CHECK_EQ(c.kind, std::string("managed_identity"));
 	CHECK_EQ(c.client_id, std::string("cid"));
 	CHECK_EQ(c.source, std::string("imds"));
 	CHECK_EQ(c.endpoint, std::string("http://x/t"));
 	CHECK_EQ(c.arc_key_dir, std::string("/k"));
 	IdentityConfig d;
-	REQUIRE(IdentityConfigFromJson("client_secret", "{\"tenant_id\":\"t\",\"client_id\":\"c\",\"secret_env\":\"E\"}", &d, &why));
+	REQUIRE(IdentityConfigFromJson("client_secret", "{\"tenant_id\":\"t\",\"client_id\":\"c\",\"secret_env\":\"E\"}",
+	                               &d, &why));
 	CHECK_EQ(d.tenant_id, std::string("t"));
 	CHECK_EQ(d.client_secret_env, std::string("E"));
 	CHECK(!IdentityConfigFromJson("default", "{\"client_id\":5}", &d, &why));
@@ -441,11 +444,13 @@ TEST("MakeTokenProvider detects the managed identity endpoint from the environme
 	p = MakeTokenProvider(c, Env({{"AZURE_POD_IDENTITY_AUTHORITY_HOST", "http://10.0.0.1:2579/"}}), &why);
 	REQUIRE(p);
 	CHECK(Contains(p->Describe(), "http://10.0.0.1:2579/metadata/identity/oauth2/token"));
-	p = MakeTokenProvider(c, Env({{"IDENTITY_ENDPOINT", "http://localhost:8081/msi/token"}, {"IDENTITY_HEADER", "h"}}), &why);
+	p = MakeTokenProvider(c, Env({{"IDENTITY_ENDPOINT", "http://localhost:8081/msi/token"}, {"IDENTITY_HEADER", "h"}}),
+	                      &why);
 	REQUIRE(p);
 	CHECK(Contains(p->Describe(), "App Service identity endpoint http://localhost:8081/msi/token"));
-	p = MakeTokenProvider(c, Env({{"IDENTITY_ENDPOINT", "http://localhost:40342/metadata/identity/oauth2/token"},
-	                             {"IMDS_ENDPOINT", "http://localhost:40342"}}),
+	p = MakeTokenProvider(c,
+	                      Env({{"IDENTITY_ENDPOINT", "http://localhost:40342/metadata/identity/oauth2/token"},
+	                           {"IMDS_ENDPOINT", "http://localhost:40342"}}),
 	                      &why);
 	REQUIRE(p);
 	CHECK(Contains(p->Describe(), "Azure Arc"));
@@ -478,11 +483,15 @@ TEST("MakeTokenProvider explains configurations that cannot work") {
 	CHECK(Contains(why, "tenant_id and client_id"));
 	CHECK(!MakeTokenProvider(c, Env({{"AZURE_TENANT_ID", "t"}, {"AZURE_CLIENT_ID", "c"}}), &why));
 	CHECK(Contains(why, "federated token file"));
-	CHECK(!MakeTokenProvider(c, Env({{"AZURE_TENANT_ID", "t"}, {"AZURE_CLIENT_ID", "c"}, {"AZURE_FEDERATED_TOKEN_FILE", "/f"},
-	                                 {"AZURE_AUTHORITY_HOST", "http://login.example"}}),
+	CHECK(!MakeTokenProvider(c,
+	                         Env({{"AZURE_TENANT_ID", "t"},
+	                              {"AZURE_CLIENT_ID", "c"},
+	                              {"AZURE_FEDERATED_TOKEN_FILE", "/f"},
+	                              {"AZURE_AUTHORITY_HOST", "http://login.example"}}),
 	                         &why));
 	CHECK(Contains(why, "must use https"));
-	auto p = MakeTokenProvider(c, Env({{"AZURE_TENANT_ID", "t"}, {"AZURE_CLIENT_ID", "c"}, {"AZURE_FEDERATED_TOKEN_FILE", "/f"}}), &why);
+	auto p = MakeTokenProvider(
+	    c, Env({{"AZURE_TENANT_ID", "t"}, {"AZURE_CLIENT_ID", "c"}, {"AZURE_FEDERATED_TOKEN_FILE", "/f"}}), &why);
 	REQUIRE(p);
 	CHECK(Contains(p->Describe(), "https://login.microsoftonline.com"));
 	c = IdentityConfig();
@@ -524,7 +533,8 @@ TEST("the metadata endpoint is asked as IMDS expects: Metadata header, api-versi
 	CHECK_EQ(QueryParam(reqs[0].query, "client_id"), c.client_id);
 }
 
-TEST("identity endpoint errors: 429 with Retry-After and 5xx and 404 are retried, 400 is explained, refusal has no status") {
+TEST(
+    "identity endpoint errors: 429 with Retry-After and 5xx and 404 are retried, 400 is explained, refusal has no status") {
 	int status = 429;
 	TinyHttp srv([&](const Request &) {
 		Answer a{status, "{\"error\":\"invalid_request\",\"error_description\":\"Identity not found\"}"};
@@ -563,13 +573,17 @@ TEST("identity endpoint errors: 429 with Retry-After and 5xx and 404 are retried
 }
 
 TEST("App Service: X-IDENTITY-HEADER from the environment, api-version 2019-08-01, principal_id") {
-	TinyHttp srv([&](const Request &) { return Answer{200, "{\"access_token\":\"a.b.c\",\"expires_on\":\"" +
-	                                                          std::to_string(WallMs() / 1000 + 3600) + "\"}"}; });
+	TinyHttp srv([&](const Request &) {
+		return Answer{200,
+		              "{\"access_token\":\"a.b.c\",\"expires_on\":\"" + std::to_string(WallMs() / 1000 + 3600) + "\"}"};
+	});
 	IdentityConfig c;
 	c.kind = "managed_identity";
 	c.object_id = "obj-1";
 	std::string why;
-	auto p = MakeTokenProvider(c, Env({{"IDENTITY_ENDPOINT", srv.Url("/msi/token")}, {"IDENTITY_HEADER", "hdr-secret"}}), &why);
+	auto p = MakeTokenProvider(c,
+	                           Env({{"IDENTITY_ENDPOINT", srv.Url("/msi/token")}, {"IDENTITY_HEADER", "hdr-secret"}}),
+	                           &why);
 	REQUIRE(p);
 	REQUIRE(p->Fetch().ok);
 	auto reqs = srv.Requests();
@@ -582,12 +596,14 @@ TEST("App Service: X-IDENTITY-HEADER from the environment, api-version 2019-08-0
 
 TEST("App Service: an identity header echoed in an error never reaches the error text") {
 	TinyHttp srv([&](const Request &r) {
-		return Answer{401, "{\"error\":\"unauthorized\",\"error_description\":\"bad header " + r.headers.at("x-identity-header") + "\"}"};
+		return Answer{401, "{\"error\":\"unauthorized\",\"error_description\":\"bad header " +
+		                       r.headers.at("x-identity-header") + "\"}"};
 	});
 	IdentityConfig c;
 	c.kind = "managed_identity";
 	std::string why;
-	auto p = MakeTokenProvider(c, Env({{"IDENTITY_ENDPOINT", srv.Url("/msi/token")}, {"IDENTITY_HEADER", "hdr-secret-value"}}), &why);
+	auto p = MakeTokenProvider(
+	    c, Env({{"IDENTITY_ENDPOINT", srv.Url("/msi/token")}, {"IDENTITY_HEADER", "hdr-secret-value"}}), &why);
 	REQUIRE(p);
 	TokenResult r = p->Fetch();
 	CHECK(!r.ok);
@@ -664,7 +680,8 @@ TEST("client secret: the v2 token request over TLS, and a secret echoed by the e
 	TinyHttp srv(
 	    [&](const Request &) {
 		    if (echo)
-			    return Answer{401, "{\"error\":\"invalid_client\",\"error_description\":\"AADSTS7000215: bad secret " + secret + "\"}"};
+			    return Answer{401, "{\"error\":\"invalid_client\",\"error_description\":\"AADSTS7000215: bad secret " +
+			                           secret + "\"}"};
 		    return Answer{200, TokenJson(Jwt("{\"oid\":\"sp-1\"}"), 3599)};
 	    },
 	    true);
@@ -729,8 +746,10 @@ TEST("workload identity posts the federated token as a jwt-bearer assertion, rea
 	c.extra_ca_file = TestCa() + "/ca.pem";
 	std::string why;
 	auto p = MakeTokenProvider(c,
-	                           Env({{"AZURE_TENANT_ID", "tenant-2"}, {"AZURE_CLIENT_ID", "client-2"},
-	                                {"AZURE_FEDERATED_TOKEN_FILE", dir + "/token"}, {"AZURE_AUTHORITY_HOST", srv.Url("/", "localhost")}}),
+	                           Env({{"AZURE_TENANT_ID", "tenant-2"},
+	                                {"AZURE_CLIENT_ID", "client-2"},
+	                                {"AZURE_FEDERATED_TOKEN_FILE", dir + "/token"},
+	                                {"AZURE_AUTHORITY_HOST", srv.Url("/", "localhost")}}),
 	                           &why);
 	REQUIRE(p);
 	TokenResult r = p->Fetch();
@@ -822,7 +841,8 @@ TEST("the default chain skips what is not configured, says why, and keeps the cr
 	REQUIRE(r.ok);
 	auto notes = p->TakeNotes();
 	REQUIRE(notes.size() == 3);
-	CHECK(Contains(notes[0], "skipped environment: AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET are not all set"));
+	CHECK(Contains(notes[0],
+	               "skipped environment: AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET are not all set"));
 	CHECK(Contains(notes[1], "skipped workload identity"));
 	CHECK(Contains(notes[2], "using managed identity"));
 	CHECK(Contains(p->Describe(), "default chain: managed identity"));
@@ -837,7 +857,9 @@ TEST("the default chain tries the environment's client secret first and reports 
 	c.endpoint = "http://127.0.0.1:1/metadata/identity/oauth2/token";
 	std::string why;
 	auto p = MakeTokenProvider(c,
-	                           Env({{"AZURE_TENANT_ID", "t"}, {"AZURE_CLIENT_ID", "c"}, {"AZURE_CLIENT_SECRET", "env-secret"},
+	                           Env({{"AZURE_TENANT_ID", "t"},
+	                                {"AZURE_CLIENT_ID", "c"},
+	                                {"AZURE_CLIENT_SECRET", "env-secret"},
 	                                {"AZURE_AUTHORITY_HOST", "https://127.0.0.1:1"}}),
 	                           &why);
 	REQUIRE(p);
@@ -903,7 +925,8 @@ AllLog(std::vector<TokenSource::LogLine> &acc, TokenSource &ts) {
 } // namespace
 
 TEST("TokenSource retries failures with backoff, then serves the token and says it recovered") {
-	auto *prov = new ScriptedProvider({ScriptedProvider::fail("endpoint said 500"), ScriptedProvider::fail("endpoint said 503")});
+	auto *prov = new ScriptedProvider(
+	    {ScriptedProvider::fail("endpoint said 500"), ScriptedProvider::fail("endpoint said 503")});
 	std::atomic<int> changes{0};
 	TokenSource ts(std::unique_ptr<TokenProvider>(prov), [&] { ++changes; });
 	ts.Start();
@@ -946,12 +969,14 @@ TEST("TokenSource: a refused token is replaced at once, repeated refusals back o
 	CHECK(!Contains(log, "a late answer"));
 	size_t at = log.find("refused token 2 (401 wrong audience); asking for a new one in ");
 	REQUIRE(at != std::string::npos);
-	long ms = std::atol(log.c_str() + at + std::strlen("refused token 2 (401 wrong audience); asking for a new one in "));
+	long ms = std::atol(log.c_str() + at +
+	                    std::strlen("refused token 2 (401 wrong audience); asking for a new one in "));
 	CHECK(ms >= 1000 && ms <= 2000);
 	REQUIRE(Eventually([&] { return ts.Current(&t) && t.serial == 3; }));
 	ts.Accepted(3);
 	ts.Invalidate(3, "refused again");
-	REQUIRE(Eventually([&] { return Contains(AllLog(acc, ts), "refused token 3 (refused again); asking for a new one now"); }));
+	REQUIRE(Eventually(
+	    [&] { return Contains(AllLog(acc, ts), "refused token 3 (refused again); asking for a new one now"); }));
 	ts.Stop();
 }
 
@@ -961,10 +986,10 @@ TEST("TokenSource: a refusal never brings a request forward past the endpoint's 
 	ts.Start();
 	AccessToken t;
 	REQUIRE(Eventually([&] { return ts.Current(&t); }));
-	ts.Invalidate(1, "refused");          // fetches at once: the endpoint answers 429, Retry-After 30 s
+	ts.Invalidate(1, "refused"); // fetches at once: the endpoint answers 429, Retry-After 30 s
 	REQUIRE(Eventually([&] { return prov->Calls() == 2; }));
 	REQUIRE(Eventually([&] { return ts.GetStatus().failures == 1; }));
-	ts.Invalidate(1, "refused again");    // must wait for the Retry-After
+	ts.Invalidate(1, "refused again"); // must wait for the Retry-After
 	std::vector<TokenSource::LogLine> acc;
 	std::string log;
 	REQUIRE(Eventually([&] {

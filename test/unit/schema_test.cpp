@@ -12,7 +12,8 @@ using namespace sbpg::schema;
 
 namespace {
 
-bool Supported(const std::string &s, std::string *why = nullptr) {
+bool
+Supported(const std::string &s, std::string *why = nullptr) {
 	std::string w;
 	bool ok = CheckSchemaSupported(s, &w);
 	if (why)
@@ -20,10 +21,14 @@ bool Supported(const std::string &s, std::string *why = nullptr) {
 	return ok;
 }
 
-bool Has(const std::string &s, const std::string &part) { return s.find(part) != std::string::npos; }
+bool
+Has(const std::string &s, const std::string &part) {
+	return s.find(part) != std::string::npos;
+}
 
 // The violations' rules, joined by spaces (empty when compatible).
-std::string Rules(const std::string &o, const std::string &n, Mode m) {
+std::string
+Rules(const std::string &o, const std::string &n, Mode m) {
 	std::string r;
 	for (auto &v : CheckCompatible(o, n, m))
 		r += (r.empty() ? "" : " ") + v.rule;
@@ -32,7 +37,8 @@ std::string Rules(const std::string &o, const std::string &n, Mode m) {
 
 // A change's verdict in each mode: which of backward, forward, full it breaks (by rule).
 // narrowing: breaks backward and full; widening: forward and full; both: all three. Never none.
-void ExpectNarrowing(const std::string &o, const std::string &n, const std::string &rule) {
+void
+ExpectNarrowing(const std::string &o, const std::string &n, const std::string &rule) {
 	CHECK_EQ(Rules(o, n, Mode::Backward), rule);
 	CHECK_EQ(Rules(o, n, Mode::Forward), std::string());
 	CHECK_EQ(Rules(o, n, Mode::Full), rule);
@@ -41,19 +47,22 @@ void ExpectNarrowing(const std::string &o, const std::string &n, const std::stri
 	CHECK_EQ(Rules(n, o, Mode::Backward), std::string());
 	CHECK(!Rules(n, o, Mode::Forward).empty());
 }
-void ExpectWidening(const std::string &o, const std::string &n, const std::string &rule) {
+void
+ExpectWidening(const std::string &o, const std::string &n, const std::string &rule) {
 	CHECK_EQ(Rules(o, n, Mode::Backward), std::string());
 	CHECK_EQ(Rules(o, n, Mode::Forward), rule);
 	CHECK_EQ(Rules(o, n, Mode::Full), rule);
 	CHECK_EQ(Rules(o, n, Mode::None), std::string());
 }
-void ExpectBoth(const std::string &o, const std::string &n, const std::string &rule) {
+void
+ExpectBoth(const std::string &o, const std::string &n, const std::string &rule) {
 	CHECK_EQ(Rules(o, n, Mode::Backward), rule);
 	CHECK_EQ(Rules(o, n, Mode::Forward), rule);
 	CHECK_EQ(Rules(o, n, Mode::Full), rule);
 	CHECK_EQ(Rules(o, n, Mode::None), std::string());
 }
-void ExpectCompatible(const std::string &o, const std::string &n) {
+void
+ExpectCompatible(const std::string &o, const std::string &n) {
 	CHECK_EQ(Rules(o, n, Mode::Backward), std::string());
 	CHECK_EQ(Rules(o, n, Mode::Forward), std::string());
 	CHECK_EQ(Rules(o, n, Mode::Full), std::string());
@@ -111,7 +120,8 @@ TEST("CheckSchemaSupported refuses each keyword RapidJSON would ignore, naming i
 
 TEST("CheckSchemaSupported names the pointer of a nested refused keyword") {
 	std::string why;
-	CHECK(!Supported(R"({"properties":{"a/b":{"items":{"properties":{"when":{"type":"string","format":"date"}}}}}})", &why));
+	CHECK(!Supported(R"({"properties":{"a/b":{"items":{"properties":{"when":{"type":"string","format":"date"}}}}}})",
+	                 &why));
 	CHECK(Has(why, "keyword \"format\" at /properties/a~1b/items/properties/when"));
 	CHECK(!Supported(R"({"definitions":{"x":{"anyOf":[{},{"contains":{}}]}}})", &why));
 	CHECK(Has(why, "keyword \"contains\" at /definitions/x/anyOf/1"));
@@ -134,18 +144,34 @@ TEST("CheckSchemaSupported: $schema, id, $ref") {
 	CHECK(Has(why, "does not point at a schema"));
 	CHECK(!Supported(R"({"definitions":{"a":{"$ref":"#/definitions/b"},"b":{"$ref":"#/definitions/a"}}})", &why));
 	CHECK(Has(why, "cycle"));
-	CHECK(!Supported(R"({"definitions":{"a":{}},"properties":{"x":{"$ref":"#/definitions/a","type":"string"}}})", &why));
+	CHECK(
+	    !Supported(R"({"definitions":{"a":{}},"properties":{"x":{"$ref":"#/definitions/a","type":"string"}}})", &why));
 	CHECK(Has(why, "next to \"$ref\""));
-	CHECK(Supported(R"({"definitions":{"n":{"type":"object","properties":{"next":{"$ref":"#/definitions/n"}}}},"$ref":"#/definitions/n"})"));
+	CHECK(Supported(
+	    R"({"definitions":{"n":{"type":"object","properties":{"next":{"$ref":"#/definitions/n"}}}},"$ref":"#/definitions/n"})"));
 }
 
 TEST("CheckSchemaSupported refuses keyword values RapidJSON would ignore") {
-	const char *bad[] = {R"({"type":"text"})", R"({"type":[]})", R"({"type":["string","string"]})", R"({"enum":[]})",
-	                     R"({"required":[]})", R"({"required":[1]})", R"({"minLength":1.5})", R"({"maxItems":-1})",
-	                     R"({"minimum":"1"})", R"({"maximum":5,"exclusiveMaximum":5})", R"({"exclusiveMinimum":true})",
-	                     R"({"multipleOf":0})", R"({"pattern":"\\d+"})", R"x({"pattern":"(a"})x",
-	                     R"({"patternProperties":{"\\w":{}}})", R"({"additionalProperties":1})", R"({"items":true})",
-	                     R"({"allOf":[]})", R"({"dependencies":{"a":[]}})", R"({"uniqueItems":1})"};
+	const char *bad[] = {R"({"type":"text"})",
+	                     R"({"type":[]})",
+	                     R"({"type":["string","string"]})",
+	                     R"({"enum":[]})",
+	                     R"({"required":[]})",
+	                     R"({"required":[1]})",
+	                     R"({"minLength":1.5})",
+	                     R"({"maxItems":-1})",
+	                     R"({"minimum":"1"})",
+	                     R"({"maximum":5,"exclusiveMaximum":5})",
+	                     R"({"exclusiveMinimum":true})",
+	                     R"({"multipleOf":0})",
+	                     R"({"pattern":"\\d+"})",
+	                     R"x({"pattern":"(a"})x",
+	                     R"({"patternProperties":{"\\w":{}}})",
+	                     R"({"additionalProperties":1})",
+	                     R"({"items":true})",
+	                     R"({"allOf":[]})",
+	                     R"({"dependencies":{"a":[]}})",
+	                     R"({"uniqueItems":1})"};
 	for (const char *s : bad) {
 		std::string why;
 		bool ok = Supported(s, &why);
@@ -208,8 +234,8 @@ TEST("compat: required added and removed") {
 	ExpectNarrowing(R"({})", R"({"required":["b"]})", "required-added");
 	ExpectWidening(R"({"required":["a","b"]})", R"({"required":["b"]})", "required-removed");
 	ExpectCompatible(R"({"required":["a","b"]})", R"({"required":["b","a"]})");
-	auto v = CheckCompatible(R"({"properties":{"x":{"required":["a"]}}})", R"({"properties":{"x":{"required":["a","b"]}}})",
-	                         Mode::Backward);
+	auto v = CheckCompatible(R"({"properties":{"x":{"required":["a"]}}})",
+	                         R"({"properties":{"x":{"required":["a","b"]}}})", Mode::Backward);
 	REQUIRE(v.size() == 1);
 	CHECK_EQ(v[0].pointer, std::string("/properties/x/required"));
 	CHECK(Has(v[0].detail, "\"b\" became required"));
@@ -234,9 +260,9 @@ TEST("compat: properties added and removed, open and closed content models") {
 	// additionalProperties as a schema governs the added property: compared rule by rule
 	ExpectCompatible(R"({"additionalProperties":{"type":"string"}})",
 	                 R"({"properties":{"b":{"type":"string"}},"additionalProperties":{"type":"string"}})");
-	auto v = CheckCompatible(R"({"additionalProperties":{"type":"string"}})",
-	                         R"({"properties":{"b":{"type":"string","maxLength":3}},"additionalProperties":{"type":"string"}})",
-	                         Mode::Full);
+	auto v = CheckCompatible(
+	    R"({"additionalProperties":{"type":"string"}})",
+	    R"({"properties":{"b":{"type":"string","maxLength":3}},"additionalProperties":{"type":"string"}})", Mode::Full);
 	REQUIRE(v.size() == 1);
 	CHECK_EQ(v[0].rule, std::string("max-length-added"));
 	CHECK_EQ(v[0].pointer, std::string("/properties/b/maxLength"));
@@ -274,7 +300,8 @@ TEST("compat: enum values added and removed; enum added and removed") {
 	ExpectWidening(R"({"enum":["a"]})", R"({"enum":["a","b"]})", "enum-value-added");
 	CHECK_EQ(Rules(R"({"enum":["a"]})", R"({"enum":["b"]})", Mode::Backward), std::string("enum-value-removed"));
 	CHECK_EQ(Rules(R"({"enum":["a"]})", R"({"enum":["b"]})", Mode::Forward), std::string("enum-value-added"));
-	CHECK_EQ(Rules(R"({"enum":["a"]})", R"({"enum":["b"]})", Mode::Full), std::string("enum-value-removed enum-value-added"));
+	CHECK_EQ(Rules(R"({"enum":["a"]})", R"({"enum":["b"]})", Mode::Full),
+	         std::string("enum-value-removed enum-value-added"));
 	ExpectNarrowing(R"({"type":"string"})", R"({"type":"string","enum":["a"]})", "enum-added");
 	ExpectWidening(R"({"enum":["a"]})", R"({})", "enum-removed");
 	ExpectCompatible(R"({"enum":[1,"a",{"x":[null]}]})", R"({"enum":[{"x":[null]},"a",1]})");
@@ -291,8 +318,8 @@ TEST("compat: items compared recursively; tuples; additionalItems") {
 	ExpectNarrowing(R"({})", R"({"items":{"type":"string"}})", "type-narrowed");
 	ExpectBoth(R"({"items":{}})", R"({"items":[{}]})", "items-changed");
 	ExpectNarrowing(R"({"items":[{"type":"number"}]})", R"({"items":[{"type":"integer"}]})", "type-narrowed");
-	ExpectWidening(R"({"items":[{}],"additionalItems":false})", R"({"items":[{},{"type":"string"}],"additionalItems":false})",
-	               "item-added-to-closed-tuple");
+	ExpectWidening(R"({"items":[{}],"additionalItems":false})",
+	               R"({"items":[{},{"type":"string"}],"additionalItems":false})", "item-added-to-closed-tuple");
 	ExpectNarrowing(R"({"items":[{}]})", R"({"items":[{},{"type":"string"}]})", "item-added-to-open-tuple");
 	ExpectNarrowing(R"({"items":[{}]})", R"({"items":[{}],"additionalItems":false})", "additional-items-closed");
 	ExpectWidening(R"({"items":[{}],"additionalItems":false})", R"({"items":[{}]})", "additional-items-opened");
@@ -354,12 +381,14 @@ TEST("compat: pattern added, removed, changed") {
 }
 
 TEST("compat: combinators, dependencies, patternProperties and $ref compared for equality") {
-	ExpectBoth(R"({"anyOf":[{"type":"string"}]})", R"({"anyOf":[{"type":"string"},{"type":"null"}]})", "any-of-changed");
+	ExpectBoth(R"({"anyOf":[{"type":"string"}]})", R"({"anyOf":[{"type":"string"},{"type":"null"}]})",
+	           "any-of-changed");
 	ExpectBoth(R"({})", R"({"allOf":[{}]})", "all-of-changed");
 	ExpectBoth(R"({"oneOf":[{}]})", R"({})", "one-of-changed");
 	ExpectBoth(R"({"not":{"type":"null"}})", R"({"not":{"type":"string"}})", "not-changed");
 	ExpectBoth(R"({"dependencies":{"a":["b"]}})", R"({})", "dependencies-changed");
-	ExpectBoth(R"({"patternProperties":{"^a":{}}})", R"({"patternProperties":{"^b":{}}})", "pattern-properties-changed");
+	ExpectBoth(R"({"patternProperties":{"^a":{}}})", R"({"patternProperties":{"^b":{}}})",
+	           "pattern-properties-changed");
 	ExpectBoth(R"({"definitions":{"a":{},"b":{}},"properties":{"x":{"$ref":"#/definitions/a"}}})",
 	           R"({"definitions":{"a":{},"b":{}},"properties":{"x":{"$ref":"#/definitions/b"}}})", "ref-changed");
 	// the same $ref: its definition is compared
@@ -370,8 +399,10 @@ TEST("compat: combinators, dependencies, patternProperties and $ref compared for
 }
 
 TEST("compat: several violations, each with rule, pointer and the mode it breaks") {
-	std::string o = R"({"type":"object","properties":{"id":{"type":"integer"},"name":{"type":"string","maxLength":50}},"required":["id"]})";
-	std::string n = R"({"type":"object","properties":{"id":{"type":"integer"},"name":{"type":"string","maxLength":20}},"required":["id","name"]})";
+	std::string o =
+	    R"({"type":"object","properties":{"id":{"type":"integer"},"name":{"type":"string","maxLength":50}},"required":["id"]})";
+	std::string n =
+	    R"({"type":"object","properties":{"id":{"type":"integer"},"name":{"type":"string","maxLength":20}},"required":["id","name"]})";
 	auto v = CheckCompatible(o, n, Mode::Backward);
 	std::string all;
 	for (auto &x : v)
@@ -411,13 +442,28 @@ TEST("random schemas: no crash, self-compatible, narrowing one way is widening t
 		return (seed >> 16) % n;
 	};
 	std::function<std::string(int)> gen = [&](int depth) -> std::string {
-		static const char *leaves[] = {
-		    R"("type":"string")", R"("type":"integer")", R"("type":["number","null"])", R"("minLength":2)",
-		    R"("maxLength":7)", R"("minimum":0)", R"("maximum":10,"exclusiveMaximum":true)", R"("enum":[1,"a",null])",
-		    R"("enum":["a"])", R"("pattern":"^[a-z]+$")", R"("required":["a"])", R"("required":["a","b"])",
-		    R"("additionalProperties":false)", R"("additionalProperties":true)", R"("uniqueItems":true)",
-		    R"("minItems":1)", R"("maxItems":3)", R"("multipleOf":2)", R"("format":"email")", R"("const":3)",
-		    R"("title":"t")", R"("maxProperties":4)"};
+		static const char *leaves[] = {R"("type":"string")",
+		                               R"("type":"integer")",
+		                               R"("type":["number","null"])",
+		                               R"("minLength":2)",
+		                               R"("maxLength":7)",
+		                               R"("minimum":0)",
+		                               R"("maximum":10,"exclusiveMaximum":true)",
+		                               R"("enum":[1,"a",null])",
+		                               R"("enum":["a"])",
+		                               R"("pattern":"^[a-z]+$")",
+		                               R"("required":["a"])",
+		                               R"("required":["a","b"])",
+		                               R"("additionalProperties":false)",
+		                               R"("additionalProperties":true)",
+		                               R"("uniqueItems":true)",
+		                               R"("minItems":1)",
+		                               R"("maxItems":3)",
+		                               R"("multipleOf":2)",
+		                               R"("format":"email")",
+		                               R"("const":3)",
+		                               R"("title":"t")",
+		                               R"("maxProperties":4)"};
 		std::string s = "{";
 		std::set<std::string> used;
 		int n = static_cast<int>(rnd(4));

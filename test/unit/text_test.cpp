@@ -17,7 +17,8 @@ namespace {
 const std::string kFffd = "\xEF\xBF\xBD";
 
 // ToValidUtf8 with the changed flag checked against what is expected.
-std::string Fix(const std::string &in, bool expect_changed) {
+std::string
+Fix(const std::string &in, bool expect_changed) {
 	bool changed = !expect_changed;
 	std::string out = ToValidUtf8(in, &changed);
 	if (changed != expect_changed)
@@ -28,7 +29,8 @@ std::string Fix(const std::string &in, bool expect_changed) {
 }
 
 // Printable form for failure messages: bytes >= 0x80 as \xHH.
-std::string Show(const std::string &s) {
+std::string
+Show(const std::string &s) {
 	std::string r;
 	for (unsigned char c : s) {
 		if (c >= 0x20 && c < 0x7f) {
@@ -53,7 +55,9 @@ TEST("IsStrictUtf8 takes what PostgreSQL takes") {
 	CHECK(IsStrictUtf8(std::string("a\0b", 3))); // NUL is UTF-8; text columns refuse it separately
 	for (const char *bad : {"\xC0\x80", "\xC1\xBF", "\xE0\x80\x80", "\xE0\x9F\xBF", "\xED\xA0\x80", "\xED\xBF\xBF",
 	                        "\xF0\x80\x80\x80", "\xF0\x8F\xBF\xBF", "\xF4\x90\x80\x80", "\xF5\x80\x80\x80", "\xFF",
-	                        "\x80", "\xC3", "\xE2\x82", "\xF0\x9F\x98", "a\xC3" "b"})
+	                        "\x80", "\xC3", "\xE2\x82", "\xF0\x9F\x98",
+	                        "a\xC3"
+	                        "b"})
 		CHECK(!IsStrictUtf8(bad));
 }
 
@@ -70,8 +74,8 @@ TEST("ToValidUtf8 replaces overlong forms, surrogates and code points past U+10F
 	// E0 needs A0..BF next, so 80 is not part of it.
 	CHECK_FIX("a\xE0\x80\x80z", true, "a" + kFffd + kFffd + kFffd + "z");
 	CHECK_FIX("\xF0\x80\x80\x80", true, kFffd + kFffd + kFffd + kFffd);
-	CHECK_FIX("\xED\xA0\x80", true, kFffd + kFffd + kFffd); // U+D800
-	CHECK_FIX("x\xED\xBF\xBF", true, "x" + kFffd + kFffd + kFffd); // U+DFFF
+	CHECK_FIX("\xED\xA0\x80", true, kFffd + kFffd + kFffd);             // U+D800
+	CHECK_FIX("x\xED\xBF\xBF", true, "x" + kFffd + kFffd + kFffd);      // U+DFFF
 	CHECK_FIX("\xF4\x90\x80\x80", true, kFffd + kFffd + kFffd + kFffd); // U+110000
 	CHECK_FIX("\xF5\x80\x80\x80", true, kFffd + kFffd + kFffd + kFffd);
 }
@@ -80,7 +84,9 @@ TEST("ToValidUtf8 replaces a truncated sequence with one U+FFFD, at the end or i
 	CHECK_FIX("ab\xC3", true, "ab" + kFffd);
 	CHECK_FIX("ab\xE2\x82", true, "ab" + kFffd);
 	CHECK_FIX("ab\xF0\x9F\x98", true, "ab" + kFffd);
-	CHECK_FIX("\xE2\x82" "A", true, kFffd + "A");          // the byte that does not fit starts afresh
+	CHECK_FIX("\xE2\x82"
+	          "A",
+	          true, kFffd + "A");                                // the byte that does not fit starts afresh
 	CHECK_FIX("\xF0\x9F\x98\xC3\xA9", true, kFffd + "\xC3\xA9"); // and may be a valid character itself
 	CHECK_FIX("\xE1\x80\xE2\x82\xAC", true, kFffd + "\xE2\x82\xAC");
 	CHECK_FIX("\xC3\xC3\xA9", true, kFffd + "\xC3\xA9");
@@ -88,10 +94,14 @@ TEST("ToValidUtf8 replaces a truncated sequence with one U+FFFD, at the end or i
 
 TEST("ToValidUtf8 replaces lone continuation bytes, FF FE and NUL one byte at a time") {
 	CHECK_FIX("\x80", true, kFffd);
-	CHECK_FIX("a\x80\xBF" "b", true, "a" + kFffd + kFffd + "b");
+	CHECK_FIX("a\x80\xBF"
+	          "b",
+	          true, "a" + kFffd + kFffd + "b");
 	CHECK_FIX("\xC3\xA9\xA9", true, "\xC3\xA9" + kFffd);
 	CHECK_FIX("\xFF\xFE", true, kFffd + kFffd);
-	CHECK_FIX("\xFE\xFF" "a", true, kFffd + kFffd + "a");
+	CHECK_FIX("\xFE\xFF"
+	          "a",
+	          true, kFffd + kFffd + "a");
 	CHECK_FIX(std::string("a\0b", 3), true, "a" + kFffd + "b");
 	CHECK_FIX(std::string("\0\0", 2), true, kFffd + kFffd);
 }
@@ -121,12 +131,12 @@ TEST("CopyUtf8 copies like strlcpy but ends on a character boundary") {
 		size_t size;
 		const char *want;
 	} cases[] = {
-	    {"ab\xC3\xA9", 4, "ab"},             // room for 3 bytes: the 2-byte character does not fit
-	    {"ab\xC3\xA9", 5, "ab\xC3\xA9"},      // exactly fits
-	    {"ab\xE2\x82\xAC", 5, "ab"},          // 3-byte character, one byte short
+	    {"ab\xC3\xA9", 4, "ab"},         // room for 3 bytes: the 2-byte character does not fit
+	    {"ab\xC3\xA9", 5, "ab\xC3\xA9"}, // exactly fits
+	    {"ab\xE2\x82\xAC", 5, "ab"},     // 3-byte character, one byte short
 	    {"ab\xE2\x82\xAC", 4, "ab"},
 	    {"ab\xE2\x82\xAC", 6, "ab\xE2\x82\xAC"},
-	    {"ab\xF0\x9F\x98\x80", 6, "ab"},      // 4-byte character, one byte short
+	    {"ab\xF0\x9F\x98\x80", 6, "ab"}, // 4-byte character, one byte short
 	    {"ab\xF0\x9F\x98\x80", 4, "ab"},
 	    {"ab\xF0\x9F\x98\x80", 7, "ab\xF0\x9F\x98\x80"},
 	    {"abcdefghij", 8, "abcdefg"},
@@ -148,11 +158,18 @@ TEST("ClipUtf8 removes the partial character strlcpy/snprintf left at the end") 
 		const char *cut;
 		const char *want;
 	} cases[] = {
-	    {"ab\xC3", "ab"},                         // 2-byte character, lead byte only
-	    {"ab\xE2", "ab"},         {"ab\xE2\x82", "ab"}, // 3-byte
-	    {"ab\xF0", "ab"},         {"ab\xF0\x9F", "ab"}, {"ab\xF0\x9F\x98", "ab"}, // 4-byte
-	    {"ab\xC3\xA9", "ab\xC3\xA9"}, {"ab\xE2\x82\xAC", "ab\xE2\x82\xAC"},
-	    {"ab\xF0\x9F\x98\x80", "ab\xF0\x9F\x98\x80"}, {"abc", "abc"}, {"", ""}, {"\xC3", ""},
+	    {"ab\xC3", "ab"}, // 2-byte character, lead byte only
+	    {"ab\xE2", "ab"},
+	    {"ab\xE2\x82", "ab"}, // 3-byte
+	    {"ab\xF0", "ab"},
+	    {"ab\xF0\x9F", "ab"},
+	    {"ab\xF0\x9F\x98", "ab"}, // 4-byte
+	    {"ab\xC3\xA9", "ab\xC3\xA9"},
+	    {"ab\xE2\x82\xAC", "ab\xE2\x82\xAC"},
+	    {"ab\xF0\x9F\x98\x80", "ab\xF0\x9F\x98\x80"},
+	    {"abc", "abc"},
+	    {"", ""},
+	    {"\xC3", ""},
 	};
 	for (const Case &c : cases) {
 		char buf[16];
@@ -168,7 +185,7 @@ TEST("ClipUtf8 removes the partial character strlcpy/snprintf left at the end") 
 }
 
 TEST("FixedText cuts on a character boundary when set or appended past its size") {
-	FixedText<8> t; // 7 bytes of text
+	FixedText<8> t;              // 7 bytes of text
 	t.Set("abcdef\xE2\x82\xAC"); // "abcdef" + a 3-byte character: only "abcdef" fits
 	CHECK_EQ(Show(t.str()), Show("abcdef"));
 	t.Set("ab");

@@ -59,11 +59,11 @@ struct Value {
 		Described,
 	};
 	Kind kind = Kind::Null;
-	uint64_t u = 0;         // unsigned kinds, bool, char
-	int64_t i = 0;          // signed kinds, timestamp
-	double d = 0;           // float, double
-	std::string s;          // binary, string, symbol, uuid (16 bytes), decimal (raw bytes); for an array of
-	                        // described elements, the elements' one descriptor, encoded (empty otherwise)
+	uint64_t u = 0;           // unsigned kinds, bool, char
+	int64_t i = 0;            // signed kinds, timestamp
+	double d = 0;             // float, double
+	std::string s;            // binary, string, symbol, uuid (16 bytes), decimal (raw bytes); for an array of
+	                          // described elements, the elements' one descriptor, encoded (empty otherwise)
 	std::vector<Value> items; // list and array elements; map as key, value, key, value; described: descriptor, value
 
 	static Value Null() { return Value(); }

@@ -41,7 +41,7 @@ struct ConsumerConfig {
 	// soon as a new one is there; the consumer waits for a token before it connects.
 	std::function<bool(BearerToken *)> current_token;
 	std::function<void(uint64_t serial, bool accepted, const std::string &why)> token_answer;
-	uint32_t prefetch = 100; // messages held (unsettled) at most: credit + in flight
+	uint32_t prefetch = 100;   // messages held (unsettled) at most: credit + in flight
 	std::string extra_ca_file; // TLS: trusted in addition to the system's CA store
 	std::string container_id;
 	int max_json_depth = 1000;
@@ -85,10 +85,10 @@ struct ConsumerStatus {
 	uint64_t tokens_put = 0; // put-token requests the broker accepted
 	bool waiting_for_token = false;
 	uint32_t in_flight = 0;
-	uint64_t generation = 0;       // changes with every connection; messages of older ones cannot be settled
-	uint64_t lock_renewals = 0;    // message locks the broker renewed
-	uint64_t locks_lost = 0;       // renewals the broker refused because the lock was gone
-	bool management_ready = false; // the $management link pair is open
+	uint64_t generation = 0;        // changes with every connection; messages of older ones cannot be settled
+	uint64_t lock_renewals = 0;     // message locks the broker renewed
+	uint64_t locks_lost = 0;        // renewals the broker refused because the lock was gone
+	bool management_ready = false;  // the $management link pair is open
 	bool management_failed = false; // the broker has no $management (no renewal, no deferral)
 	std::string last_error;
 	bool dead = false; // the AMQP thread stopped on an unexpected error

@@ -38,10 +38,13 @@ bool
 PgGuard(Fn &&fn, PgError *err) {
 	MemoryContext oldcxt = CurrentMemoryContext;
 	volatile bool ok = true;
+	// clang-format would join the one-statement block onto PG_TRY()'s line.
+	// clang-format off
 	PG_TRY();
 	{
 		fn();
 	}
+	// clang-format on
 	PG_CATCH();
 	{
 		TakeError(oldcxt, err);

@@ -14,7 +14,7 @@
 namespace sbpg::pg {
 
 struct PgError {
-	int sqlerrcode = 0;   // PostgreSQL's packed SQLSTATE (0: none)
+	int sqlerrcode = 0; // PostgreSQL's packed SQLSTATE (0: none)
 	int elevel = 0;
 	char sqlstate[6] = ""; // the same, as its five characters
 	ErrorText message{};

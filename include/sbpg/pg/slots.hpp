@@ -19,7 +19,7 @@ extern "C" {
 
 namespace sbpg::pg {
 
-constexpr int kSamples = 512;   // recent latency samples kept per subscription
+constexpr int kSamples = 512;    // recent latency samples kept per subscription
 constexpr int kRateSeconds = 60; // throughput window
 constexpr int kNameLen = 64;
 
@@ -31,7 +31,7 @@ enum WorkerState : int {
 	kStateReconnecting,
 	kStateStopped,
 	kStateFailed,
-	kStatePaused, // the handler cannot run; see last_error
+	kStatePaused,          // the handler cannot run; see last_error
 	kStateWaitingForToken, // no Entra ID token yet (or the last one expired); see token_error
 };
 const char *WorkerStateName(int state);
@@ -49,16 +49,16 @@ struct WorkerSlot {
 	TimestampTz token_expires_at;
 	uint64 received, applied, dead_lettered, duplicates, abandoned, batches, settle_failures, reconnects;
 	ErrorText last_error;
-	uint64 tokens_put;       // put-token requests the broker accepted
-	char token_subject[64];  // the Entra ID principal (oid) of the current token
-	ErrorText token_error;   // why the last token request failed; empty once one succeeds
-	uint64 retries;            // transient failures that scheduled another attempt
-	uint64 retried_messages;   // messages that needed more than one attempt to reach an outcome
+	uint64 tokens_put;           // put-token requests the broker accepted
+	char token_subject[64];      // the Entra ID principal (oid) of the current token
+	ErrorText token_error;       // why the last token request failed; empty once one succeeds
+	uint64 retries;              // transient failures that scheduled another attempt
+	uint64 retried_messages;     // messages that needed more than one attempt to reach an outcome
 	uint64 max_retries_exceeded; // dead-lettered with MaxRetriesExceeded
-	int32 waiting_retry;       // messages the worker holds for a retry right now
-	uint64 deferred;           // messages set aside on the broker (deferral) for a later retry
-	uint64 lock_renewals;      // message locks renewed
-	uint64 locks_lost;         // renewals refused because the lock was gone
+	int32 waiting_retry;         // messages the worker holds for a retry right now
+	uint64 deferred;             // messages set aside on the broker (deferral) for a later retry
+	uint64 lock_renewals;        // message locks renewed
+	uint64 locks_lost;           // renewals refused because the lock was gone
 	float apply_ms[kSamples];
 	uint32 apply_next, apply_count;
 	float lag_ms[kSamples];

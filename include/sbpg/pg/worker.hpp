@@ -114,7 +114,7 @@ class Worker {
 	WaitEventSet *wait_set_ = nullptr;
 	Stats stats_;
 	std::unordered_map<uint64_t, InboxKey> awaiting_; // delivery id -> inbox key, until confirmed
-	std::vector<InboxKey> confirmed_;                  // settlements the broker confirmed
+	std::vector<InboxKey> confirmed_;                 // settlements the broker confirmed
 	TimestampTz last_stamp_ = 0, last_prune_ = 0;
 	TimestampTz paused_until_ = 0;
 	bool stop_ = false;
