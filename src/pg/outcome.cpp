@@ -100,8 +100,13 @@ struct JsonOut {
 		Raw("\":");
 	}
 	// An id: null when empty; cut at max bytes on a character boundary and marked with "…".
-	void Id(const char *key, const std::string &id, size_t max) {
+	// In a NOTIFY payload (max <= kNotifyIdMax) an id ends at a NUL byte: listeners read the payload
+	// as jsonb, which refuses \u0000.
+	void Id(const char *key, const std::string &full, size_t max) {
 		Field(key);
+		std::string_view id(full);
+		if (max <= kNotifyIdMax)
+			id = id.substr(0, strnlen(full.data(), full.size()));
 		if (id.empty()) {
 			Raw("null");
 			return;

@@ -180,9 +180,10 @@ constexpr spi::PlanSpec kLockSubscription = {
     true,
 };
 
-// The subscription's row, locked FOR KEY SHARE until the pass ends: sbpg.drop_subscription (FOR
-// UPDATE) then waits for a batch in flight and deletes its inbox rows too, and a batch that comes
-// after the drop finds no row and records nothing (the launcher is ending the worker).
+// The subscription's row, locked FOR KEY SHARE until the pass ends (taken first in every pass):
+// sbpg.drop_subscription (FOR UPDATE) then waits for a batch in flight and deletes its inbox rows
+// too, and a batch that comes after the drop finds no row and records nothing (the launcher is
+// ending the worker).
 void
 LockSubscription(const SubConfig *cfg) {
 	Datum arg = CStringGetTextDatum(cfg->name);
@@ -198,7 +199,6 @@ LockSubscription(const SubConfig *cfg) {
 void
 LookUpItems(Pass *pass, ApplyItem *items, int lo, int hi, BatchResult *out) {
 	const SubConfig *cfg = pass->cfg;
-	LockSubscription(cfg);
 	pass->xid = U64FromFullTransactionId(GetTopFullTransactionId());
 	out->xid = pass->xid;
 	LookupDuplicates(cfg, items, lo, hi);
@@ -225,6 +225,9 @@ ResetItem(ApplyItem *it) {
 // The work of one pass, inside its transaction.
 void
 PassBody(Pass *pass, ApplyItem *items, int lo, int hi, bool isolate, const Confirmed *confirmed, BatchResult *out) {
+	// First, before any inbox or retry row is touched: drop_subscription locks the row and then
+	// deletes those rows, so taking them in the other order could deadlock with it.
+	LockSubscription(pass->cfg);
 	CheckNotifyQueue(pass);
 	Stamp(pass->cfg, confirmed->seqs, confirmed->nseqs, confirmed->ids, confirmed->nids);
 	ErrorText why;
@@ -305,6 +308,7 @@ RecordFailure(Pass *pass, const SubConfig *cfg, ApplyItem *it, int sqlerrcode, c
 	ResetItem(it);
 	StartPass(pass, cfg);
 	spi::BeginShort();
+	LockSubscription(cfg);
 	CheckNotifyQueue(pass);
 	LookUpItems(pass, it, 0, 1, out);
 	if (it->status == kDuplicate)
