@@ -11,6 +11,7 @@ extern "C" {
 #include "utils/memutils.h"
 }
 
+#include "sbpg/pg/compat.hpp"
 #include "sbpg/pg/guard.hpp"
 #include "sbpg/pg/sql_entry.hpp"
 
@@ -23,7 +24,7 @@ TakeError(MemoryContext safe, PgError *err) {
 	FlushErrorState();
 	err->sqlerrcode = e->sqlerrcode;
 	err->elevel = e->elevel;
-	strlcpy(err->sqlstate, unpack_sql_state(e->sqlerrcode), sizeof err->sqlstate);
+	compat::CopyCString(err->sqlstate, unpack_sql_state(e->sqlerrcode), sizeof err->sqlstate);
 	err->message.Set(e->message ? e->message : "");
 	err->detail.Set(e->detail ? e->detail : "");
 	err->hint.Set(e->hint ? e->hint : "");

@@ -24,6 +24,7 @@ extern "C" {
 #include "utils/timestamp.h"
 }
 
+#include "sbpg/pg/compat.hpp"
 #include "sbpg/pg/config.hpp"
 #include "sbpg/pg/shared.hpp"
 #include "sbpg/pg/slots.hpp"
@@ -80,7 +81,7 @@ NewEntry(Launcher *l, const char *name) {
 		if (!l->entries[i].used) {
 			std::memset(&l->entries[i], 0, sizeof l->entries[i]);
 			l->entries[i].used = true;
-			strlcpy(l->entries[i].name, name, kNameLen);
+			compat::CopyCString(l->entries[i].name, name, kNameLen);
 			l->entries[i].slot = -1;
 			return &l->entries[i];
 		}
@@ -122,10 +123,10 @@ LoadDesired(Launcher *l, Desired *out, int max) {
 		int name_col = r.Col("name"), enabled_col = r.Col("enabled"), version_col = r.Col("version");
 		for (uint64 row = 0; row < r.rows && n < max; ++row) {
 			char *name = r.Text(row, name_col);
-			strlcpy(out[n].name, name ? name : "", kNameLen);
+			compat::CopyCString(out[n].name, name ? name : "", kNameLen);
 			out[n].enabled = r.Bool(row, enabled_col);
 			char *ver = r.Text(row, version_col);
-			strlcpy(out[n].version, ver ? ver : "", sizeof out[n].version);
+			compat::CopyCString(out[n].version, ver ? ver : "", sizeof out[n].version);
 			++n;
 		}
 	}
@@ -191,7 +192,7 @@ StartEntry(const Launcher *l, Entry *e, const Desired *d) {
 	start.database = MyDatabaseId;
 	start.user = l->ext_owner;
 	start.slot = e->slot;
-	strlcpy(start.name, e->name, kNameLen);
+	compat::CopyCString(start.name, e->name, kNameLen);
 	static_assert(sizeof(WorkerStart) <= BGW_EXTRALEN, "WorkerStart must fit bgw_extra");
 	std::memcpy(w.bgw_extra, &start, sizeof start);
 	BackgroundWorkerHandle *handle = nullptr;
@@ -211,7 +212,7 @@ StartEntry(const Launcher *l, Entry *e, const Desired *d) {
 	e->running = true;
 	e->stopping = false;
 	e->started_at = GetCurrentTimestamp();
-	strlcpy(e->version, d->version, sizeof e->version);
+	compat::CopyCString(e->version, d->version, sizeof e->version);
 }
 
 // A previous launcher's workers keep running after it dies: adopt them by their slots.
@@ -229,7 +230,7 @@ AdoptRunningWorkers(Launcher *l) {
 		e->adopted_pid = copy.pid;
 		e->running = true;
 		e->started_at = GetCurrentTimestamp();
-		strlcpy(e->version, "adopted", sizeof e->version); // restarted once to learn its version
+		compat::CopyCString(e->version, "adopted", sizeof e->version); // restarted once to learn its version
 	}
 }
 

@@ -36,6 +36,7 @@ PG_FUNCTION_INFO_V1(sbpg_config_changed);
 PG_FUNCTION_INFO_V1(sbpg_worker_stats);
 }
 
+#include "sbpg/pg/compat.hpp"
 #include "sbpg/pg/shared.hpp"
 #include "sbpg/pg/slots.hpp"
 #include "sbpg/pg/sql_entry.hpp"
@@ -282,7 +283,7 @@ AssignSlot(const char *name) {
 			std::memset(reinterpret_cast<char *>(s) + offsetof(WorkerSlot, in_use), 0,
 			            sizeof(WorkerSlot) - offsetof(WorkerSlot, in_use));
 			s->in_use = true;
-			strlcpy(s->name, name, kNameLen);
+			compat::CopyCString(s->name, name, kNameLen);
 			s->state = kStateStarting;
 			SpinLockRelease(&s->mutex);
 			found = i;

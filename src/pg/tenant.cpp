@@ -41,6 +41,7 @@ extern "C" {
 }
 
 #include "sbpg/pg/apply.hpp"
+#include "sbpg/pg/compat.hpp"
 #include "sbpg/pg/outcome.hpp"
 #include "sbpg/pg/pass.hpp"
 #include "sbpg/pg/shared.hpp"
@@ -187,7 +188,7 @@ HandlerFunctionUsable(const SubConfig *cfg, ErrorText *why) {
 		           format_procedure(cfg->handler), cfg->run_as_name);
 		return false;
 	}
-	if (pg_proc_aclcheck(cfg->handler, cfg->run_as, ACL_EXECUTE) != ACLCHECK_OK) {
+	if (!compat::ProcAclOk(cfg->handler, cfg->run_as, ACL_EXECUTE)) {
 		FormatText(why, "run_as role %s may not execute handler %s", cfg->run_as_name, format_procedure(cfg->handler));
 		return false;
 	}
@@ -290,7 +291,7 @@ CallUpcast(Pass *pass, Oid fn, Datum body) {
 		         errhint("GRANT %s TO %s if that role may write what %s writes, or have the upcast owned by a "
 		                 "member of %s.",
 		                 cfg->run_as_name, GetUserNameFromId(owner, false), cfg->run_as_name, cfg->run_as_name)));
-	if (pg_proc_aclcheck(fn, cfg->run_as, ACL_EXECUTE) != ACLCHECK_OK)
+	if (!compat::ProcAclOk(fn, cfg->run_as, ACL_EXECUTE))
 		ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 		                errmsg("run_as role %s may not execute upcast %s", cfg->run_as_name, format_procedure(fn)),
 		                errhint("GRANT EXECUTE ON FUNCTION %s TO %s.", format_procedure(fn), cfg->run_as_name)));

@@ -11,6 +11,7 @@ extern "C" {
 #include "utils/guc.h"
 }
 
+#include "sbpg/pg/compat.hpp"
 #include "sbpg/pg/shared.hpp"
 #include "sbpg/pg/slots.hpp"
 #include "sbpg/pg/test_hooks.hpp"
@@ -86,7 +87,7 @@ Fires(Fault f, const char *subject) {
 			return false;
 		if (std::strcmp(shared->test_fault_fired, guc_test_fault) == 0)
 			return false;
-		strlcpy(shared->test_fault_fired, guc_test_fault, sizeof shared->test_fault_fired);
+		compat::CopyCString(shared->test_fault_fired, guc_test_fault, sizeof shared->test_fault_fired);
 		return true;
 	case kFailCommit:
 		return ArmedWith("fail_commit#", &rest) && subject && std::strcmp(rest, subject) == 0;

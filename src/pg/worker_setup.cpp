@@ -29,6 +29,7 @@ extern "C" {
 #include "utils/memutils.h"
 }
 
+#include "sbpg/pg/compat.hpp"
 #include "sbpg/pg/guard.hpp"
 #include "sbpg/pg/shared.hpp"
 #include "sbpg/pg/worker.hpp"
@@ -227,7 +228,7 @@ Worker::SetupWaiting() {
 	PgError err;
 	if (PgGuard(
 	        [&] {
-		        wait_set_ = CreateWaitEventSet(TopMemoryContext, 3);
+		        wait_set_ = compat::CreateLongLivedWaitSet(3);
 		        AddWaitEventToSet(wait_set_, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, nullptr);
 		        AddWaitEventToSet(wait_set_, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, nullptr, nullptr);
 		        AddWaitEventToSet(wait_set_, WL_SOCKET_READABLE, efd_, nullptr, nullptr);
