@@ -5,17 +5,18 @@
 #   make format     rewrites the C++ files in place per .clang-format; make format-check lists
 #                   the ones that differ (and fails if any does)
 EXTENSION = sbpg
-EXTVERSION = 0.2
+EXTVERSION = 0.3
 MODULE_big = sbpg
 # No full script for 0.2: CREATE EXTENSION runs 0.1 and the update to 0.2, the same path an
 # existing installation takes with ALTER EXTENSION sbpg UPDATE.
-DATA = sql/sbpg--0.1.sql sql/sbpg--0.1--0.2.sql
+DATA = sql/sbpg--0.1.sql sql/sbpg--0.1--0.2.sql sql/sbpg--0.2--0.3.sql
 PGFILEDESC = "sbpg - Azure Service Bus consumer"
 
 SRCS = $(wildcard src/*.cpp src/*/*.cpp)
 OBJS = $(SRCS:.cpp=.o)
 
-PG_CPPFLAGS = -Iinclude
+# The launcher compares the installed extension's version with the module's own (SBPG_VERSION).
+PG_CPPFLAGS = -Iinclude -DSBPG_VERSION='"$(EXTVERSION)"'
 PG_CXXFLAGS = -std=c++17 -Wextra -Wno-unused-parameter -Wno-register -Wno-missing-field-initializers -MMD -MP
 # Debian 12's libqpid-proton-cpp.pc names pkg-config modules Debian does not ship: link directly.
 SHLIB_LINK = -lqpid-proton-cpp -l:libqpid-proton-core.so.10 -l:libqpid-proton-proactor.so.1 -lcurl -lssl -lcrypto -lstdc++ -lpthread
@@ -62,4 +63,6 @@ format-check:
 	if [ $$n -gt 0 ]; then echo "format-check: $$n files differ from .clang-format (make format rewrites them)"; exit 1; fi
 
 -include $(SRCS:.cpp=.d)
+# A new version must reach the file that reads SBPG_VERSION.
+src/pg/launcher.o: sbpg.control Makefile
 .PHONY: sbemu clean-sbemu format format-check

@@ -30,7 +30,8 @@ namespace sbpg::pg {
 namespace {
 
 const char *const kSubscriptionSql =
-    "SELECT s.namespace AS namespace, s.entity AS entity, s.handler::pg_catalog.oid AS handler, "
+    "SELECT s.namespace AS namespace, s.entity AS entity, sbpg._resolve_function(s.handler) AS handler, "
+    "s.handler AS handler_name, s.handler_owner::pg_catalog.oid AS handler_owner, "
     "s.run_as::pg_catalog.oid AS run_as, s.run_as::pg_catalog.text AS run_as_name, s.identity AS identity, "
     "i.kind AS identity_kind, (i.options" OP_GETTEXT "'key_name') AS key_name, k.secret AS key, "
     "(i.options" OP_GETTEXT "'key_file') AS key_file, (i.options" OP_GETTEXT "'key_env') AS key_env, "
@@ -96,6 +97,8 @@ ReadSubscription(const char *name, SubConfig *out) {
 	out->namespace_ = Kept(r, "namespace");
 	out->entity = Kept(r, "entity");
 	out->handler = r.ObjectId(0, r.Col("handler"));
+	out->handler_name = Kept(r, "handler_name");
+	out->handler_owner = r.ObjectId(0, r.Col("handler_owner"));
 	out->run_as = r.ObjectId(0, r.Col("run_as"));
 	out->run_as_name = Kept(r, "run_as_name");
 	out->identity = Kept(r, "identity");

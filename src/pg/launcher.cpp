@@ -64,7 +64,10 @@ struct Launcher {
 	Entry *entries; // one per slot, in TopMemoryContext
 	int nentries;
 	Oid ext_owner;    // the extension's owner, whom workers connect as
-	bool ext_present; // the extension exists in sbpg.database (as of the last read)
+	bool ext_present; // the extension exists in sbpg.database at this module's version (last read)
+	// The extension's version when it is not this module's (SBPG_VERSION), said once per version:
+	// the SQL objects are another release's, so no worker runs until ALTER EXTENSION sbpg UPDATE.
+	char other_version[32];
 };
 
 Entry *
@@ -97,20 +100,37 @@ LoadDesired(Launcher *l, Desired *out, int max) {
 	spi::BeginShort();
 	pgstat_report_activity(STATE_RUNNING, "reading sbpg.subscriptions");
 	spi::SpiResult ext = spi::ExecSql("read pg_extension",
-	                                  "SELECT extowner FROM pg_catalog.pg_extension WHERE extname" OP_EQ "'sbpg'", 0,
-	                                  nullptr, nullptr, nullptr, SPI_OK_SELECT, 1);
+	                                  "SELECT extowner, extversion FROM pg_catalog.pg_extension WHERE extname" OP_EQ
+	                                  "'sbpg'",
+	                                  0, nullptr, nullptr, nullptr, SPI_OK_SELECT, 1);
 	l->ext_present = ext.rows == 1;
+	if (l->ext_present) {
+		const char *version = ext.Text(0, ext.Col("extversion"));
+		if (!version || strcmp(version, SBPG_VERSION) != 0) {
+			l->ext_present = false;
+			if (strncmp(l->other_version, version ? version : "", sizeof l->other_version - 1) != 0) {
+				compat::CopyCString(l->other_version, version ? version : "", sizeof l->other_version);
+				ereport(LOG, (errmsg("sbpg: the extension in this database is at version %s, the server's sbpg "
+				                     "module at %s: no subscription runs until the extension is updated",
+				                     version ? version : "?", SBPG_VERSION),
+				              errhint("Run ALTER EXTENSION sbpg UPDATE in database \"%s\".", guc_database)));
+			}
+		} else if (l->other_version[0]) {
+			ereport(LOG, (errmsg("sbpg: the extension is at version %s now; subscriptions start", SBPG_VERSION)));
+			l->other_version[0] = '\0';
+		}
+	}
 	if (l->ext_present) {
 		l->ext_owner = ext.ObjectId(0, ext.Col("extowner"));
 		// The version covers every setting of the subscription and of its identity, so a change
-		// restarts the worker with the new configuration. The handler and run_as count by their
-		// OIDs, not as text: a regprocedure prints as a bare number once its function is dropped,
-		// and a dropped handler must pause the worker, not restart it (which would hand its held
-		// messages back to the broker). updated_at covers whatever alter_subscription changes.
+		// restarts the worker with the new configuration. The handler counts by the text that names
+		// it, which a dropped function does not change: a dropped handler must pause the worker, not
+		// restart it (which would hand its held messages back to the broker). run_as counts by its
+		// OID. updated_at covers whatever alter_subscription changes.
 		// Every name schema-qualified: the launcher's session belongs to a superuser.
 		const char *q =
 		    "SELECT s.name, s.enabled, pg_catalog.md5(CAST(ROW(s.name, s.namespace, s.entity, "
-		    "CAST(s.handler AS pg_catalog.oid), CAST(s.run_as AS pg_catalog.oid), s.identity, s.batch_size, "
+		    "s.handler, CAST(s.handler_owner AS pg_catalog.oid), CAST(s.run_as AS pg_catalog.oid), s.identity, s.batch_size, "
 		    "s.prefetch, s.notify_channel, s.enabled, s.options, s.updated_at) AS pg_catalog.text) "
 		    "OPERATOR(pg_catalog.||) "
 		    "coalesce(CAST(ROW(i.*) AS pg_catalog.text), '') OPERATOR(pg_catalog.||) coalesce(k.secret, '')) "

@@ -150,6 +150,28 @@ CallAsRunAs(Pass *pass, FmgrInfo *flinfo, int nargs, const Datum *args, bool nul
 	return res;
 }
 
+// The function a stored signature names now (sbpg._resolve_function), or InvalidOid.
+Oid
+ResolveFunction(const char *signature) {
+	if (!signature)
+		return InvalidOid;
+	Oid types[1] = {TEXTOID};
+	Datum args[1] = {CStringGetTextDatum(signature)};
+	spi::SpiResult r = spi::ExecSql("look up a function", "SELECT sbpg._resolve_function($1) AS fn", 1, types, args,
+	                                nullptr, SPI_OK_SELECT, 1);
+	return r.rows == 1 ? r.ObjectId(0, r.Col("fn")) : InvalidOid;
+}
+
+Oid
+FunctionOwner(Oid fn) {
+	HeapTuple tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(fn));
+	if (!HeapTupleIsValid(tup))
+		return InvalidOid;
+	Oid owner = reinterpret_cast<Form_pg_proc>(GETSTRUCT(tup))->proowner;
+	ReleaseSysCache(tup);
+	return owner;
+}
+
 bool
 IsSecurityDefiner(Oid fn) {
 	HeapTuple tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(fn));
@@ -307,8 +329,8 @@ CallUpcast(Pass *pass, Oid fn, Datum body) {
 
 constexpr spi::PlanSpec kUpcastChain = {
     "read sbpg.schemas",
-    "SELECT version, upcast::pg_catalog.oid AS upcast FROM sbpg.schemas WHERE message_type" OP_EQ "$1 AND version" OP_GE
-    "$2 ORDER BY version USING" OP_LT,
+    "SELECT version, sbpg._resolve_function(upcast) AS upcast, upcast AS upcast_name FROM sbpg.schemas "
+    "WHERE message_type" OP_EQ "$1 AND version" OP_GE "$2 ORDER BY version USING" OP_LT,
     2,
     {TEXTOID, INT4OID},
     false,
@@ -328,12 +350,19 @@ Upcast(Pass *pass, const ReceivedMessage *m, Datum *body) {
 	int n = static_cast<int>(res.rows);
 	if (n <= 1)
 		return m->schema_version;
-	int version_col = res.Col("version"), upcast_col = res.Col("upcast");
+	int version_col = res.Col("version"), upcast_col = res.Col("upcast"), name_col = res.Col("upcast_name");
 	int *versions = static_cast<int *>(palloc(sizeof(int) * n));
 	Oid *fns = static_cast<Oid *>(palloc(sizeof(Oid) * n));
 	for (int i = 0; i < n; ++i) {
 		versions[i] = res.Int32(i, version_col);
 		fns[i] = res.ObjectId(i, upcast_col);
+		const char *name = res.Text(i, name_col);
+		// A named upcast that is gone is an error, not a gap: the handler would get an older shape.
+		if (name && !OidIsValid(fns[i]))
+			ereport(ERROR, (errcode(ERRCODE_UNDEFINED_FUNCTION),
+			                errmsg("upcast %s of message type %s version %d does not exist", name,
+			                       m->message_type.c_str(), versions[i]),
+			                errhint("Attach it again with sbpg.set_upcast.")));
 	}
 	int version = m->schema_version;
 	if (versions[0] != version)
@@ -392,8 +421,19 @@ constexpr spi::PlanSpec kMappings = {
 bool
 HandlerUsable(Pass *pass, ErrorText *why) {
 	const SubConfig *cfg = pass->cfg;
-	if (!SearchSysCacheExists1(PROCOID, ObjectIdGetDatum(cfg->handler))) {
-		FormatText(why, "handler function (oid %u) no longer exists", cfg->handler);
+	if (!SearchSysCacheExists1(PROCOID, ObjectIdGetDatum(cfg->handler)))
+		cfg->handler = ResolveFunction(cfg->handler_name);
+	if (!OidIsValid(cfg->handler)) {
+		FormatText(why, "handler %s does not exist (dropped or renamed)", cfg->handler_name);
+		return false;
+	}
+	Oid owner = FunctionOwner(cfg->handler);
+	if (owner != cfg->handler_owner) {
+		FormatText(why,
+		           "handler %s is owned by %s, not by %s who owned it when the subscription named it (name it again "
+		           "with sbpg.alter_subscription to run it)",
+		           cfg->handler_name, GetUserNameFromId(owner, true),
+		           OidIsValid(cfg->handler_owner) ? GetUserNameFromId(cfg->handler_owner, true) : "an unknown role");
 		return false;
 	}
 	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(cfg->run_as))) {

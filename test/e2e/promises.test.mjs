@@ -179,10 +179,13 @@ describe("documented promises", () => {
     await subscribe("dropped", "handle_dropped");
     await send("dropped", [{ messageId: "dr-1", body: { n: 1 } }]);
     await waitFor(async () => (await appliesOf("dr-1")) === 1, { what: "dr-1 applied" });
+    const stored = (await pg.query("SELECT handler, handler_owner::text AS owner FROM sbpg.subscriptions WHERE name = 'dropped'")).rows[0];
+    assert.deepEqual(stored, { handler: "public.handle_dropped(sbpg.message)", owner: "postgres" },
+      "named by its schema-qualified signature, with the owner it had");
 
     await pg.psql("DROP FUNCTION handle_dropped(sbpg.message);");
     await send("dropped", [{ messageId: "dr-2", body: { n: 2 } }]);
-    await pausedTwice("dropped", /handler function \(oid \d+\) no longer exists/);
+    await pausedTwice("dropped", /handler public\.handle_dropped\(sbpg\.message\) does not exist \(dropped or renamed\)/);
     assert.equal(await inboxRows("dropped"), 1);
     assert.equal(await retryRows("dropped"), 0);
     assert.deepEqual(got("dropped").map((x) => x.message_id), ["dr-1"]);
@@ -191,11 +194,20 @@ describe("documented promises", () => {
     const deliveredWhilePaused = e.delivered;
     assert.deepEqual([(await stats("dropped")).retries, (await stats("dropped")).dead_lettered].map(Number), [0, 0]);
 
-    // A new function is a new object: the subscription is pointed at it (README: troubleshooting).
+    // The same signature created again by another role is not run: the subscription named a
+    // function of postgres's (docs/security.md).
     await pg.psql(`
+      CREATE ROLE squatter NOLOGIN;
       CREATE FUNCTION handle_dropped(m sbpg.message) RETURNS void LANGUAGE sql AS $f$ SELECT public.handle(m) $f$;
       GRANT EXECUTE ON FUNCTION handle_dropped(sbpg.message) TO app;
-      SELECT sbpg.alter_subscription('dropped', handler => 'handle_dropped(sbpg.message)');`);
+      ALTER FUNCTION handle_dropped(sbpg.message) OWNER TO squatter;`);
+    await pausedTwice("dropped", /handler public\.handle_dropped\(sbpg\.message\) is owned by squatter, not by postgres who owned it when the subscription named it/);
+    assert.equal(await appliesOf("dr-2"), 0, "not run");
+    await assert.rejects(pg.psql("SELECT sbpg.alter_subscription('dropped', batch_size => 10)"),
+      /handler public\.handle_dropped\(sbpg\.message\) of subscription "dropped" is now owned by another role/);
+
+    // Back with its owner: the worker finds it by name, without a restart, and applies what it held.
+    await pg.psql("ALTER FUNCTION handle_dropped(sbpg.message) OWNER TO postgres;");
     await waitFor(async () => (await appliesOf("dr-2")) === 1, { what: "dr-2 applied" });
     await waitFor(async () => (await emu.entity("dropped")).completed === 2, { what: "2 completed" });
     const row = (await pg.query("SELECT status, attempts, delivery_count FROM sbpg.inbox WHERE subscription = 'dropped' AND message_id = 'dr-2'")).rows[0];
@@ -204,12 +216,18 @@ describe("documented promises", () => {
     e = await emu.entity("dropped");
     assert.equal(e.dead_letter_moves, 0);
     assert.equal(await applies("dropped"), 2);
-    // The launcher's version of a subscription counts the handler by its OID (src/pg/launcher.cpp),
-    // so the drop did not restart the worker: the held messages kept their locks. dr-2 was
-    // delivered once before the alter_subscription above and once more after it (the restart that
-    // alter asks for).
+    // The launcher's version of a subscription counts the handler by the text that names it
+    // (src/pg/launcher.cpp), so neither the drop nor the new function restarted the worker: the
+    // held message kept its lock and was delivered once.
     assert.equal(deliveredWhilePaused, 2, "dr-1 and dr-2 delivered once each while paused: held, not given back");
-    assert.equal(row.delivery_count, 1, "dr-2 delivered again only by the restart alter_subscription asked for");
+    assert.equal(row.delivery_count, 0, "dr-2 delivered once (a first delivery counts 0): held throughout");
+
+    // A function owned by someone else is accepted when an administrator names it again.
+    await pg.psql(`ALTER FUNCTION handle_dropped(sbpg.message) OWNER TO squatter;
+      SELECT sbpg.alter_subscription('dropped', handler => 'handle_dropped(sbpg.message)');`);
+    assert.equal((await pg.query("SELECT handler_owner::text AS o FROM sbpg.subscriptions WHERE name = 'dropped'")).rows[0].o, "squatter");
+    await send("dropped", [{ messageId: "dr-3", body: { n: 3 } }]);
+    await waitFor(async () => (await appliesOf("dr-3")) === 1, { what: "dr-3 applied" });
   });
 
   it("asks again for a deferred message the broker did not hand over, and applies it", async () => {

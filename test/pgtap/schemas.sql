@@ -33,7 +33,7 @@ SELECT lives_ok($$SELECT sbpg.register_schema('orders.created', 2,
     'version 2 adds an optional property to a closed object: backward compatible');
 SELECT results_eq($$SELECT version, latest FROM sbpg.schema_catalog WHERE message_type = 'orders.created' ORDER BY version$$,
     $$VALUES (1, false), (2, true)$$, 'the catalog lists both versions and marks the latest');
-SELECT is((SELECT upcast::text FROM sbpg.schemas WHERE message_type = 'orders.created' AND version = 2), 'tap_upcast(jsonb)', 'the upcast is kept');
+SELECT is((SELECT upcast::text FROM sbpg.schemas WHERE message_type = 'orders.created' AND version = 2), 'public.tap_upcast(jsonb)', 'the upcast is kept, by its schema-qualified signature');
 SELECT throws_ok($$SELECT sbpg.register_schema('orders.created', 2, '{"type": "object"}')$$, '42710',
     'version 2 of message type orders.created is already registered', 'versions are immutable');
 SELECT throws_ok($$SELECT sbpg.register_schema('orders.created', 1, '{"type": "object"}')$$, '42710',
@@ -108,7 +108,7 @@ SET ROLE tap_sother;
 SELECT throws_ok($$SELECT sbpg.set_upcast('orders.created', 2, NULL)$$, '42501',
     'permission denied to set an upcast of message type orders.created', 'only the type''s owner may');
 RESET ROLE;
-SELECT is((SELECT upcast::text FROM sbpg.schemas WHERE message_type = 'orders.created' AND version = 2), 'tap_upcast(jsonb)',
+SELECT is((SELECT upcast::text FROM sbpg.schemas WHERE message_type = 'orders.created' AND version = 2), 'public.tap_upcast(jsonb)',
     'the upcast stays');
 
 -- Changing the mode, and who may register.

@@ -24,7 +24,12 @@ struct SubConfig {
 	char *name;
 	char *namespace_;
 	char *entity;
-	Oid handler;
+	// The handler is named by its signature (handler_name); handler is the function that name
+	// found, looked up again by HandlerUsable once it is gone (it may be created again). Only a
+	// function owned by handler_owner runs.
+	mutable Oid handler;
+	char *handler_name;
+	Oid handler_owner; // InvalidOid: unknown (the function was missing at the update to 0.3)
 	Oid run_as;
 	char *run_as_name;
 	char *identity;         // NULL: anonymous
