@@ -15,7 +15,7 @@ import { startSbemu, configWith, queue } from "../conformance/lib/sbemu.mjs";
 import { startCluster, waitFor } from "../e2e/lib/cluster.mjs";
 import pg from "pg";
 
-const queues = ["victim", "bobq", "slow", "notes", "odd", "stubborn"];
+const queues = ["victim", "bobq", "slow", "notes", "odd", "stubborn", "gone"];
 const notifyKeys = new Set(["subscription", "message_id", "correlation_id", "sequence_number", "status", "xid", "attempts",
   "next_attempt_at", "deferred", "reason"]);
 
@@ -300,7 +300,7 @@ describe("privilege escalation", () => {
     assert.match(why.temp_fn, /cannot create temporary objects in code an sbpg worker runs/);
     assert.match(why.prepare, /cannot execute PREPARE within security-restricted operation/);
     assert.match(why.role, /cannot set parameter "role" within security-(definer function|restricted operation)/);
-    const victim = (await db.query(`SELECT run_as::text, handler = 'team_a.attack(sbpg.message)'::regprocedure AS same_handler, options
+    const victim = (await db.query(`SELECT run_as::text, handler = 'team_a.attack(sbpg.message)' AS same_handler, options
                                     FROM sbpg.subscriptions WHERE name = 'victim'`)).rows[0];
     assert.deepEqual(victim, { run_as: "alice_w", same_handler: true, options: {} });
     assert.equal((await db.query("SELECT count(*)::int c FROM sbpg.identities WHERE name = 'mine'")).rows[0].c, 0);
@@ -435,6 +435,33 @@ describe("privilege escalation", () => {
       { what: "the plain subscription refused" });
     assert.match(st.last_error, /identity "mi" sends Entra ID tokens only over TLS to Service Bus namespaces or to brokers it lists in allowed_namespaces, not to amqp:\/\/contoso/);
     await db.psql("SELECT sbpg.drop_subscription('plain'); SELECT sbpg.drop_identity('mi');");
+  });
+
+  it("a dropped handler's name taken by another role never runs with run_as's rights", async () => {
+    // Subscriptions name their handler by signature (so that pg_upgrade can carry them); the
+    // worker looks a dropped one up again by that name, but runs only a function of the owner it
+    // had when the subscription named it. A schema both may create in: public.
+    await db.psql("GRANT CREATE ON SCHEMA public TO alice");
+    await asRole("alice", `
+      CREATE FUNCTION public.alice_gone(m sbpg.message) RETURNS void LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('alice_gone'); END $$;
+      GRANT EXECUTE ON FUNCTION public.alice_gone(sbpg.message) TO alice_w;
+      SELECT sbpg.create_subscription('gone', '${emu.amqp}', 'gone', 'public.alice_gone(sbpg.message)', 'alice_w', 'emu');`);
+    await send("gone", [{ messageId: "gone-1", body: { id: 400 } }]);
+    await waitFor(() => byId("gone")["gone-1"], { what: "gone-1 applied by alice's handler" });
+    await asRole("alice", "DROP FUNCTION public.alice_gone(sbpg.message)");
+    await asRole("mallory", `
+      CREATE FUNCTION public.alice_gone(m sbpg.message) RETURNS void LANGUAGE plpgsql AS $$
+        BEGIN PERFORM public.observe('stage2 squatted handler'); END $$;
+      GRANT EXECUTE ON FUNCTION public.alice_gone(sbpg.message) TO PUBLIC;`);
+    await send("gone", [{ messageId: "gone-2", body: { id: 401 } }]);
+    const st = await waitFor(async () => (await db.query(
+      "SELECT state, last_error FROM sbpg.stats WHERE subscription = 'gone' AND state = 'paused' AND last_error ~ 'mallory'")).rows[0],
+    { what: "the subscription paused on mallory's function" });
+    assert.match(st.last_error, /handler public\.alice_gone\(sbpg\.message\) is owned by mallory, not by alice who owned it when the subscription named it/);
+    assert.equal(byId("gone")["gone-2"], undefined, "gone-2 not applied");
+    assert.ok(!(await observed()).some((r) => r.what === "stage2 squatted handler"), "mallory's function never ran");
+    await db.psql("SELECT sbpg.drop_subscription('gone')");
   });
 
   it("no role became a superuser, tenant code only ever ran as run_as, no shadowing object ever ran", async () => {
