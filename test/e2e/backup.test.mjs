@@ -117,7 +117,7 @@ describe("backup and restore", () => {
     const dumped = await snapshot(a);
     assert.equal(dumped.subscriptions.length, 1);
     assert.equal(dumped.subscriptions[0].enabled, false);
-    assert.equal(dumped.subscriptions[0].handler, "apply_order(sbpg.message)");
+    assert.equal(dumped.subscriptions[0].handler, "public.apply_order(sbpg.message)");
     assert.equal(dumped.subscriptions[0].run_as, "app");
     assert.equal(dumped.identity_secrets.length, 1);
     assert.deepEqual(dumped.identity_usage.map((x) => [x.identity, x.grantee]), [["emu", "app"]]);
