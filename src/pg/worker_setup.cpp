@@ -278,11 +278,11 @@ Worker::SetupTokens(ConsumerConfig *cc) {
 		out->serial = a.serial;
 		return true;
 	};
-	cc->token_answer = [t](uint64_t serial, bool accepted, const std::string &why) {
+	cc->token_answer = [t](uint64_t serial, bool accepted, const std::string &reason) {
 		if (accepted)
 			t->Accepted(serial);
 		else
-			t->Invalidate(serial, why);
+			t->Invalidate(serial, reason);
 	};
 	return true;
 }

@@ -49,13 +49,18 @@ export async function waitFor(fn, { timeout = 30000, interval = 50, what = "cond
   }
 }
 
-export async function startCluster({ conf = {}, env = {} } = {}) {
+/**
+ * initdb and start a cluster. `pgbin` picks the server (default PGBIN); `start: false` leaves it
+ * initialised but stopped (start() starts it), with extra `initdbArgs`.
+ */
+export async function startCluster({ conf = {}, env = {}, pgbin = PGBIN, start = true, initdbArgs = [] } = {}) {
+  const PGBIN = pgbin; // eslint-disable-line no-shadow -- every program below comes from this server
   const dir = mkdtempSync(join(tmpdir(), "sbpg-pg-"));
   chmodSync(dir, 0o777);
   const data = join(dir, "data");
   const log = join(dir, "server.log");
   const port = await freePort();
-  run(join(PGBIN, "initdb"), ["-D", data, "--no-sync", "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C"]);
+  run(join(PGBIN, "initdb"), ["-D", data, "--no-sync", "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", ...initdbArgs]);
   const settings = {
     shared_preload_libraries: "'sbpg'",
     port,
@@ -71,7 +76,7 @@ export async function startCluster({ conf = {}, env = {} } = {}) {
   appendFileSync(join(data, "postgresql.conf"),
     "\n" + Object.entries(settings).map(([k, v]) => `${k} = ${v}`).join("\n") + "\n");
   const cluster = {
-    dir, data, log, port,
+    dir, data, log, port, pgbin: PGBIN,
     signalsSent: [], // pids the test killed on purpose
     connectionOptions() {
       return { host: dir, port, user: "postgres", database: "postgres" };
@@ -147,7 +152,7 @@ export async function startCluster({ conf = {}, env = {} } = {}) {
       if (bad.length) throw new Error(`server log shows processes terminated by a signal:\n${bad.join("\n")}`);
     },
   };
-  cluster.start();
+  if (start) cluster.start();
   return cluster;
 }
 
