@@ -407,10 +407,12 @@ prepare_17() {
 		}' "$t/package" "$p" || die "creating the links of pg-symlinks.json"
 	chmod -R a+rX "$p"
 	# Headers and PGXS of Debian 13.
-	mkdir -p "$p/include/postgresql" "$p/lib/pgxs"
-	cp -a "$t/deb/usr/include/postgresql/17/server" "$p/include/postgresql/server" || die "copying the 17 headers"
-	cp -a "$t/deb/usr/lib/postgresql/17/lib/pgxs/." "$p/lib/pgxs/" || die "copying the 17 PGXS files"
-	local mg="$p/lib/pgxs/src/Makefile.global"
+	# Debian's Makefile.global derives includedir_server = $(pkgincludedir)/17/server and
+	# pgxsdir = $(pkglibdir)/pgxs (install-sh, pg_regress), so they go exactly there.
+	mkdir -p "$p/include/postgresql/17" "$p/lib/postgresql/pgxs"
+	cp -a "$t/deb/usr/include/postgresql/17/server" "$p/include/postgresql/17/server" || die "copying the 17 headers"
+	cp -a "$t/deb/usr/lib/postgresql/17/lib/pgxs/." "$p/lib/postgresql/pgxs/" || die "copying the 17 PGXS files"
+	local mg="$p/lib/postgresql/pgxs/src/Makefile.global"
 	# Debian 13 builds with clang-19 bitcode for JIT (with_llvm = yes) and gcc 14; Debian 12 has
 	# neither clang-19 nor a g++ that knows -fexcess-precision=standard for C++ (g++ 13 added it).
 	# No JIT inlining for test extensions; the flag is dropped from CXXFLAGS only (gcc 12 knows it for C).
@@ -418,8 +420,8 @@ prepare_17() {
 		-e '/^CXXFLAGS = /s/ -fexcess-precision=standard//' "$mg"
 	grep -q '^with_llvm	= no' "$mg" || die "could not set with_llvm = no in $mg"
 	# PGXS's pg_regress and the client programs come from 18 (Debian 13's need glibc 2.38).
-	ln -sfn "$(dirname "$("$p18/bin/pg_config" --pgxs)")/../test/regress/pg_regress" "$p/lib/pgxs/src/test/regress/pg_regress"
-	rm -f "$p/lib/pgxs/src/test/isolation/"{pg_isolation_regress,isolationtester}
+	ln -sfn "$(dirname "$("$p18/bin/pg_config" --pgxs)")/../test/regress/pg_regress" "$p/lib/postgresql/pgxs/src/test/regress/pg_regress"
+	rm -f "$p/lib/postgresql/pgxs/src/test/isolation/"{pg_isolation_regress,isolationtester}
 	local f
 	for f in psql pg_dump pg_dumpall pg_restore pg_isready; do ln -sfn "$p18/bin/$f" "$p/bin/$f"; done
 	echo "$p18" >"$p/.sbpg-needs"
@@ -456,14 +458,14 @@ write_pg_config() {
 			--bindir) echo "\$p/bin" ;;
 			--docdir | --htmldir) echo "\$p/share/doc/postgresql" ;;
 			--includedir | --pkgincludedir) echo "\$p/include/postgresql" ;;
-			--includedir-server) echo "\$p/include/postgresql/server" ;;
+			--includedir-server) echo "\$p/include/postgresql/17/server" ;;
 			--libdir) echo "\$p/lib" ;;
 			--pkglibdir) echo "\$p/lib/postgresql" ;;
 			--localedir) echo "\$p/share/locale" ;;
 			--mandir) echo "\$p/share/man" ;;
 			--sharedir) echo "\$p/share/postgresql" ;;
 			--sysconfdir) echo "\$p/etc/postgresql" ;;
-			--pgxs) echo "\$p/lib/pgxs/src/makefiles/pgxs.mk" ;;
+			--pgxs) echo "\$p/lib/postgresql/pgxs/src/makefiles/pgxs.mk" ;;
 			--configure) echo '$(mgval configure_args | tr -d "'")' ;;
 			--cc) echo '$(mgval CC)' ;;
 			--cppflags) echo '$(mgval CPPFLAGS)' ;;
@@ -492,6 +494,7 @@ check_compat_17() {
 		#include "access/heaptoast.h"
 		#include "storage/large_object.h"
 		#include <stdio.h>
+		#undef printf /* port.h maps it to pg_printf of libpgport */
 		int main(void)
 		{
 			printf("major %d\n", PG_VERSION_NUM / 10000);
@@ -509,7 +512,7 @@ check_compat_17() {
 			return 0;
 		}
 	EOF
-	gcc -I"$p/include/postgresql/server" -o "$c/h" "$c/h.c" 2>"$c/h.err" || die "17: compiling the header probe ($(head -1 "$c/h.err"))"
+	gcc -I"$p/include/postgresql/17/server" -o "$c/h" "$c/h.c" 2>"$c/h.err" || die "17: compiling the header probe ($(head -1 "$c/h.err"))"
 	"$c/h" >"$c/headers" || die "17: running the header probe"
 	sql "SELECT 'major ' || current_setting('server_version_num')::int / 10000
 		UNION ALL SELECT 'func_max_args ' || current_setting('max_function_args')
