@@ -57,13 +57,29 @@ describe("effectively once", () => {
   });
 
   it("loses nothing and applies nothing twice across an immediate restart with synchronous_commit off", async () => {
-    await pg.psql(`SELECT sbpg.create_subscription('crash', '${emu.amqp}', 'crash', 'apply_order(sbpg.message)', 'app', 'emu', batch_size => 100);`);
+    // The crash must come while the worker holds messages: from id 12500 on the handler waits for an
+    // advisory lock the test holds, so the restart finds a batch in flight (not a race against the
+    // run, which on a fast machine could end first).
+    await pg.psql(`
+      CREATE FUNCTION gated_order(m sbpg.message) RETURNS void LANGUAGE plpgsql AS $f$
+      BEGIN
+        IF (m.body->>'id')::bigint >= 12500 THEN PERFORM pg_advisory_xact_lock_shared(4242); END IF;
+        PERFORM public.apply_order(m);
+      END $f$;
+      GRANT EXECUTE ON FUNCTION gated_order(sbpg.message) TO app;
+      SELECT sbpg.create_subscription('crash', '${emu.amqp}', 'crash', 'gated_order(sbpg.message)', 'app', 'emu', batch_size => 100);`);
+    const gate = await pg.client();
+    await gate.query("SELECT pg_advisory_lock(4242)");
     const n = 5000;
     const sender = sb.createSender("crash");
     for (let i = 0; i < n; i += 500)
       await sender.sendMessages(Array.from({ length: 500 }, (_, k) => ({ messageId: `crash-${i + k}`, body: { id: 10000 + i + k, amount: 1 } })));
-    await waitFor(async () => (await count("WHERE id >= 10000")) >= 500, { what: "part of the run applied" });
-    pg.restart("immediate");
+    await waitFor(async () => (await count("WHERE id >= 10000")) >= 2500, { what: "the run up to the gate applied" });
+    await waitFor(async () => (await pg.query(
+      "SELECT count(*)::int c FROM pg_stat_activity WHERE backend_type = 'sbpg worker' AND wait_event = 'advisory'")).rows[0].c === 1,
+    { what: "the worker waiting at the gate" });
+    pg.restart("immediate"); // ends the gate's session too
+    await gate.end().catch(() => {});
     // The crash hit work in flight: the broker saw the worker's link go with messages it had
     // received and not settled (their locks released by the detach, delivered again later).
     const atCrash = await waitFor(async () => {
