@@ -74,7 +74,8 @@ describe("effectively once", () => {
     const sender = sb.createSender("crash");
     for (let i = 0; i < n; i += 500)
       await sender.sendMessages(Array.from({ length: 500 }, (_, k) => ({ messageId: `crash-${i + k}`, body: { id: 10000 + i + k, amount: 1 } })));
-    await waitFor(async () => (await count("WHERE id >= 10000")) >= 2500, { what: "the run up to the gate applied" });
+    // Batches need not start at a multiple of 100: the one that reaches the gate may hold earlier ids.
+    await waitFor(async () => (await count("WHERE id >= 10000")) >= 2000, { what: "most of the run up to the gate applied" });
     await waitFor(async () => (await pg.query(
       "SELECT count(*)::int c FROM pg_stat_activity WHERE backend_type = 'sbpg worker' AND wait_event = 'advisory'")).rows[0].c === 1,
     { what: "the worker waiting at the gate" });
