@@ -14,10 +14,10 @@ import { spawnSync } from "node:child_process";
 import { mkdtempSync, chmodSync, statSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { randomUUID } from "node:crypto";
 import { ServiceBusClient } from "@azure/service-bus";
 import { startSbemu, configWith, queue } from "../conformance/lib/sbemu.mjs";
-import { startCluster, installOrders, waitFor } from "./lib/cluster.mjs";
+import { startCluster, waitFor } from "./lib/cluster.mjs";
+import { setUpOrders, commitWithoutSettling } from "./lib/redelivery.mjs";
 
 const PGBIN = process.env.PGBIN || "/usr/lib/postgresql/15/bin";
 const retryOptions = { maxRetries: 0, timeoutInMs: 20000 };
@@ -70,15 +70,7 @@ describe("backup and restore", () => {
 
   it("restores configuration and inbox into a new cluster: the subscription resumes and a redelivery is a duplicate", async () => {
     // --- Cluster A: configuration, and five messages applied and settled.
-    await installOrders(a);
-    await a.psql(`
-      SELECT sbpg.create_identity('emu', 'sas', '{"key_name": "RootManageSharedAccessKey", "key": "SAS_KEY_VALUE"}');
-      SELECT sbpg.grant_identity('emu', 'app');
-      SELECT sbpg.register_schema('orders.created', 1, '{"type": "object"}');
-      SELECT sbpg.create_subscription('${sub}', '${emu.amqp}', '${entity}', 'apply_order(sbpg.message)', 'app', 'emu', batch_size => 10,
-                                      options => '{"schemas": "validate", "unknown_types": "pass"}');
-      SELECT sbpg.create_mapping('${sub}', 'orders.created', 'orders');
-    `);
+    await setUpOrders(a, emu, sub, entity);
     sender = sb.createSender(entity);
     await sender.sendMessages(Array.from({ length: 5 }, (_, i) => ({ messageId: `m-${i + 1}`, body: { id: i + 1, amount: 10 } })));
     const inboxCount = async (c) => Number((await c.query("SELECT count(*) n FROM sbpg.inbox WHERE subscription = $1", [sub])).rows[0].n);
@@ -88,15 +80,7 @@ describe("backup and restore", () => {
 
     // --- m-6: committed in A, never settled. New connections to sbemu are refused first, so the
     // worker that the launcher restarts after the fault cannot take the redelivery.
-    const tag = `exit_after_commit#backup-${randomUUID()}`;
-    await a.query(`ALTER SYSTEM SET sbpg.test_fault = '${tag}'`);
-    await a.query("SELECT pg_reload_conf()");
-    await waitFor(async () => (await a.query("SELECT current_setting('sbpg.test_fault') v")).rows[0].v === tag, { what: "fault armed" });
-    await emu.fault("refuse-connections", { seconds: 600 });
-    await sender.sendMessages({ messageId: "m-6", body: { id: 6, amount: 60 } }); // the sender's connection is already open
-    await waitFor(async () => (await a.query("SELECT 1 FROM sbpg.inbox WHERE subscription = $1 AND message_id = 'm-6'", [sub])).rowCount === 1,
-      { what: "m-6 recorded in A's inbox" });
-    await waitFor(() => a.serverLog().includes(`test fault ${tag}`), { what: "the fault to fire" });
+    const m6 = await commitWithoutSettling(a, emu, sender, sub, { messageId: "m-6", body: { id: 6, amount: 60 } });
     await a.psql(`SELECT sbpg.disable_subscription('${sub}');`);
     await waitFor(async () => {
       const r = (await a.query("SELECT state, pid FROM sbpg.stats WHERE subscription = $1", [sub])).rows[0];
@@ -106,8 +90,6 @@ describe("backup and restore", () => {
     await a.query("SELECT pg_reload_conf()");
     await emu.fault("clear");
     await waitFor(async () => (await emu.ctl("GET", "/stats")).listening === true, { what: "sbemu listening again" });
-    const m6 = (await a.query("SELECT sequence_number, settled_at FROM sbpg.inbox WHERE subscription = $1 AND message_id = 'm-6'", [sub])).rows[0];
-    assert.equal(m6.settled_at, null, "m-6 was never settled in A");
     const broker = await emu.entity(entity);
     assert.equal(broker.completed, 5, "m-6 not completed on the broker");
     assert.equal(broker.messages, 1, "the broker still holds m-6");

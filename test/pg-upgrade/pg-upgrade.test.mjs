@@ -13,10 +13,10 @@ import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { join } from "node:path";
-import { randomUUID } from "node:crypto";
 import { ServiceBusClient } from "@azure/service-bus";
 import { startSbemu, configWith, queue } from "../conformance/lib/sbemu.mjs";
-import { startCluster, installOrders, waitFor, freePort } from "../e2e/lib/cluster.mjs";
+import { startCluster, waitFor, freePort } from "../e2e/lib/cluster.mjs";
+import { setUpOrders, commitWithoutSettling } from "../e2e/lib/redelivery.mjs";
 
 const OLD = process.env.PGBIN_OLD || "/usr/lib/postgresql/15/bin";
 const NEW = process.env.PGBIN_NEW;
@@ -64,15 +64,7 @@ describe("pg_upgrade from PostgreSQL 15 to 18", () => {
 
   it("upgrades a cluster with running subscriptions; the workers resume on 18 and the inbox recognises a redelivery", async () => {
     // --- 15: configuration, and five messages applied and settled.
-    await installOrders(a);
-    await a.psql(`
-      SELECT sbpg.create_identity('emu', 'sas', '{"key_name": "RootManageSharedAccessKey", "key": "SAS_KEY_VALUE"}');
-      SELECT sbpg.grant_identity('emu', 'app');
-      SELECT sbpg.register_schema('orders.created', 1, '{"type": "object"}');
-      SELECT sbpg.create_subscription('${sub}', '${emu.amqp}', '${entity}', 'apply_order(sbpg.message)', 'app', 'emu', batch_size => 10,
-                                      options => '{"schemas": "validate", "unknown_types": "pass"}');
-      SELECT sbpg.create_mapping('${sub}', 'orders.created', 'orders');
-    `);
+    await setUpOrders(a, emu, sub, entity);
     sender = sb.createSender(entity);
     await sender.sendMessages(Array.from({ length: 5 }, (_, i) => ({ messageId: `m-${i + 1}`, body: { id: i + 1, amount: 10 } })));
     const inboxCount = async (c) => Number((await c.query("SELECT count(*) n FROM sbpg.inbox WHERE subscription = $1", [sub])).rows[0].n);
@@ -80,18 +72,8 @@ describe("pg_upgrade from PostgreSQL 15 to 18", () => {
     await waitFor(async () => (await emu.entity(entity)).completed === 5, { what: "5 completed on the broker" });
 
     // --- m-6: committed on 15, never settled.
-    const tag = `exit_after_commit#upgrade-${randomUUID()}`;
-    await a.query(`ALTER SYSTEM SET sbpg.test_fault = '${tag}'`);
-    await a.query("SELECT pg_reload_conf()");
-    await waitFor(async () => (await a.query("SELECT current_setting('sbpg.test_fault') v")).rows[0].v === tag, { what: "fault armed" });
-    await emu.fault("refuse-connections", { seconds: 600 });
-    await sender.sendMessages({ messageId: "m-6", body: { id: 6, amount: 60 } }); // the sender's connection is already open
-    await waitFor(async () => (await a.query("SELECT 1 FROM sbpg.inbox WHERE subscription = $1 AND message_id = 'm-6'", [sub])).rowCount === 1,
-      { what: "m-6 recorded in 15's inbox" });
-    await waitFor(() => a.serverLog().includes(`test fault ${tag}`), { what: "the fault to fire" });
+    const m6 = await commitWithoutSettling(a, emu, sender, sub, { messageId: "m-6", body: { id: 6, amount: 60 } });
     await a.query("ALTER SYSTEM RESET sbpg.test_fault");
-    const m6 = (await a.query("SELECT sequence_number, settled_at FROM sbpg.inbox WHERE subscription = $1 AND message_id = 'm-6'", [sub])).rows[0];
-    assert.equal(m6.settled_at, null, "m-6 was never settled on 15");
     const before = {
       subscriptions: (await a.query("SELECT name, handler, handler_owner::text, run_as::text, enabled, options FROM sbpg.subscriptions ORDER BY name")).rows,
       inbox: (await a.query("SELECT message_id, sequence_number, status FROM sbpg.inbox ORDER BY sequence_number")).rows,
