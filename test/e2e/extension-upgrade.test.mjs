@@ -144,9 +144,14 @@ for (const V of PREVIOUS) {
       await s.sendMessages({ messageId: "e-1", body: { id: 500, amount: 5 } });
       await s.close();
 
-      // Workers must wait while the catalog is older than the module: the time a running worker
-      // would need to apply e-1 at V (it takes well under a second), so that (d) can see it if it did.
+      // Workers must wait while the catalog is older than the module. The launcher says so (once
+      // per version it sees) and starts none; then the time a running worker would need to apply
+      // e-1 at V (well under a second), so that (d) can see it if one did.
+      await waitFor(() => new RegExp(`the extension in this database is at version ${V.replace(/\./g, "\\.")}, the server's sbpg module at ${CURRENT.replace(/\./g, "\\.")}: no subscription runs until the extension is updated`).test(pg.serverLog()),
+        { what: "the launcher's word that the versions differ" });
       await sleep(3000);
+      assert.equal((await q("SELECT count(*)::int c FROM pg_stat_activity WHERE backend_type = 'sbpg worker'")).rows[0].c, 0,
+        "no worker runs while the catalog is at the earlier version");
 
       await q("BEGIN");
       await q("ALTER EXTENSION sbpg UPDATE");

@@ -33,9 +33,6 @@ extern "C" {
 
 namespace sbpg::pg::compat {
 
-// The PostgreSQL major version the module was built for, as a number (15, 16, ...).
-constexpr int kPgMajor = PG_VERSION_NUM / 10000;
-
 // May role run function fn (mode ACL_EXECUTE)?
 inline bool
 ProcAclOk(Oid fn, Oid role, AclMode mode) {
