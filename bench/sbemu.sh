@@ -4,8 +4,9 @@
 #
 #   bench/sbemu.sh [MESSAGES] [ROUNDS]      (defaults 100000 and 3; the median round is shown)
 #
-# Run by hand (not part of the test suite). Needs the packages of test/setup plus Debian's
-# libqpid-proton11-dev-examples, whose broker.cpp is compiled here as the baseline.
+# Full runs by hand; test/run's bench suite runs it with tiny counts so that it cannot rot. Needs
+# the packages of test/setup, which include Debian's libqpid-proton11-dev-examples, whose
+# broker.cpp is compiled here as the baseline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-100000}
@@ -66,7 +67,7 @@ sb_url=$(
 	test/sbemu/sbemu $(for i in $(seq "$ROUNDS"); do printf -- '--queue bench%s ' "$i"; done) --listen 127.0.0.1:0 \
 		>"$tmp/sbemu.out" 2>"$tmp/sbemu.err" &
 	echo $! >"$tmp/sbemu.pid"
-	for _ in $(seq 100); do grep -q ready "$tmp/sbemu.out" && break; sleep 0.05; done
+	for _ in $(seq 100); do grep -qs ready "$tmp/sbemu.out" && break; sleep 0.05; done
 	grep -o 'amqp://[0-9.:]*' "$tmp/sbemu.out"
 )
 pids+=("$(cat "$tmp/sbemu.pid")")

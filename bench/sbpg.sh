@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# bench/sbpg.sh [MESSAGES]: sbpg end to end on this machine, for batch sizes 1, 10 and 100, beside
+# bench/sbpg.sh [MESSAGES] [LATENCY_MESSAGES]: sbpg end to end on this machine, for batch sizes 1, 10 and 100, beside
 # two ceilings measured in the same run:
 #   (a) a bare Proton C++ peek-lock receiver draining the same sbemu (no PostgreSQL at all);
 #   (b) the same handler, inbox row and NOTIFY driven from SQL alone (no AMQP), committing every
 #       batch of the same size.
 # Throughput: a queue filled with MESSAGES (default 20000) is drained by a new subscription; the
-# clock stops at the last NOTIFY. Latency: 2000 messages sent at 500 msg/s to a running
-# subscription; per message, the time from the send call to its NOTIFY at a LISTEN client.
-# Run by hand (not part of test/run). Uses the packages test/setup installs.
+# clock stops at the last NOTIFY. Latency: LATENCY_MESSAGES (default 2000) sent at 500 msg/s to a
+# running subscription; per message, the time from the send call to its NOTIFY at a LISTEN client.
+# Full runs by hand (figures in bench/README.md); test/run's bench suite runs it with tiny counts
+# so that it cannot rot. Uses the packages test/setup installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-20000}
-LAT_N=2000
+LAT_N=${2:-2000}
 LAT_RATE=500
 BIN=bench/bin
 mkdir -p "$BIN"
@@ -62,9 +63,12 @@ BEGIN
     FOR k IN 1..b LOOP
       EXIT WHEN i >= n;
       i := i + 1;
-      m := ROW('sql-' || i, NULL, NULL, NULL, NULL, NULL,
-               jsonb_build_object('id', 2000000 + i, 'customer', 'c' || (i % 50), 'amount', (i % 90) + 1, 'note', repeat('x', 60)),
-               NULL, '{}'::jsonb, i, now(), 0, NULL, NULL, 'sql')::sbpg.message;
+      -- By field name, so that a field added to sbpg.message does not break this (it did once).
+      m := jsonb_populate_record(NULL::sbpg.message, jsonb_build_object(
+             'message_id', 'sql-' || i, 'sequence_number', i, 'enqueued_at', now(), 'delivery_count', 0,
+             'subscription', 'sql', 'properties', '{}'::jsonb,
+             'body', jsonb_build_object('id', 2000000 + i, 'customer', 'c' || (i % 50), 'amount', (i % 90) + 1,
+                                        'note', repeat('x', 60))));
       PERFORM bench_handler(m);
       INSERT INTO sbpg.inbox (subscription, sequence_number, message_id, status, delivery_count, xid)
       VALUES ('sql', 3000000 + i, m.message_id, 'applied', 0, pg_current_xact_id());

@@ -4,7 +4,8 @@
 #      pays it) beside Registry::Classify (type, version, draft-04 validation), 200,000 messages;
 #   2. end to end (bench/schemas.mjs): sbpg throughput with "schemas": "off" and "validate", the same
 #      run, MESSAGES (default 20,000) per queue, batch 100.
-# Run by hand (not part of test/run); needs what test/setup installs and the extension installed.
+# Full runs by hand; test/run's bench suite runs it with tiny counts so that it cannot rot. Needs
+# what test/setup installs and the extension installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-20000}
