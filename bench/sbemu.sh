@@ -31,9 +31,10 @@ if [ ! -x "$BIN/proton_broker" ] || [ /usr/share/proton/examples/cpp/broker.cpp 
 fi
 
 tmp=$(mktemp -d)
-pids=()
+# The brokers start inside $(...) subshells: their pids go to files, which cleanup reads (a pid kept
+# in a variable there was lost, and Proton's broker outlived the script, holding what it inherited).
 cleanup() {
-	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	for f in "$tmp"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; done
 	rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -44,7 +45,7 @@ start_proton() {
 	local port
 	port=$(free_port)
 	"$BIN/proton_broker" -a "127.0.0.1:$port" >"$tmp/proton.out" 2>&1 &
-	pids+=($!)
+	echo $! >"$tmp/proton.pid"
 	for _ in $(seq 100); do grep -q listening "$tmp/proton.out" && break; sleep 0.05; done
 	echo "amqp://127.0.0.1:$port"
 }
@@ -70,7 +71,6 @@ sb_url=$(
 	for _ in $(seq 100); do grep -qs ready "$tmp/sbemu.out" && break; sleep 0.05; done
 	grep -o 'amqp://[0-9.:]*' "$tmp/sbemu.out"
 )
-pids+=("$(cat "$tmp/sbemu.pid")")
 pb_url=$(start_proton)
 
 read -r sb_send sb_recv < <(measure sbemu "$sb_url")
