@@ -30,13 +30,12 @@ namespace sbpg::pg {
 
 namespace {
 
-constexpr spi::PlanSpec kLookup = {
-    "read sbpg.inbox",
-    "SELECT sequence_number, message_id, status, reason FROM sbpg.inbox WHERE " SBPG_KEYS_MATCH,
-    3,
-    {TEXTOID, INT8ARRAYOID, TEXTARRAYOID},
-    true,
-};
+#define INBOX_LOOKUP "SELECT sequence_number, message_id, status, reason FROM sbpg.inbox WHERE "
+constexpr spi::PlanSpec kLookupBySeq = {
+    "read sbpg.inbox", INBOX_LOOKUP SBPG_BY_SEQUENCES, 2, {TEXTOID, INT8ARRAYOID}, true};
+constexpr spi::PlanSpec kLookupById = {
+    "read sbpg.inbox", INBOX_LOOKUP SBPG_BY_MESSAGE_IDS, 2, {TEXTOID, TEXTARRAYOID}, true};
+#undef INBOX_LOOKUP
 
 constexpr spi::PlanSpec kInsert = {
     "write sbpg.inbox",
@@ -47,22 +46,17 @@ constexpr spi::PlanSpec kInsert = {
     false,
 };
 
-constexpr spi::PlanSpec kStamp = {
-    "stamp settled_at",
-    "UPDATE sbpg.inbox SET settled_at = pg_catalog.now() WHERE settled_at IS NULL AND " SBPG_KEYS_MATCH,
-    3,
-    {TEXTOID, INT8ARRAYOID, TEXTARRAYOID},
-    true,
-};
+#define INBOX_STAMP "UPDATE sbpg.inbox SET settled_at = pg_catalog.now() WHERE settled_at IS NULL AND "
+constexpr spi::PlanSpec kStampBySeq = {
+    "stamp settled_at", INBOX_STAMP SBPG_BY_SEQUENCES, 2, {TEXTOID, INT8ARRAYOID}, true};
+constexpr spi::PlanSpec kStampById = {
+    "stamp settled_at", INBOX_STAMP SBPG_BY_MESSAGE_IDS, 2, {TEXTOID, TEXTARRAYOID}, true};
+#undef INBOX_STAMP
 
 // A deferred message's retry row lives until its settlement is confirmed: until then the broker may
 // still hold it deferred, and only the row remembers to fetch it again.
 constexpr spi::PlanSpec kRetryConfirmed = {
-    "update sbpg.retries",
-    "DELETE FROM sbpg.retries WHERE subscription" OP_EQ "$1 AND sequence_number" OP_EQ "ANY ($2)",
-    2,
-    {TEXTOID, INT8ARRAYOID},
-    true,
+    "update sbpg.retries", "DELETE FROM sbpg.retries WHERE " SBPG_BY_SEQUENCES, 2, {TEXTOID, INT8ARRAYOID}, true,
 };
 
 // Text of a message's key column, or NULL.
@@ -93,8 +87,8 @@ SplitRecordedReason(ApplyItem *it, const char *recorded) {
 
 } // namespace
 
-bool
-KeyArgs(const SubConfig *cfg, const ApplyItem *items, int lo, int hi, bool skip_duplicates, Datum args[3]) {
+void
+CollectKeys(const SubConfig *cfg, const ApplyItem *items, int lo, int hi, bool skip_duplicates, KeySet *out) {
 	int n = hi - lo;
 	int64 *seqs = static_cast<int64 *>(palloc(sizeof(int64) * (n + 1)));
 	const char **ids = static_cast<const char **>(palloc(sizeof(char *) * (n + 1)));
@@ -108,12 +102,11 @@ KeyArgs(const SubConfig *cfg, const ApplyItem *items, int lo, int hi, bool skip_
 		else if (!m->message_id.empty())
 			ids[nids++] = m->message_id.c_str();
 	}
-	if (nseqs == 0 && nids == 0)
-		return false;
-	args[0] = CStringGetTextDatum(cfg->name);
-	args[1] = spi::Int8ArrayDatum(seqs, nseqs);
-	args[2] = spi::TextArrayDatum(ids, nids);
-	return true;
+	out->name = CStringGetTextDatum(cfg->name);
+	out->seqs = nseqs > 0 ? spi::Int8ArrayDatum(seqs, nseqs) : 0;
+	out->ids = nids > 0 ? spi::TextArrayDatum(ids, nids) : 0;
+	out->nseqs = nseqs;
+	out->nids = nids;
 }
 
 KeyMatch
@@ -131,29 +124,29 @@ MatchKey(const ReceivedMessage *m, bool seq_null, int64 seq, const char *mid) {
 
 void
 LookupDuplicates(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
-	Datum args[3];
-	if (!KeyArgs(cfg, items, lo, hi, false, args))
-		return;
-	spi::SpiResult res = spi::Exec(kLookup, args, nullptr, SPI_OK_SELECT);
-	int seq_col = res.Col("sequence_number"), id_col = res.Col("message_id");
-	int status_col = res.Col("status"), reason_col = res.Col("reason");
-	for (uint64 r = 0; r < res.rows; ++r) {
-		bool seq_null;
-		int64 seq = DatumGetInt64(res.Value(r, seq_col, &seq_null));
-		char *mid = res.Text(r, id_col);
-		char *status = res.Text(r, status_col);
-		char *reason = res.Text(r, reason_col);
-		for (int i = lo; i < hi; ++i) {
-			KeyMatch k = MatchKey(items[i].msg, seq_null, seq, mid);
-			if (k == kStale)
-				items[i].stale = true;
-			if (k != kSame)
-				continue;
-			items[i].status = kDuplicate;
-			items[i].recorded = strcmp(status, StatusName(kApplied)) == 0 ? kApplied : kDeadLettered;
-			SplitRecordedReason(&items[i], reason);
+	KeySet keys;
+	CollectKeys(cfg, items, lo, hi, false, &keys);
+	ForEachKeySearch(kLookupBySeq, kLookupById, keys, SPI_OK_SELECT, [&](spi::SpiResult &res) {
+		int seq_col = res.Col("sequence_number"), id_col = res.Col("message_id");
+		int status_col = res.Col("status"), reason_col = res.Col("reason");
+		for (uint64 r = 0; r < res.rows; ++r) {
+			bool seq_null;
+			int64 seq = DatumGetInt64(res.Value(r, seq_col, &seq_null));
+			char *mid = res.Text(r, id_col);
+			char *status = res.Text(r, status_col);
+			char *reason = res.Text(r, reason_col);
+			for (int i = lo; i < hi; ++i) {
+				KeyMatch k = MatchKey(items[i].msg, seq_null, seq, mid);
+				if (k == kStale)
+					items[i].stale = true;
+				if (k != kSame)
+					continue;
+				items[i].status = kDuplicate;
+				items[i].recorded = strcmp(status, StatusName(kApplied)) == 0 ? kApplied : kDeadLettered;
+				SplitRecordedReason(&items[i], reason);
+			}
 		}
-	}
+	});
 }
 
 void
@@ -211,10 +204,13 @@ void
 Stamp(const SubConfig *cfg, const int64 *seqs, int nseqs, const char *const *ids, int nids) {
 	if (nseqs == 0 && nids == 0)
 		return;
-	Datum args[3] = {CStringGetTextDatum(cfg->name), spi::Int8ArrayDatum(seqs, nseqs), spi::TextArrayDatum(ids, nids)};
-	spi::Exec(kStamp, args, nullptr, SPI_OK_UPDATE);
-	if (nseqs > 0)
+	KeySet keys = {CStringGetTextDatum(cfg->name), nseqs > 0 ? spi::Int8ArrayDatum(seqs, nseqs) : 0,
+	               nids > 0 ? spi::TextArrayDatum(ids, nids) : 0, nseqs, nids};
+	ForEachKeySearch(kStampBySeq, kStampById, keys, SPI_OK_UPDATE, [](spi::SpiResult &) {});
+	if (nseqs > 0) {
+		Datum args[2] = {keys.name, keys.seqs};
 		spi::Exec(kRetryConfirmed, args, nullptr, SPI_OK_DELETE);
+	}
 }
 
 void

@@ -254,6 +254,29 @@ AdoptRunningWorkers(Launcher *l) {
 	}
 }
 
+// Frees the entry (and statistics slot) of a subscription that is disabled and not running, for an
+// enabled one that has none: the entries are as many as sbpg.max_workers, and a disabled
+// subscription keeps its entry, to show its last figures in sbpg.stats, only while there is room.
+bool
+ReclaimIdleEntry(Launcher *l, const Desired *desired, int nd) {
+	for (int i = 0; i < l->nentries; ++i) {
+		Entry *e = &l->entries[i];
+		if (!e->used || e->running)
+			continue;
+		bool enabled = false;
+		for (int k = 0; k < nd; ++k)
+			if (strcmp(desired[k].name, e->name) == 0)
+				enabled = desired[k].enabled;
+		if (enabled)
+			continue;
+		if (e->slot >= 0)
+			FreeSlot(e->slot);
+		e->used = false;
+		return true;
+	}
+	return false;
+}
+
 void
 Reconcile(Launcher *l) {
 	Desired *desired = static_cast<Desired *>(palloc0(sizeof(Desired) * (l->nentries + 64)));
@@ -306,6 +329,8 @@ Reconcile(Launcher *l) {
 			continue;
 		Entry *e = FindEntry(l, desired[k].name);
 		if (!e)
+			e = NewEntry(l, desired[k].name);
+		if (!e && ReclaimIdleEntry(l, desired, nd))
 			e = NewEntry(l, desired[k].name);
 		if (!e) {
 			ereport(WARNING, (errmsg("sbpg: more enabled subscriptions than sbpg.max_workers (%d)", guc_max_workers)));

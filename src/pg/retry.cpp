@@ -34,13 +34,12 @@ namespace sbpg::pg {
 
 namespace {
 
-constexpr spi::PlanSpec kLookup = {
-    "read sbpg.retries",
-    "SELECT sequence_number, message_id, attempts, next_attempt_at, deferred FROM sbpg.retries WHERE " SBPG_KEYS_MATCH,
-    3,
-    {TEXTOID, INT8ARRAYOID, TEXTARRAYOID},
-    true,
-};
+#define RETRY_LOOKUP "SELECT sequence_number, message_id, attempts, next_attempt_at, deferred FROM sbpg.retries WHERE "
+constexpr spi::PlanSpec kLookupBySeq = {
+    "read sbpg.retries", RETRY_LOOKUP SBPG_BY_SEQUENCES, 2, {TEXTOID, INT8ARRAYOID}, true};
+constexpr spi::PlanSpec kLookupById = {
+    "read sbpg.retries", RETRY_LOOKUP SBPG_BY_MESSAGE_IDS, 2, {TEXTOID, TEXTARRAYOID}, true};
+#undef RETRY_LOOKUP
 
 #define RETRY_INSERT                                                                                                   \
 	"INSERT INTO sbpg.retries (subscription, sequence_number, message_id, attempts, next_attempt_at, last_error, "     \
@@ -68,33 +67,31 @@ constexpr spi::PlanSpec kUpsertById = {
 #undef RETRY_INSERT
 #undef RETRY_UPDATE
 
-// The row of one message: $2 its sequence number or, when NULL, $3 its message id.
-#define RETRY_ROW                                                                                                      \
-	"subscription" OP_EQ "$1 AND CASE WHEN $2::bigint IS NOT NULL THEN sequence_number" OP_EQ                          \
-	"$2 ELSE sequence_number "                                                                                         \
-	"IS NULL AND message_id" OP_EQ "$3 END"
+// The row of one message: by its sequence number or, when it has none, by its message id ($2).
+// Two statements, so that each finds the row through its index (a CASE of both would not).
+#define RETRY_BY_SEQ "subscription" OP_EQ "$1 AND sequence_number IS NOT NULL AND sequence_number" OP_EQ "$2"
+#define RETRY_BY_ID "subscription" OP_EQ "$1 AND sequence_number IS NULL AND message_id" OP_EQ "$2"
 
-constexpr spi::PlanSpec kDelete = {
-    "update sbpg.retries", "DELETE FROM sbpg.retries WHERE " RETRY_ROW, 3, {TEXTOID, INT8OID, TEXTOID}, true,
+constexpr spi::PlanSpec kDelete[2] = {
+    {"update sbpg.retries", "DELETE FROM sbpg.retries WHERE " RETRY_BY_SEQ, 2, {TEXTOID, INT8OID}, true},
+    {"update sbpg.retries", "DELETE FROM sbpg.retries WHERE " RETRY_BY_ID, 2, {TEXTOID, TEXTOID}, true},
 };
 
-constexpr spi::PlanSpec kMarkDeferred = {
-    "update sbpg.retries",
-    "UPDATE sbpg.retries SET deferred = true WHERE " RETRY_ROW,
-    3,
-    {TEXTOID, INT8OID, TEXTOID},
-    true,
+constexpr spi::PlanSpec kMarkDeferred[2] = {
+    {"update sbpg.retries", "UPDATE sbpg.retries SET deferred = true WHERE " RETRY_BY_SEQ, 2, {TEXTOID, INT8OID}, true},
+    {"update sbpg.retries", "UPDATE sbpg.retries SET deferred = true WHERE " RETRY_BY_ID, 2, {TEXTOID, TEXTOID}, true},
 };
 
-#undef RETRY_ROW
+#undef RETRY_BY_SEQ
+#undef RETRY_BY_ID
 
 constexpr spi::PlanSpec kAwaitSettlement = {
     "update sbpg.retries",
     "UPDATE sbpg.retries SET deferred = true, next_attempt_at = pg_catalog.now()" OP_PLUS "interval '1 minute', "
     "last_error = 'outcome recorded; waiting for the broker to confirm its settlement' "
-    "WHERE subscription" OP_EQ "$1 AND sequence_number" OP_EQ "$2",
-    3,
-    {TEXTOID, INT8OID, TEXTOID},
+    "WHERE subscription" OP_EQ "$1 AND sequence_number IS NOT NULL AND sequence_number" OP_EQ "$2",
+    2,
+    {TEXTOID, INT8OID},
     true,
 };
 
@@ -114,6 +111,21 @@ RetryKey(const SubConfig *cfg, const ReceivedMessage *m, Datum *args, char *null
 		args[2] = CStringGetTextDatum(m->message_id.c_str());
 	}
 	return m->has_sequence_number || !m->message_id.empty();
+}
+
+// Which of a pair of one-row statements (by sequence number, by message id) finds a message's
+// sbpg.retries row, with its arguments; -1 when the message has neither key.
+int
+RowKey(const SubConfig *cfg, const ReceivedMessage *m, Datum a[2]) {
+	a[0] = CStringGetTextDatum(cfg->name);
+	if (m->has_sequence_number) {
+		a[1] = Int64GetDatum(m->sequence_number);
+		return 0;
+	}
+	if (m->message_id.empty())
+		return -1;
+	a[1] = CStringGetTextDatum(m->message_id.c_str());
+	return 1;
 }
 
 // A transient failure: schedule another attempt (with full jitter under a doubling ceiling), or,
@@ -191,56 +203,56 @@ IsTransient(int sqlerrcode) {
 
 void
 LookupRetries(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
-	Datum args[3];
-	if (!KeyArgs(cfg, items, lo, hi, true, args))
-		return;
-	spi::SpiResult res = spi::Exec(kLookup, args, nullptr, SPI_OK_SELECT);
-	int seq_col = res.Col("sequence_number"), id_col = res.Col("message_id"), attempts_col = res.Col("attempts");
-	int next_col = res.Col("next_attempt_at"), deferred_col = res.Col("deferred");
+	KeySet keys;
+	CollectKeys(cfg, items, lo, hi, true, &keys);
 	TimestampTz now = GetCurrentTimestamp();
-	for (uint64 r = 0; r < res.rows; ++r) {
-		bool seq_null;
-		int64 seq = DatumGetInt64(res.Value(r, seq_col, &seq_null));
-		char *mid = res.Text(r, id_col);
-		int attempts = res.Int32(r, attempts_col);
-		TimestampTz next = res.Timestamp(r, next_col);
-		bool deferred = res.Bool(r, deferred_col);
-		for (int i = lo; i < hi; ++i) {
-			ApplyItem *it = &items[i];
-			const ReceivedMessage *m = it->msg;
-			if (it->status == kDuplicate || MatchKey(m, seq_null, seq, mid) != kSame)
-				continue;
-			it->attempts = attempts;
-			if (next <= now)
-				continue;
-			// Back before its time (a lost lock, a restart, a deferral undone): wait again.
-			it->status = kDelayed;
-			it->next_attempt = next;
-			it->defer = cfg->can_defer && m->has_sequence_number && (next - now) / 1000 > cfg->retry_hold_ms;
-			if (it->defer && !deferred) {
-				Datum a[3];
-				char nl[3];
-				RetryKey(cfg, m, a, nl);
-				// res stays readable: another statement replaces SPI_tuptable, not res's table.
-				spi::Exec(kMarkDeferred, a, nl, SPI_OK_UPDATE);
+	ForEachKeySearch(kLookupBySeq, kLookupById, keys, SPI_OK_SELECT, [&](spi::SpiResult &res) {
+		int seq_col = res.Col("sequence_number"), id_col = res.Col("message_id"), attempts_col = res.Col("attempts");
+		int next_col = res.Col("next_attempt_at"), deferred_col = res.Col("deferred");
+		for (uint64 r = 0; r < res.rows; ++r) {
+			bool seq_null;
+			int64 seq = DatumGetInt64(res.Value(r, seq_col, &seq_null));
+			char *mid = res.Text(r, id_col);
+			int attempts = res.Int32(r, attempts_col);
+			TimestampTz next = res.Timestamp(r, next_col);
+			bool deferred = res.Bool(r, deferred_col);
+			for (int i = lo; i < hi; ++i) {
+				ApplyItem *it = &items[i];
+				const ReceivedMessage *m = it->msg;
+				if (it->status == kDuplicate || MatchKey(m, seq_null, seq, mid) != kSame)
+					continue;
+				it->attempts = attempts;
+				if (next <= now)
+					continue;
+				// Back before its time (a lost lock, a restart, a deferral undone): wait again.
+				it->status = kDelayed;
+				it->next_attempt = next;
+				it->defer = cfg->can_defer && m->has_sequence_number && (next - now) / 1000 > cfg->retry_hold_ms;
+				if (it->defer && !deferred) {
+					Datum a[2];
+					int which = RowKey(cfg, m, a);
+					// res stays readable: another statement replaces SPI_tuptable, not res's table.
+					if (which >= 0)
+						spi::Exec(kMarkDeferred[which], a, nullptr, SPI_OK_UPDATE);
+				}
 			}
 		}
-	}
+	});
 }
 
 void
 DeleteRetry(const SubConfig *cfg, const ApplyItem *it) {
-	Datum a[3];
-	char nl[3];
-	if (!RetryKey(cfg, it->msg, a, nl))
+	Datum a[2];
+	int which = RowKey(cfg, it->msg, a);
+	if (which < 0)
 		return;
 	if (it->msg->fetched && it->msg->has_sequence_number) {
 		// Still deferred on the broker until the settlement is confirmed: if it is lost, the row
 		// brings the message back (as a duplicate) a minute later.
-		spi::Exec(kAwaitSettlement, a, nl, SPI_OK_UPDATE);
+		spi::Exec(kAwaitSettlement, a, nullptr, SPI_OK_UPDATE);
 		return;
 	}
-	spi::Exec(kDelete, a, nl, SPI_OK_DELETE);
+	spi::Exec(kDelete[which], a, nullptr, SPI_OK_DELETE);
 }
 
 void

@@ -149,3 +149,59 @@ describe("lifecycle", () => {
     assert.equal((await pg.query("SELECT count(*)::int c FROM pg_stat_activity WHERE backend_type = 'sbpg launcher'")).rows[0].c, 1);
   });
 });
+
+// The launcher has sbpg.max_workers entries; a disabled subscription keeps one (its last figures
+// in sbpg.stats) only while no enabled subscription needs it.
+describe("lifecycle with more subscriptions than sbpg.max_workers", () => {
+  let emu, pg, sb;
+  const running = async () =>
+    (await pg.query("SELECT application_name AS name FROM pg_stat_activity WHERE backend_type = 'sbpg worker' ORDER BY 1")).rows.map((r) => r.name);
+  const rows = async () => Number((await pg.query("SELECT count(*) c FROM orders")).rows[0].c);
+  let nextId = 0;
+  const send = async (entity, n) =>
+    sb.createSender(entity).sendMessages(Array.from({ length: n }, () => ({ body: { id: ++nextId, amount: 1 } })));
+  const create = (name) =>
+    pg.psql(`SELECT sbpg.create_subscription('${name}', '${emu.amqp}', '${name}', 'apply_order(sbpg.message)', 'app', 'emu');`);
+
+  before(async () => {
+    emu = await startSbemu({ config: configWith({ queues: ["m1", "m2", "m3"].map((n) => queue(n)) }) });
+    pg = await startCluster({ conf: { "sbpg.max_workers": 2 } });
+    sb = new ServiceBusClient(emu.connectionString(), { retryOptions });
+    await installOrders(pg);
+    await pg.psql(`SELECT sbpg.create_identity('emu', 'sas', '{"key_name": "RootManageSharedAccessKey", "key": "SAS_KEY_VALUE"}');`);
+  });
+  after(async () => {
+    await sb?.close();
+    await pg?.stop();
+    await emu?.stop();
+  });
+
+  it("runs a new subscription when the others are disabled, and says 'more than sbpg.max_workers' only when it is so", async () => {
+    await create("m1");
+    await create("m2");
+    await waitFor(async () => (await running()).join() === "m1,m2", { what: "workers m1 and m2" });
+    await send("m1", 3);
+    await send("m2", 3);
+    await waitFor(async () => (await rows()) === 6, { what: "6 rows" });
+    await pg.psql("SELECT sbpg.disable_subscription('m1'); SELECT sbpg.disable_subscription('m2');");
+    await waitFor(async () => (await running()).length === 0, { what: "no workers" });
+    const logFrom = pg.serverLog().length;
+    await create("m3");
+    await waitFor(async () => (await running()).join() === "m3", { what: "worker m3" });
+    await send("m3", 4);
+    await waitFor(async () => (await rows()) === 10, { what: "10 rows" });
+    assert.doesNotMatch(pg.serverLog().slice(logFrom), /more enabled subscriptions than sbpg.max_workers/);
+    const stats = Object.fromEntries((await pg.query("SELECT subscription, state, applied FROM sbpg.stats")).rows
+      .map((r) => [r.subscription, r]));
+    assert.equal(stats.m3.state, "connected");
+    assert.equal(Number(stats.m3.applied), 4);
+    // Two enabled, two entries: both run.
+    await pg.psql("SELECT sbpg.enable_subscription('m1')");
+    await waitFor(async () => (await running()).join() === "m1,m3", { what: "workers m1 and m3" });
+    // Three enabled, two entries: the launcher says so, and m2 waits.
+    await pg.psql("SELECT sbpg.enable_subscription('m2')");
+    await waitFor(() => /more enabled subscriptions than sbpg.max_workers \(2\)/.test(pg.serverLog().slice(logFrom)),
+                  { what: "the launcher's warning" });
+    assert.equal((await running()).join(), "m1,m3");
+  });
+});
