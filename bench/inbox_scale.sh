@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# bench/inbox_scale.sh [MESSAGES] [PREFILLED] [BATCH]: does sbpg's work per batch depend on the
+# size of the inbox? In one run, on one throwaway PostgreSQL 15 cluster and one sbemu:
+#   (1) a subscription drains MESSAGES (default 1000000) into an empty sbpg.inbox;
+#   (2) PREFILLED rows (default 5000000) of a second subscription are written to sbpg.inbox
+#       (settled, as a week of retention leaves them), the table is vacuumed and analyzed, and
+#       that subscription drains MESSAGES more.
+# Prints both rates, each with the rates of its first and last tenth, and their ratio (the goal:
+# within 10%). BATCH defaults to 100. Measures the sbpg build installed in the system
+# PostgreSQL (make install first). Full runs by hand (figures in bench/README.md); test/run's
+# bench suite runs it with tiny counts so that it cannot rot.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-1000000}
+PRE=${2:-5000000}
+BATCH=${3:-100}
+PGLIB=$("${PGBIN:-/usr/lib/postgresql/15/bin}/pg_config" --pkglibdir)
+[ -f "$PGLIB/sbpg.so" ] || { echo "bench/inbox_scale.sh: $PGLIB/sbpg.so is not installed (make install first)" >&2; exit 1; }
+[ -x test/sbemu/sbemu ] || make -s sbemu
+[ -d test/conformance/node_modules/@azure/service-bus ] || { echo "bench/inbox_scale.sh: run test/setup first (npm modules)" >&2; exit 1; }
+[ -e bench/node_modules ] || ln -sfn ../test/conformance/node_modules bench/node_modules
+
+work=$(mktemp -d /tmp/sbpg-inbox-scale-XXXXXX)
+chmod 755 "$work"
+cleanup() {
+	[ -n "${emu_pid:-}" ] && kill "$emu_pid" 2>/dev/null && wait "$emu_pid" 2>/dev/null
+	test/pg/cluster.sh stop "$work/pg" >/dev/null 2>&1 || true
+	rm -rf "$work"
+}
+trap cleanup EXIT
+
+test/sbemu/sbemu --queue empty --queue full --listen 127.0.0.1:0 --control 127.0.0.1:0 --log-level error \
+	>"$work/ready" 2>"$work/sbemu.err" &
+emu_pid=$!
+for _ in $(seq 100); do grep -q "sbemu ready" "$work/ready" && break; sleep 0.05; done
+amqp=$(grep -o 'amqp=amqp://[^ ]*' "$work/ready" | sed 's|amqp=||')
+control=$(grep -o 'control=http://[^ ]*' "$work/ready" | sed 's|control=||')
+
+test/pg/cluster.sh start "$work/pg" "sbpg.log_messages=none" "max_wal_size=4GB" >/dev/null
+# shellcheck disable=SC1091
+. "$work/pg/env"
+psql -X -q -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
+CREATE EXTENSION sbpg;
+CREATE ROLE bench_writer NOLOGIN;
+CREATE TABLE bench_orders (id bigint PRIMARY KEY, customer text, amount numeric, note text, message_id text);
+GRANT INSERT ON bench_orders TO bench_writer;
+CREATE FUNCTION bench_handler(m sbpg.message) RETURNS void LANGUAGE sql AS $$
+  INSERT INTO public.bench_orders VALUES ((m.body->>'id')::bigint, m.body->>'customer', (m.body->>'amount')::numeric,
+                                          m.body->>'note', m.message_id) $$;
+GRANT EXECUTE ON FUNCTION bench_handler(sbpg.message) TO bench_writer;
+SELECT sbpg.create_identity('emu', 'sas', '{"key_name": "RootManageSharedAccessKey", "key": "SAS_KEY_VALUE"}');
+SQL
+
+empty=$(node bench/inbox_scale.mjs "$amqp" "$control" "$PGHOST" "$PGPORT" empty "$N" "$BATCH")
+psql -X -q -c "TRUNCATE bench_orders"
+
+t0=$(date +%s)
+# Sequence numbers far above sbemu's, message ids of another shape: none of them is a duplicate.
+psql -X -q -v ON_ERROR_STOP=1 -v pre="$PRE" <<'SQL'
+INSERT INTO sbpg.inbox (subscription, sequence_number, message_id, status, delivery_count, xid, recorded_at, settled_at)
+SELECT 'full', 1000000000000 + g, 'prefilled-' || g, 'applied', 1, pg_current_xact_id(), now() - interval '1 day',
+       now() - interval '1 day'
+FROM generate_series(1, :pre) g;
+VACUUM (ANALYZE) sbpg.inbox;
+SQL
+prefill_s=$(( $(date +%s) - t0 ))
+rows=$(psql -X -At -c "SELECT count(*) FROM sbpg.inbox")
+full=$(node bench/inbox_scale.mjs "$amqp" "$control" "$PGHOST" "$PGPORT" full "$N" "$BATCH")
+
+field() { sed -n "s/.*[ ^]$1=\([^ ]*\).*/\1/p"; }
+printf '\nsbpg: draining into an empty inbox and into one that holds %s rows, on %s (%s cores);\n' "$PRE" "$(uname -n)" "$(nproc)"
+printf 'PostgreSQL 15, fsync off, batch %s, %s messages per drain (prefill took %s s; %s inbox rows before the second drain)\n\n' \
+	"$BATCH" "$N" "$prefill_s" "$rows"
+printf '%-22s %12s %16s %16s\n' inbox "msg/s" "first tenth" "last tenth"
+for r in empty full; do
+	line=${!r}
+	label=$([ $r = empty ] && echo "empty" || echo "$PRE rows")
+	printf '%-22s %12s %16s %16s\n' "$label" "$(echo " $line" | field rate)" "$(echo " $line" | field first_tenth)" "$(echo " $line" | field last_tenth)"
+done
+e=$(echo " $empty" | field rate)
+f=$(echo " $full" | field rate)
+echo
+echo "full/empty: $(( 100 * f / e ))% (goal: at least 90%)"
