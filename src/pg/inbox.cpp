@@ -12,8 +12,19 @@
 extern "C" {
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/relscan.h"
+#include "access/stratnum.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
+#include "utils/snapmgr.h"
 #include "utils/xid8.h"
 }
 
@@ -30,13 +41,6 @@ namespace sbpg::pg {
 
 namespace {
 
-#define INBOX_LOOKUP "SELECT sequence_number, message_id, status, reason FROM sbpg.inbox WHERE "
-constexpr spi::PlanSpec kLookupBySeq = {
-    "read sbpg.inbox", INBOX_LOOKUP SBPG_BY_SEQUENCES, 2, {TEXTOID, INT8ARRAYOID}, true};
-constexpr spi::PlanSpec kLookupById = {
-    "read sbpg.inbox", INBOX_LOOKUP SBPG_BY_MESSAGE_IDS, 2, {TEXTOID, TEXTARRAYOID}, true};
-#undef INBOX_LOOKUP
-
 constexpr spi::PlanSpec kInsert = {
     "write sbpg.inbox",
     "INSERT INTO sbpg.inbox (subscription, sequence_number, message_id, correlation_id, status, reason, "
@@ -46,18 +50,59 @@ constexpr spi::PlanSpec kInsert = {
     false,
 };
 
-#define INBOX_STAMP "UPDATE sbpg.inbox SET settled_at = pg_catalog.now() WHERE settled_at IS NULL AND "
-constexpr spi::PlanSpec kStampBySeq = {
-    "stamp settled_at", INBOX_STAMP SBPG_BY_SEQUENCES, 2, {TEXTOID, INT8ARRAYOID}, true};
-constexpr spi::PlanSpec kStampById = {
-    "stamp settled_at", INBOX_STAMP SBPG_BY_MESSAGE_IDS, 2, {TEXTOID, TEXTARRAYOID}, true};
-#undef INBOX_STAMP
+// The settled_at stamp and the retry rows of confirmed settlements, by the rows' addresses, which
+// ScanKeys found: a TID scan, whatever the statistics.
+constexpr spi::PlanSpec kStamp = {
+    "stamp settled_at",
+    "UPDATE sbpg.inbox SET settled_at = pg_catalog.now() WHERE ctid" OP_EQ "ANY ($1) AND settled_at IS NULL",
+    1,
+    {TIDARRAYOID},
+    true,
+    false,
+    true,
+};
 
 // A deferred message's retry row lives until its settlement is confirmed: until then the broker may
 // still hold it deferred, and only the row remembers to fetch it again.
 constexpr spi::PlanSpec kRetryConfirmed = {
-    "update sbpg.retries", "DELETE FROM sbpg.retries WHERE " SBPG_BY_SEQUENCES, 2, {TEXTOID, INT8ARRAYOID}, true,
+    "update sbpg.retries", "DELETE FROM sbpg.retries WHERE ctid" OP_EQ "ANY ($1)", 1, {TIDARRAYOID}, true, false, true,
 };
+
+const char *
+TableName(KeyTable t) {
+	return t == KeyTable::kInbox ? "inbox" : "retries";
+}
+
+// The relation sbpg.<name>, or an error that names it (the extension is being dropped).
+Oid
+SbpgRelation(const char *name) {
+	Oid ns = get_namespace_oid("sbpg", false);
+	Oid rel = get_relname_relid(name, ns);
+	if (!OidIsValid(rel))
+		ereport(ERROR, (errcode(ERRCODE_UNDEFINED_TABLE), errmsg("sbpg: relation sbpg.%s does not exist", name)));
+	return rel;
+}
+
+// Looks up every key of one kind (sequence numbers or message ids) through one index.
+void
+ScanIndex(Relation heap, const char *index_name, const char *subscription, const Datum *values, int n, Oid eq_proc,
+          Snapshot snap, TupleTableSlot *slot, void (*fn)(TupleTableSlot *, void *), void *arg) {
+	Relation index = index_open(SbpgRelation(index_name), AccessShareLock);
+	IndexScanDesc scan = index_beginscan(heap, index, snap, 2, 0);
+	Datum name = CStringGetTextDatum(subscription);
+	for (int i = 0; i < n; ++i) {
+		ScanKeyData key[2];
+		ScanKeyEntryInitialize(&key[0], 0, 1, BTEqualStrategyNumber, InvalidOid, index->rd_indcollation[0], F_TEXTEQ,
+		                       name);
+		ScanKeyEntryInitialize(&key[1], 0, 2, BTEqualStrategyNumber, InvalidOid, index->rd_indcollation[1], eq_proc,
+		                       values[i]);
+		index_rescan(scan, key, 2, nullptr, 0);
+		while (index_getnext_slot(scan, ForwardScanDirection, slot))
+			fn(slot, arg);
+	}
+	index_endscan(scan);
+	index_close(index, AccessShareLock);
+}
 
 // Text of a message's key column, or NULL.
 Datum
@@ -102,11 +147,50 @@ CollectKeys(const SubConfig *cfg, const ApplyItem *items, int lo, int hi, bool s
 		else if (!m->message_id.empty())
 			ids[nids++] = m->message_id.c_str();
 	}
-	out->name = CStringGetTextDatum(cfg->name);
-	out->seqs = nseqs > 0 ? spi::Int8ArrayDatum(seqs, nseqs) : 0;
-	out->ids = nids > 0 ? spi::TextArrayDatum(ids, nids) : 0;
-	out->nseqs = nseqs;
-	out->nids = nids;
+	*out = {cfg->name, seqs, nseqs, ids, nids};
+}
+
+void
+ScanKeys(KeyTable table, const KeySet &keys, void (*fn)(TupleTableSlot *slot, void *arg), void *arg) {
+	if (keys.nseqs == 0 && keys.nids == 0)
+		return;
+	const char *name = TableName(table);
+	char by_seq[NAMEDATALEN], by_id[NAMEDATALEN];
+	snprintf(by_seq, sizeof by_seq, "%s_by_sequence", name);
+	snprintf(by_id, sizeof by_id, "%s_by_message_id", name);
+	Relation heap = table_open(SbpgRelation(name), AccessShareLock);
+	TupleTableSlot *slot = table_slot_create(heap, nullptr);
+	// A fresh snapshot (READ COMMITTED), as a statement would take: it sees what committed before
+	// and what this transaction wrote so far.
+	Snapshot snap = RegisterSnapshot(GetLatestSnapshot());
+	if (keys.nseqs > 0) {
+		Datum *v = static_cast<Datum *>(palloc(sizeof(Datum) * keys.nseqs));
+		for (int i = 0; i < keys.nseqs; ++i)
+			v[i] = Int64GetDatum(keys.seqs[i]);
+		ScanIndex(heap, by_seq, keys.name, v, keys.nseqs, F_INT8EQ, snap, slot, fn, arg);
+	}
+	if (keys.nids > 0) {
+		Datum *v = static_cast<Datum *>(palloc(sizeof(Datum) * keys.nids));
+		for (int i = 0; i < keys.nids; ++i)
+			v[i] = CStringGetTextDatum(keys.ids[i]);
+		ScanIndex(heap, by_id, keys.name, v, keys.nids, F_TEXTEQ, snap, slot, fn, arg);
+	}
+	UnregisterSnapshot(snap);
+	ExecDropSingleTupleTableSlot(slot);
+	table_close(heap, AccessShareLock);
+}
+
+Datum
+KeyColumn(KeyTable table, TupleTableSlot *slot, const char *column, bool *isnull) {
+	TupleDesc desc = slot->tts_tupleDescriptor;
+	for (int i = 0; i < desc->natts; ++i) {
+		Form_pg_attribute a = TupleDescAttr(desc, i);
+		if (!a->attisdropped && strcmp(NameStr(a->attname), column) == 0)
+			return slot_getattr(slot, i + 1, isnull);
+	}
+	ereport(ERROR, (errcode(ERRCODE_UNDEFINED_COLUMN),
+	                errmsg("sbpg: column \"%s\" of sbpg.%s does not exist", column, TableName(table))));
+	return 0;
 }
 
 KeyMatch
@@ -126,25 +210,23 @@ void
 LookupDuplicates(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
 	KeySet keys;
 	CollectKeys(cfg, items, lo, hi, false, &keys);
-	ForEachKeySearch(kLookupBySeq, kLookupById, keys, SPI_OK_SELECT, [&](spi::SpiResult &res) {
-		int seq_col = res.Col("sequence_number"), id_col = res.Col("message_id");
-		int status_col = res.Col("status"), reason_col = res.Col("reason");
-		for (uint64 r = 0; r < res.rows; ++r) {
-			bool seq_null;
-			int64 seq = DatumGetInt64(res.Value(r, seq_col, &seq_null));
-			char *mid = res.Text(r, id_col);
-			char *status = res.Text(r, status_col);
-			char *reason = res.Text(r, reason_col);
-			for (int i = lo; i < hi; ++i) {
-				KeyMatch k = MatchKey(items[i].msg, seq_null, seq, mid);
-				if (k == kStale)
-					items[i].stale = true;
-				if (k != kSame)
-					continue;
-				items[i].status = kDuplicate;
-				items[i].recorded = strcmp(status, StatusName(kApplied)) == 0 ? kApplied : kDeadLettered;
-				SplitRecordedReason(&items[i], reason);
-			}
+	ForEachKeyRow(KeyTable::kInbox, keys, [&](TupleTableSlot *slot) {
+		bool seq_null, null;
+		int64 seq = DatumGetInt64(KeyColumn(KeyTable::kInbox, slot, "sequence_number", &seq_null));
+		Datum d = KeyColumn(KeyTable::kInbox, slot, "message_id", &null);
+		char *mid = null ? nullptr : TextDatumGetCString(d);
+		char *status = TextDatumGetCString(KeyColumn(KeyTable::kInbox, slot, "status", &null));
+		d = KeyColumn(KeyTable::kInbox, slot, "reason", &null);
+		char *reason = null ? nullptr : TextDatumGetCString(d);
+		for (int i = lo; i < hi; ++i) {
+			KeyMatch k = MatchKey(items[i].msg, seq_null, seq, mid);
+			if (k == kStale)
+				items[i].stale = true;
+			if (k != kSame)
+				continue;
+			items[i].status = kDuplicate;
+			items[i].recorded = strcmp(status, StatusName(kApplied)) == 0 ? kApplied : kDeadLettered;
+			SplitRecordedReason(&items[i], reason);
 		}
 	});
 }
@@ -200,17 +282,39 @@ InsertInbox(const Pass *pass, const ApplyItem *it) {
 	spi::Exec(kInsert, args, nulls, SPI_OK_INSERT);
 }
 
+// The addresses of the rows ScanKeys finds, as a tid[] (0 when none).
+Datum
+RowAddresses(KeyTable table, const KeySet &keys, bool unsettled_only, int *n) {
+	int cap = keys.nseqs + keys.nids, count = 0;
+	ItemPointerData *tids = static_cast<ItemPointerData *>(palloc(sizeof(ItemPointerData) * (cap + 1)));
+	ForEachKeyRow(table, keys, [&](TupleTableSlot *slot) {
+		bool isnull = true;
+		if (unsettled_only)
+			(void)KeyColumn(table, slot, "settled_at", &isnull);
+		if (isnull && count < cap)
+			tids[count++] = slot->tts_tid;
+	});
+	*n = count;
+	if (count == 0)
+		return 0;
+	Datum *d = static_cast<Datum *>(palloc(sizeof(Datum) * count));
+	for (int i = 0; i < count; ++i)
+		d[i] = PointerGetDatum(&tids[i]);
+	return PointerGetDatum(construct_array(d, count, TIDOID, sizeof(ItemPointerData), false, TYPALIGN_SHORT));
+}
+
 void
 Stamp(const SubConfig *cfg, const int64 *seqs, int nseqs, const char *const *ids, int nids) {
-	if (nseqs == 0 && nids == 0)
-		return;
-	KeySet keys = {CStringGetTextDatum(cfg->name), nseqs > 0 ? spi::Int8ArrayDatum(seqs, nseqs) : 0,
-	               nids > 0 ? spi::TextArrayDatum(ids, nids) : 0, nseqs, nids};
-	ForEachKeySearch(kStampBySeq, kStampById, keys, SPI_OK_UPDATE, [](spi::SpiResult &) {});
-	if (nseqs > 0) {
-		Datum args[2] = {keys.name, keys.seqs};
-		spi::Exec(kRetryConfirmed, args, nullptr, SPI_OK_DELETE);
-	}
+	KeySet keys = {cfg->name, seqs, nseqs, ids, nids};
+	int n;
+	Datum tids = RowAddresses(KeyTable::kInbox, keys, true, &n);
+	if (n > 0)
+		spi::Exec(kStamp, &tids, nullptr, SPI_OK_UPDATE);
+	// Retry rows are kept only while a deferred message's settlement is unconfirmed.
+	keys.nids = 0;
+	tids = RowAddresses(KeyTable::kRetries, keys, false, &n);
+	if (n > 0)
+		spi::Exec(kRetryConfirmed, &tids, nullptr, SPI_OK_DELETE);
 }
 
 void

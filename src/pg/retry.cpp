@@ -34,13 +34,6 @@ namespace sbpg::pg {
 
 namespace {
 
-#define RETRY_LOOKUP "SELECT sequence_number, message_id, attempts, next_attempt_at, deferred FROM sbpg.retries WHERE "
-constexpr spi::PlanSpec kLookupBySeq = {
-    "read sbpg.retries", RETRY_LOOKUP SBPG_BY_SEQUENCES, 2, {TEXTOID, INT8ARRAYOID}, true};
-constexpr spi::PlanSpec kLookupById = {
-    "read sbpg.retries", RETRY_LOOKUP SBPG_BY_MESSAGE_IDS, 2, {TEXTOID, TEXTARRAYOID}, true};
-#undef RETRY_LOOKUP
-
 #define RETRY_INSERT                                                                                                   \
 	"INSERT INTO sbpg.retries (subscription, sequence_number, message_id, attempts, next_attempt_at, last_error, "     \
 	"deferred) VALUES ($1, $2, $3, $4, $5, $6, $7) "
@@ -206,38 +199,39 @@ LookupRetries(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
 	KeySet keys;
 	CollectKeys(cfg, items, lo, hi, true, &keys);
 	TimestampTz now = GetCurrentTimestamp();
-	ForEachKeySearch(kLookupBySeq, kLookupById, keys, SPI_OK_SELECT, [&](spi::SpiResult &res) {
-		int seq_col = res.Col("sequence_number"), id_col = res.Col("message_id"), attempts_col = res.Col("attempts");
-		int next_col = res.Col("next_attempt_at"), deferred_col = res.Col("deferred");
-		for (uint64 r = 0; r < res.rows; ++r) {
-			bool seq_null;
-			int64 seq = DatumGetInt64(res.Value(r, seq_col, &seq_null));
-			char *mid = res.Text(r, id_col);
-			int attempts = res.Int32(r, attempts_col);
-			TimestampTz next = res.Timestamp(r, next_col);
-			bool deferred = res.Bool(r, deferred_col);
-			for (int i = lo; i < hi; ++i) {
-				ApplyItem *it = &items[i];
-				const ReceivedMessage *m = it->msg;
-				if (it->status == kDuplicate || MatchKey(m, seq_null, seq, mid) != kSame)
-					continue;
-				it->attempts = attempts;
-				if (next <= now)
-					continue;
-				// Back before its time (a lost lock, a restart, a deferral undone): wait again.
-				it->status = kDelayed;
-				it->next_attempt = next;
-				it->defer = cfg->can_defer && m->has_sequence_number && (next - now) / 1000 > cfg->retry_hold_ms;
-				if (it->defer && !deferred) {
-					Datum a[2];
-					int which = RowKey(cfg, m, a);
-					// res stays readable: another statement replaces SPI_tuptable, not res's table.
-					if (which >= 0)
-						spi::Exec(kMarkDeferred[which], a, nullptr, SPI_OK_UPDATE);
-				}
-			}
+	// Rows to mark deferred, after the scan (not while it reads the table).
+	int *mark = static_cast<int *>(palloc(sizeof(int) * (hi - lo + 1)));
+	int nmark = 0;
+	ForEachKeyRow(KeyTable::kRetries, keys, [&](TupleTableSlot *slot) {
+		bool seq_null, null;
+		int64 seq = DatumGetInt64(KeyColumn(KeyTable::kRetries, slot, "sequence_number", &seq_null));
+		Datum d = KeyColumn(KeyTable::kRetries, slot, "message_id", &null);
+		char *mid = null ? nullptr : TextDatumGetCString(d);
+		int attempts = DatumGetInt32(KeyColumn(KeyTable::kRetries, slot, "attempts", &null));
+		TimestampTz next = DatumGetTimestampTz(KeyColumn(KeyTable::kRetries, slot, "next_attempt_at", &null));
+		bool deferred = DatumGetBool(KeyColumn(KeyTable::kRetries, slot, "deferred", &null));
+		for (int i = lo; i < hi; ++i) {
+			ApplyItem *it = &items[i];
+			const ReceivedMessage *m = it->msg;
+			if (it->status == kDuplicate || MatchKey(m, seq_null, seq, mid) != kSame)
+				continue;
+			it->attempts = attempts;
+			if (next <= now)
+				continue;
+			// Back before its time (a lost lock, a restart, a deferral undone): wait again.
+			it->status = kDelayed;
+			it->next_attempt = next;
+			it->defer = cfg->can_defer && m->has_sequence_number && (next - now) / 1000 > cfg->retry_hold_ms;
+			if (it->defer && !deferred && nmark < hi - lo)
+				mark[nmark++] = i;
 		}
 	});
+	for (int k = 0; k < nmark; ++k) {
+		Datum a[2];
+		int which = RowKey(cfg, items[mark[k]].msg, a);
+		if (which >= 0)
+			spi::Exec(kMarkDeferred[which], a, nullptr, SPI_OK_UPDATE);
+	}
 }
 
 void

@@ -14,6 +14,7 @@ extern "C" {
 #include "catalog/pg_type.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 }
@@ -145,8 +146,15 @@ SpiResult::Text(uint64 row, int col, MemoryContext cxt) const {
 SpiResult
 Exec(const PlanSpec &spec, const Datum *args, const char *nulls, int expect, long limit) {
 	SPIPlanPtr plan = PlanFor(spec);
+	int nest = 0;
+	if (spec.by_address) {
+		nest = NewGUCNestLevel();
+		(void)set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+	}
 	int rc = SPI_execute_plan(plan, const_cast<Datum *>(args), nulls, expect == SPI_OK_SELECT && !spec.locks_rows,
 	                          limit);
+	if (spec.by_address)
+		AtEOXact_GUC(true, nest);
 	return Checked(rc, expect, spec.what);
 }
 

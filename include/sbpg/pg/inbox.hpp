@@ -1,15 +1,16 @@
 // sbpg/pg/inbox.hpp
 //   The inbox (inbox.cpp): how a message is found again (by sequence number, or by message id when
 //   the broker gives none), duplicates, inbox rows, settled_at stamping and pruning. Include after
-//   postgres.h, sbpg/pg/apply.hpp, sbpg/pg/pass.hpp and sbpg/pg/spi.hpp, only from the files that
-//   apply batches.
+//   postgres.h, sbpg/pg/apply.hpp and sbpg/pg/pass.hpp, only from the files that apply batches.
 #pragma once
 
 #ifndef POSTGRES_H
 #error "include postgres.h before sbpg/pg/inbox.hpp"
 #endif
 
-#include "sbpg/pg/spi.hpp"
+extern "C" {
+#include "executor/tuptable.h"
+}
 
 namespace sbpg::pg {
 
@@ -19,42 +20,32 @@ struct Pass;
 // and the message ids of the messages the broker gave no sequence number. Duplicates already found
 // are left out when skip_duplicates.
 struct KeySet {
-	Datum name;
-	Datum seqs; // int8[]
-	Datum ids;  // text[]
+	const char *name;
+	const int64 *seqs;
 	int nseqs;
+	const char *const *ids;
 	int nids;
 };
 void CollectKeys(const SubConfig *cfg, const ApplyItem *items, int lo, int hi, bool skip_duplicates, KeySet *out);
 
-// A search is two statements, one per partial unique index ($1 the subscription, $2 the array of
-// keys), so that each finds its rows through its index whatever the table's statistics say: an
-// OR of both conditions in one statement is planned as a scan of every row of the subscription
-// once the statistics were taken while the table was small (issue 14).
-#define SBPG_BY_SEQUENCES "subscription" OP_EQ "$1 AND sequence_number IS NOT NULL AND sequence_number" OP_EQ "ANY ($2)"
-#define SBPG_BY_MESSAGE_IDS "subscription" OP_EQ "$1 AND sequence_number IS NULL AND message_id" OP_EQ "ANY ($2)"
+// The two tables searched by key, each with a unique index per key: by sequence number (where it is
+// not NULL) and by message id (where the sequence number is NULL).
+enum class KeyTable { kInbox, kRetries };
 
-// Runs by_seq with the sequence numbers and by_id with the message ids, each only when there is a
-// key for it, expecting SPI result code `expect`; calls fn(result) after each. Returns the rows
-// the statements processed.
+// Finds the rows of those keys through the table's key indexes, without the planner: a plan is
+// chosen by statistics, and statistics taken while the inbox was small made every search a scan
+// of all the subscription's rows (issue 14). One index descent per key, whatever the table's size.
+// Calls fn(slot) for each row visible to the transaction's snapshot; the slot holds the table's
+// columns (read them with KeyColumn). In a transaction; runs inside PgGuard.
+void ScanKeys(KeyTable table, const KeySet &keys, void (*fn)(TupleTableSlot *slot, void *arg), void *arg);
 template <typename Fn>
-uint64
-ForEachKeySearch(const spi::PlanSpec &by_seq, const spi::PlanSpec &by_id, const KeySet &k, int expect, Fn &&fn) {
-	uint64 rows = 0;
-	if (k.nseqs > 0) {
-		Datum a[2] = {k.name, k.seqs};
-		spi::SpiResult r = spi::Exec(by_seq, a, nullptr, expect);
-		rows += r.rows;
-		fn(r);
-	}
-	if (k.nids > 0) {
-		Datum a[2] = {k.name, k.ids};
-		spi::SpiResult r = spi::Exec(by_id, a, nullptr, expect);
-		rows += r.rows;
-		fn(r);
-	}
-	return rows;
+void
+ForEachKeyRow(KeyTable table, const KeySet &keys, Fn &&fn) {
+	ScanKeys(
+	    table, keys, [](TupleTableSlot *slot, void *arg) { (*static_cast<Fn *>(arg))(slot); }, &fn);
 }
+// A column of a row ScanKeys found, by name (looked up once per process and table).
+Datum KeyColumn(KeyTable table, TupleTableSlot *slot, const char *column, bool *isnull);
 
 // How a stored row (sequence number or NULL, message id as stored) relates to a message.
 enum KeyMatch { kOther, kSame, kStale /* same sequence number, another message id */ };

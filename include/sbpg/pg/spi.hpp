@@ -70,6 +70,10 @@ struct PlanSpec {
 	// A SELECT that locks rows (FOR KEY SHARE ...): run read-write, as row locks require. Other
 	// SELECTs run read-only.
 	bool locks_rows;
+	// Rows named by their addresses (ctid = ANY ($1)): planned with enable_seqscan off, so that
+	// it is a TID scan whatever the statistics say (with custom_plan; a sequential scan of a
+	// mid-sized inbox would cost milliseconds per batch).
+	bool by_address;
 };
 
 // A result of a statement; its table stays valid until SPI_finish (or the end of the subtransaction
