@@ -64,8 +64,8 @@ describe("lifecycle", () => {
       const p = await workerPid("one");
       return p && p !== before ? p : null;
     }, { timeout: 5000, what: "a new worker" });
-    // The new worker starts with the new batch size (prefetch stays 100)...
-    await waitFor(() => /subscription "one": consuming q1 from \S+ as app \(batch 10, prefetch 100\)/.test(pg.serverLog().slice(logFrom)),
+    // The new worker starts with the new batch size (prefetch stays 200, twice the default batch)...
+    await waitFor(() => /subscription "one": consuming q1 from \S+ as app \(batch 10, prefetch 200\)/.test(pg.serverLog().slice(logFrom)),
       { what: "the new worker's start line with batch 10" });
     // ...and applies with it: 30 messages reach the worker while its first batch waits on a lock
     // on orders, so every later batch takes all it may. No transaction holds more than 10, full
