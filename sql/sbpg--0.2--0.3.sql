@@ -168,3 +168,195 @@ BEGIN
 	WHERE x.name = s.name;
 END
 $$;
+
+-- A handler may take the whole batch: (sbpg.message[]) RETURNS void (issue 14). The rest of the
+-- validation is 0.1's, unchanged.
+CREATE OR REPLACE FUNCTION sbpg._validate_subscription(name text, namespace text, entity text, handler regprocedure,
+	run_as regrole, identity text, batch_size integer, prefetch integer, notify_channel text, options jsonb,
+	old_options jsonb DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	p pg_proc;
+	ident sbpg.identities;
+	k text;
+	lim record;
+	caller regrole := sbpg._caller();
+BEGIN
+	IF name IS NULL OR name !~ '^[A-Za-z0-9_.-]{1,63}$' THEN
+		RAISE EXCEPTION 'invalid subscription name %', coalesce(quote_literal(name), 'NULL')
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'Use 1 to 63 letters, digits, "_", "." or "-".';
+	END IF;
+	IF namespace IS NULL OR NOT (
+		namespace ~* '^[a-z0-9][a-z0-9-]{0,48}[a-z0-9]\.servicebus\.(windows\.net|chinacloudapi\.cn|usgovcloudapi\.net|cloudapi\.de)$'
+		OR namespace ~* '^amqps?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?/?$') THEN
+		RAISE EXCEPTION 'invalid namespace %', coalesce(quote_literal(namespace), 'NULL')
+			USING ERRCODE = 'invalid_parameter_value',
+			      DETAIL = 'A namespace is a Service Bus namespace host name or an AMQP URL with host and optional port.',
+			      HINT = 'For example contoso.servicebus.windows.net (TLS on port 5671), amqp://127.0.0.1:5672 or amqps://broker.example:5671.';
+	END IF;
+	IF namespace ~* '^amqps?://' AND coalesce(substring(namespace from ':([0-9]+)/?$')::int, 1) NOT BETWEEN 1 AND 65535 THEN
+		RAISE EXCEPTION 'invalid port in namespace %', quote_literal(namespace)
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'Ports run from 1 to 65535.';
+	END IF;
+	IF entity IS NULL OR NOT (
+		entity ~ '^[A-Za-z0-9][A-Za-z0-9._~/-]*$' AND length(entity) <= 260 AND entity !~ '//' AND entity !~ '/$'
+		OR entity ~* '^[A-Za-z0-9][A-Za-z0-9._~/-]*/\$deadletterqueue$') THEN
+		RAISE EXCEPTION 'invalid entity %', coalesce(quote_literal(entity), 'NULL')
+			USING ERRCODE = 'invalid_parameter_value',
+			      HINT = 'An entity is a queue name (orders) or a topic subscription (orders/subscriptions/audit).';
+	END IF;
+	IF entity ~* '/subscriptions/' AND entity !~* '^[^/]+/subscriptions/[^/]+(/\$deadletterqueue)?$' THEN
+		RAISE EXCEPTION 'invalid topic subscription %', quote_literal(entity)
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'Write it as topic/subscriptions/name.';
+	END IF;
+	SELECT * INTO p FROM pg_proc WHERE oid = handler;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'handler function does not exist' USING ERRCODE = 'undefined_function';
+	END IF;
+	IF p.prokind <> 'f' OR p.pronargs <> 1 OR p.proargtypes[0] NOT IN ('sbpg.message'::regtype, 'sbpg.message[]'::regtype)
+	   OR p.prorettype <> 'void'::regtype OR p.proretset THEN
+		RAISE EXCEPTION 'handler % has the wrong signature', handler
+			USING ERRCODE = 'invalid_function_definition',
+			      DETAIL = format('It takes (%s) and returns %s%s.', pg_get_function_identity_arguments(handler),
+			                      CASE WHEN p.proretset THEN 'setof ' ELSE '' END, p.prorettype::regtype),
+			      HINT = 'A handler is declared as CREATE FUNCTION name(msg sbpg.message) RETURNS void, or, to take a whole batch, CREATE FUNCTION name(msgs sbpg.message[]) RETURNS void.';
+	END IF;
+	IF p.prosecdef THEN
+		RAISE EXCEPTION 'handler % is SECURITY DEFINER', handler
+			USING ERRCODE = 'invalid_function_definition',
+			      DETAIL = 'A SECURITY DEFINER handler would run as its owner, not as the subscription''s run_as role.',
+			      HINT = 'Declare the handler SECURITY INVOKER (the default) and grant run_as what it needs.';
+	END IF;
+	IF run_as IS NULL THEN
+		RAISE EXCEPTION 'run_as must be given' USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	IF jsonb_typeof(coalesce(options, '{}')) <> 'object' THEN
+		RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	FOR k IN SELECT jsonb_object_keys(coalesce(options, '{}')) LOOP
+		IF k = 'allow_superuser_run_as' THEN
+			IF jsonb_typeof(options -> k) <> 'boolean' THEN
+				RAISE EXCEPTION 'subscription option "%" must be true or false', k USING ERRCODE = 'invalid_parameter_value';
+			END IF;
+			CONTINUE;
+		END IF;
+		IF k IN ('schemas', 'unknown_types', 'version_property') THEN
+			IF jsonb_typeof(options -> k) <> 'string'
+			   OR (k = 'schemas' AND options ->> k NOT IN ('off', 'validate'))
+			   OR (k = 'unknown_types' AND options ->> k NOT IN ('dead_letter', 'pass'))
+			   OR (k = 'version_property' AND options ->> k !~ '^[^\s]{1,128}$') THEN
+				RAISE EXCEPTION 'invalid value % for subscription option "%"', options -> k, k
+					USING ERRCODE = 'invalid_parameter_value',
+					      DETAIL = CASE k WHEN 'schemas' THEN 'schemas is "off" (the default) or "validate".'
+					                      WHEN 'unknown_types' THEN 'unknown_types is "dead_letter" (the default) or "pass".'
+					                      ELSE 'version_property names an application property: 1 to 128 characters without white space.' END,
+					      HINT = 'docs/schemas.md explains how a message''s type and version are found and validated.';
+			END IF;
+			CONTINUE;
+		END IF;
+		SELECT lo, hi, what, dflt INTO lim FROM (VALUES
+			('max_retries', 0::bigint, 1000::bigint, 'how many times a transient failure is retried after the first attempt', 5),
+			('retry_base_ms', 1, 3600000, 'the ceiling of the first retry''s delay, in milliseconds', 1000),
+			('retry_cap_ms', 1, 86400000, 'the largest delay ceiling, in milliseconds', 300000),
+			('retry_hold_ms', 0, 600000, 'delays up to this many milliseconds are waited out holding the lock; longer ones defer the message', 30000),
+			('max_lock_renewal_s', 0, 86400, 'how long after receipt a held message''s lock is renewed at most, in seconds', 300),
+			('handler_timeout_ms', 100, 3600000, 'how long tenant code (handler, upcasts, mapping) may run for one message, in milliseconds', 30000))
+			AS t(key, lo, hi, what, dflt) WHERE t.key = k;
+		IF NOT FOUND THEN
+			RAISE EXCEPTION 'unknown subscription option "%"', k
+				USING ERRCODE = 'invalid_parameter_value',
+				      HINT = 'Subscription options: max_retries, retry_base_ms, retry_cap_ms, retry_hold_ms, max_lock_renewal_s, handler_timeout_ms, schemas, unknown_types, version_property, allow_superuser_run_as.';
+		END IF;
+		IF jsonb_typeof(options -> k) <> 'number' OR (options ->> k) !~ '^[0-9]+$' OR (options ->> k)::numeric NOT BETWEEN lim.lo AND lim.hi THEN
+			RAISE EXCEPTION 'subscription option "%" must be an integer from % to %', k, lim.lo, lim.hi
+				USING ERRCODE = 'invalid_parameter_value', DETAIL = format('%s is %s; %s was given.', k, lim.what, options -> k),
+				      HINT = format('Leave it out for the default, %s. docs/retries.md explains the retry policy.', lim.dflt);
+		END IF;
+	END LOOP;
+	IF coalesce((options ->> 'retry_hold_ms')::bigint, 30000) > coalesce((options ->> 'max_lock_renewal_s')::bigint, 300) * 1000 THEN
+		RAISE EXCEPTION 'retry_hold_ms must not exceed max_lock_renewal_s'
+			USING ERRCODE = 'invalid_parameter_value',
+			      DETAIL = format('retry_hold_ms is %s ms and max_lock_renewal_s is %s s (defaults 30000 and 300): a held message''s lock would lapse while it waits.',
+			                      coalesce(options ->> 'retry_hold_ms', '30000'), coalesce(options ->> 'max_lock_renewal_s', '300')),
+			      HINT = 'Lower retry_hold_ms (longer delays defer the message instead) or raise max_lock_renewal_s.';
+	END IF;
+	IF (options ->> 'handler_timeout_ms')::bigint > coalesce((options ->> 'max_lock_renewal_s')::bigint, 300) * 1000
+	   AND coalesce((options ->> 'max_lock_renewal_s')::bigint, 300) > 0 THEN
+		RAISE EXCEPTION 'handler_timeout_ms must not exceed max_lock_renewal_s'
+			USING ERRCODE = 'invalid_parameter_value',
+			      DETAIL = format('handler_timeout_ms is %s ms and max_lock_renewal_s is %s s (default 300): the message''s lock would lapse while its handler still runs.',
+			                      options ->> 'handler_timeout_ms', coalesce(options ->> 'max_lock_renewal_s', '300')),
+			      HINT = 'Lower handler_timeout_ms or raise max_lock_renewal_s.';
+	END IF;
+	IF coalesce((options ->> 'retry_cap_ms')::bigint, 300000) < coalesce((options ->> 'retry_base_ms')::bigint, 1000) THEN
+		RAISE EXCEPTION 'retry_cap_ms must be at least retry_base_ms'
+			USING ERRCODE = 'invalid_parameter_value',
+			      DETAIL = format('retry_base_ms is %s and retry_cap_ms is %s (defaults 1000 and 300000).',
+			                      coalesce(options ->> 'retry_base_ms', '1000'), coalesce(options ->> 'retry_cap_ms', '300000')),
+			      HINT = 'Each retry''s delay is drawn at random below min(retry_cap_ms, retry_base_ms * 2^(attempt - 1)).';
+	END IF;
+	-- Setting the flag is a superuser's decision; keeping a flag a superuser set is not.
+	IF (options -> 'allow_superuser_run_as') = 'true' AND (old_options -> 'allow_superuser_run_as') IS DISTINCT FROM 'true'
+	   AND NOT (SELECT rolsuper FROM pg_roles WHERE oid = caller) THEN
+		RAISE EXCEPTION 'only superusers may set allow_superuser_run_as'
+			USING ERRCODE = 'insufficient_privilege',
+			      DETAIL = 'A handler running as a superuser can do anything in the server.';
+	END IF;
+	IF (SELECT rolsuper FROM pg_roles WHERE oid = run_as) AND (options -> 'allow_superuser_run_as') IS DISTINCT FROM 'true' THEN
+		RAISE EXCEPTION 'run_as role % is a superuser', run_as
+			USING ERRCODE = 'insufficient_privilege',
+			      DETAIL = 'Handlers run with exactly the rights of run_as; a superuser has every right.',
+			      HINT = 'Create a NOLOGIN role with only the privileges the handler needs (a superuser may override this with the subscription option allow_superuser_run_as).';
+	END IF;
+	-- Code a message drives never manages sbpg: a run_as with sbpg_admin's privileges is refused.
+	IF NOT (SELECT rolsuper FROM pg_roles WHERE oid = run_as) AND pg_has_role(run_as, 'sbpg_admin', 'USAGE') THEN
+		RAISE EXCEPTION 'run_as role % has the privileges of sbpg_admin', run_as
+			USING ERRCODE = 'insufficient_privilege',
+			      DETAIL = 'Its handlers could then create and change subscriptions: code that messages drive must not manage sbpg.',
+			      HINT = 'Create a NOLOGIN role with only the privileges the handler needs.';
+	END IF;
+	IF NOT has_function_privilege(run_as, handler, 'EXECUTE') THEN
+		RAISE EXCEPTION 'run_as role % may not execute handler %', run_as, handler
+			USING ERRCODE = 'insufficient_privilege', HINT = format('GRANT EXECUTE ON FUNCTION %s TO %s.', handler, run_as);
+	END IF;
+	IF identity IS NOT NULL THEN
+		SELECT * INTO ident FROM sbpg.identities i WHERE i.name = identity;
+		IF NOT FOUND THEN
+			RAISE EXCEPTION 'identity "%" does not exist', identity
+				USING ERRCODE = 'undefined_object', HINT = 'Create it with sbpg.create_identity(name, kind, options).';
+		END IF;
+		-- An Entra ID token is a bearer token valid at every namespace its principal may reach:
+		-- it goes only to Service Bus namespaces, or to brokers the identity names.
+		-- A Service Bus namespace qualifies by its host name and TLS (no scheme, or amqps://); an
+		-- amqp:// URL never does, whatever its host, unless the identity lists exactly that URL.
+		IF ident.kind IN ('managed_identity', 'workload_identity', 'client_secret', 'default')
+		   AND namespace !~* '^(amqps://)?[a-z0-9][a-z0-9-]{0,48}[a-z0-9]\.servicebus\.(windows\.net|chinacloudapi\.cn|usgovcloudapi\.net|cloudapi\.de)(:[0-9]{1,5})?/?$'
+		   AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements_text(coalesce(ident.options -> 'allowed_namespaces', '[]')) a
+		                   WHERE lower(rtrim(a, '/')) = lower(rtrim(namespace, '/'))) THEN
+			RAISE EXCEPTION 'identity "%" sends Entra ID tokens only to Service Bus namespaces over TLS, not to %', identity, namespace
+				USING ERRCODE = 'insufficient_privilege',
+				      DETAIL = 'A token is valid at every namespace its principal may read: any other broker, or anyone on the path of a plain amqp:// connection, would receive it.',
+				      HINT = format('To use a development broker, the identity''s creator lists it when creating the identity: {"allowed_namespaces": ["%s"]}.', rtrim(namespace, '/'));
+		END IF;
+	END IF;
+	IF identity IS NULL AND namespace ~* '\.servicebus\.' THEN
+		RAISE EXCEPTION 'a Service Bus namespace needs an identity'
+			USING ERRCODE = 'invalid_parameter_value',
+			      HINT = 'Create one with sbpg.create_identity and pass it as identity.';
+	END IF;
+	IF batch_size IS NULL OR batch_size NOT BETWEEN 1 AND 1000 THEN
+		RAISE EXCEPTION 'batch_size % is out of range', coalesce(batch_size::text, 'NULL')
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'Use 1 to 1000 messages per transaction.';
+	END IF;
+	IF prefetch IS NULL OR prefetch NOT BETWEEN batch_size AND 5000 THEN
+		RAISE EXCEPTION 'prefetch % is out of range', coalesce(prefetch::text, 'NULL')
+			USING ERRCODE = 'invalid_parameter_value',
+			      DETAIL = format('prefetch must be at least batch_size (%s) and at most 5000.', batch_size),
+			      HINT = 'Locks run from the moment the broker hands a message over; prefetch only what is applied well within the lock duration.';
+	END IF;
+	IF notify_channel IS NOT NULL AND (notify_channel = '' OR octet_length(notify_channel) > 63) THEN
+		RAISE EXCEPTION 'invalid notify_channel %', quote_literal(notify_channel)
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'A channel name has 1 to 63 bytes; NULL turns notifications off.';
+	END IF;
+END
+$$;

@@ -79,27 +79,36 @@ DescribeError(const ErrorData *e, ErrorText *out) {
 }
 
 // Applies one message in the current (sub)transaction. Errors propagate.
-void
-ApplyOne(Pass *pass, ApplyItem *it, MemoryContext msgcxt) {
+// Dead-letters a message the worker decided on itself (it could not be decoded, its JSON is
+// invalid, its schema refused it): the handler never sees it. False for the others.
+bool
+DecidedWithoutHandler(Pass *pass, ApplyItem *it) {
 	const ReceivedMessage *m = it->msg;
 	if (!m->decode_error.empty()) {
 		SetReason(it, "MalformedMessage", m->decode_error.c_str());
 		Record(pass, it, kDeadLettered);
-		return;
+		return true;
 	}
 	if (m->json == JsonVerdict::Invalid) {
 		ErrorText desc;
 		FormatText(&desc, "content type %s but the body is %s", m->content_type.c_str(), m->json_error.c_str());
 		SetReason(it, "InvalidJson", desc.c_str());
 		Record(pass, it, kDeadLettered);
-		return;
+		return true;
 	}
 	if (!m->schema_reason.empty()) {
 		// Decided on the AMQP thread (docs/schemas.md): the handler is not called.
 		SetReason(it, m->schema_reason.c_str(), m->schema_error.c_str());
 		Record(pass, it, kDeadLettered);
-		return;
+		return true;
 	}
+	return false;
+}
+
+void
+ApplyOne(Pass *pass, ApplyItem *it, MemoryContext msgcxt) {
+	if (DecidedWithoutHandler(pass, it))
+		return;
 	MemoryContext old = MemoryContextSwitchTo(msgcxt);
 	struct timespec t0;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -126,11 +135,101 @@ ApplyIsolated(Pass *pass, ApplyItem *it, MemoryContext msgcxt) {
 	FreeErrorData(e);
 }
 
+// A set-based handler's call for set[0..n), recording each message applied.
+void
+ApplySetOnce(Pass *pass, ApplyItem *const *set, int n, MemoryContext msgcxt) {
+	MemoryContext old = MemoryContextSwitchTo(msgcxt);
+	struct timespec t0;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	RunSetHandler(pass, set, n);
+	MemoryContextSwitchTo(old);
+	double ms = MsSince(t0) / n;
+	for (int i = 0; i < n; ++i) {
+		set[i]->apply_ms = ms;
+		Record(pass, set[i], kApplied);
+	}
+	MemoryContextReset(msgcxt);
+}
+
+// The same in a subtransaction; when the call fails, the set is split in halves, each tried again
+// in a subtransaction of its own, until the failing messages are alone: each of those has its
+// failure recorded (dead-letter or retry, by the error), every other message is applied once.
+void
+ApplySetIsolated(Pass *pass, ApplyItem *const *set, int n, MemoryContext msgcxt) {
+	ErrorData *e = nullptr;
+	if (InSubtransaction(
+	        &pass->clock, [&] { ApplySetOnce(pass, set, n, msgcxt); }, &e))
+		return;
+	MemoryContextReset(msgcxt);
+	bool timed_out = RunAsFailed(&pass->clock, e->sqlerrcode);
+	if (n == 1) {
+		ApplyItem *it = set[0];
+		it->timed_out = timed_out;
+		ErrorText desc;
+		DescribeError(e, &desc);
+		FailItem(pass, it, e->sqlerrcode, desc.c_str());
+		it->timed_out = false;
+		FreeErrorData(e);
+		return;
+	}
+	FreeErrorData(e);
+	ApplySetIsolated(pass, set, n / 2, msgcxt);
+	ApplySetIsolated(pass, set + n / 2, n - n / 2, msgcxt);
+}
+
+// With a set-based handler: the messages of items[lo..hi) that go to it, in one call (in the
+// first pass, whose failure fails the pass; when isolated, halved until the failures are found).
+// Duplicates, delayed messages, messages the worker decides itself and mapped ones are handled
+// one by one, as with a per-message handler.
+void
+ApplyRangeSet(Pass *pass, ApplyItem *items, int lo, int hi, bool isolate, MemoryContext msgcxt) {
+	ApplyItem **set = static_cast<ApplyItem **>(palloc(sizeof(ApplyItem *) * (hi - lo)));
+	int n = 0;
+	for (int i = lo; i < hi; ++i) {
+		ApplyItem *it = &items[i];
+		if (it->status == kDuplicate) {
+			Notify(pass, it);
+			continue;
+		}
+		if (it->status == kDelayed)
+			continue;
+		if (isolate && it->failed_errcode) {
+			int code = it->failed_errcode;
+			it->failed_errcode = 0;
+			FailItem(pass, it, code, it->failed_error.c_str());
+			it->timed_out = false;
+			continue;
+		}
+		if (HasMapping(pass, it)) {
+			if (isolate) {
+				ApplyIsolated(pass, it, msgcxt);
+			} else {
+				pass->applying = i;
+				ApplyOne(pass, it, msgcxt);
+				pass->applying = -1;
+			}
+			continue;
+		}
+		if (!DecidedWithoutHandler(pass, it))
+			set[n++] = it;
+	}
+	if (n == 0)
+		return;
+	if (isolate)
+		ApplySetIsolated(pass, set, n, msgcxt);
+	else
+		ApplySetOnce(pass, set, n, msgcxt); // no single message to blame if it fails
+}
+
 // Applies items[lo..hi) in the current transaction; with isolate, each in a subtransaction whose
 // failure records a dead-letter (permanent errors) or a retry (transient).
 void
 ApplyRange(Pass *pass, ApplyItem *items, int lo, int hi, bool isolate) {
 	MemoryContext msgcxt = AllocSetContextCreate(TopTransactionContext, "sbpg message", ALLOCSET_DEFAULT_SIZES);
+	if (pass->set_handler) {
+		ApplyRangeSet(pass, items, lo, hi, isolate, msgcxt);
+		return;
+	}
 	for (int i = lo; i < hi; ++i) {
 		ApplyItem *it = &items[i];
 		if (it->status == kDuplicate) {

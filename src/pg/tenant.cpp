@@ -31,6 +31,7 @@ extern "C" {
 #include "storage/lock.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/lsyscache.h"
 #include "utils/datum.h"
 #include "utils/guc.h"
 #include "utils/jsonb.h"
@@ -188,12 +189,13 @@ HandlerFunctionUsable(const SubConfig *cfg, ErrorText *why) {
 	HeapTuple tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(cfg->handler));
 	if (HeapTupleIsValid(tup)) {
 		Form_pg_proc proc = reinterpret_cast<Form_pg_proc>(GETSTRUCT(tup));
+		Oid arg = proc->pronargs == 1 ? proc->proargtypes.values[0] : InvalidOid;
 		bool shape_ok = proc->prokind == PROKIND_FUNCTION && proc->pronargs == 1 &&
-		                proc->proargtypes.values[0] == cfg->message_type && proc->prorettype == VOIDOID &&
-		                !proc->proretset;
+		                (arg == cfg->message_type || arg == get_array_type(cfg->message_type)) &&
+		                proc->prorettype == VOIDOID && !proc->proretset;
 		ReleaseSysCache(tup);
 		if (!shape_ok) {
-			FormatText(why, "handler %s is no longer a function (sbpg.message) RETURNS void",
+			FormatText(why, "handler %s is no longer a function (sbpg.message) or (sbpg.message[]) RETURNS void",
 			           format_procedure(cfg->handler));
 			return false;
 		}
@@ -452,6 +454,10 @@ HandlerUsable(Pass *pass, ErrorText *why) {
 	if (!HandlerFunctionUsable(cfg, why))
 		return false;
 	fmgr_info_cxt(cfg->handler, &pass->handler, TopTransactionContext);
+	Oid *argtypes;
+	int nargs;
+	(void)get_func_signature(cfg->handler, &argtypes, &nargs);
+	pass->set_handler = nargs == 1 && argtypes[0] != cfg->message_type; // the shape was checked: sbpg.message[]
 	MemoryContext old = MemoryContextSwitchTo(TopTransactionContext);
 	pass->message_desc = lookup_rowtype_tupdesc_copy(cfg->message_type, -1);
 	MemoryContextSwitchTo(old);
@@ -500,6 +506,32 @@ RunTenantCode(Pass *pass, ApplyItem *it) {
 		bool isnull;
 		(void)CallAsRunAs(pass, &pass->handler, 1, &msg, false, &isnull);
 	}
+	pass->clock.message_deadline = 0;
+}
+
+bool
+HasMapping(const Pass *pass, const ApplyItem *it) {
+	return FindMapping(pass, it->msg) != nullptr;
+}
+
+void
+RunSetHandler(Pass *pass, ApplyItem *const *set, int n) {
+	pass->clock.message_deadline = GetCurrentTimestamp() + static_cast<int64>(pass->cfg->handler_timeout_ms) * 1000;
+	Datum *rows = static_cast<Datum *>(palloc(sizeof(Datum) * n));
+	for (int i = 0; i < n; ++i) {
+		const ReceivedMessage *m = set[i]->msg;
+		set[i]->in_mapping = false;
+		Datum body = 0;
+		int version = Upcast(pass, m, &body);
+		rows[i] = BuildMessage(pass, m, body, version);
+	}
+	int16 len;
+	bool byval;
+	char align;
+	get_typlenbyvalalign(pass->cfg->message_type, &len, &byval, &align);
+	Datum array = PointerGetDatum(construct_array(rows, n, pass->cfg->message_type, len, byval, align));
+	bool isnull;
+	(void)CallAsRunAs(pass, &pass->handler, 1, &array, false, &isnull);
 	pass->clock.message_deadline = 0;
 }
 

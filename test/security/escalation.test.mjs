@@ -15,7 +15,7 @@ import { startSbemu, configWith, queue } from "../conformance/lib/sbemu.mjs";
 import { startCluster, waitFor } from "../e2e/lib/cluster.mjs";
 import pg from "pg";
 
-const queues = ["victim", "bobq", "slow", "notes", "odd", "stubborn", "gone"];
+const queues = ["victim", "bobq", "slow", "notes", "odd", "stubborn", "gone", "sets"];
 const notifyKeys = new Set(["subscription", "message_id", "correlation_id", "sequence_number", "status", "xid", "attempts",
   "next_attempt_at", "deferred", "reason"]);
 
@@ -462,6 +462,48 @@ describe("privilege escalation", () => {
     assert.equal(byId("gone")["gone-2"], undefined, "gone-2 not applied");
     assert.ok(!(await observed()).some((r) => r.what === "stage2 squatted handler"), "mallory's function never ran");
     await db.psql("SELECT sbpg.drop_subscription('gone')");
+  });
+
+  it("a set-based handler runs as run_as in the same restricted context; halving keeps each attack to its message", async () => {
+    await asRole("alice", `
+      CREATE FUNCTION team_a.set_attack(ms sbpg.message[]) RETURNS void LANGUAGE plpgsql AS $$
+      DECLARE m sbpg.message;
+      BEGIN
+        PERFORM public.observe('set handler of ' || pg_catalog.cardinality(ms));
+        FOREACH m IN ARRAY ms LOOP
+          IF m.body->>'how' = 'role' THEN
+            EXECUTE 'SET ROLE postgres';
+          ELSIF m.body->>'how' = 'temp' THEN
+            EXECUTE 'CREATE TEMP TABLE set_t (x int)';
+          ELSIF m.body->>'how' = 'alter' THEN
+            PERFORM sbpg.alter_subscription('sets', options => '{"allow_superuser_run_as": true}');
+          ELSIF m.body->>'how' = 'super' THEN
+            EXECUTE 'ALTER ROLE mallory SUPERUSER';
+          END IF;
+        END LOOP;
+      END $$;
+      GRANT EXECUTE ON FUNCTION team_a.set_attack(sbpg.message[]) TO alice_w;
+      SELECT sbpg.create_subscription('sets', '${emu.amqp}', 'sets', 'team_a.set_attack(sbpg.message[])', 'alice_w', 'emu',
+                                      batch_size => 10);`);
+    const ids = ["ok-1", "role", "ok-2", "temp", "alter", "ok-3", "super", "ok-4"];
+    await send("sets", ids.map((id) => ({ messageId: id, body: { how: id.startsWith("ok") ? "nothing" : id } })));
+    await waitFor(() => ids.every((id) => byId("sets")[id]?.status === "applied" || byId("sets")[id]?.status === "dead_lettered"),
+      { what: "eight outcomes" });
+    const why = await db.inboxReasons("sets");
+    for (const id of ["ok-1", "ok-2", "ok-3", "ok-4"]) assert.equal(byId("sets")[id].status, "applied", `${id}: ${why[id]}`);
+    for (const id of ["role", "temp", "alter", "super"]) {
+      assert.equal(byId("sets")[id].status, "dead_lettered", id);
+      assert.equal(byId("sets")[id].reason, "PermissionDenied", `${id}: ${why[id]}`);
+    }
+    assert.match(why.role, /cannot set parameter "role" within security-(definer function|restricted operation)/);
+    assert.match(why.temp, /cannot create temporary table within security-restricted operation/);
+    assert.match(why.alter, /alice_w is neither a superuser nor a member of sbpg_admin/);
+    assert.match(why.super, /must be superuser to alter superuser roles|permission denied/);
+    const sets = (await db.query("SELECT options FROM sbpg.subscriptions WHERE name = 'sets'")).rows[0];
+    assert.deepEqual(sets.options, {});
+    const calls = (await observed()).filter((r) => r.what.startsWith("set handler of "));
+    assert.ok(calls.length >= 2 && calls.every((r) => r.who === "alice_w" && r.super === "f"), JSON.stringify(calls));
+    await db.psql("SELECT sbpg.drop_subscription('sets')");
   });
 
   it("no role became a superuser, tenant code only ever ran as run_as, no shadowing object ever ran", async () => {

@@ -40,6 +40,7 @@ struct Pass {
 	bool notify; // outcomes are notified: a channel, and its queue not nearly full (outcome.cpp)
 	// Tenant code, loaded for the pass (tenant.cpp).
 	FmgrInfo handler;
+	bool set_handler;       // the handler takes the batch: (sbpg.message[])
 	TupleDesc message_desc; // sbpg.message
 	Mapping *mappings;
 	int nmappings;

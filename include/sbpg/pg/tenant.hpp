@@ -31,6 +31,13 @@ void LoadMappings(Pass *pass);
 // handler. Errors propagate; then RunAsFailed must be called.
 void RunTenantCode(Pass *pass, ApplyItem *it);
 
+// Whether the message goes through a declarative mapping of its type (then never to a set-based
+// handler).
+bool HasMapping(const Pass *pass, const ApplyItem *it);
+// Runs a set-based handler, (sbpg.message[]), once for the messages set[0..n) in the current
+// (sub)transaction within one budget of handler_timeout_ms for the call (their upcasts included).
+// Errors propagate; then RunAsFailed must be called.
+void RunSetHandler(Pass *pass, ApplyItem *const *set, int n);
 // After a mapping failed with a data error: which column could not take which value (palloc'd),
 // or nullptr. Runs as run_as in a subtransaction of its own, with a fresh time budget.
 char *DiagnoseMapping(Pass *pass, const ApplyItem *it);
