@@ -7,7 +7,8 @@
 #       fmgr, the same inbox row through a kept plan, the same NOTIFY) and commits every batch;
 #   (c) a typical hand-written consumer: the official JS SDK's subscribe() with 16 concurrent
 #       calls and a pg pool of 16, one transaction per message (the handler's insert and an inbox
-#       row), then complete.
+#       row), then complete;
+# and the same insert done by a set-based handler (sbpg.message[]) at batch 100.
 # Throughput: a queue filled with MESSAGES (default 20000) is drained by a new subscription; the
 # clock stops at the last NOTIFY. Latency: LATENCY_MESSAGES (default 10000) sent at 500 msg/s to a
 # running subscription; per message, the time from the send call to its NOTIFY at a LISTEN
@@ -44,7 +45,7 @@ trap cleanup EXIT
 
 queues="--queue bare"
 for f in off on; do
-	queues="$queues --queue hw-$f"
+	queues="$queues --queue hw-$f --queue set-$f-100"
 	for b in 1 10 100; do queues="$queues --queue tp-$f-$b --queue lat-$f-$b"; done
 done
 # shellcheck disable=SC2086
@@ -66,6 +67,11 @@ CREATE FUNCTION bench_handler(m sbpg.message) RETURNS void LANGUAGE sql AS $$
   INSERT INTO public.bench_orders VALUES ((m.body->>'id')::bigint, m.body->>'customer', (m.body->>'amount')::numeric,
                                           m.body->>'note', m.message_id) $$;
 GRANT EXECUTE ON FUNCTION bench_handler(sbpg.message) TO bench_writer;
+-- The same work as a set-based handler: the batch in one statement.
+CREATE FUNCTION bench_set_handler(ms sbpg.message[]) RETURNS void LANGUAGE sql AS $$
+  INSERT INTO public.bench_orders SELECT (m.body->>'id')::bigint, m.body->>'customer', (m.body->>'amount')::numeric,
+                                         m.body->>'note', m.message_id FROM pg_catalog.unnest(ms) m $$;
+GRANT EXECUTE ON FUNCTION bench_set_handler(sbpg.message[]) TO bench_writer;
 SELECT sbpg.create_identity('emu', 'sas', '{"key_name": "RootManageSharedAccessKey", "key": "SAS_KEY_VALUE"}');
 -- (c) the hand-written consumer's own inbox: a row per message id, in the message's transaction.
 CREATE TABLE hw_inbox (message_id text PRIMARY KEY, sequence_number bigint, applied_at timestamptz NOT NULL DEFAULT now());
@@ -78,12 +84,14 @@ fresh() { psql -X -q -c "TRUNCATE bench_orders, hw_inbox" -c "DELETE FROM sbpg.i
 "$BIN/amqp_throughput" send "amqp://${amqp#amqp://}" bare "$N" 160 >/dev/null
 bare=$("$BIN/amqp_throughput" recv "amqp://${amqp#amqp://}" bare "$N" 1000 | echo " $(cat)" | field rate)
 
-declare -A tp ceil lat50 lat99 totx99 txn99 hw
+declare -A tp ceil lat50 lat99 totx99 txn99 hw set
 for f in off on; do
 	psql -X -q -c "ALTER SYSTEM SET fsync = $f" -c "SELECT pg_reload_conf()" >/dev/null
 	sleep 1
 	fresh
 	hw[$f]=$(node bench/sbpg_bench.mjs handwritten "$amqp" "$PGHOST" "$PGPORT" "hw-$f" "$N" | echo " $(cat)" | field rate)
+	fresh
+	set[$f]=$(node bench/sbpg_bench.mjs throughput "$amqp" "$PGHOST" "$PGPORT" 100 "$N" "set-$f-100" 'bench_set_handler(sbpg.message[])' | echo " $(cat)" | field rate)
 	for b in 1 10 100; do
 		fresh
 		tp[$f$b]=$(node bench/sbpg_bench.mjs throughput "$amqp" "$PGHOST" "$PGPORT" "$b" "$N" "tp-$f-$b" | echo " $(cat)" | field rate)
@@ -109,6 +117,7 @@ for f in off on; do
 		printf '%-6s %12s %16s %8s%% %9s %9s %14s %14s\n' "$b" "${tp[$f$b]}" "${ceil[$f$b]}" "$(pct "${tp[$f$b]}" "${ceil[$f$b]}")" \
 			"${lat50[$f$b]}" "${lat99[$f$b]}" "${totx99[$f$b]}" "${txn99[$f$b]}"
 	done
+	printf 'set-based handler (sbpg.message[]), batch 100: %s msg/s (per-message handler: %s)\n' "${set[$f]}" "${tp[${f}100]}"
 	printf '(c) hand-written consumer (JS SDK subscribe, 16 concurrent, pg pool 16): %s msg/s; sbpg at batch 100 is %s.%sx\n' \
 		"${hw[$f]}" "$(( tp[${f}100] / (hw[$f] > 0 ? hw[$f] : 1) ))" "$(( 10 * tp[${f}100] / (hw[$f] > 0 ? hw[$f] : 1) % 10 ))"
 	printf 'goals, fsync %s: batch 100 >= 80%% of (b): %s%%; batch 10 >= 60%% of (b): %s%%; >= 8x (c); p99 <= 5 ms at %s msg/s\n' \

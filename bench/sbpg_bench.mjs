@@ -1,6 +1,7 @@
 // bench/sbpg_bench.mjs: end-to-end measurements of sbpg for one batch size, driven by bench/sbpg.sh.
-//   node bench/sbpg_bench.mjs throughput AMQP PGHOST PGPORT BATCH N QUEUE
-//       fills QUEUE with N messages, starts a subscription on it, and times until N NOTIFYs arrive
+//   node bench/sbpg_bench.mjs throughput AMQP PGHOST PGPORT BATCH N QUEUE [HANDLER]
+//       fills QUEUE with N messages, starts a subscription on it (HANDLER, default
+//       bench_handler(sbpg.message)), and times until N NOTIFYs arrive
 //   node bench/sbpg_bench.mjs latency AMQP PGHOST PGPORT BATCH N RATE QUEUE
 //       with a running subscription, sends N messages at RATE msg/s and measures, per message,
 //       the time from the send to its NOTIFY at a LISTEN client (LAT_CSV=file keeps every message)
@@ -34,7 +35,7 @@ const body = (i) => ({ id: i, customer: `c${i % 50}`, amount: (i % 90) + 1, note
 const channelOf = (queue) => queue.replace(/-/g, "_");
 
 if (mode === "throughput") {
-  const [amqp, host, port, batch, n, queue] = args;
+  const [amqp, host, port, batch, n, queue, handler = "bench_handler(sbpg.message)"] = args;
   const N = Number(n);
   const sb = sbClient(amqp);
   const sender = sb.createSender(queue);
@@ -50,7 +51,7 @@ if (mode === "throughput") {
   });
   await listen.query(`LISTEN ${channelOf(queue)}`);
   const t0 = Date.now();
-  await db.query(`SELECT sbpg.create_subscription('${queue}', '${amqp}', '${queue}', 'bench_handler(sbpg.message)', 'bench_writer', 'emu', batch_size => ${batch}, notify_channel => '${channelOf(queue)}')`);
+  await db.query(`SELECT sbpg.create_subscription('${queue}', '${amqp}', '${queue}', '${handler}', 'bench_writer', 'emu', batch_size => ${batch}, notify_channel => '${channelOf(queue)}')`);
   const t1 = await Promise.race([finished, new Promise((r) => setTimeout(() => r(null), 300000).unref())]);
   if (!t1) {
     console.error(`throughput run timed out with ${got} of ${N} confirmations`);
