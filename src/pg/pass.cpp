@@ -135,6 +135,43 @@ ApplyIsolated(Pass *pass, ApplyItem *it, MemoryContext msgcxt) {
 	FreeErrorData(e);
 }
 
+// What a pass does with an item before any tenant code: a redelivery is notified again, a message
+// waiting for its time is left alone, and in the isolated pass a message that failed on its own in
+// the first pass has that attempt recorded instead of running again. True when the item needs
+// nothing more in this pass.
+bool
+DoneBeforeApply(Pass *pass, ApplyItem *it, bool isolate) {
+	if (it->status == kDuplicate) {
+		Notify(pass, it);
+		return true;
+	}
+	if (it->status == kDelayed)
+		return true;
+	if (isolate && it->failed_errcode) {
+		int code = it->failed_errcode;
+		it->failed_errcode = 0;
+		FailItem(pass, it, code, it->failed_error.c_str());
+		it->timed_out = false;
+		return true;
+	}
+	return false;
+}
+
+// One message's tenant code: in the first pass directly (its failure fails the pass, which then
+// knows which message ran), in the isolated pass in a subtransaction of its own.
+void
+ApplyMessage(Pass *pass, ApplyItem *items, int i, bool isolate, MemoryContext msgcxt) {
+	if (isolate) {
+		ApplyIsolated(pass, &items[i], msgcxt);
+		return;
+	}
+	pass->applying = i;
+	if (pass->first_applied < 0)
+		pass->first_applied = i;
+	ApplyOne(pass, &items[i], msgcxt);
+	pass->applying = -1;
+}
+
 // A set-based handler's call for set[0..n), recording each message applied.
 void
 ApplySetOnce(Pass *pass, ApplyItem *const *set, int n, MemoryContext msgcxt) {
@@ -187,27 +224,10 @@ ApplyRangeSet(Pass *pass, ApplyItem *items, int lo, int hi, bool isolate, Memory
 	int n = 0;
 	for (int i = lo; i < hi; ++i) {
 		ApplyItem *it = &items[i];
-		if (it->status == kDuplicate) {
-			Notify(pass, it);
+		if (DoneBeforeApply(pass, it, isolate))
 			continue;
-		}
-		if (it->status == kDelayed)
-			continue;
-		if (isolate && it->failed_errcode) {
-			int code = it->failed_errcode;
-			it->failed_errcode = 0;
-			FailItem(pass, it, code, it->failed_error.c_str());
-			it->timed_out = false;
-			continue;
-		}
 		if (HasMapping(pass, it)) {
-			if (isolate) {
-				ApplyIsolated(pass, it, msgcxt);
-			} else {
-				pass->applying = i;
-				ApplyOne(pass, it, msgcxt);
-				pass->applying = -1;
-			}
+			ApplyMessage(pass, items, i, isolate, msgcxt);
 			continue;
 		}
 		if (!DecidedWithoutHandler(pass, it))
@@ -230,32 +250,9 @@ ApplyRange(Pass *pass, ApplyItem *items, int lo, int hi, bool isolate) {
 		ApplyRangeSet(pass, items, lo, hi, isolate, msgcxt);
 		return;
 	}
-	for (int i = lo; i < hi; ++i) {
-		ApplyItem *it = &items[i];
-		if (it->status == kDuplicate) {
-			Notify(pass, it);
-			continue;
-		}
-		if (it->status == kDelayed)
-			continue;
-		if (!isolate) {
-			pass->applying = i;
-			if (pass->first_applied < 0)
-				pass->first_applied = i;
-			ApplyOne(pass, it, msgcxt);
-			pass->applying = -1;
-			continue;
-		}
-		if (it->failed_errcode) {
-			// It failed in the batch's first pass: that was its attempt; record it, do not run it again.
-			int code = it->failed_errcode;
-			it->failed_errcode = 0;
-			FailItem(pass, it, code, it->failed_error.c_str());
-			it->timed_out = false;
-			continue;
-		}
-		ApplyIsolated(pass, it, msgcxt);
-	}
+	for (int i = lo; i < hi; ++i)
+		if (!DoneBeforeApply(pass, &items[i], isolate))
+			ApplyMessage(pass, items, i, isolate, msgcxt);
 }
 
 // Test fault fail_commit#<message id> (test_hooks.hpp): the transaction that applied that message
