@@ -80,7 +80,7 @@ BEGIN
 	END IF;
 	-- By default hold two batches: the next one is received while one applies, so transactions
 	-- are full (see the docs on prefetch; bench/README.md has the figures).
-	prefetch := coalesce(prefetch, least(2 * batch_size, 5000));
+	prefetch := coalesce(prefetch, least(batch_size, 2500) * 2);
 	PERFORM sbpg._validate_subscription(name, namespace, entity, handler, run_as, identity, batch_size, prefetch,
 	                                    notify_channel, options);
 	IF identity IS NOT NULL THEN
@@ -135,7 +135,7 @@ BEGIN
 	new_identity := CASE WHEN identity IS NULL THEN s.identity WHEN identity = '' THEN NULL ELSE identity END;
 	new_channel := CASE WHEN notify_channel IS NULL THEN s.notify_channel WHEN notify_channel = '' THEN NULL ELSE notify_channel END;
 	IF batch_size IS NOT NULL AND prefetch IS NULL AND s.prefetch < batch_size THEN
-		prefetch := least(2 * batch_size, 5000);
+		prefetch := least(batch_size, 2500) * 2;
 	END IF;
 	PERFORM sbpg._validate_subscription(s.name, coalesce(namespace, s.namespace), coalesce(entity, s.entity),
 		coalesce(handler, current_handler), coalesce(run_as, s.run_as), new_identity, coalesce(batch_size, s.batch_size),

@@ -18,6 +18,7 @@ extern "C" {
 #include "access/table.h"
 #include "access/tableam.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_index.h"
 #include "catalog/pg_type.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -29,6 +30,7 @@ extern "C" {
 }
 
 #include "sbpg/pg/apply.hpp"
+#include "sbpg/pg/compat.hpp"
 #include "sbpg/pg/inbox.hpp"
 #include "sbpg/pg/outcome.hpp"
 #include "sbpg/pg/pass.hpp"
@@ -88,7 +90,15 @@ void
 ScanIndex(Relation heap, const char *index_name, const char *subscription, const Datum *values, int n, Oid eq_proc,
           Snapshot snap, TupleTableSlot *slot, void (*fn)(TupleTableSlot *, void *), void *arg) {
 	Relation index = index_open(SbpgRelation(index_name), AccessShareLock);
-	IndexScanDesc scan = index_beginscan(heap, index, snap, 2, 0);
+	// The index sbpg created, as it created it: a scan of anything else could miss rows, and a
+	// missed row is a message applied twice.
+	Form_pg_index ix = index->rd_index;
+	if (ix->indrelid != RelationGetRelid(heap) || !ix->indisvalid || !ix->indisready || ix->indnkeyatts != 2)
+		ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+		                errmsg("sbpg: index sbpg.%s is not the valid two-column index of sbpg.%s it must be",
+		                       index_name, RelationGetRelationName(heap)),
+		                errhint("REINDEX INDEX sbpg.%s, or update the extension again.", index_name)));
+	IndexScanDesc scan = compat::IndexBeginScan(heap, index, snap, 2, 0);
 	Datum name = CStringGetTextDatum(subscription);
 	for (int i = 0; i < n; ++i) {
 		ScanKeyData key[2];

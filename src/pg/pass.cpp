@@ -188,6 +188,8 @@ ApplySetOnce(Pass *pass, ApplyItem *const *set, int n, MemoryContext msgcxt) {
 	MemoryContextReset(msgcxt);
 }
 
+void ApplySetOneByOne(Pass *pass, ApplyItem *const *set, int n, MemoryContext msgcxt);
+
 // The same in a subtransaction; when the call fails, the set is split in halves, each tried again
 // in a subtransaction of its own, until the failing messages are alone: each of those has its
 // failure recorded (dead-letter or retry, by the error), every other message is applied once.
@@ -210,8 +212,20 @@ ApplySetIsolated(Pass *pass, ApplyItem *const *set, int n, MemoryContext msgcxt)
 		return;
 	}
 	FreeErrorData(e);
+	if (timed_out) {
+		// Halving would give every half a fresh time limit: a message that hangs would cost one
+		// limit per level. One call per message instead, each with its own limit.
+		ApplySetOneByOne(pass, set, n, msgcxt);
+		return;
+	}
 	ApplySetIsolated(pass, set, n / 2, msgcxt);
 	ApplySetIsolated(pass, set + n / 2, n - n / 2, msgcxt);
+}
+
+void
+ApplySetOneByOne(Pass *pass, ApplyItem *const *set, int n, MemoryContext msgcxt) {
+	for (int i = 0; i < n; ++i)
+		ApplySetIsolated(pass, set + i, 1, msgcxt);
 }
 
 // With a set-based handler: the messages of items[lo..hi) that go to it, in one call (in the
@@ -235,10 +249,21 @@ ApplyRangeSet(Pass *pass, ApplyItem *items, int lo, int hi, bool isolate, Memory
 	}
 	if (n == 0)
 		return;
-	if (isolate)
-		ApplySetIsolated(pass, set, n, msgcxt);
+	if (!isolate) {
+		pass->set_call = true; // a failure blames no single message (NoteFailure)
+		ApplySetOnce(pass, set, n, msgcxt);
+		pass->set_call = false;
+		return;
+	}
+	bool timed_out = false;
+	for (int i = 0; i < n; ++i) {
+		timed_out |= set[i]->set_timed_out;
+		set[i]->set_timed_out = false;
+	}
+	if (timed_out) // the first pass's call ran out of time: no halving (see ApplySetIsolated)
+		ApplySetOneByOne(pass, set, n, msgcxt);
 	else
-		ApplySetOnce(pass, set, n, msgcxt); // no single message to blame if it fails
+		ApplySetIsolated(pass, set, n, msgcxt);
 }
 
 // Applies items[lo..hi) in the current transaction; with isolate, each in a subtransaction whose
@@ -354,6 +379,9 @@ NoteFailure(Pass *pass, ApplyItem *items, int lo, int hi, const ErrorData *e, Ba
 	out->batch_sqlerrcode = e->sqlerrcode;
 	bool timed_out = RunAsFailed(&pass->clock, e->sqlerrcode);
 	int k = pass->applying;
+	if (pass->set_call && timed_out)
+		for (int i = lo; i < hi; ++i)
+			items[i].set_timed_out = true;
 	if (k >= lo && k < hi && (!IsTransient(e->sqlerrcode) || timed_out || k == pass->first_applied)) {
 		items[k].failed_errcode = e->sqlerrcode;
 		items[k].timed_out = timed_out;

@@ -149,7 +149,9 @@ Exec(const PlanSpec &spec, const Datum *args, const char *nulls, int expect, lon
 	int nest = 0;
 	if (spec.by_address) {
 		nest = NewGUCNestLevel();
+		// Both: a database may have turned TID scans off for its sessions, the worker's included.
 		(void)set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+		(void)set_config_option("enable_tidscan", "on", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
 	}
 	int rc = SPI_execute_plan(plan, const_cast<Datum *>(args), nulls, expect == SPI_OK_SELECT && !spec.locks_rows,
 	                          limit);

@@ -19,7 +19,7 @@ describe("set-based handlers", () => {
   const mine = (sub) => listener.got.filter((x) => x.subscription === sub);
 
   before(async () => {
-    emu = await startSbemu({ config: configWith({ queues: ["set-bulk", "set-poison", "set-transient", "set-mixed"].map((n) => queue(n, { MaxDeliveryCount: 5 })) }) });
+    emu = await startSbemu({ config: configWith({ queues: ["set-bulk", "set-poison", "set-transient", "set-mixed", "set-slow"].map((n) => queue(n, { MaxDeliveryCount: 5 })) }) });
     pg = await startCluster();
     await installOrders(pg);
     // One call per batch: the calls table counts them, orders_applies counts each message's applies.
@@ -28,6 +28,8 @@ describe("set-based handlers", () => {
       GRANT INSERT ON set_calls TO app;
       CREATE SEQUENCE flaky_alone;
       GRANT USAGE ON SEQUENCE flaky_alone TO app;
+      CREATE SEQUENCE slow_calls;
+      GRANT USAGE ON SEQUENCE slow_calls TO app;
       CREATE FUNCTION apply_orders(ms sbpg.message[]) RETURNS void LANGUAGE plpgsql AS $f$
       BEGIN
         INSERT INTO public.set_calls VALUES (pg_catalog.cardinality(ms), txid_current(), current_user);
@@ -43,6 +45,12 @@ describe("set-based handlers", () => {
           ELSIF pg_catalog.nextval('public.flaky_alone') = 1 THEN
             RAISE EXCEPTION 'try again alone' USING ERRCODE = 'serialization_failure';
           END IF;
+        END IF;
+        -- A slow message makes every call it is in run past the time limit (counted outside the
+        -- transactions that roll back).
+        IF EXISTS (SELECT FROM pg_catalog.unnest(ms) m WHERE (m.body->>'slow')::boolean) THEN
+          PERFORM pg_catalog.nextval('public.slow_calls');
+          PERFORM pg_catalog.pg_sleep(5);
         END IF;
         INSERT INTO public.orders_applies SELECT m.message_id, (m.body->>'id')::bigint, txid_current(), clock_timestamp(), pg_backend_pid()
           FROM pg_catalog.unnest(ms) m;
@@ -129,6 +137,25 @@ describe("set-based handlers", () => {
     assert.deepEqual(a, { rows: n, msgs: n });
     const retried = mine("set-transient").filter((x) => x.status === "retry");
     assert.deepEqual([...new Set(retried.map((x) => x.message_id))], ["t-5"], "only the failing message waited for another attempt");
+  });
+
+  it("runs a set that ran out of time one message per call, not halved: a hanging message costs two time limits, not one per level", async () => {
+    await subscribe("set-slow", `, batch_size => 20, options => '{"handler_timeout_ms": 500, "max_retries": 0}'`);
+    const n = 20;
+    await sendAll("set-slow", Array.from({ length: n }, (_, i) => ({
+      messageId: `w-${i}`, body: { id: 500000 + i, amount: 1, slow: i === 11 } })));
+    await waitFor(() => mine("set-slow").filter((x) => x.status === "applied" || x.status === "dead_lettered").length >= n,
+                  { timeout: 60000, what: "20 outcomes" });
+    const slow = mine("set-slow").find((x) => x.message_id === "w-11" && x.status === "dead_lettered");
+    assert.ok(slow, "the slow message is dead-lettered");
+    assert.equal(slow.reason, "MaxRetriesExceeded");
+    const why = (await pg.query("SELECT reason FROM sbpg.inbox WHERE subscription = 'set-slow' AND message_id = 'w-11'")).rows[0].reason;
+    assert.match(why, /HandlerTimeout/);
+    assert.equal(mine("set-slow").filter((x) => x.status === "applied").length, n - 1);
+    const a = (await pg.query(`SELECT count(*)::int rows, count(DISTINCT message_id)::int msgs FROM orders_applies WHERE id BETWEEN 500000 AND 599999`)).rows[0];
+    assert.deepEqual(a, { rows: n - 1, msgs: n - 1 });
+    const calls = Number((await pg.query("SELECT last_value FROM slow_calls")).rows[0].last_value);
+    assert.equal(calls, 2, "the batch's call, then the message alone");
   });
 
   it("keeps the set to what the handler should see: a message the worker dead-letters itself (invalid JSON) never reaches it", async () => {

@@ -55,6 +55,7 @@ struct ApplyItem {
 	bool in_mapping;          // its declarative mapping was running when its attempt failed
 	bool timed_out;           // its failure was the handler time limit (handler_timeout_ms)
 	int failed_errcode;       // set when it failed in a pass without subtransactions
+	bool set_timed_out;       // a set-based handler's call with it ran out of time in such a pass
 	ErrorText failed_error;
 };
 

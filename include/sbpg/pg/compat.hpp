@@ -8,6 +8,7 @@
 //   - 17: CreateWaitEventSet() takes a ResourceOwner instead of a MemoryContext; a set made with
 //         no owner lives in TopMemoryContext until it is freed, which is what a worker's
 //         lifelong wait set wants (15 and 16: allocated in TopMemoryContext, the same).
+//   - 18: index_beginscan() takes an IndexScanInstrumentation (NULL: none) before its key counts.
 //   - strlcpy: PostgreSQL declares its own only where the C library lacks one (port.h, by
 //         HAVE_DECL_STRLCPY). Headers configured against glibc 2.38 or later (Debian 13's
 //         PostgreSQL 17 headers) rely on glibc's declaration, which glibc 2.36 does not have;
@@ -23,6 +24,7 @@
 #endif
 
 extern "C" {
+#include "access/genam.h"
 #include "catalog/pg_proc.h"
 #include "storage/latch.h"
 #include "utils/acl.h"
@@ -50,6 +52,16 @@ CreateLongLivedWaitSet(int n) {
 	return CreateWaitEventSet(nullptr, n);
 #else
 	return CreateWaitEventSet(TopMemoryContext, n);
+#endif
+}
+
+// An index scan of heap through index, without instrumentation.
+inline IndexScanDesc
+IndexBeginScan(Relation heap, Relation index, Snapshot snapshot, int nkeys, int norderbys) {
+#if PG_VERSION_NUM >= 180000
+	return index_beginscan(heap, index, snapshot, nullptr, nkeys, norderbys);
+#else
+	return index_beginscan(heap, index, snapshot, nkeys, norderbys);
 #endif
 }
 

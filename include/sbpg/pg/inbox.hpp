@@ -35,8 +35,9 @@ enum class KeyTable { kInbox, kRetries };
 // Finds the rows of those keys through the table's key indexes, without the planner: a plan is
 // chosen by statistics, and statistics taken while the inbox was small made every search a scan
 // of all the subscription's rows (issue 14). One index descent per key, whatever the table's size.
-// Calls fn(slot) for each row visible to the transaction's snapshot; the slot holds the table's
-// columns (read them with KeyColumn). In a transaction; runs inside PgGuard.
+// Calls fn(slot) for each row visible to a fresh snapshot (what a statement would see under READ
+// COMMITTED); the slot holds the table's columns (read them with KeyColumn). In a transaction;
+// runs inside PgGuard.
 void ScanKeys(KeyTable table, const KeySet &keys, void (*fn)(TupleTableSlot *slot, void *arg), void *arg);
 template <typename Fn>
 void
@@ -44,7 +45,7 @@ ForEachKeyRow(KeyTable table, const KeySet &keys, Fn &&fn) {
 	ScanKeys(
 	    table, keys, [](TupleTableSlot *slot, void *arg) { (*static_cast<Fn *>(arg))(slot); }, &fn);
 }
-// A column of a row ScanKeys found, by name (looked up once per process and table).
+// A column of a row ScanKeys found, by name (the table's few attributes are searched each time).
 Datum KeyColumn(KeyTable table, TupleTableSlot *slot, const char *column, bool *isnull);
 
 // How a stored row (sequence number or NULL, message id as stored) relates to a message.

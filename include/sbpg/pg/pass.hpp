@@ -50,6 +50,7 @@ struct Pass {
 	// For the recovery of a pass without subtransactions: which message was running when it failed.
 	int applying;      // the item being applied (-1: none)
 	int first_applied; // the first item the pass applied (-1: none yet)
+	bool set_call;     // a set-based handler's call for several messages is running
 };
 
 } // namespace sbpg::pg

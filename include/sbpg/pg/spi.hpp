@@ -70,7 +70,8 @@ struct PlanSpec {
 	// A SELECT that locks rows (FOR KEY SHARE ...): run read-write, as row locks require. Other
 	// SELECTs run read-only.
 	bool locks_rows;
-	// Rows named by their addresses (ctid = ANY ($1)): planned with enable_seqscan off, so that
+	// Rows named by their addresses (ctid = ANY ($1)): planned with enable_seqscan off (and
+	// enable_tidscan on), so that
 	// it is a TID scan whatever the statistics say (with custom_plan; a sequential scan of a
 	// mid-sized inbox would cost milliseconds per batch).
 	bool by_address;
