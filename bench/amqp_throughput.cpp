@@ -7,6 +7,11 @@
 //   amqp_throughput recv URL ADDRESS COUNT [CREDIT]
 //       receives COUNT messages with a credit window (default 1000), rcv-settle-mode second
 //       (peek-lock, as Service Bus clients use) and one accept per message.
+//   amqp_throughput paced URL ADDRESS COUNT RATE [FIRST_ID]
+//       sends COUNT JSON messages at RATE msg/s (as scheduled, not as fast as possible), each
+//       {"id": FIRST_ID + i, "customer": ..., "amount": ..., "note": "<wall clock at send, in
+//       microseconds since the epoch>"}, message id "paced-<i>", content type application/json:
+//       bench/sbpg.sh's latency at a high rate reads the send time back from the handler's row.
 //   Prints: mode=send messages=N seconds=S rate=R
 //
 //   Authentication: SASL PLAIN with the emulator's default key when the endpoint offers it,
@@ -23,7 +28,9 @@
 #include <proton/receiver_options.hpp>
 #include <proton/sender.hpp>
 #include <proton/tracker.hpp>
+#include <proton/work_queue.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -97,6 +104,67 @@ class Sender : public proton::messaging_handler {
 	bool failed_ = false;
 };
 
+// Sends on a schedule: every millisecond, the messages whose send time has come (RATE per second).
+class PacedSender : public proton::messaging_handler {
+  public:
+	PacedSender(std::string url, std::string addr, long count, double rate, long first_id)
+	    : url_(std::move(url)), addr_(std::move(addr)), count_(count), rate_(rate), first_id_(first_id) {}
+	void on_container_start(proton::container &c) override { c.open_sender(url_ + "/" + addr_, Auth()); }
+	void on_sender_open(proton::sender &s) override {
+		sender_ = s;
+		start_ = Clock::now();
+		Tick();
+	}
+	void on_tracker_accept(proton::tracker &t) override {
+		if (++confirmed_ == count_) {
+			end_ = Clock::now();
+			t.connection().close();
+		}
+	}
+	void on_tracker_reject(proton::tracker &t) override {
+		std::cerr << "send rejected" << std::endl;
+		failed_ = true;
+		t.connection().close();
+	}
+	void on_error(const proton::error_condition &e) override {
+		std::cerr << "error: " << e.what() << std::endl;
+		failed_ = true;
+	}
+	double Seconds() const { return std::chrono::duration<double>(end_ - start_).count(); }
+	long confirmed() const { return confirmed_; }
+	bool failed() const { return failed_; }
+
+  private:
+	void Tick() {
+		double elapsed = std::chrono::duration<double>(Clock::now() - start_).count();
+		long due = std::min(count_, static_cast<long>(elapsed * rate_) + 1);
+		while (sent_ < due && sender_.credit() > 0) {
+			long i = sent_++;
+			long long us = std::chrono::duration_cast<std::chrono::microseconds>(
+			                   std::chrono::system_clock::now().time_since_epoch())
+			                   .count();
+			char body[160];
+			std::snprintf(body, sizeof body, "{\"id\":%ld,\"customer\":\"c%ld\",\"amount\":%ld,\"note\":\"%lld\"}",
+			              first_id_ + i, i % 50, i % 90 + 1, us);
+			proton::message m;
+			m.id(proton::message_id("paced-" + std::to_string(i)));
+			m.content_type("application/json");
+			std::string b(body);
+			m.body(proton::binary(b.begin(), b.end()));
+			sender_.send(m);
+		}
+		if (sent_ < count_)
+			sender_.work_queue().schedule(proton::duration(1), [this] { Tick(); });
+	}
+	std::string url_, addr_;
+	long count_, sent_ = 0, confirmed_ = 0;
+	double rate_;
+	long first_id_;
+	proton::sender sender_;
+	Clock::time_point start_, end_;
+	bool failed_ = false;
+};
+
 class Receiver : public proton::messaging_handler {
   public:
 	Receiver(std::string url, std::string addr, long count, int credit)
@@ -137,7 +205,7 @@ class Receiver : public proton::messaging_handler {
 int
 main(int argc, char **argv) {
 	if (argc < 5) {
-		std::fprintf(stderr, "usage: %s send|recv URL ADDRESS COUNT [BODY_BYTES|CREDIT]\n", argv[0]);
+		std::fprintf(stderr, "usage: %s send|recv|paced URL ADDRESS COUNT [BODY_BYTES|CREDIT|RATE]\n", argv[0]);
 		return 2;
 	}
 	std::string mode = argv[1], url = argv[2], addr = argv[3];
@@ -149,6 +217,16 @@ main(int argc, char **argv) {
 			if (h.failed() || h.confirmed() != count)
 				return 1;
 			std::printf("mode=send messages=%ld seconds=%.3f rate=%.0f\n", count, h.Seconds(), count / h.Seconds());
+		} else if (mode == "paced") {
+			if (argc < 6) {
+				std::fprintf(stderr, "usage: %s paced URL ADDRESS COUNT RATE [FIRST_ID]\n", argv[0]);
+				return 2;
+			}
+			PacedSender h(url, addr, count, std::atof(argv[5]), argc > 6 ? std::atol(argv[6]) : 5000000);
+			proton::container(h).run();
+			if (h.failed() || h.confirmed() != count)
+				return 1;
+			std::printf("mode=paced messages=%ld seconds=%.3f rate=%.0f\n", count, h.Seconds(), count / h.Seconds());
 		} else {
 			Receiver h(url, addr, count, argc > 5 ? std::atoi(argv[5]) : 1000);
 			proton::container(h).run();

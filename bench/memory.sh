@@ -40,16 +40,8 @@ control=$(grep -o 'control=http://[^ ]*' "$work/ready" | sed 's|control=||')
 test/pg/cluster.sh start "$work/pg" "sbpg.log_messages=none" >/dev/null
 # shellcheck disable=SC1091
 . "$work/pg/env"
+psql -X -q -o /dev/null -v ON_ERROR_STOP=1 -f bench/setup.sql
 psql -X -q -o /dev/null -v ON_ERROR_STOP=1 <<'SQL'
-CREATE EXTENSION sbpg;
-CREATE ROLE bench_writer NOLOGIN;
-CREATE TABLE bench_orders (id bigint PRIMARY KEY, customer text, amount numeric, note text, message_id text);
-GRANT INSERT ON bench_orders TO bench_writer;
-CREATE FUNCTION bench_handler(m sbpg.message) RETURNS void LANGUAGE sql AS $$
-  INSERT INTO public.bench_orders VALUES ((m.body->>'id')::bigint, m.body->>'customer', (m.body->>'amount')::numeric,
-                                          m.body->>'note', m.message_id) $$;
-GRANT EXECUTE ON FUNCTION bench_handler(sbpg.message) TO bench_writer;
-SELECT sbpg.create_identity('emu', 'sas', '{"key_name": "RootManageSharedAccessKey", "key": "SAS_KEY_VALUE"}');
 -- The plain backend's work: per message the handler, an inbox row and a NOTIFY; COMMIT every b.
 CREATE PROCEDURE bench_sql(first bigint, n int, b int) LANGUAGE plpgsql AS $$
 DECLARE

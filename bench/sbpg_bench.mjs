@@ -5,6 +5,10 @@
 //   node bench/sbpg_bench.mjs latency AMQP PGHOST PGPORT BATCH N RATE QUEUE
 //       with a running subscription, sends N messages at RATE msg/s and measures, per message,
 //       the time from the send to its NOTIFY at a LISTEN client (LAT_CSV=file keeps every message)
+//   node bench/sbpg_bench.mjs paced AMQP PGHOST PGPORT BATCH N RATE QUEUE SENDER
+//       latency at a high rate: with a running subscription, SENDER (bench/bin/amqp_throughput
+//       paced) sends N messages at RATE msg/s, each carrying its send time (wall clock) in the
+//       body's "note", which the handler stores; per message, send to NOTIFY at a LISTEN client
 //   node bench/sbpg_bench.mjs ceiling PGHOST PGPORT BATCH N
 //       the database ceiling: CALL sbpg_bench_ceiling (bench/ceiling), a COMMIT every BATCH
 //   node bench/sbpg_bench.mjs handwritten AMQP PGHOST PGPORT QUEUE N
@@ -15,6 +19,7 @@
 import { ServiceBusClient } from "@azure/service-bus";
 import pg from "pg";
 import { writeFileSync } from "node:fs";
+import { spawn } from "node:child_process";
 
 const [mode, ...args] = process.argv.slice(2);
 const pct = (xs, p) => {
@@ -132,6 +137,46 @@ if (mode === "throughput") {
   await sb.close();
   await db.end();
   await listen.end();
+} else if (mode === "paced") {
+  const [amqp, host, port, batch, n, rate, queue, senderBin] = args;
+  const N = Number(n);
+  const db = await connect(host, port);
+  const listen = await connect(host, port);
+  await db.query(`SELECT sbpg.create_subscription('${queue}', '${amqp}', '${queue}', 'bench_handler(sbpg.message)', 'bench_writer', 'emu', batch_size => ${batch}, notify_channel => '${channelOf(queue)}')`);
+  for (let i = 0; i < 200; i++) {
+    const st = (await db.query(`SELECT state FROM sbpg.stats WHERE subscription = '${queue}'`)).rows[0];
+    if (st && st.state === "connected") break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const gotAt = new Map();
+  const wall = () => performance.timeOrigin + performance.now();
+  let done;
+  const finished = new Promise((r) => (done = r));
+  listen.on("notification", (m) => {
+    const id = JSON.parse(m.payload).message_id;
+    if (!gotAt.has(id)) gotAt.set(id, wall());
+    if (gotAt.size === N) done(true);
+  });
+  await listen.query(`LISTEN ${channelOf(queue)}`);
+  let sendLine = "";
+  const sender = spawn(senderBin, ["paced", `amqp://${amqp.replace("amqp://", "")}`, queue, String(N), String(rate)]);
+  sender.stdout.on("data", (d) => (sendLine += d));
+  sender.stderr.on("data", (d) => process.stderr.write(d));
+  const senderExit = new Promise((r) => sender.on("exit", r));
+  const ok = await Promise.race([finished, new Promise((r) => setTimeout(() => r(false), 120000).unref())]);
+  const code = await senderExit;
+  await db.query(`SELECT sbpg.disable_subscription('${queue}')`);
+  if (!ok || code !== 0) {
+    console.error(`paced run: ${gotAt.size} of ${N} notifications, sender exit ${code}`);
+    process.exit(1);
+  }
+  const rows = (await db.query("SELECT message_id, note FROM bench_orders WHERE message_id LIKE 'paced-%'")).rows;
+  const lat = rows.filter((r) => gotAt.has(r.message_id)).map((r) => gotAt.get(r.message_id) - Number(r.note) / 1000);
+  const sentRate = (/rate=(\d+)/.exec(sendLine) || [])[1];
+  console.log(`mode=paced batch=${batch} messages=${lat.length} rate=${rate} sent_rate=${sentRate} p50_ms=${pct(lat, 0.5).toFixed(1)} ` +
+              `p99_ms=${pct(lat, 0.99).toFixed(1)} max_ms=${Math.max(...lat).toFixed(1)}`);
+  await db.end();
+  await listen.end();
 } else if (mode === "ceiling") {
   const [host, port, batch, n] = args;
   const db = await connect(host, port);
@@ -191,6 +236,6 @@ if (mode === "throughput") {
   await sb.close();
   await pool.end();
 } else {
-  console.error("usage: sbpg_bench.mjs throughput|latency|ceiling|handwritten ...");
+  console.error("usage: sbpg_bench.mjs throughput|latency|paced|ceiling|handwritten ...");
   process.exit(2);
 }
