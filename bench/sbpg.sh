@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench/sbpg.sh [MESSAGES] [LATENCY_MESSAGES]: sbpg end to end on this machine, for batch sizes 1, 10
+# bench/sbpg.sh [MESSAGES] [LATENCY_MESSAGES] [ROUNDS]: sbpg end to end on this machine, for batch sizes 1, 10
 # and 100, with fsync off and then on, beside what was measured in the same run:
 #   (a) a bare Proton C++ peek-lock receiver draining the same sbemu (no PostgreSQL at all);
 #   (b) the database ceiling: bench/ceiling's sbpg_bench_ceiling(), a C procedure that does per
@@ -10,7 +10,9 @@
 #       row), then complete;
 # and the same insert done by a set-based handler (sbpg.message[]) at batch 100.
 # Throughput: a queue filled with MESSAGES (default 20000) is drained by a new subscription; the
-# clock stops at the last NOTIFY. Latency: LATENCY_MESSAGES (default 10000) sent at 500 msg/s to a
+# clock stops at the last NOTIFY. Throughputs and ceilings are measured ROUNDS times (default 3)
+# and their medians printed, with every round's figure: on two cores one run varies by tens of
+# percent. Latency: LATENCY_MESSAGES (default 10000) sent at 500 msg/s to a
 # running subscription; per message, the time from the send call to its NOTIFY at a LISTEN
 # client, split at the start of the transaction that applied it; and LATENCY_MESSAGES at half of
 # batch 100's throughput from a paced C++ sender (bench/amqp_throughput.cpp paced) whose send
@@ -22,6 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-20000}
 LAT_N=${2:-10000}
+ROUNDS=${3:-3}
 LAT_RATE=500
 BIN=bench/bin
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
@@ -47,8 +50,12 @@ trap cleanup EXIT
 
 queues="--queue bare"
 for f in off on; do
-	queues="$queues --queue hw-$f --queue set-$f-100 --queue half-$f-100"
-	for b in 1 10 100; do queues="$queues --queue tp-$f-$b --queue lat-$f-$b"; done
+	queues="$queues --queue half-$f-100"
+	for b in 1 10 100; do queues="$queues --queue lat-$f-$b"; done
+	for r in $(seq "$ROUNDS"); do
+		queues="$queues --queue hw-$f-$r --queue set-$f-100-$r"
+		for b in 1 10 100; do queues="$queues --queue tp-$f-$b-$r"; done
+	done
 done
 # shellcheck disable=SC2086
 test/sbemu/sbemu $queues --listen 127.0.0.1:0 --log-level error >"$work/ready" 2>"$work/sbemu.err" &
@@ -74,18 +81,33 @@ fresh() { psql -X -q -c "TRUNCATE bench_orders, hw_inbox" -c "DELETE FROM sbpg.i
 bare=$("$BIN/amqp_throughput" recv "amqp://${amqp#amqp://}" bare "$N" 1000 | echo " $(cat)" | field rate)
 
 declare -A tp ceil lat50 lat99 totx99 txn99 hw set half50 half99 halfrate
+declare -A tp_r ceil_r hw_r set_r # every round's figures, space-separated
+median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 for f in off on; do
 	psql -X -q -c "ALTER SYSTEM SET fsync = $f" -c "SELECT pg_reload_conf()" >/dev/null
 	sleep 1
-	fresh
-	hw[$f]=$(node bench/sbpg_bench.mjs handwritten "$amqp" "$PGHOST" "$PGPORT" "hw-$f" "$N" | echo " $(cat)" | field rate)
-	fresh
-	set[$f]=$(node bench/sbpg_bench.mjs throughput "$amqp" "$PGHOST" "$PGPORT" 100 "$N" "set-$f-100" 'bench_set_handler(sbpg.message[])' | echo " $(cat)" | field rate)
+	for r in $(seq "$ROUNDS"); do
+		fresh
+		hw_r[$f]+=" $(node bench/sbpg_bench.mjs handwritten "$amqp" "$PGHOST" "$PGPORT" "hw-$f-$r" "$N" | echo " $(cat)" | field rate)"
+		fresh
+		set_r[$f]+=" $(node bench/sbpg_bench.mjs throughput "$amqp" "$PGHOST" "$PGPORT" 100 "$N" "set-$f-100-$r" 'bench_set_handler(sbpg.message[])' | echo " $(cat)" | field rate)"
+		for b in 1 10 100; do
+			fresh
+			tp_r[$f$b]+=" $(node bench/sbpg_bench.mjs throughput "$amqp" "$PGHOST" "$PGPORT" "$b" "$N" "tp-$f-$b-$r" | echo " $(cat)" | field rate)"
+			fresh
+			ceil_r[$f$b]+=" $(node bench/sbpg_bench.mjs ceiling "$PGHOST" "$PGPORT" "$b" "$N" | echo " $(cat)" | field rate)"
+		done
+	done
+	# shellcheck disable=SC2086
+	{
+		hw[$f]=$(median ${hw_r[$f]})
+		set[$f]=$(median ${set_r[$f]})
+		for b in 1 10 100; do
+			tp[$f$b]=$(median ${tp_r[$f$b]})
+			ceil[$f$b]=$(median ${ceil_r[$f$b]})
+		done
+	}
 	for b in 1 10 100; do
-		fresh
-		tp[$f$b]=$(node bench/sbpg_bench.mjs throughput "$amqp" "$PGHOST" "$PGPORT" "$b" "$N" "tp-$f-$b" | echo " $(cat)" | field rate)
-		fresh
-		ceil[$f$b]=$(node bench/sbpg_bench.mjs ceiling "$PGHOST" "$PGPORT" "$b" "$N" | echo " $(cat)" | field rate)
 		fresh
 		line=" $(node bench/sbpg_bench.mjs latency "$amqp" "$PGHOST" "$PGPORT" "$b" "$LAT_N" "$LAT_RATE" "lat-$f-$b")"
 		lat50[$f$b]=$(echo "$line" | field p50_ms)
@@ -103,7 +125,7 @@ for f in off on; do
 done
 
 pct() { echo $(( 100 * $1 / ($2 > 0 ? $2 : 1) )); }
-printf '\nsbpg end to end on %s (%s cores), %s messages per throughput run; PostgreSQL 15, synchronous_commit on;\n' "$(uname -n)" "$(nproc)" "$N"
+printf '\nsbpg end to end on %s (%s cores), %s messages per throughput run, medians of %s rounds; PostgreSQL 15, synchronous_commit on;\n' "$(uname -n)" "$(nproc)" "$N" "$ROUNDS"
 printf 'latency: %s messages at %s msg/s, send call -> NOTIFY (p99 split: send -> transaction start, transaction start -> NOTIFY)\n' "$LAT_N" "$LAT_RATE"
 printf '(a) bare AMQP receiver: %s msg/s\n' "$bare"
 for f in off on; do
@@ -113,9 +135,12 @@ for f in off on; do
 		printf '%-6s %12s %16s %8s%% %9s %9s %14s %14s\n' "$b" "${tp[$f$b]}" "${ceil[$f$b]}" "$(pct "${tp[$f$b]}" "${ceil[$f$b]}")" \
 			"${lat50[$f$b]}" "${lat99[$f$b]}" "${totx99[$f$b]}" "${txn99[$f$b]}"
 	done
+	for b in 1 10 100; do
+		printf 'rounds, batch %s: sbpg%s; ceiling%s\n' "$b" "${tp_r[$f$b]}" "${ceil_r[$f$b]}"
+	done
 	printf 'latency at half the maximum throughput (%s msg/s, batch 100, %s messages): p50 %s ms, p99 %s ms\n' \
 		"${halfrate[$f]}" "$LAT_N" "${half50[$f]}" "${half99[$f]}"
-	printf 'set-based handler (sbpg.message[]), batch 100: %s msg/s (per-message handler: %s)\n' "${set[$f]}" "${tp[${f}100]}"
+	printf 'set-based handler (sbpg.message[]), batch 100: %s msg/s (per-message handler: %s; rounds%s)\n' "${set[$f]}" "${tp[${f}100]}" "${set_r[$f]}"
 	printf '(c) hand-written consumer (JS SDK subscribe, 16 concurrent, pg pool 16): %s msg/s; sbpg at batch 100 is %s.%sx\n' \
 		"${hw[$f]}" "$(( tp[${f}100] / (hw[$f] > 0 ? hw[$f] : 1) ))" "$(( 10 * tp[${f}100] / (hw[$f] > 0 ? hw[$f] : 1) % 10 ))"
 	printf 'goals, fsync %s: batch 100 >= 80%% of (b): %s%%; batch 10 >= 60%% of (b): %s%%; >= 8x (c); p99 <= 5 ms at %s msg/s; p99 <= 20 ms at half the maximum\n' \

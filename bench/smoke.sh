@@ -10,7 +10,7 @@ trap 'rm -rf "$out"' EXIT
 # name | command | a line of its table (extended regular expression)
 checks=(
 	"sbemu.sh|bench/sbemu.sh 2000 1|^peek-lock receive, credit 1000 \(msg/s\) +[0-9]+ +[0-9]+"
-	"sbpg.sh|bench/sbpg.sh 300 50|^100 +[0-9]+ +[0-9]+ +[0-9]+% +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+"
+	"sbpg.sh|bench/sbpg.sh 300 50 2|^100 +[0-9]+ +[0-9]+ +[0-9]+% +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+"
 	"schemas.sh|bench/schemas.sh 300|^messages=300 off_msg_s=[0-9]+ on_msg_s=[0-9]+"
 	"inbox_scale.sh|bench/inbox_scale.sh 500 2000|^full/empty: [0-9]+%"
 	"memory.sh|bench/memory.sh 2000 2|^during the lock: locked at most [0-9]+ \(bound 1000\)"
