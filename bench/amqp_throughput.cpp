@@ -61,11 +61,44 @@ Auth() {
 	return o;
 }
 
-class Sender : public proton::messaging_handler {
+// What both senders share: the link to URL/ADDRESS, the count of accepted messages (the clock
+// stops at the last), rejections and errors.
+class SenderBase : public proton::messaging_handler {
+  public:
+	SenderBase(std::string url, std::string addr, long count)
+	    : url_(std::move(url)), addr_(std::move(addr)), count_(count) {}
+	void on_container_start(proton::container &c) override { c.open_sender(url_ + "/" + addr_, Auth()); }
+	void on_tracker_accept(proton::tracker &t) override {
+		if (++confirmed_ == count_) {
+			end_ = Clock::now();
+			t.connection().close();
+		}
+	}
+	void on_tracker_reject(proton::tracker &t) override {
+		std::cerr << "send rejected" << std::endl;
+		failed_ = true;
+		t.connection().close();
+	}
+	void on_error(const proton::error_condition &e) override {
+		std::cerr << "error: " << e.what() << std::endl;
+		failed_ = true;
+	}
+	double Seconds() const { return std::chrono::duration<double>(end_ - start_).count(); }
+	long confirmed() const { return confirmed_; }
+	bool failed() const { return failed_; }
+
+  protected:
+	std::string url_, addr_;
+	long count_, sent_ = 0, confirmed_ = 0;
+	Clock::time_point start_, end_;
+	bool failed_ = false;
+};
+
+// As fast as credit allows.
+class Sender : public SenderBase {
   public:
 	Sender(std::string url, std::string addr, long count, size_t size)
-	    : url_(std::move(url)), addr_(std::move(addr)), count_(count), body_(size, 'x') {}
-	void on_container_start(proton::container &c) override { c.open_sender(url_ + "/" + addr_, Auth()); }
+	    : SenderBase(std::move(url), std::move(addr), count), body_(size, 'x') {}
 	void on_sendable(proton::sender &s) override {
 		if (sent_ == 0)
 			start_ = Clock::now();
@@ -77,62 +110,21 @@ class Sender : public proton::messaging_handler {
 			++sent_;
 		}
 	}
-	void on_tracker_accept(proton::tracker &t) override {
-		if (++confirmed_ == count_) {
-			end_ = Clock::now();
-			t.connection().close();
-		}
-	}
-	void on_tracker_reject(proton::tracker &t) override {
-		std::cerr << "send rejected" << std::endl;
-		failed_ = true;
-		t.connection().close();
-	}
-	void on_error(const proton::error_condition &e) override {
-		std::cerr << "error: " << e.what() << std::endl;
-		failed_ = true;
-	}
-	double Seconds() const { return std::chrono::duration<double>(end_ - start_).count(); }
-	long confirmed() const { return confirmed_; }
-	bool failed() const { return failed_; }
 
   private:
-	std::string url_, addr_;
-	long count_, sent_ = 0, confirmed_ = 0;
 	std::string body_;
-	Clock::time_point start_, end_;
-	bool failed_ = false;
 };
 
-// Sends on a schedule: every millisecond, the messages whose send time has come (RATE per second).
-class PacedSender : public proton::messaging_handler {
+// On a schedule: every millisecond, the messages whose send time has come (RATE per second).
+class PacedSender : public SenderBase {
   public:
 	PacedSender(std::string url, std::string addr, long count, double rate, long first_id)
-	    : url_(std::move(url)), addr_(std::move(addr)), count_(count), rate_(rate), first_id_(first_id) {}
-	void on_container_start(proton::container &c) override { c.open_sender(url_ + "/" + addr_, Auth()); }
+	    : SenderBase(std::move(url), std::move(addr), count), rate_(rate), first_id_(first_id) {}
 	void on_sender_open(proton::sender &s) override {
 		sender_ = s;
 		start_ = Clock::now();
 		Tick();
 	}
-	void on_tracker_accept(proton::tracker &t) override {
-		if (++confirmed_ == count_) {
-			end_ = Clock::now();
-			t.connection().close();
-		}
-	}
-	void on_tracker_reject(proton::tracker &t) override {
-		std::cerr << "send rejected" << std::endl;
-		failed_ = true;
-		t.connection().close();
-	}
-	void on_error(const proton::error_condition &e) override {
-		std::cerr << "error: " << e.what() << std::endl;
-		failed_ = true;
-	}
-	double Seconds() const { return std::chrono::duration<double>(end_ - start_).count(); }
-	long confirmed() const { return confirmed_; }
-	bool failed() const { return failed_; }
 
   private:
 	void Tick() {
@@ -156,13 +148,9 @@ class PacedSender : public proton::messaging_handler {
 		if (sent_ < count_)
 			sender_.work_queue().schedule(proton::duration(1), [this] { Tick(); });
 	}
-	std::string url_, addr_;
-	long count_, sent_ = 0, confirmed_ = 0;
 	double rate_;
 	long first_id_;
 	proton::sender sender_;
-	Clock::time_point start_, end_;
-	bool failed_ = false;
 };
 
 class Receiver : public proton::messaging_handler {

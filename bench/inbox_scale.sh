@@ -20,26 +20,11 @@ PGLIB=$("${PGBIN:-/usr/lib/postgresql/15/bin}/pg_config" --pkglibdir)
 [ -d test/conformance/node_modules/@azure/service-bus ] || { echo "bench/inbox_scale.sh: run test/setup first (npm modules)" >&2; exit 1; }
 [ -e bench/node_modules ] || ln -sfn ../test/conformance/node_modules bench/node_modules
 
-work=$(mktemp -d /tmp/sbpg-inbox-scale-XXXXXX)
-chmod 755 "$work"
-cleanup() {
-	[ -n "${emu_pid:-}" ] && kill "$emu_pid" 2>/dev/null && wait "$emu_pid" 2>/dev/null
-	test/pg/cluster.sh stop "$work/pg" >/dev/null 2>&1 || true
-	rm -rf "$work"
-}
-trap cleanup EXIT
-
-test/sbemu/sbemu --queue empty --queue full --listen 127.0.0.1:0 --control 127.0.0.1:0 --log-level error \
-	>"$work/ready" 2>"$work/sbemu.err" &
-emu_pid=$!
-for _ in $(seq 100); do grep -q "sbemu ready" "$work/ready" && break; sleep 0.05; done
-amqp=$(grep -o 'amqp=amqp://[^ ]*' "$work/ready" | sed 's|amqp=||')
-control=$(grep -o 'control=http://[^ ]*' "$work/ready" | sed 's|control=||')
-
-test/pg/cluster.sh start "$work/pg" "sbpg.log_messages=none" "max_wal_size=4GB" >/dev/null
-# shellcheck disable=SC1091
-. "$work/pg/env"
-psql -X -q -o /dev/null -v ON_ERROR_STOP=1 -f bench/setup.sql
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+bench_work inbox-scale
+bench_sbemu --queue empty --queue full
+bench_cluster "max_wal_size=4GB"
 
 empty=$(node bench/inbox_scale.mjs "$amqp" "$control" "$PGHOST" "$PGPORT" empty "$N" "$BATCH")
 psql -X -q -c "TRUNCATE bench_orders"

@@ -22,25 +22,11 @@ so="$PGLIB/sbpg.so"
 build() { printf '%s (sha256 %s, installed %s)' "$so" "$(sha256sum "$so" | cut -c1-12)" "$(date -r "$so" '+%Y-%m-%d %H:%M:%S')"; }
 build_before=$(build)
 
-work=$(mktemp -d /tmp/sbpg-memory-XXXXXX)
-chmod 755 "$work"
-cleanup() {
-	[ -n "${emu_pid:-}" ] && kill "$emu_pid" 2>/dev/null && wait "$emu_pid" 2>/dev/null
-	test/pg/cluster.sh stop "$work/pg" >/dev/null 2>&1 || true
-	rm -rf "$work"
-}
-trap cleanup EXIT
-
-test/sbemu/sbemu --queue mem --listen 127.0.0.1:0 --control 127.0.0.1:0 --log-level error >"$work/ready" 2>"$work/sbemu.err" &
-emu_pid=$!
-for _ in $(seq 100); do grep -q "sbemu ready" "$work/ready" && break; sleep 0.05; done
-amqp=$(grep -o 'amqp=amqp://[^ ]*' "$work/ready" | sed 's|amqp=||')
-control=$(grep -o 'control=http://[^ ]*' "$work/ready" | sed 's|control=||')
-
-test/pg/cluster.sh start "$work/pg" "sbpg.log_messages=none" >/dev/null
-# shellcheck disable=SC1091
-. "$work/pg/env"
-psql -X -q -o /dev/null -v ON_ERROR_STOP=1 -f bench/setup.sql
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+bench_work memory
+bench_sbemu --queue mem
+bench_cluster
 psql -X -q -o /dev/null -v ON_ERROR_STOP=1 <<'SQL'
 -- The plain backend's work: per message the handler, an inbox row and a NOTIFY; COMMIT every b.
 CREATE PROCEDURE bench_sql(first bigint, n int, b int) LANGUAGE plpgsql AS $$

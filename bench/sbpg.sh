@@ -39,14 +39,9 @@ g++ -std=c++17 -O2 -o "$BIN/amqp_throughput" bench/amqp_throughput.cpp \
 	-lqpid-proton-cpp -l:libqpid-proton-core.so.10 -l:libqpid-proton-proactor.so.1
 ln -sfn ../test/conformance/node_modules bench/node_modules
 
-work=$(mktemp -d /tmp/sbpg-bench-XXXXXX)
-chmod 755 "$work"
-cleanup() {
-	[ -n "${emu_pid:-}" ] && kill "$emu_pid" 2>/dev/null && wait "$emu_pid" 2>/dev/null
-	test/pg/cluster.sh stop "$work/pg" >/dev/null 2>&1 || true
-	rm -rf "$work"
-}
-trap cleanup EXIT
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+bench_work bench
 
 queues="--queue bare"
 for f in off on; do
@@ -58,15 +53,8 @@ for f in off on; do
 	done
 done
 # shellcheck disable=SC2086
-test/sbemu/sbemu $queues --listen 127.0.0.1:0 --log-level error >"$work/ready" 2>"$work/sbemu.err" &
-emu_pid=$!
-for _ in $(seq 100); do grep -q "sbemu ready" "$work/ready" && break; sleep 0.05; done
-amqp=$(grep -o 'amqp=amqp://[^ ]*' "$work/ready" | sed 's|amqp=||')
-
-test/pg/cluster.sh start "$work/pg" "sbpg.log_messages=none" >/dev/null
-# shellcheck disable=SC1091
-. "$work/pg/env"
-psql -X -q -o /dev/null -v ON_ERROR_STOP=1 -f bench/setup.sql
+bench_sbemu $queues
+bench_cluster
 psql -X -q -v ON_ERROR_STOP=1 <<'SQL'
 CREATE EXTENSION sbpg_bench_ceiling;
 -- (c) the hand-written consumer's own inbox: a row per message id, in the message's transaction.

@@ -38,6 +38,19 @@ const sbClient = (amqp) =>
 const body = (i) => ({ id: i, customer: `c${i % 50}`, amount: (i % 90) + 1, note: "x".repeat(60) });
 
 const channelOf = (queue) => queue.replace(/-/g, "_");
+const wall = () => performance.timeOrigin + performance.now(); // wall-clock ms, fractional
+// A subscription on QUEUE (bench_handler, notifying on the queue's channel) whose worker is
+// connected before anything is timed.
+async function subscribeConnected(db, amqp, queue, batch) {
+  await db.query(`SELECT sbpg.create_subscription('${queue}', '${amqp}', '${queue}', 'bench_handler(sbpg.message)', 'bench_writer', 'emu', batch_size => ${batch}, notify_channel => '${channelOf(queue)}')`);
+  for (let i = 0; i < 200; i++) {
+    const st = (await db.query(`SELECT state FROM sbpg.stats WHERE subscription = '${queue}'`)).rows[0];
+    if (st && st.state === "connected") return;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  console.error(`the worker of ${queue} did not connect within 10 s`);
+  process.exit(1);
+}
 
 if (mode === "throughput") {
   const [amqp, host, port, batch, n, queue, handler = "bench_handler(sbpg.message)"] = args;
@@ -72,16 +85,9 @@ if (mode === "throughput") {
   const N = Number(n);
   const db = await connect(host, port);
   const listen = await connect(host, port);
-  await db.query(`SELECT sbpg.create_subscription('${queue}', '${amqp}', '${queue}', 'bench_handler(sbpg.message)', 'bench_writer', 'emu', batch_size => ${batch}, notify_channel => '${channelOf(queue)}')`);
-  // Wait for the worker to be connected before timing anything.
-  for (let i = 0; i < 200; i++) {
-    const st = (await db.query(`SELECT state FROM sbpg.stats WHERE subscription = '${queue}'`)).rows[0];
-    if (st && st.state === "connected") break;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  const sentAt = new Map(); // message id -> wall-clock ms (fractional) of its send call
+  await subscribeConnected(db, amqp, queue, batch);
+  const sentAt = new Map(); // message id -> wall-clock ms of its send call
   const gotAt = new Map(); // message id -> wall-clock ms of its NOTIFY
-  const wall = () => performance.timeOrigin + performance.now();
   let done;
   let expect = 1;
   let finished = new Promise((r) => (done = r));
@@ -113,6 +119,10 @@ if (mode === "throughput") {
   }
   await Promise.race([finished, new Promise((r) => setTimeout(r, 120000).unref())]);
   await db.query(`SELECT sbpg.disable_subscription('${queue}')`);
+  if (gotAt.size < N) {
+    console.error(`latency run: ${gotAt.size} of ${N} notifications within 120 s`);
+    process.exit(1);
+  }
   // Where the time goes: send call -> the start of the transaction that applied the message
   // (sbpg.inbox.recorded_at, its now()) and from there -> the NOTIFY at the client.
   const rows = (await db.query(`SELECT message_id, extract(epoch FROM recorded_at) * 1000 AS at FROM sbpg.inbox
@@ -142,14 +152,8 @@ if (mode === "throughput") {
   const N = Number(n);
   const db = await connect(host, port);
   const listen = await connect(host, port);
-  await db.query(`SELECT sbpg.create_subscription('${queue}', '${amqp}', '${queue}', 'bench_handler(sbpg.message)', 'bench_writer', 'emu', batch_size => ${batch}, notify_channel => '${channelOf(queue)}')`);
-  for (let i = 0; i < 200; i++) {
-    const st = (await db.query(`SELECT state FROM sbpg.stats WHERE subscription = '${queue}'`)).rows[0];
-    if (st && st.state === "connected") break;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  const gotAt = new Map();
-  const wall = () => performance.timeOrigin + performance.now();
+  await subscribeConnected(db, amqp, queue, batch);
+  const gotAt = new Map(); // message id -> wall-clock ms of its NOTIFY
   let done;
   const finished = new Promise((r) => (done = r));
   listen.on("notification", (m) => {

@@ -20,7 +20,6 @@ extern "C" {
 #include "catalog/namespace.h"
 #include "catalog/pg_index.h"
 #include "catalog/pg_type.h"
-#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
 #include "utils/lsyscache.h"
@@ -292,7 +291,7 @@ InsertInbox(const Pass *pass, const ApplyItem *it) {
 	spi::Exec(kInsert, args, nulls, SPI_OK_INSERT);
 }
 
-// The addresses of the rows ScanKeys finds, as a tid[] (0 when none).
+// The addresses of the rows ScanKeys finds, as a tid[]; *n says how many.
 Datum
 RowAddresses(KeyTable table, const KeySet &keys, bool unsettled_only, int *n) {
 	int cap = keys.nseqs + keys.nids, count = 0;
@@ -305,12 +304,7 @@ RowAddresses(KeyTable table, const KeySet &keys, bool unsettled_only, int *n) {
 			tids[count++] = slot->tts_tid;
 	});
 	*n = count;
-	if (count == 0)
-		return 0;
-	Datum *d = static_cast<Datum *>(palloc(sizeof(Datum) * count));
-	for (int i = 0; i < count; ++i)
-		d[i] = PointerGetDatum(&tids[i]);
-	return PointerGetDatum(construct_array(d, count, TIDOID, sizeof(ItemPointerData), false, TYPALIGN_SHORT));
+	return spi::TidArrayDatum(tids, count);
 }
 
 void

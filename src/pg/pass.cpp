@@ -78,7 +78,6 @@ DescribeError(const ErrorData *e, ErrorText *out) {
 		FormatText(out, "%s (SQLSTATE %s)", e->message, unpack_sql_state(e->sqlerrcode));
 }
 
-// Applies one message in the current (sub)transaction. Errors propagate.
 // Dead-letters a message the worker decided on itself (it could not be decoded, its JSON is
 // invalid, its schema refused it): the handler never sees it. False for the others.
 bool
@@ -105,6 +104,7 @@ DecidedWithoutHandler(Pass *pass, ApplyItem *it) {
 	return false;
 }
 
+// Applies one message in the current (sub)transaction. Errors propagate.
 void
 ApplyOne(Pass *pass, ApplyItem *it, MemoryContext msgcxt) {
 	if (DecidedWithoutHandler(pass, it))

@@ -170,19 +170,11 @@ ExecSql(const char *what, const char *sql, int nargs, const Oid *types, const Da
 }
 
 Datum
-Int8ArrayDatum(const int64 *v, int n) {
+TidArrayDatum(const ItemPointerData *v, int n) {
 	Datum *d = static_cast<Datum *>(palloc(sizeof(Datum) * (n > 0 ? n : 1)));
 	for (int i = 0; i < n; ++i)
-		d[i] = Int64GetDatum(v[i]);
-	return PointerGetDatum(construct_array(d, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-}
-
-Datum
-TextArrayDatum(const char *const *v, int n) {
-	Datum *d = static_cast<Datum *>(palloc(sizeof(Datum) * (n > 0 ? n : 1)));
-	for (int i = 0; i < n; ++i)
-		d[i] = CStringGetTextDatum(v[i]);
-	return PointerGetDatum(construct_array(d, n, TEXTOID, -1, false, TYPALIGN_INT));
+		d[i] = PointerGetDatum(&v[i]);
+	return PointerGetDatum(construct_array(d, n, TIDOID, sizeof(ItemPointerData), false, TYPALIGN_SHORT));
 }
 
 } // namespace sbpg::pg::spi

@@ -31,10 +31,10 @@ extern "C" {
 #include "storage/lock.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
-#include "utils/lsyscache.h"
 #include "utils/datum.h"
 #include "utils/guc.h"
 #include "utils/jsonb.h"
+#include "utils/lsyscache.h"
 #include "utils/regproc.h"
 #include "utils/syscache.h"
 #include "utils/timeout.h"
@@ -184,14 +184,16 @@ IsSecurityDefiner(Oid fn) {
 }
 
 // The handler's own checks (the roles are checked by HandlerUsable first); false fills why.
+// *set_based says whether it takes the batch, (sbpg.message[]).
 bool
-HandlerFunctionUsable(const SubConfig *cfg, ErrorText *why) {
+HandlerFunctionUsable(const SubConfig *cfg, ErrorText *why, bool *set_based) {
+	*set_based = false;
 	HeapTuple tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(cfg->handler));
 	if (HeapTupleIsValid(tup)) {
 		Form_pg_proc proc = reinterpret_cast<Form_pg_proc>(GETSTRUCT(tup));
 		Oid arg = proc->pronargs == 1 ? proc->proargtypes.values[0] : InvalidOid;
-		bool shape_ok = proc->prokind == PROKIND_FUNCTION && proc->pronargs == 1 &&
-		                (arg == cfg->message_type || arg == get_array_type(cfg->message_type)) &&
+		*set_based = OidIsValid(arg) && arg == get_array_type(cfg->message_type);
+		bool shape_ok = proc->prokind == PROKIND_FUNCTION && (arg == cfg->message_type || *set_based) &&
 		                proc->prorettype == VOIDOID && !proc->proretset;
 		ReleaseSysCache(tup);
 		if (!shape_ok) {
@@ -451,13 +453,9 @@ HandlerUsable(Pass *pass, ErrorText *why) {
 		           cfg->run_as_name);
 		return false;
 	}
-	if (!HandlerFunctionUsable(cfg, why))
+	if (!HandlerFunctionUsable(cfg, why, &pass->set_handler))
 		return false;
 	fmgr_info_cxt(cfg->handler, &pass->handler, TopTransactionContext);
-	Oid *argtypes;
-	int nargs;
-	(void)get_func_signature(cfg->handler, &argtypes, &nargs);
-	pass->set_handler = nargs == 1 && argtypes[0] != cfg->message_type; // the shape was checked: sbpg.message[]
 	MemoryContext old = MemoryContextSwitchTo(TopTransactionContext);
 	pass->message_desc = lookup_rowtype_tupdesc_copy(cfg->message_type, -1);
 	MemoryContextSwitchTo(old);

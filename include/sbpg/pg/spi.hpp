@@ -70,10 +70,10 @@ struct PlanSpec {
 	// A SELECT that locks rows (FOR KEY SHARE ...): run read-write, as row locks require. Other
 	// SELECTs run read-only.
 	bool locks_rows;
-	// Rows named by their addresses (ctid = ANY ($1)): planned with enable_seqscan off (and
-	// enable_tidscan on), so that
-	// it is a TID scan whatever the statistics say (with custom_plan; a sequential scan of a
-	// mid-sized inbox would cost milliseconds per batch).
+	// Rows named by their addresses (ctid = ANY ($1)): planned with enable_seqscan off and
+	// enable_tidscan on, so that it is a TID scan whatever the statistics or the database's
+	// settings say (with custom_plan; a sequential scan of a mid-sized inbox would cost
+	// milliseconds per batch).
 	bool by_address;
 };
 
@@ -107,8 +107,7 @@ SpiResult Exec(const PlanSpec &spec, const Datum *args, const char *nulls, int e
 SpiResult ExecSql(const char *what, const char *sql, int nargs, const Oid *types, const Datum *args, const char *nulls,
                   int expect, long limit = 0);
 
-// Array arguments: bigint[] and text[] (n may be 0).
-Datum Int8ArrayDatum(const int64 *v, int n);
-Datum TextArrayDatum(const char *const *v, int n);
+// A tid[] argument (n may be 0), for statements by_address.
+Datum TidArrayDatum(const ItemPointerData *v, int n);
 
 } // namespace sbpg::pg::spi
