@@ -4,14 +4,13 @@
 // queue topped up (between LOW and HIGH available messages, so that sbemu never holds the whole
 // run) until MESSAGES were sent, and polls sbpg.stats until all are settled. Prints one line of
 // key=value pairs: the whole drain's rate, and the rates of its first and last tenth.
-import { ServiceBusClient } from "@azure/service-bus";
 import pg from "pg";
+import { activeMessages, bulkSender } from "./lib.mjs";
 
 const [amqp, control, pghost, pgport, QUEUE, nArg, batchArg] = process.argv.slice(2);
 const N = Number(nArg);
 const LOW = Math.min(25000, N);
 const HIGH = Math.min(50000, N);
-const SEND_CHUNK = 500;
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 const db = new pg.Client({ host: pghost, port: Number(pgport), user: "postgres", database: "postgres" });
@@ -19,38 +18,18 @@ await db.connect();
 const stats = async () =>
   (await db.query(`SELECT state, pid, (applied + dead_lettered + duplicates)::bigint AS settled, last_error
                    FROM sbpg.stats WHERE subscription = $1`, [QUEUE])).rows[0] || {};
-async function active() {
-  const r = await fetch(`${control}/entities/${encodeURIComponent(QUEUE)}`);
-  if (!r.ok) throw new Error(`sbemu GET /entities/${QUEUE}: ${r.status}`);
-  return (await r.json()).active;
-}
+const active = () => activeMessages(control, QUEUE);
 
-const sb = new ServiceBusClient(
-  `Endpoint=sb://${amqp.replace("amqp://", "")};SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;`,
-  { retryOptions: { maxRetries: 3 } });
-const sender = sb.createSender(QUEUE);
-const body = (i) => ({ id: i, customer: `c${i % 50}`, amount: (i % 90) + 1, note: "x".repeat(60) });
-let nextId = 0;
-async function send(count) {
-  const calls = [];
-  for (let k = 0; k < count; k += SEND_CHUNK) {
-    const n = Math.min(SEND_CHUNK, count - k);
-    const first = nextId;
-    nextId += n;
-    calls.push(sender.sendMessages(Array.from({ length: n }, (_, j) => ({ messageId: `${QUEUE}-${first + j}`,
-                                                                         body: body(first + j) }))));
-    if (calls.length === 4) await Promise.all(calls.splice(0));
-  }
-  await Promise.all(calls);
-}
+const tx = bulkSender(amqp, QUEUE, `${QUEUE}-`);
+const send = (count) => tx.send(count);
 
 // The queue holds HIGH messages before the clock starts, so the first batches do not wait for the sender.
 await send(HIGH);
 let sendError = null;
 const filler = (async () => {
-  while (nextId < N) {
+  while (tx.sent() < N) {
     const a = await active();
-    if (a < LOW) await send(Math.min(HIGH - a, N - nextId));
+    if (a < LOW) await send(Math.min(HIGH - a, N - tx.sent()));
     else await sleep(50);
   }
 })().catch((e) => (sendError = e));
@@ -76,5 +55,5 @@ const rate = (from, to) => Math.round((to - from) / Math.max(0.001, (at(to) - at
 const tenth = Math.max(1, Math.floor(N / 10));
 console.log(`queue=${QUEUE} messages=${N} seconds=${(at(N) / 1000).toFixed(2)} rate=${rate(0, N)} ` +
             `first_tenth=${rate(0, tenth)} last_tenth=${rate(N - tenth, N)}`);
-await sb.close();
+await tx.close();
 await db.end();

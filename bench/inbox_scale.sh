@@ -14,14 +14,9 @@ cd "$(dirname "$0")/.."
 N=${1:-1000000}
 PRE=${2:-5000000}
 BATCH=${3:-100}
-PGLIB=$("${PGBIN:-/usr/lib/postgresql/15/bin}/pg_config" --pkglibdir)
-[ -f "$PGLIB/sbpg.so" ] || { echo "bench/inbox_scale.sh: $PGLIB/sbpg.so is not installed (make install first)" >&2; exit 1; }
-[ -x test/sbemu/sbemu ] || make -s sbemu
-[ -d test/conformance/node_modules/@azure/service-bus ] || { echo "bench/inbox_scale.sh: run test/setup first (npm modules)" >&2; exit 1; }
-[ -e bench/node_modules ] || ln -sfn ../test/conformance/node_modules bench/node_modules
-
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
+bench_require bench/inbox_scale.sh
 bench_work inbox-scale
 bench_sbemu --queue empty --queue full
 bench_cluster "max_wal_size=4GB"

@@ -1,4 +1,7 @@
 # bench/lib.sh: what the benchmark scripts share; sourced from the project root, after set -e.
+#   bench_require SCRIPT        refuses to go on (naming SCRIPT) unless sbpg is installed in the
+#                               PostgreSQL of $PGBIN (default the system's 15) and the npm modules are
+#                               there; builds sbemu if needed and links bench/node_modules
 #   bench_work NAME             a work directory ($work) under /tmp, removed at exit with the
 #                               emulator and the cluster started in it
 #   bench_sbemu ARG...          sbemu with ARG... (its entities) on loopback ports; sets $amqp and
@@ -6,6 +9,15 @@
 #   bench_cluster SETTING...    a throwaway PostgreSQL cluster in $work/pg (test/pg/cluster.sh; $PGBIN
 #                               chooses the server) with sbpg.log_messages = none and SETTING...,
 #                               its environment exported and bench/setup.sql loaded
+bench_require() {
+	local lib
+	lib=$("${PGBIN:-/usr/lib/postgresql/15/bin}/pg_config" --pkglibdir)
+	[ -f "$lib/sbpg.so" ] || { echo "$1: $lib/sbpg.so is not installed (make install first)" >&2; exit 1; }
+	[ -x test/sbemu/sbemu ] || make -s sbemu
+	[ -d test/conformance/node_modules/@azure/service-bus ] || { echo "$1: run test/setup first (npm modules)" >&2; exit 1; }
+	[ -e bench/node_modules ] || ln -sfn ../test/conformance/node_modules bench/node_modules
+}
+
 bench_work() {
 	work=$(mktemp -d "/tmp/sbpg-$1-XXXXXX")
 	chmod 755 "$work"

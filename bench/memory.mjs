@@ -13,8 +13,8 @@
 // 4. Baseline at scale: a plain backend doing the same SQL work per message (the handler, an inbox
 //    row, a pg_notify; COMMIT every 100) for the same checkpoints.
 // Prints the tables; the per-second series goes to SERIES_CSV when that variable is set.
-import { ServiceBusClient } from "@azure/service-bus";
 import pg from "pg";
+import { bulkSender } from "./lib.mjs";
 import { readFileSync, writeFileSync } from "node:fs";
 
 const [amqp, control, pghost, pgport, nArg, lockArg] = process.argv.slice(2);
@@ -24,7 +24,6 @@ const BATCH = 100;
 const QUEUE = "mem";
 const LOW = 25000; // top up when fewer messages than this are available
 const HIGH = 50000; // ... up to this many
-const SEND_CHUNK = 500; // messages per sendMessages call (one AMQP batch)
 const BP_RATE = 1000; // msg/s sent during the backpressure check
 const CHECKPOINTS = [10000, 50000, 100000, 250000, 500000, 750000, 1000000].filter((c) => c < N).concat([N]);
 
@@ -60,23 +59,8 @@ const stats = async () =>
                    FROM sbpg.stats WHERE subscription = $1`, [QUEUE])).rows[0] || {};
 const settled = (s) => Number(s.applied || 0) + Number(s.dead_lettered || 0) + Number(s.duplicates || 0);
 
-const sb = new ServiceBusClient(
-  `Endpoint=sb://${amqp.replace("amqp://", "")};SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;`,
-  { retryOptions: { maxRetries: 3 } });
-const sender = sb.createSender(QUEUE);
-const body = (i) => ({ id: i, customer: `c${i % 50}`, amount: (i % 90) + 1, note: "x".repeat(60) });
-let nextId = 0; // ids (and message ids) of messages sent so far
-async function send(count) {
-  const calls = [];
-  for (let k = 0; k < count; k += SEND_CHUNK) {
-    const n = Math.min(SEND_CHUNK, count - k);
-    const first = nextId;
-    nextId += n;
-    calls.push(sender.sendMessages(Array.from({ length: n }, (_, j) => ({ messageId: `m-${first + j}`, body: body(first + j) }))));
-    if (calls.length === 4) await Promise.all(calls.splice(0)); // at most 4 batches in flight
-  }
-  await Promise.all(calls);
-}
+const tx = bulkSender(amqp, QUEUE, "m-"); // its sent() is the ids (and message ids) sent so far
+const send = (count) => tx.send(count);
 
 // ---- 1. Baselines ------------------------------------------------------------------------------
 const idle = await connect();
@@ -104,9 +88,9 @@ const prefetch = Number((await db.query("SELECT coalesce(prefetch, batch_size) A
 let sendError = null;
 let maxHeld = 0; // largest number of messages sbemu held for the queue
 const filler = (async () => {
-  while (nextId < N) {
+  while (tx.sent() < N) {
     const e = await entity(QUEUE);
-    if (e.active < LOW) await send(Math.min(HIGH - e.active, N - nextId));
+    if (e.active < LOW) await send(Math.min(HIGH - e.active, N - tx.sent()));
     else await sleep(100);
   }
 })().catch((e) => (sendError = e));
@@ -159,7 +143,7 @@ async function backpressure(wpid) {
   await locker.query("BEGIN");
   await locker.query("LOCK TABLE bench_orders IN ACCESS EXCLUSIVE MODE");
   const before = await stats();
-  const firstId = nextId;
+  const firstId = tx.sent();
   let sending = true;
   const bpSender = (async () => {
     const tick = 100; // ms; BP_RATE/10 messages per tick
@@ -176,12 +160,12 @@ async function backpressure(wpid) {
     await sleep(lockT0 + sec * 1000 - Date.now());
     const e = await entity(QUEUE);
     const s = await stats();
-    rows.push({ sec, sent: nextId - firstId, locked: e.locked, active: e.active, settled: settled(s) - settled(before),
+    rows.push({ sec, sent: tx.sent() - firstId, locked: e.locked, active: e.active, settled: settled(s) - settled(before),
                 received: Number(s.received) - Number(before.received), ...memOf(wpid) });
   }
   sending = false;
   await bpSender;
-  const sent = nextId - firstId;
+  const sent = tx.sent() - firstId;
   await locker.query("COMMIT");
   await locker.end();
   const unlockT = Date.now();
@@ -205,7 +189,7 @@ await sleep(1000);
 const pid2Mem = memOf(pid2);
 const bp2 = await backpressure(pid2);
 await db.query("SELECT sbpg.disable_subscription($1)", [QUEUE]);
-await sb.close();
+await tx.close();
 
 // ---- 4. A plain backend doing the same SQL work --------------------------------------------------
 const plain = await connect();

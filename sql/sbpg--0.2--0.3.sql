@@ -360,3 +360,71 @@ BEGIN
 	END IF;
 END
 $$;
+
+-- W3C trace context (docs/monitoring.md): the traceparent a producer attached (the application
+-- property "traceparent", else the Azure SDKs' "Diagnostic-Id" of the same form), handed to the
+-- handler and kept with the message's outcome. NULL when the message carried none.
+-- CASCADE: a table a user created OF sbpg.message gets the column too.
+ALTER TYPE sbpg.message ADD ATTRIBUTE traceparent text CASCADE;
+ALTER TABLE sbpg.inbox ADD COLUMN traceparent text;
+COMMENT ON COLUMN sbpg.inbox.traceparent IS 'W3C traceparent the message carried (traceparent or Diagnostic-Id application property)';
+
+-- Per subscription and minute, what its worker did: written by the worker when the minute is over,
+-- removed by it after sbpg.stats_history_retention (24 hours by default). Readable through
+-- sbpg.stats_history, which shows each caller what sbpg.stats shows it.
+CREATE TABLE sbpg.stats_minutes (
+	subscription text NOT NULL REFERENCES sbpg.subscriptions (name) ON DELETE CASCADE,
+	minute timestamptz NOT NULL, -- its start
+	received bigint NOT NULL,
+	applied bigint NOT NULL,
+	dead_lettered bigint NOT NULL,
+	duplicates bigint NOT NULL,
+	retries bigint NOT NULL,
+	batches bigint NOT NULL,
+	apply_ms_p50 double precision,
+	apply_ms_p99 double precision,
+	lag_ms_p50 double precision,
+	lag_ms_p99 double precision,
+	PRIMARY KEY (subscription, minute)
+);
+COMMENT ON TABLE sbpg.stats_minutes IS 'Storage of sbpg.stats_history: one row per subscription and minute, written by its worker';
+REVOKE ALL ON sbpg.stats_minutes FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('sbpg.stats_minutes', '');
+
+CREATE FUNCTION sbpg._stats_history(
+	OUT subscription text, OUT minute timestamptz, OUT received bigint, OUT applied bigint,
+	OUT dead_lettered bigint, OUT duplicates bigint, OUT retries bigint, OUT batches bigint,
+	OUT messages_per_second double precision,
+	OUT apply_ms_p50 double precision, OUT apply_ms_p99 double precision,
+	OUT lag_ms_p50 double precision, OUT lag_ms_p99 double precision)
+RETURNS SETOF record LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+SELECT h.subscription, h.minute, h.received, h.applied, h.dead_lettered, h.duplicates, h.retries, h.batches,
+       (h.applied OPERATOR(pg_catalog.+) h.dead_lettered OPERATOR(pg_catalog.+) h.duplicates)::pg_catalog.float8
+           OPERATOR(pg_catalog./) 60,
+       h.apply_ms_p50, h.apply_ms_p99, h.lag_ms_p50, h.lag_ms_p99
+FROM sbpg.stats_minutes h
+JOIN sbpg.subscriptions s ON s.name OPERATOR(pg_catalog.=) h.subscription
+CROSS JOIN (SELECT sbpg._caller() AS who) c
+-- Only the period the setting keeps (rows of a subscription whose worker no longer runs, or
+-- written before the period was shortened, stay in the table until a worker removes them).
+WHERE h.minute OPERATOR(pg_catalog.>=) (pg_catalog.now() OPERATOR(pg_catalog.-) pg_catalog.make_interval(mins =>
+          coalesce((SELECT g.setting::pg_catalog.int4 FROM pg_catalog.pg_settings g
+                    WHERE g.name OPERATOR(pg_catalog.=) 'sbpg.stats_history_retention'), 1440)))
+  AND ((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid OPERATOR(pg_catalog.=) c.who)
+   OR pg_catalog.pg_has_role(c.who, 'sbpg_monitor', 'MEMBER')
+   OR pg_catalog.pg_has_role(c.who, s.run_as, 'MEMBER'))
+$$;
+REVOKE ALL ON FUNCTION sbpg._stats_history() FROM PUBLIC;
+CREATE VIEW sbpg.stats_history AS SELECT * FROM sbpg._stats_history();
+COMMENT ON VIEW sbpg.stats_history IS 'Per subscription and minute (the last 24 hours by default): received, applied, dead-lettered, retries, messages/s, apply and lag percentiles';
+GRANT SELECT ON sbpg.stats_history TO sbpg_monitor, sbpg_admin;
+GRANT EXECUTE ON FUNCTION sbpg._stats_history() TO sbpg_monitor, sbpg_admin;
+
+-- The inbox churns: every message inserts a row, stamps it once the broker confirms the
+-- settlement, and retention deletes it. Half-full pages leave room for the stamp on the row's own
+-- page, so it is a HOT update (no new index entries; the old version is pruned on the page without
+-- VACUUM), and autovacuum starts early and runs unthrottled on this table, so that dead rows from
+-- retention do not pile up at sustained rates (bench/retention.sh; docs/retries.md, Retention).
+-- Pages written before this update keep their fill.
+ALTER TABLE sbpg.inbox SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0.02,
+                            autovacuum_vacuum_insert_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0);

@@ -46,6 +46,13 @@ FROM sbpg.subscriptions ORDER BY name;
 SELECT message_type, version, CASE WHEN upcast ~ '^\(dropped' THEN '(dropped)' ELSE upcast END AS upcast, chain_gap
 FROM sbpg.schema_catalog ORDER BY 1, 2;
 SELECT pg_typeof(handler) AS handler_type FROM sbpg.subscriptions LIMIT 1;
+-- 0.3 also adds the trace context to sbpg.message and the inbox, the per-minute history, and the
+-- inbox's storage parameters.
+SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
+WHERE attrelid IN ('sbpg.message'::regclass, 'sbpg.inbox'::regclass) AND attname = 'traceparent' ORDER BY attrelid::regclass::text;
+SELECT reloptions FROM pg_class WHERE oid = 'sbpg.inbox'::regclass;
+SELECT has_table_privilege('sbpg_monitor', 'sbpg.stats_history', 'SELECT') AS monitor_reads_history,
+       has_table_privilege('sbpg_monitor', 'sbpg.stats_minutes', 'SELECT') AS monitor_reads_storage;
 SELECT sbpg.drop_subscription('kept');
 SELECT sbpg.drop_subscription('orphan');
 DROP EXTENSION sbpg CASCADE;

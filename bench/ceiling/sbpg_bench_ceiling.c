@@ -38,7 +38,7 @@ PG_FUNCTION_INFO_V1(sbpg_bench_ceiling);
 
 #define INBOX_INSERT                                                                                                   \
 	"INSERT INTO sbpg.inbox (subscription, sequence_number, message_id, correlation_id, status, reason, "             \
-	"delivery_count, xid, attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+	"delivery_count, xid, attempts, traceparent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 
 static Datum
 text_or_null(const char *s, bool *isnull)
@@ -62,7 +62,7 @@ sbpg_bench_ceiling(PG_FUNCTION_ARGS)
 	MemoryContext per_message;
 	TupleDesc	desc;
 	FmgrInfo	flinfo;
-	Oid			types[9] = {TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, XID8OID, INT4OID};
+	Oid			types[10] = {TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, XID8OID, INT4OID, TEXTOID};
 	SPIPlanPtr	insert;
 	Oid			message_type;
 	char		note[61];
@@ -87,7 +87,7 @@ sbpg_bench_ceiling(PG_FUNCTION_ARGS)
 		channel = pstrdup(channel);
 		MemoryContextSwitchTo(old);
 	}
-	insert = SPI_prepare(INBOX_INSERT, 9, types);
+	insert = SPI_prepare(INBOX_INSERT, 10, types);
 	if (!insert || SPI_keepplan(insert) != 0)
 		elog(ERROR, "sbpg_bench_ceiling: preparing the inbox insert failed");
 	memset(note, 'x', 60);
@@ -98,14 +98,14 @@ sbpg_bench_ceiling(PG_FUNCTION_ARGS)
 		MemoryContext old = MemoryContextSwitchTo(per_message);
 		char		message_id[32];
 		char	   *body;
-		Datum		v[16];
-		bool		nl[16];
+		Datum		v[17];
+		bool		nl[17];
 		Datum		row;
 		Oid			save_user;
 		int			save_sec;
 		int			nest;
-		Datum		a[9];
-		char		an[9];
+		Datum		a[10];
+		char		an[10];
 		int64		seq = 3000000000LL + i;
 		uint64		xid;
 		char	   *payload;
@@ -138,6 +138,7 @@ sbpg_bench_ceiling(PG_FUNCTION_ARGS)
 		v[13] = text_or_null(NULL, &nl[13]);
 		v[14] = CStringGetTextDatum(subscription);
 		v[15] = text_or_null(NULL, &nl[15]);
+		v[16] = text_or_null(NULL, &nl[16]);
 		row = HeapTupleGetDatum(heap_form_tuple(desc, v, nl));
 
 		/* The handler, as run_as. */
@@ -169,10 +170,12 @@ sbpg_bench_ceiling(PG_FUNCTION_ARGS)
 		a[6] = Int32GetDatum(0);
 		a[7] = FullTransactionIdGetDatum(FullTransactionIdFromU64(xid));
 		a[8] = Int32GetDatum(1);
+		a[9] = (Datum) 0;
+		an[9] = 'n';
 		if (SPI_execute_plan(insert, a, an, false, 0) != SPI_OK_INSERT)
 			elog(ERROR, "sbpg_bench_ceiling: the inbox insert failed");
 		payload = psprintf("{\"subscription\":\"%s\",\"message_id\":\"%s\",\"correlation_id\":null,"
-						   "\"sequence_number\":" INT64_FORMAT ",\"xid\":\"" UINT64_FORMAT "\",\"status\":\"applied\","
+						   "\"sequence_number\":" INT64_FORMAT ",\"traceparent\":null,\"xid\":\"" UINT64_FORMAT "\",\"status\":\"applied\","
 						   "\"reason\":null,\"attempts\":1}",
 						   subscription, message_id, seq, xid);
 		Async_Notify(channel, payload);

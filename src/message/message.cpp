@@ -352,6 +352,41 @@ ParseChecked(std::string_view text, int max_depth, std::string *why) {
 
 } // namespace
 
+namespace {
+
+bool
+LowerHex(std::string_view s) {
+	for (char c : s)
+		if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')))
+			return false;
+	return true;
+}
+
+bool
+AllZero(std::string_view s) {
+	return s.find_first_not_of('0') == std::string_view::npos;
+}
+
+} // namespace
+
+bool
+ParseTraceParent(std::string_view text, std::string *out) {
+	// version "-" trace-id "-" parent-id "-" flags: 2 + 1 + 32 + 1 + 16 + 1 + 2 = 55
+	constexpr size_t kLen = 55;
+	if (text.size() < kLen || text[2] != '-' || text[35] != '-' || text[52] != '-')
+		return false;
+	std::string_view version = text.substr(0, 2), trace = text.substr(3, 32), parent = text.substr(36, 16),
+	                 flags = text.substr(53, 2);
+	if (!LowerHex(version) || !LowerHex(trace) || !LowerHex(parent) || !LowerHex(flags) || version == "ff" ||
+	    AllZero(trace) || AllZero(parent))
+		return false;
+	// Version 00 has exactly these fields; a later one may add more after a "-".
+	if (text.size() > kLen && (version == "00" || text[kLen] != '-'))
+		return false;
+	out->assign(text.substr(0, kLen));
+	return true;
+}
+
 bool
 IsJsonContentType(std::string_view ct) {
 	size_t semi = ct.find(';');
@@ -445,6 +480,20 @@ ReadProperties(const amqp::Sections &sec, ReceivedMessage *m) {
 	return true;
 }
 
+// The trace context a producer attached: "traceparent" (W3C, as OpenTelemetry's messaging
+// instrumentations write it), else "Diagnostic-Id" (the Azure SDKs write the same value there).
+void
+ReadTraceParent(const amqp::Value &ap, ReceivedMessage *m) {
+	using K = amqp::Value::Kind;
+	for (const char *key : {"traceparent", "Diagnostic-Id"})
+		for (size_t k = 0; k + 1 < ap.items.size(); k += 2) {
+			const amqp::Value &name = ap.items[k], &value = ap.items[k + 1];
+			if ((name.kind == K::String || name.kind == K::Symbol) && name.s == key &&
+			    (value.kind == K::String || value.kind == K::Symbol) && ParseTraceParent(value.s, &m->traceparent))
+				return;
+		}
+}
+
 // The application properties as JSON that jsonb accepts; false with decode_error set otherwise.
 bool
 ReadApplicationProperties(const amqp::Sections &sec, ReceivedMessage *m) {
@@ -457,6 +506,7 @@ ReadApplicationProperties(const amqp::Sections &sec, ReceivedMessage *m) {
 	}
 	m->properties_json.clear();
 	ValueToJson(ap, &m->properties_json);
+	ReadTraceParent(ap, m);
 	std::string why;
 	if (!CheckJson(m->properties_json, 64, &why)) {
 		m->decode_error = "the application properties cannot be stored as jsonb: " + why;

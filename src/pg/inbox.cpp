@@ -35,6 +35,7 @@ extern "C" {
 #include "sbpg/pg/pass.hpp"
 #include "sbpg/pg/spi.hpp"
 
+#include <algorithm>
 #include <cstring>
 #include <string_view>
 
@@ -45,9 +46,9 @@ namespace {
 constexpr spi::PlanSpec kInsert = {
     "write sbpg.inbox",
     "INSERT INTO sbpg.inbox (subscription, sequence_number, message_id, correlation_id, status, reason, "
-    "delivery_count, xid, attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    9,
-    {TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, XID8OID, INT4OID},
+    "delivery_count, xid, attempts, traceparent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    10,
+    {TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, XID8OID, INT4OID, TEXTOID},
     false,
 };
 
@@ -267,8 +268,8 @@ ReplaceStale(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
 void
 InsertInbox(const Pass *pass, const ApplyItem *it) {
 	const ReceivedMessage *m = it->msg;
-	Datum args[9];
-	char nulls[9];
+	Datum args[10];
+	char nulls[10];
 	memset(nulls, ' ', sizeof nulls);
 	args[0] = CStringGetTextDatum(pass->cfg->name);
 	args[1] = Int64GetDatum(m->sequence_number);
@@ -288,6 +289,7 @@ InsertInbox(const Pass *pass, const ApplyItem *it) {
 	args[6] = Int32GetDatum(static_cast<int32>(m->delivery_count));
 	args[7] = FullTransactionIdGetDatum(FullTransactionIdFromU64(pass->xid));
 	args[8] = Int32GetDatum(it->attempts + 1);
+	args[9] = TextOrNull(m->traceparent, &nulls[9]);
 	spi::Exec(kInsert, args, nulls, SPI_OK_INSERT);
 }
 
@@ -327,31 +329,44 @@ StampSettled(const SubConfig *cfg, const int64 *seqs, int nseqs, const char *con
 }
 
 int64
-PruneInbox(const SubConfig *cfg, int retention_s, int limit) {
+PruneInbox(const SubConfig *cfg, int retention_s, int limit, int64 *retries_removed, TimestampTz *from) {
 	int64 n = 0;
-	spi::ShortTransaction([&] {
-		Oid types[3] = {TEXTOID, INT4OID, INT4OID};
-		Datum args[3] = {CStringGetTextDatum(cfg->name), Int32GetDatum(retention_s), Int32GetDatum(limit)};
-		// Only rows whose settlement the broker confirmed: the message is gone from the entity and
-		// cannot come back. Rows still waiting for a confirmation stay: they recognise a redelivery.
-		n += spi::ExecSql("prune sbpg.inbox",
-		                  "DELETE FROM sbpg.inbox WHERE ctid" OP_EQ
-		                  "ANY (ARRAY(SELECT ctid FROM sbpg.inbox WHERE subscription" OP_EQ "$1 AND recorded_at" OP_LT
-		                  "(pg_catalog.now()" OP_MINUS "pg_catalog.make_interval(secs => $2)) "
-		                  "AND settled_at IS NOT NULL LIMIT $3))",
-		                  3, types, args, nullptr, SPI_OK_DELETE)
-		         .rows;
-		// Retry rows of messages that never came back (expired, received elsewhere) within the period.
-		n += spi::ExecSql("prune sbpg.retries",
-		                  "DELETE FROM sbpg.retries WHERE ctid" OP_EQ "ANY (ARRAY(SELECT ctid FROM sbpg.retries WHERE "
-		                  "subscription" OP_EQ "$1 AND last_failed_at" OP_LT "(pg_catalog.now()" OP_MINUS
-		                  "pg_catalog.make_interval(secs => CASE WHEN deferred THEN greatest($2, 604800) ELSE $2 END)) "
-		                  "AND next_attempt_at" OP_LT "(pg_catalog.now()" OP_MINUS
-		                  "pg_catalog.make_interval(secs => CASE WHEN deferred THEN greatest($2, 604800) ELSE $2 END)) "
-		                  "LIMIT $3))",
-		                  3, types, args, nullptr, SPI_OK_DELETE)
-		         .rows;
-	});
+	*retries_removed = 0;
+	spi::ShortTransaction(
+	    [&] {
+		    Oid types[4] = {TEXTOID, INT4OID, INT4OID, TIMESTAMPTZOID};
+		    Datum args[4] = {CStringGetTextDatum(cfg->name), Int32GetDatum(retention_s), Int32GetDatum(limit),
+		                     TimestampTzGetDatum(*from ? *from : DT_NOBEGIN)};
+		    // Only rows whose settlement the broker confirmed: the message is gone from the entity and
+		    // cannot come back. Rows still waiting for a confirmation stay: they recognise a redelivery.
+		    // Oldest first, from where the last chunk ended: rows it passed over (kept ones, another
+		    // subscription's) are not read again at every chunk.
+		    spi::SpiResult res = spi::ExecSql("prune sbpg.inbox",
+		                                      "DELETE FROM sbpg.inbox WHERE ctid" OP_EQ
+		                                      "ANY (ARRAY(SELECT ctid FROM sbpg.inbox WHERE subscription" OP_EQ
+		                                      "$1 AND recorded_at" OP_LT "(pg_catalog.now()" OP_MINUS
+		                                      "pg_catalog.make_interval(secs => $2)) "
+		                                      "AND recorded_at" OP_GE
+		                                      "$4 AND settled_at IS NOT NULL ORDER BY recorded_at LIMIT $3)) "
+		                                      "RETURNING recorded_at",
+		                                      4, types, args, nullptr, SPI_OK_DELETE_RETURNING);
+		    n = static_cast<int64>(res.rows);
+		    for (uint64 i = 0; i < res.rows; ++i)
+			    *from = std::max(*from, res.Timestamp(i, 1));
+		    // Retry rows of messages that never came back (expired, received elsewhere) within the period.
+		    *retries_removed =
+		        spi::ExecSql(
+		            "prune sbpg.retries",
+		            "DELETE FROM sbpg.retries WHERE ctid" OP_EQ "ANY (ARRAY(SELECT ctid FROM sbpg.retries WHERE "
+		            "subscription" OP_EQ "$1 AND last_failed_at" OP_LT "(pg_catalog.now()" OP_MINUS
+		            "pg_catalog.make_interval(secs => CASE WHEN deferred THEN greatest($2, 604800) ELSE $2 END)) "
+		            "AND next_attempt_at" OP_LT "(pg_catalog.now()" OP_MINUS
+		            "pg_catalog.make_interval(secs => CASE WHEN deferred THEN greatest($2, 604800) ELSE $2 END)) "
+		            "LIMIT $3))",
+		            3, types, args, nullptr, SPI_OK_DELETE)
+		            .rows;
+	    },
+	    spi::Commit::kLazy); // a crash keeps rows that are then removed again
 	return n;
 }
 

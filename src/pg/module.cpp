@@ -57,6 +57,7 @@ char *guc_database = nullptr;
 int guc_max_workers = 8;
 int guc_log_messages = kLogFailures;
 int guc_inbox_retention_s = 7 * 24 * 3600;
+int guc_stats_history_min = 24 * 60;
 int guc_max_json_depth = 1000;
 char *guc_ca_file = nullptr;
 SharedState *shared = nullptr;
@@ -370,6 +371,10 @@ _PG_init(void) {
 	                        "0 keeps them forever. Rows whose settlement was never confirmed are kept.",
 	                        &guc_inbox_retention_s, 7 * 24 * 3600, 0, INT_MAX, PGC_SIGHUP, GUC_UNIT_S, nullptr, nullptr,
 	                        nullptr);
+	DefineCustomIntVariable("sbpg.stats_history_retention",
+	                        "How long sbpg.stats_history keeps each subscription's per-minute figures.",
+	                        "0 records no history.", &guc_stats_history_min, 24 * 60, 0, 31 * 24 * 60, PGC_SIGHUP,
+	                        GUC_UNIT_MIN, nullptr, nullptr, nullptr);
 	DefineCustomIntVariable("sbpg.max_json_depth", "Deepest JSON nesting a message body may have.",
 	                        "Deeper bodies are dead-lettered instead of reaching jsonb.", &guc_max_json_depth, 1000, 1,
 	                        100000, PGC_SIGHUP, 0, nullptr, nullptr, nullptr);

@@ -170,6 +170,7 @@ WriteOutcome(const char *subscription, const ApplyItem &it, uint64 xid, OutcomeF
 		o.Raw(",\"sequence_number\":null");
 	if (log)
 		o.Int("delivery_count", m.delivery_count);
+	o.Id("traceparent", m.traceparent, id_max); // null, or 55 characters of hex and "-"
 	char b[64];
 	snprintf(b, sizeof b, ",\"xid\":\"" UINT64_FORMAT "\"", xid);
 	o.Raw(b);

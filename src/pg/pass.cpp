@@ -104,6 +104,76 @@ DecidedWithoutHandler(Pass *pass, ApplyItem *it) {
 	return false;
 }
 
+// What tenant code is applying, for pg_stat_activity and the server log (TenantActivity).
+struct Applying {
+	const Pass *pass;
+	const ReceivedMessage *m; // one message, or
+	int n;                    // a set-based call's size, with m its first message
+};
+
+// How the activity and the log name a message: by its sequence number (its id is tenant data of
+// any length; the log line of its outcome has it).
+void
+MessageLabel(const ReceivedMessage *m, char *out, size_t size) {
+	if (m->has_sequence_number)
+		snprintf(out, size, "message %lld", static_cast<long long>(m->sequence_number));
+	else
+		snprintf(out, size, "a message without a sequence number");
+}
+
+// The message a line is logged for, with its trace context, so that one producer's request can be
+// followed into the server log.
+void
+ApplyingContext(void *arg) {
+	const Applying *a = static_cast<const Applying *>(arg);
+	const ReceivedMessage *m = a->m;
+	if (a->n > 1) {
+		errcontext("sbpg: applying %d messages of subscription \"%s\" in one call of its set-based handler", a->n,
+		           a->pass->cfg->name);
+		return;
+	}
+	char label[64];
+	MessageLabel(m, label, sizeof label);
+	if (m->traceparent.empty())
+		errcontext("sbpg: applying %s of subscription \"%s\"", label, a->pass->cfg->name);
+	else
+		errcontext("sbpg: applying %s of subscription \"%s\" (traceparent %s)", label, a->pass->cfg->name,
+		           m->traceparent.c_str());
+}
+
+// While tenant code runs: pg_stat_activity's query names the message, with its trace context as a
+// comment in the form sqlcommenter tools read, and every line logged meanwhile (a handler's RAISE
+// WARNING, auto_explain's plans, log_lock_waits) says which message it belongs to. Pops itself
+// with End; on an error, the PG_TRY of the pass or subtransaction restores the context stack.
+struct TenantActivity {
+	Applying what;
+	ErrorContextCallback cb;
+
+	void Begin(const Pass *pass, const ReceivedMessage *m, int n) {
+		what = {pass, m, n};
+		char text[256], label[64];
+		MessageLabel(m, label, sizeof label);
+		if (n > 1)
+			snprintf(text, sizeof text, "sbpg: applying %d messages of subscription \"%s\" (the first: %s)", n,
+			         pass->cfg->name, label);
+		else if (m->traceparent.empty())
+			snprintf(text, sizeof text, "sbpg: applying %s of subscription \"%s\"", label, pass->cfg->name);
+		else
+			snprintf(text, sizeof text, "sbpg: applying %s of subscription \"%s\" /*traceparent='%s'*/", label,
+			         pass->cfg->name, m->traceparent.c_str());
+		pgstat_report_activity(STATE_RUNNING, text);
+		cb.callback = ApplyingContext;
+		cb.arg = &what;
+		cb.previous = error_context_stack;
+		error_context_stack = &cb;
+	}
+	// Back to the batch: what follows (the inbox row, NOTIFY, COMMIT and its flush) is no message's.
+	void End() {
+		error_context_stack = cb.previous;
+		pgstat_report_activity(STATE_RUNNING, "sbpg: applying a batch");
+	}
+};
+
 // Applies one message in the current (sub)transaction. Errors propagate.
 void
 ApplyOne(Pass *pass, ApplyItem *it, MemoryContext msgcxt) {
@@ -112,7 +182,10 @@ ApplyOne(Pass *pass, ApplyItem *it, MemoryContext msgcxt) {
 	MemoryContext old = MemoryContextSwitchTo(msgcxt);
 	struct timespec t0;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
+	TenantActivity activity;
+	activity.Begin(pass, it->msg, 1);
 	RunTenantCode(pass, it);
+	activity.End();
 	MemoryContextSwitchTo(old);
 	it->apply_ms = MsSince(t0);
 	Record(pass, it, kApplied);
@@ -178,7 +251,10 @@ ApplySetOnce(Pass *pass, ApplyItem *const *set, int n, MemoryContext msgcxt) {
 	MemoryContext old = MemoryContextSwitchTo(msgcxt);
 	struct timespec t0;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
+	TenantActivity activity;
+	activity.Begin(pass, set[0]->msg, n);
 	RunSetHandler(pass, set, n);
+	activity.End();
 	MemoryContextSwitchTo(old);
 	double ms = MsSince(t0) / n;
 	for (int i = 0; i < n; ++i) {

@@ -74,6 +74,10 @@ void
 EndShort(Commit how) {
 	PopActiveSnapshot();
 	SPI_finish();
+	// For this transaction only (GUC_ACTION_LOCAL): its commit does not wait for the disk.
+	if (how == Commit::kLazy)
+		(void)set_config_option("synchronous_commit", "off", PGC_SUSET, PGC_S_SESSION, GUC_ACTION_LOCAL, true, 0,
+		                        false);
 	CommitTransactionCommand();
 	// Settle only what is durable: flush the commit record whatever synchronous_commit says.
 	if (how == Commit::kFlushed)

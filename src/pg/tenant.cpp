@@ -57,6 +57,10 @@ namespace sbpg::pg {
 
 namespace {
 
+// sbpg.message's attributes, in the order BuildMessage fills them (the 0.1 type, then
+// traceparent from 0.3).
+constexpr int kMessageAttributes = 17;
+
 // The timer that ends the worker when tenant code outlives its time limit by a budget. Registered
 // once per process (PostgreSQL's timeouts cannot be unregistered), hence file-scope.
 TimeoutId end_worker_timeout = MAX_TIMEOUTS;
@@ -242,8 +246,8 @@ VersionText(int version, bool *isnull) {
 // version is the schema version handed on (after upcasts).
 Datum
 BuildMessage(const Pass *pass, const ReceivedMessage *m, Datum body, int version) {
-	Datum v[16];
-	bool n[16];
+	Datum v[kMessageAttributes];
+	bool n[kMessageAttributes];
 	memset(n, 0, sizeof n);
 	v[0] = Text(m->message_id, &n[0]);
 	v[1] = Text(m->correlation_id, &n[1]);
@@ -281,6 +285,7 @@ BuildMessage(const Pass *pass, const ReceivedMessage *m, Datum body, int version
 	v[13] = VersionText(version, &n[13]);
 	v[14] = CStringGetTextDatum(pass->cfg->name);
 	v[15] = VersionText(m->schema_version, &n[15]);
+	v[16] = Text(m->traceparent, &n[16]);
 	HeapTuple t = heap_form_tuple(pass->message_desc, v, n);
 	return HeapTupleGetDatum(t);
 }
@@ -459,6 +464,14 @@ HandlerUsable(Pass *pass, ErrorText *why) {
 	MemoryContext old = MemoryContextSwitchTo(TopTransactionContext);
 	pass->message_desc = lookup_rowtype_tupdesc_copy(cfg->message_type, -1);
 	MemoryContextSwitchTo(old);
+	if (pass->message_desc->natts != kMessageAttributes) {
+		// The launcher starts no worker for another extension version; this is a type changed by hand.
+		FormatText(why,
+		           "type sbpg.message has %d attributes where this sbpg module builds %d (is sbpg.message "
+		           "the one ALTER EXTENSION sbpg UPDATE made?)",
+		           pass->message_desc->natts, kMessageAttributes);
+		return false;
+	}
 	return true;
 }
 

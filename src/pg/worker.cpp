@@ -9,6 +9,7 @@
 //   PgGuard, so a PostgreSQL error never longjmps across these frames.
 #include "sbpg/amqp/consumer.hpp"
 #include "sbpg/core/fixed_text.hpp"
+#include "sbpg/core/histogram.hpp"
 #include "sbpg/core/text.hpp"
 #include "sbpg/identity/token.hpp"
 #include "sbpg/message/message.hpp"
@@ -237,6 +238,8 @@ Worker::Settle(std::vector<ApplyItem> &items, std::vector<ReceivedMessage> &msgs
 		Settlement s = SettlementFor(it, m, &held);
 		Count(it, m, held, s, commit_ms);
 		int effective = it.status == kDuplicate ? it.recorded : it.status;
+		if (it.status == kApplied || it.status == kDeadLettered)
+			++recorded_since_prune_;
 		if (effective == kApplied || effective == kDeadLettered)
 			awaiting_[m.delivery_id] = InboxKey{m.has_sequence_number, m.sequence_number, m.message_id,
 			                                    m.connection_gen};
@@ -253,7 +256,7 @@ Worker::Settle(std::vector<ApplyItem> &items, std::vector<ReceivedMessage> &msgs
 		Log(LOG, std::string("sbpg: subscription \"") + start_.name + "\": a batch of " + std::to_string(items.size()) +
 		             " was applied message by message after: " + res.batch_error.str());
 	consumer_->Settle(std::move(settle));
-	Publish(stats_, true, res.committed_at);
+	Publish(stats_, true, res.committed_at, &minute_);
 }
 
 // One settled message's share of the statistics.

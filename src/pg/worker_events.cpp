@@ -5,6 +5,7 @@
 //   attempt with their locks renewed, and deferred messages asked back from the broker when due.
 #include "sbpg/amqp/consumer.hpp"
 #include "sbpg/core/fixed_text.hpp"
+#include "sbpg/core/histogram.hpp"
 #include "sbpg/core/text.hpp"
 #include "sbpg/identity/token.hpp"
 #include "sbpg/message/message.hpp"

@@ -10,6 +10,7 @@
 //   after the Worker and every other C++ frame are gone.
 #include "sbpg/amqp/consumer.hpp"
 #include "sbpg/core/fixed_text.hpp"
+#include "sbpg/core/histogram.hpp"
 #include "sbpg/identity/token.hpp"
 #include "sbpg/message/message.hpp"
 #include "sbpg/pg/pg_error.hpp"
@@ -90,7 +91,21 @@ CollectConfirmed(const std::vector<InboxKey> &keys) {
 }
 
 void
-Publish(Stats &st, bool batch, TimestampTz at) {
+Publish(Stats &st, bool batch, TimestampTz at, MinuteStats *minute) {
+	if (minute->start == 0) { // the first minute starts with the first count
+		TimestampTz now = GetCurrentTimestamp();
+		minute->start = now - now % (60 * USECS_PER_SEC);
+	}
+	minute->received += st.received;
+	minute->applied += st.applied;
+	minute->dead += st.dead;
+	minute->dup += st.dup;
+	minute->retries += st.retries;
+	minute->batches += batch ? 1 : 0;
+	for (float v : st.apply_ms)
+		minute->apply_ms.Add(v);
+	for (float v : st.lag_ms)
+		minute->lag_ms.Add(v);
 	int64 now_s = GetCurrentTimestamp() / USECS_PER_SEC;
 	SpinLockAcquire(&g_slot->mutex);
 	g_slot->received += st.received;
@@ -193,12 +208,16 @@ Worker::Loop() {
 			if (exit_code_)
 				break;
 		}
-		Publish(stats_, false, 0);
+		Publish(stats_, false, 0, &minute_);
 		Housekeeping();
 		// Background workers report their table statistics themselves: without this, autovacuum
 		// never sees the inbox grow, and never analyzes or vacuums it. (Rate-limited inside.)
 		PgGuard([&] { pgstat_report_stat(false); }, &err);
 	}
+	// Leaving the loop by itself (a configuration change, a test fault): the open minute is written.
+	// A worker ended by a signal (SIGTERM) cannot, and loses it.
+	Publish(stats_, false, 0, &minute_);
+	RecordHistory(GetCurrentTimestamp(), true);
 }
 
 // Waits for the latch, the eventfd, the end of a pause or the next held message's due time (at
@@ -257,6 +276,7 @@ Worker::Housekeeping() {
 	PgError err;
 	StampConfirmed(now);
 	Prune(now);
+	RecordHistory(now, false);
 	FetchDue();
 	RefreshSchemas(false);
 	ConsumerStatus cst = consumer_->Status();
@@ -288,33 +308,97 @@ Worker::StampConfirmed(TimestampTz now) {
 	last_stamp_ = now;
 }
 
-// Retention: small batches, each its own short transaction, at most 20 a round and a round a
-// minute (or every half retention period when that is shorter), so pruning never holds locks for
-// long or competes with applying messages.
+// Retention. A round a minute (or every half retention period when that is shorter) removes
+// expired rows in chunks of 1000, each its own short transaction, at most 20 chunks, and stops
+// early when messages are waiting. When the round ends with expired rows left (at a sustained
+// rate, a minute's expiries are far more than 20,000), the worker is behind: until it has caught
+// up, every turn of the loop removes one more chunk, four times as many rows as it recorded since
+// the previous chunk (at least 10, at most 10,000; 20 chunks of 1000 when no message waits), so
+// that removing keeps pace with recording at any rate without ever stalling a batch for long.
+// Pruning commits lazily (spi::Commit::kLazy): it costs no disk flush of its own.
 void
 Worker::Prune(TimestampTz now) {
 	int64 prune_every = std::min<int64>(60 * USECS_PER_SEC,
 	                                    std::max<int64>(USECS_PER_SEC, guc_inbox_retention_s * USECS_PER_SEC / 2));
-	if (guc_inbox_retention_s <= 0 || now - last_prune_ <= prune_every)
+	if (guc_inbox_retention_s <= 0) {
+		prune_behind_ = false;
 		return;
-	last_prune_ = now;
+	}
+	bool round = now - last_prune_ > prune_every;
+	if (!round && !prune_behind_)
+		return;
+	bool waiting = consumer_->Status().in_flight > held_.size();
+	int chunks = 1, limit = 1000;
+	if (round || !waiting) {
+		// A round, or the worker is idle: catch up in small chunks.
+		chunks = 20;
+	} else {
+		limit = static_cast<int>(std::clamp<int64>(4 * recorded_since_prune_, 10, 10000));
+	}
+	if (round) {
+		last_prune_ = now;
+		prune_from_ = 0; // a round looks at every expired row again
+	}
+	recorded_since_prune_ = 0;
 	PgError err;
-	int64 removed = 0, round = 0;
-	for (int i = 0; i < 20; ++i) {
-		if (!PgGuard([&] { round = PruneInbox(&cfg_, guc_inbox_retention_s, 1000); }, &err)) {
+	int64 removed = 0, retries = 0, n = 0, r = 0;
+	for (int i = 0; i < chunks; ++i) {
+		if (!PgGuard([&] { n = PruneInbox(&cfg_, guc_inbox_retention_s, limit, &r, &prune_from_); }, &err)) {
 			Log(WARNING, std::string("sbpg: subscription \"") + start_.name +
 			                 "\": cannot prune sbpg.inbox: " + err.message.c_str());
+			prune_behind_ = false; // the next round tries again
 			break;
 		}
-		removed += round;
-		if (round < 1000)
+		removed += n;
+		retries += r;
+		prune_behind_ = n >= limit;
+		if (!prune_behind_)
 			break;
 		if (consumer_->Status().in_flight > held_.size())
 			break; // messages are waiting: they come first
 	}
-	if (removed > 0)
+	if (removed + retries > 0)
 		Log(DEBUG1, std::string("sbpg: subscription \"") + start_.name + "\": pruned " + std::to_string(removed) +
-		                " inbox and retry rows");
+		                " inbox and " + std::to_string(retries) + " retry rows" +
+		                (prune_behind_ ? "; more are due" : ""));
+}
+
+// sbpg.stats_history: once a minute is over, its figures go to sbpg.stats_minutes (a minute with
+// nothing to count too, so a chart tells an idle worker from one that was not running). A batch
+// counts in the minute that is open when its figures are published, the one its commit fell in
+// unless the minute turned while the batch was being settled. With `unfinished`, the open minute is
+// written now (the worker is leaving its loop): the next worker adds to that row.
+void
+Worker::RecordHistory(TimestampTz now, bool unfinished) {
+	TimestampTz this_minute = now - now % (60 * USECS_PER_SEC);
+	if (guc_stats_history_min <= 0) {
+		minute_ = MinuteStats{};
+		minute_.start = this_minute;
+		return;
+	}
+	if (minute_.start == 0) {
+		minute_.start = this_minute;
+		return;
+	}
+	if (this_minute <= minute_.start && !unfinished)
+		return;
+	MinuteRow row = {minute_.start,
+	                 minute_.received,
+	                 minute_.applied,
+	                 minute_.dead,
+	                 minute_.dup,
+	                 minute_.retries,
+	                 minute_.batches,
+	                 minute_.apply_ms.Percentile(0.5),
+	                 minute_.apply_ms.Percentile(0.99),
+	                 minute_.lag_ms.Percentile(0.5),
+	                 minute_.lag_ms.Percentile(0.99)};
+	minute_ = MinuteStats{};
+	minute_.start = this_minute;
+	PgError err;
+	if (!PgGuard([&] { RecordMinute(&cfg_, &row, guc_stats_history_min); }, &err))
+		Log(WARNING, std::string("sbpg: subscription \"") + start_.name +
+		                 "\": cannot write sbpg.stats_minutes: " + err.message.c_str());
 }
 
 } // namespace sbpg::pg

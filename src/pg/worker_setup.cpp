@@ -5,6 +5,7 @@
 //   reason in last_error. Secrets never reach PostgreSQL memory beyond the configuration row.
 #include "sbpg/amqp/consumer.hpp"
 #include "sbpg/core/fixed_text.hpp"
+#include "sbpg/core/histogram.hpp"
 #include "sbpg/core/text.hpp"
 #include "sbpg/identity/token.hpp"
 #include "sbpg/message/message.hpp"

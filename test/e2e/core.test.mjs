@@ -62,7 +62,7 @@ describe("sbpg core", () => {
       "SELECT n_tup_ins FROM pg_stat_all_tables WHERE relid = 'sbpg.inbox'::regclass")).rows[0].n_tup_ins) >= n,
       { what: "the inbox inserts in pg_stat_all_tables" });
     const sample = mine[0];
-    assert.deepEqual(Object.keys(sample).sort(), ["attempts", "correlation_id", "message_id", "reason", "sequence_number", "status", "subscription", "xid"]);
+    assert.deepEqual(Object.keys(sample).sort(), ["attempts", "correlation_id", "message_id", "reason", "sequence_number", "status", "subscription", "traceparent", "xid"]);
     assert.equal(sample.attempts, 1);
     assert.match(sample.xid, /^[0-9]+$/);
   });

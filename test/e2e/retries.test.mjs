@@ -10,7 +10,7 @@ import { startSbemu, configWith, queue } from "../conformance/lib/sbemu.mjs";
 import { startCluster, waitFor } from "./lib/cluster.mjs";
 
 const retryOptions = { maxRetries: 0, timeoutInMs: 20000 };
-const names = ["flaky", "permanent", "exhaust", "noretry", "busy", "defer", "slow", "bound", "commit", "deferred", "survive"];
+const names = ["flaky", "permanent", "exhaust", "noretry", "busy", "defer", "slow", "bound", "commit", "deferred", "survive", "keeppace"];
 
 describe("retry policy", () => {
   let emu, pg, sb, listener;
@@ -348,6 +348,31 @@ describe("retry policy", () => {
     await pg.query("ALTER SYSTEM RESET sbpg.inbox_retention");
     await pg.query("SELECT pg_reload_conf()");
     await pg.psql("SELECT sbpg.drop_subscription('old');");
+  });
+
+  it("keeps pace: expired rows far beyond one pruning round go within seconds, while messages are applied", async () => {
+    // 60,000 expired confirmed rows: three times what one round removes (20 chunks of 1000). Before,
+    // the rest waited for the next round a minute later, and at a sustained rate never went.
+    await pg.psql(`
+      INSERT INTO sbpg.inbox (subscription, sequence_number, message_id, status, xid, recorded_at, settled_at)
+      SELECT 'keeppace', 1000000 + g, 'x-' || g, 'applied', '1', now() - interval '1 day', now() - interval '1 day'
+      FROM generate_series(1, 60000) g;
+    `);
+    const msgs = [];
+    for (let i = 0; i < 2000; i++) msgs.push({ messageId: `kp-${i}`, body: { id: 500000 + i, amount: 1 } });
+    for (let i = 0; i < msgs.length; i += 500) await send("keeppace", msgs.slice(i, i + 500));
+    await pg.query("ALTER SYSTEM SET sbpg.inbox_retention = '1h'");
+    await pg.query("SELECT pg_reload_conf()");
+    await subscribe("keeppace", {});
+    await waitFor(async () => Number((await pg.query(
+      "SELECT count(*) FROM sbpg.inbox WHERE subscription = 'keeppace' AND recorded_at < now() - interval '1 hour'")).rows[0].count) === 0,
+    { timeout: 30000, interval: 200, what: "the 60,000 expired rows removed, well before a second round (a minute)" });
+    await waitFor(async () => got("keeppace").length === 2000, { what: "the 2,000 messages applied" });
+    assert.equal(Number((await pg.query("SELECT count(*) FROM sbpg.inbox WHERE subscription = 'keeppace'")).rows[0].count), 2000,
+      "every new row stays");
+    await pg.query("ALTER SYSTEM RESET sbpg.inbox_retention");
+    await pg.query("SELECT pg_reload_conf()");
+    await pg.psql("SELECT sbpg.drop_subscription('keeppace');");
   });
 
   it("keeps counting attempts across a worker killed with SIGKILL and a server restart", async () => {

@@ -1,7 +1,7 @@
 -- pgTAP: sbpg's catalog objects and who may use them. Runs in a database of its own, with the
 -- extensions pgtap and sbpg created by test/pg/run.
 BEGIN;
-SELECT plan(45);
+SELECT plan(50);
 
 SELECT has_schema('sbpg');
 SELECT has_role('sbpg_admin');
@@ -14,7 +14,7 @@ SELECT ok(NOT (SELECT rolcanlogin FROM pg_roles WHERE rolname = 'sbpg_monitor'),
 SELECT has_type('sbpg', 'message', 'composite type sbpg.message');
 SELECT columns_are('sbpg', 'message', ARRAY['message_id', 'correlation_id', 'session_id', 'subject', 'content_type',
     'reply_to', 'body', 'raw_body', 'properties', 'sequence_number', 'enqueued_at', 'delivery_count', 'message_type',
-    'schema_version', 'subscription', 'received_schema_version']);
+    'schema_version', 'subscription', 'received_schema_version', 'traceparent']);
 SELECT col_type_is('sbpg', 'message', 'body', 'jsonb', 'sbpg.message.body is jsonb');
 SELECT col_type_is('sbpg', 'message', 'raw_body', 'bytea', 'sbpg.message.raw_body is bytea');
 SELECT col_type_is('sbpg', 'message', 'properties', 'jsonb', 'sbpg.message.properties is jsonb');
@@ -27,7 +27,7 @@ SELECT has_table('sbpg', 'subscriptions', 'table sbpg.subscriptions');
 SELECT has_table('sbpg', 'inbox', 'table sbpg.inbox');
 SELECT has_view('sbpg', 'stats', 'view sbpg.stats');
 SELECT columns_are('sbpg', 'inbox', ARRAY['subscription', 'sequence_number', 'message_id', 'correlation_id', 'status',
-    'reason', 'delivery_count', 'attempts', 'xid', 'recorded_at', 'settled_at']);
+    'reason', 'delivery_count', 'attempts', 'xid', 'recorded_at', 'settled_at', 'traceparent']);
 SELECT col_type_is('sbpg', 'inbox', 'xid', 'xid8', 'sbpg.inbox.xid is xid8');
 SELECT has_index('sbpg', 'inbox', 'inbox_by_sequence', ARRAY['subscription', 'sequence_number']);
 SELECT index_is_unique('sbpg', 'inbox', 'inbox_by_sequence');
@@ -42,6 +42,14 @@ SELECT columns_are('sbpg', 'stats', ARRAY['subscription', 'enabled', 'state', 'p
 SELECT col_type_is('sbpg', 'stats', 'apply_ms_p99', 'double precision', 'sbpg.stats.apply_ms_p99 (apply latency, ms) is double precision');
 SELECT col_type_is('sbpg', 'stats', 'lag_ms_p99', 'double precision', 'sbpg.stats.lag_ms_p99 (end-to-end lag, ms) is double precision');
 SELECT col_type_is('sbpg', 'stats', 'token_expires_at', 'timestamp with time zone', 'sbpg.stats.token_expires_at is a point in time');
+-- The per-minute history (docs/monitoring.md); written by a worker in test/e2e/telemetry.test.mjs.
+SELECT columns_are('sbpg', 'stats_history', ARRAY['subscription', 'minute', 'received', 'applied', 'dead_lettered',
+    'duplicates', 'retries', 'batches', 'messages_per_second', 'apply_ms_p50', 'apply_ms_p99', 'lag_ms_p50', 'lag_ms_p99'],
+    'sbpg.stats_history has exactly these columns');
+SELECT col_type_is('sbpg', 'stats_history', 'minute', 'timestamp with time zone', 'sbpg.stats_history.minute is a point in time');
+SELECT table_privs_are('sbpg', 'stats_history', 'sbpg_monitor', ARRAY['SELECT']);
+SELECT table_privs_are('sbpg', 'stats_minutes', 'sbpg_monitor', ARRAY[]::text[]);
+SELECT is(current_setting('sbpg.stats_history_retention'), '1d', 'sbpg.stats_history_retention: a day by default');
 
 SELECT function_returns('sbpg', 'create_identity', ARRAY['text', 'text', 'jsonb'], 'void');
 SELECT function_returns('sbpg', 'create_subscription',

@@ -2,7 +2,7 @@
 -- owners of message types, statistics by visibility, the handler time limit, configuration
 -- functions refused where the calling role cannot be told, and what pg_dump keeps.
 BEGIN;
-SELECT plan(40);
+SELECT plan(47);
 
 CREATE ROLE tap_alice NOLOGIN IN ROLE sbpg_admin;
 CREATE ROLE tap_bob NOLOGIN IN ROLE sbpg_admin;
@@ -10,6 +10,7 @@ CREATE ROLE tap_alice_w NOLOGIN;
 CREATE ROLE tap_bob_w NOLOGIN;
 CREATE ROLE tap_alice_team NOLOGIN IN ROLE sbpg_admin;
 CREATE ROLE tap_watch NOLOGIN IN ROLE sbpg_monitor;
+CREATE ROLE tap_nobody NOLOGIN;
 GRANT tap_alice_w TO tap_alice;
 GRANT tap_bob_w TO tap_bob;
 GRANT tap_alice TO tap_alice_team; -- a member of alice's role
@@ -96,6 +97,34 @@ SELECT throws_ok($$SELECT * FROM sbpg._worker_stats()$$, '42501', 'permission de
 RESET ROLE;
 SELECT is((SELECT count(*)::int FROM sbpg.stats), (SELECT count(*)::int FROM sbpg.subscriptions), 'a superuser sees every subscription');
 
+-- The per-minute history follows the same rule (rows written here as a worker would write them).
+INSERT INTO sbpg.stats_minutes (subscription, minute, received, applied, dead_lettered, duplicates, retries, batches)
+SELECT s.name, date_trunc('minute', now()) - interval '1 minute', 60, 60, 0, 0, 0, 1 FROM sbpg.subscriptions s;
+SET ROLE tap_bob;
+SELECT is((SELECT array_agg(subscription ORDER BY subscription) FROM sbpg.stats_history), ARRAY['s-bob'],
+    'an admin sees the history of the subscriptions whose run_as they belong to');
+SELECT throws_ok($$SELECT * FROM sbpg.stats_minutes$$, '42501', 'permission denied for table stats_minutes',
+    'but not the table behind it');
+RESET ROLE;
+SET ROLE tap_watch;
+SELECT is((SELECT count(DISTINCT subscription)::int FROM sbpg.stats_history), (SELECT count(*)::int FROM sbpg.subscriptions),
+    'sbpg_monitor sees the history of every subscription');
+SELECT is((SELECT messages_per_second FROM sbpg.stats_history WHERE subscription = 's-bob'), 1::float8,
+    'messages_per_second is the minute''s settled messages over 60 s');
+RESET ROLE;
+SET ROLE tap_nobody;
+SELECT throws_ok($$SELECT * FROM sbpg.stats_history$$, '42501', 'permission denied for view stats_history',
+    'a role with no sbpg role reads no history');
+RESET ROLE;
+SELECT sbpg.create_subscription('s-gone', 'amqp://127.0.0.1:5672', 'q9', 'tap_sh(sbpg.message)', 'tap_bob_w', enabled => false);
+INSERT INTO sbpg.stats_minutes (subscription, minute, received, applied, dead_lettered, duplicates, retries, batches)
+VALUES ('s-gone', date_trunc('minute', now()), 1, 1, 0, 0, 0, 1);
+SELECT sbpg.drop_subscription('s-gone');
+SELECT is((SELECT count(*)::int FROM sbpg.stats_minutes WHERE subscription = 's-gone'), 0,
+    'dropping a subscription drops its history');
+SELECT throws_ok($$INSERT INTO sbpg.stats_minutes (subscription, minute, received, applied, dead_lettered, duplicates, retries, batches)
+    VALUES ('s-never', now(), 0, 0, 0, 0, 0, 0)$$, '23503', NULL, 'history only for subscriptions that exist');
+
 -- In a security-restricted operation (here CREATE INDEX, which runs the table owner's expression
 -- as the owner while the session belongs to a superuser) the caller cannot be told: refused.
 CREATE TABLE tap_alice_t (x int);
@@ -147,8 +176,8 @@ SELECT is((SELECT run_as::text FROM sbpg.subscriptions WHERE name = 's-listed'),
 -- pg_dump keeps the configuration and the inbox.
 SELECT set_eq($$SELECT unnest(extconfig)::regclass::text FROM pg_extension WHERE extname = 'sbpg'$$,
     ARRAY['sbpg.identities', 'sbpg.identity_secrets', 'sbpg.identity_usage', 'sbpg.subscriptions', 'sbpg.inbox',
-          'sbpg.retries', 'sbpg.message_types', 'sbpg.schemas', 'sbpg.mappings'],
-    'every configuration table and the inbox are dumped with the database');
+          'sbpg.retries', 'sbpg.message_types', 'sbpg.schemas', 'sbpg.mappings', 'sbpg.stats_minutes'],
+    'every configuration table, the inbox and the history are dumped with the database');
 
 -- A worker's session is pinned to search_path = pg_catalog, pg_temp; the configuration functions
 -- carry that path themselves.

@@ -16,7 +16,7 @@ import { startCluster, waitFor } from "../e2e/lib/cluster.mjs";
 import pg from "pg";
 
 const queues = ["victim", "bobq", "slow", "notes", "odd", "stubborn", "gone", "sets"];
-const notifyKeys = new Set(["subscription", "message_id", "correlation_id", "sequence_number", "status", "xid", "attempts",
+const notifyKeys = new Set(["traceparent", "subscription", "message_id", "correlation_id", "sequence_number", "status", "xid", "attempts",
   "next_attempt_at", "deferred", "reason"]);
 
 describe("privilege escalation", () => {

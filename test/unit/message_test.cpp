@@ -179,4 +179,60 @@ TEST("CheckJson refuses a body that starts with a byte-order mark or a stray 0xE
 	CHECK(Json(" {\"a\": \"\xef\xbb\xbf\"}")); // inside a string it is just a character
 }
 
+TEST("ParseTraceParent keeps a W3C traceparent and refuses what the recommendation refuses") {
+	const std::string ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+	std::string out;
+	CHECK(ParseTraceParent(ok, &out));
+	CHECK_EQ(out, ok);
+	for (const char *bad : {"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",  // upper-case hex
+	                        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",  // all-zero trace id
+	                        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",  // all-zero parent id
+	                        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  // version ff
+	                        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-", // version 00 has no more fields
+	                        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",     // no flags
+	                        "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  // separator
+	                        "|4bf92f3577b34da6a3ce929d0e0e4736.00f067aa0ba902b7.",      // the old Request-Id form
+	                        "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01", ""}) {
+		out = "unchanged";
+		CHECK(!ParseTraceParent(bad, &out));
+		CHECK_EQ(out, std::string("unchanged"));
+	}
+	// A later version is read by its first 55 characters; anything after them must follow a "-".
+	CHECK(ParseTraceParent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-comes", &out));
+	CHECK_EQ(out, std::string("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+	CHECK(!ParseTraceParent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x", &out));
+}
+
+TEST("a message's trace context: traceparent first, else Diagnostic-Id, else none") {
+	const std::string tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+	const std::string di = "00-11111111111111111111111111111111-2222222222222222-00";
+	auto decode = [](std::vector<amqp::Value> props) {
+		std::string enc;
+		std::vector<amqp::Value> p(2);
+		p[amqp::kMessageId] = amqp::Value::String("m");
+		amqp::EncodeSection(amqp::kProperties, amqp::Value::List(p), &enc);
+		amqp::EncodeSection(amqp::kApplicationProperties, amqp::Value::Map(std::move(props)), &enc);
+		amqp::EncodeSection(amqp::kData, amqp::Value::Binary("{}"), &enc);
+		ReceivedMessage m;
+		DecodeMessage(enc, 1000, &m);
+		return m;
+	};
+	ReceivedMessage both = decode({amqp::Value::String("Diagnostic-Id"), amqp::Value::String(di),
+	                               amqp::Value::String("traceparent"), amqp::Value::String(tp)});
+	CHECK_EQ(both.decode_error, std::string());
+	CHECK_EQ(both.traceparent, tp);
+	CHECK_EQ(decode({amqp::Value::String("Diagnostic-Id"), amqp::Value::String(di)}).traceparent, di);
+	// An invalid traceparent falls back to a valid Diagnostic-Id; an old-style one is no trace context.
+	CHECK_EQ(decode({amqp::Value::String("traceparent"), amqp::Value::String("junk"),
+	                 amqp::Value::String("Diagnostic-Id"), amqp::Value::String(di)})
+	             .traceparent,
+	         di);
+	CHECK_EQ(decode({amqp::Value::String("Diagnostic-Id"), amqp::Value::String("|abc.1.")}).traceparent, std::string());
+	// Not a string: ignored (the property itself stays in properties_json).
+	ReceivedMessage num = decode({amqp::Value::String("traceparent"), amqp::Value::Long(7)});
+	CHECK_EQ(num.traceparent, std::string());
+	CHECK(num.properties_json.find("\"traceparent\":7") != std::string::npos);
+	CHECK_EQ(decode({}).traceparent, std::string());
+}
+
 TAP_MAIN

@@ -1,8 +1,10 @@
 // test/unit/text_test.cpp
 //   Unit tests of the UTF-8 helpers in src/core/text.cpp: IsStrictUtf8 (what PostgreSQL accepts),
 //   ToValidUtf8 (U+FFFD for each maximal ill-formed subpart and each NUL), and cutting text on a
-//   character boundary (Utf8Prefix, ClipUtf8, CopyUtf8, FixedText).
+//   character boundary (Utf8Prefix, ClipUtf8, CopyUtf8, FixedText). Also the latency histogram of
+//   the per-minute history (sbpg/core/histogram.hpp).
 #include "sbpg/core/fixed_text.hpp"
+#include "sbpg/core/histogram.hpp"
 #include "sbpg/core/text.hpp"
 
 #include "tap.hpp"
@@ -201,6 +203,48 @@ TEST("FixedText cuts on a character boundary when set or appended past its size"
 	e.Set(std::string(2000, 'x'));
 	CHECK_EQ(e.view().size(), ErrorText::kCapacity);
 	CHECK(IsStrictUtf8(e.view()));
+}
+
+namespace {
+
+bool
+Near(double got, double want, double rel) {
+	return got >= want * (1 - rel) && got <= want * (1 + rel);
+}
+
+} // namespace
+
+TEST("Histogram: percentiles within 4.5% over six decades, clamped to what was seen") {
+	Histogram h;
+	h.Clear();
+	CHECK(h.Percentile(0.5) < 0); // empty
+	for (int i = 1; i <= 1000; ++i)
+		h.Add(i); // 1 .. 1000 ms
+	CHECK_EQ(h.Count(), uint64_t(1000));
+	CHECK(Near(h.Percentile(0.5), 500, 0.045));
+	CHECK(Near(h.Percentile(0.99), 990, 0.045));
+	CHECK(h.Percentile(1.0) <= 1000 && h.Percentile(1.0) >= 1000 * 0.955);
+	h.Clear();
+	for (double v : {0.002, 0.02, 0.2, 2.0, 20.0, 200.0, 2000.0}) {
+		h.Clear();
+		h.Add(v);
+		CHECK_EQ(h.Percentile(0.5), v); // one value: exactly it
+		h.Add(v * 1.001);
+		h.Add(v * 0.999);
+		CHECK(Near(h.Percentile(0.5), v, 0.045));
+	}
+	h.Clear();
+	for (int i = 0; i < 99; ++i)
+		h.Add(1.0);
+	h.Add(5000.0);
+	CHECK(Near(h.Percentile(0.99), 1.0, 0.045)); // rank 99 of 100
+	CHECK_EQ(h.Percentile(1.0), 5000.0);
+	h.Clear();
+	h.Add(0);
+	h.Add(-3);   // a clock that went backwards counts as 0
+	h.Add(1e12); // beyond the last bucket: kept there, reported as seen
+	CHECK_EQ(h.Percentile(0.5), 0.0);
+	CHECK_EQ(h.Percentile(1.0), 1e12);
 }
 
 TAP_MAIN

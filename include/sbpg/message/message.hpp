@@ -46,11 +46,20 @@ struct ReceivedMessage {
 	JsonVerdict json = JsonVerdict::Empty;
 	std::string json_error;   // why the body is not valid JSON
 	std::string decode_error; // set when the message could not be decoded at all
+	// W3C trace context: the application property "traceparent", or else the Azure SDKs'
+	// "Diagnostic-Id" when it has the same form; empty when neither is a valid one.
+	std::string traceparent;
 };
 
 // Decodes an encoded AMQP message (the bytes of one transfer). Never throws; a message that cannot
 // be decoded gets decode_error set (it will be dead-lettered with that reason).
 void DecodeMessage(std::string_view encoded, int max_json_depth, ReceivedMessage *out);
+
+// A W3C trace context traceparent (https://www.w3.org/TR/trace-context/#traceparent-header) as
+// sbpg keeps it: version, trace id, parent id and flags in lower-case hex, 55 characters. Refuses
+// version ff, an all-zero trace or parent id, upper-case hex and anything malformed; a later
+// version is read by its first 55 characters, as the recommendation asks. True with *out set.
+bool ParseTraceParent(std::string_view text, std::string *out);
 
 // Whether a content type names JSON ("application/json", "text/json", "application/x+json",
 // parameters such as "; charset=utf-8" allowed).

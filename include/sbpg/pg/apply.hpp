@@ -77,9 +77,24 @@ void ApplyBatch(const SubConfig *cfg, ApplyItem *items, int n, const int64 *conf
 // Only the settled_at stamping, in its own transaction.
 void StampSettled(const SubConfig *cfg, const int64 *seqs, int nseqs, const char *const *ids, int nids);
 
-// Deletes up to `limit` confirmed inbox rows older than retention_s, and retry rows of messages
-// not seen for that long, in one short transaction; returns how many.
-int64 PruneInbox(const SubConfig *cfg, int retention_s, int limit);
+// Deletes up to `limit` confirmed inbox rows older than retention_s, oldest first and recorded at
+// *from or later (0: any), and up to `limit` retry rows of messages not seen for that long, in one
+// short transaction; returns how many inbox rows (*retries_removed: retry rows) and moves *from to
+// the newest recorded_at it removed.
+int64 PruneInbox(const SubConfig *cfg, int retention_s, int limit, int64 *retries_removed, TimestampTz *from);
+
+// One minute of a subscription's history (sbpg.stats_history); a percentile below 0 is unknown
+// (no sample in that minute).
+struct MinuteRow {
+	TimestampTz minute; // its start
+	uint64 received, applied, dead_lettered, duplicates, retries, batches;
+	double apply_p50, apply_p99, lag_p50, lag_p99;
+};
+
+// Adds the minute to sbpg.stats_minutes (a worker restarted within the minute adds to the row its
+// predecessor wrote) and removes the subscription's rows older than keep_min minutes, in one short
+// transaction.
+void RecordMinute(const SubConfig *cfg, const MinuteRow *row, int keep_min);
 
 // Deferred messages due for their next attempt (up to max, soonest first).
 int DueDeferred(const SubConfig *cfg, int64 *out, int max);

@@ -40,6 +40,8 @@ namespace sbpg::pg::spi {
 enum class Commit {
 	kAsConfigured, // as synchronous_commit says
 	kFlushed,      // the commit record flushed before returning: what the caller settles on it is durable
+	kLazy,         // synchronous_commit off for this commit: housekeeping that a crash may undo harmlessly
+	               // (it is done again), which then costs no disk flush of its own
 };
 
 // A short transaction of the worker's own, with SPI connected and a snapshot pushed.
@@ -54,7 +56,7 @@ ShortTransaction(Fn &&fn, Commit how = Commit::kAsConfigured) {
 	EndShort(how);
 }
 
-constexpr int kMaxPlanArgs = 9;
+constexpr int kMaxPlanArgs = 12;
 
 // A statement sbpg prepares once per process. Declare it `constexpr` (or const) with static storage:
 // its address is its key in the plan cache.

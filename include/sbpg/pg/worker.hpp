@@ -5,6 +5,7 @@
 //     worker_setup.cpp  reading the subscription and connecting (endpoint, key, tokens)
 //     worker.cpp        one batch: apply, then settle; the message log line; schema refresh
 //     worker_events.cpp connection events, settlement results, held and deferred messages
+//   (sbpg/core/histogram.hpp is one of those C++ headers.)
 //   The main thread is the only one that calls PostgreSQL, always through PgGuard; the Worker owns
 //   C++ objects, so no PostgreSQL error may longjmp across its frames.
 #pragma once
@@ -57,7 +58,14 @@ struct Stats {
 	uint64_t retries = 0, retried = 0, gave_up = 0, deferred = 0;
 	std::vector<float> apply_ms, lag_ms;
 };
-void Publish(Stats &st, bool batch, TimestampTz at);
+// The minute being counted for sbpg.stats_history (plain data; written out by RecordHistory).
+struct MinuteStats {
+	TimestampTz start; // 0: not started
+	uint64 received, applied, dead, dup, retries, batches;
+	Histogram apply_ms, lag_ms;
+};
+// Adds st to the slot (sbpg.stats) and to the minute, then clears st.
+void Publish(Stats &st, bool batch, TimestampTz at, MinuteStats *minute);
 
 class Worker {
   public:
@@ -84,6 +92,7 @@ class Worker {
 	void Housekeeping();
 	void StampConfirmed(TimestampTz now);
 	void Prune(TimestampTz now);
+	void RecordHistory(TimestampTz now, bool unfinished);
 	// worker.cpp
 	void ProcessBatch(std::vector<ReceivedMessage> &msgs);
 	void DropStale(std::vector<ReceivedMessage> &msgs);
@@ -113,9 +122,13 @@ class Worker {
 	int efd_ = -1;
 	WaitEventSet *wait_set_ = nullptr;
 	Stats stats_;
+	MinuteStats minute_{};
 	std::unordered_map<uint64_t, InboxKey> awaiting_; // delivery id -> inbox key, until confirmed
 	std::vector<InboxKey> confirmed_;                 // settlements the broker confirmed
 	TimestampTz last_stamp_ = 0, last_prune_ = 0;
+	bool prune_behind_ = false;      // expired inbox rows are left: prune a chunk every turn (Prune)
+	int64 recorded_since_prune_ = 0; // inbox rows written since the last chunk
+	TimestampTz prune_from_ = 0;     // where the last chunk ended (recorded_at); 0 at each round
 	TimestampTz paused_until_ = 0;
 	bool stop_ = false;
 	int exit_code_ = 0; // nonzero: leave the loop at once and exit the process with it
