@@ -203,6 +203,14 @@ Entity::KindName() const {
 	return "?";
 }
 
+size_t
+Entity::SessionsLocked() const {
+	size_t n = 0;
+	for (const auto &kv : groups)
+		n += kv.second.owner != nullptr;
+	return n;
+}
+
 std::string
 Entity::CountsJson() const {
 	char buf[1536];
@@ -212,7 +220,8 @@ Entity::CountsJson() const {
 	              "\"abandoned\":%llu,\"deferrals\":%llu,\"dead_letter_moves\":%llu,\"expired\":%llu,"
 	              "\"lock_renewals\":%llu,\"lock_lost\":%llu,\"lock_expired\":%llu,\"released_by_detach\":%llu,"
 	              "\"duplicates\":%llu,\"put_tokens\":%llu,\"scheduled_total\":%llu,\"cancelled\":%llu,"
-	              "\"sessions\":%zu,\"consumers\":%zu,\"max_locked_by_link\":%llu}",
+	              "\"sessions\":%zu,\"sessions_locked\":%zu,\"consumers\":%zu,\"max_locked_by_link\":%llu,"
+	              "\"max_sessions_locked\":%llu}",
 	              JsonEscape(name).c_str(), KindName(), msgs.size(), n_active, n_locked, n_scheduled, n_deferred,
 	              dlq ? dlq->msgs.size() : static_cast<size_t>(0), (unsigned long long)counters.sent,
 	              (unsigned long long)counters.delivered, (unsigned long long)counters.completed,
@@ -222,8 +231,8 @@ Entity::CountsJson() const {
 	              (unsigned long long)counters.lock_expired, (unsigned long long)counters.released_by_detach,
 	              (unsigned long long)counters.duplicates, (unsigned long long)counters.put_tokens,
 	              (unsigned long long)counters.scheduled, (unsigned long long)counters.cancelled,
-	              SessionsEnabled() ? groups.size() : static_cast<size_t>(0), consumers.size(),
-	              (unsigned long long)counters.max_locked_by_link);
+	              SessionsEnabled() ? groups.size() : static_cast<size_t>(0), SessionsLocked(), consumers.size(),
+	              (unsigned long long)counters.max_locked_by_link, (unsigned long long)counters.max_sessions_locked);
 	return buf;
 }
 
@@ -840,6 +849,7 @@ Broker::LockSession(Entity &e, Consumer *c, const std::string &sid, bool any, in
 	}
 	g->owner = c;
 	g->locked_until = now + e.props.lock_duration_ms;
+	e.counters.max_sessions_locked = std::max<uint64_t>(e.counters.max_sessions_locked, e.SessionsLocked());
 	session_timers_.push({g->locked_until, &e, chosen});
 	c->session_bound = true;
 	c->session_id = chosen;

@@ -87,6 +87,9 @@ struct Counters {
 	// by sequence number) ever held locked at once: a high-water mark, so a test sees a breach of
 	// prefetch however briefly it lasted. Zeroed with the counters.
 	uint64_t max_locked_by_link = 0;
+	// The most sessions of the entity ever locked at once (by any receivers): how a test sees that
+	// a client held several sessions concurrently. Zeroed with the counters.
+	uint64_t max_sessions_locked = 0;
 };
 
 class Entity;
@@ -143,6 +146,7 @@ class Entity {
 	bool CanSend() const { return kind == Kind::Queue || kind == Kind::Topic; }
 	const char *KindName() const;
 	std::string CountsJson() const;
+	size_t SessionsLocked() const; // sessions whose lock a receiver holds now
 };
 
 // Outcome of a settlement.

@@ -949,6 +949,8 @@ TEST("store: sessions lock one receiver per session and deliver in order") {
 	CHECK_EQ(locked, std::string("B"));
 	CHECK(!b.LockSession(q, &cc, "", true, 10, &locked, &cond));
 	CHECK(cond.empty());
+	CHECK_EQ(q.SessionsLocked(), 2u);
+	CHECK_EQ(q.counters.max_sessions_locked, 2u);
 	b.AddConsumer(q, &ca);
 	b.Pump(ca, q, 11);
 	REQUIRE(ca.got.size() == 2);
@@ -957,7 +959,12 @@ TEST("store: sessions lock one receiver per session and deliver in order") {
 	b.Tick(1010);
 	CHECK_EQ(ca.session_lost, 1);
 	CHECK(b.Complete(q, ca.tokens[1], 1011) == SettleResult::LockLost);
+	CHECK_EQ(q.SessionsLocked(), 0u);
 	CHECK(b.LockSession(q, &cc, "A", false, 1012, &locked, &cond));
+	CHECK_EQ(q.SessionsLocked(), 1u);
+	CHECK_EQ(q.counters.max_sessions_locked, 2u); // a high-water mark
+	CHECK(q.CountsJson().find("\"sessions_locked\":1,") != std::string::npos);
+	CHECK(q.CountsJson().find("\"max_sessions_locked\":2}") != std::string::npos);
 }
 
 TEST("store: topic fan-out honours rules and forwarding") {
