@@ -12,6 +12,10 @@ extern "C" {
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "catalog/pg_type.h"
+#include "miscadmin.h"
+#include "replication/syncrep.h"
+#include "replication/walsender.h"
+#include "tcop/tcopprot.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
@@ -59,6 +63,30 @@ Checked(int rc, int expect, const char *what) {
 	return SpiResult{SPI_tuptable, SPI_processed};
 }
 
+// A settlement must survive the loss of this server where synchronous standbys are configured, not
+// only a crash. A commit already waits for them (synchronous_commit is pinned at least 'on', see
+// config.cpp), but that wait ends early on a cancel request (pg_cancel_backend), termination or the
+// postmaster's death, and the commit then stands locally though no standby has it. So the worker
+// waits again, for its own commit record and everything flushed before it (which covers every
+// commit it could have read, such as a terminated predecessor's inbox row that a redelivery finds),
+// with cancel requests ignored: a commit cannot be cancelled any more. Only termination ends that
+// wait, and then the process exits before anything is settled.
+void
+WaitForSynchronousStandbys() {
+	XLogRecPtr upto = Max(XactLastCommitEnd, GetFlushRecPtr(nullptr));
+	if (!SyncRepRequested())
+		return;
+	pqsignal(SIGINT, SIG_IGN);
+	QueryCancelPending = false;
+	SyncRepWaitForLSN(upto, true);
+	pqsignal(SIGINT, StatementCancelHandler);
+	if (ProcDiePending)
+		ereport(FATAL, (errcode(ERRCODE_ADMIN_SHUTDOWN),
+		                errmsg("sbpg: terminating before the synchronous standbys confirmed a commit"),
+		                errdetail("The messages of that commit stay unsettled: the broker delivers them again "
+		                          "and the inbox recognises them.")));
+}
+
 } // namespace
 
 void
@@ -79,9 +107,12 @@ EndShort(Commit how) {
 		(void)set_config_option("synchronous_commit", "off", PGC_SUSET, PGC_S_SESSION, GUC_ACTION_LOCAL, true, 0,
 		                        false);
 	CommitTransactionCommand();
-	// Settle only what is durable: flush the commit record whatever synchronous_commit says.
-	if (how == Commit::kFlushed)
+	// Settle only what is durable: flush the commit record whatever synchronous_commit says, and
+	// have the synchronous standbys confirm it where there are any.
+	if (how == Commit::kFlushed) {
 		XLogFlush(XactLastCommitEnd);
+		WaitForSynchronousStandbys();
+	}
 }
 
 int

@@ -39,7 +39,8 @@ namespace sbpg::pg::spi {
 // How EndShort commits.
 enum class Commit {
 	kAsConfigured, // as synchronous_commit says
-	kFlushed,      // the commit record flushed before returning: what the caller settles on it is durable
+	kFlushed,      // the commit record flushed (and confirmed by synchronous standbys, where there are any)
+	               // before returning: what the caller settles on it is durable
 	kLazy,         // synchronous_commit off for this commit: housekeeping that a crash may undo harmlessly
 	               // (it is done again), which then costs no disk flush of its own
 };

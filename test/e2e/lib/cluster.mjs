@@ -2,7 +2,7 @@
 // OS user when the tests run as root (initdb refuses root). stop() fails the test when the server
 // log shows a process terminated by a signal that the test did not send itself.
 import { spawnSync, execFileSync } from "node:child_process";
-import { mkdtempSync, writeFileSync, readFileSync, existsSync, chmodSync, appendFileSync } from "node:fs";
+import { mkdtempSync, writeFileSync, readFileSync, existsSync, chmodSync, appendFileSync, readdirSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -75,6 +75,13 @@ export async function startCluster({ conf = {}, env = {}, pgbin = PGBIN, start =
   };
   appendFileSync(join(data, "postgresql.conf"),
     "\n" + Object.entries(settings).map(([k, v]) => `${k} = ${v}`).join("\n") + "\n");
+  const cluster = clusterAt({ dir, data, log, port, pgbin: PGBIN, env });
+  if (start) cluster.start();
+  return cluster;
+}
+
+/** The handle of a cluster in `data` (started or not) listening on a socket in `dir`. */
+function clusterAt({ dir, data, log, port, pgbin: PGBIN, env = {} }) { // eslint-disable-line no-shadow
   const cluster = {
     dir, data, log, port, pgbin: PGBIN,
     signalsSent: [], // pids the test killed on purpose
@@ -151,9 +158,75 @@ export async function startCluster({ conf = {}, env = {}, pgbin = PGBIN, start =
       const bad = cluster.unexpectedSignals();
       if (bad.length) throw new Error(`server log shows processes terminated by a signal:\n${bad.join("\n")}`);
     },
+    /** Ends recovery of a standby (pg_ctl promote, waiting until it accepts writes). */
+    promote() {
+      run(join(PGBIN, "pg_ctl"), ["-D", data, "-w", "-t", "60", "promote"]);
+    },
+    /** The postmaster's pid (first line of postmaster.pid), or 0 when it is not running. */
+    postmasterPid() {
+      const f = join(data, "postmaster.pid");
+      return existsSync(f) ? Number(readFileSync(f, "utf8").split("\n")[0]) : 0;
+    },
+    /**
+     * Loses the server as a machine would: SIGKILL to the postmaster first (so it restarts
+     * nothing), then to every process it had started, and waits until all are gone. All are
+     * recorded as sent on purpose.
+     */
+    async killAll() {
+      const pm = cluster.postmasterPid();
+      const pids = [pm, ...childrenOf(pm)];
+      for (const pid of pids) {
+        try {
+          cluster.kill(pid);
+        } catch {} // already gone
+      }
+      // Until every one is reaped: a zombie postmaster's pid would stop the data directory from
+      // being started again ("lock file postmaster.pid already exists").
+      await waitFor(() => pids.every((pid) => !existsSync(`/proc/${pid}`)), { what: "the killed server's processes gone" });
+    },
   };
-  if (start) cluster.start();
   return cluster;
+}
+
+/** Pids whose parent is `pid`, from /proc (no procps needed). */
+export function childrenOf(pid) {
+  const out = [];
+  for (const d of readdirSync("/proc")) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const stat = readFileSync(`/proc/${d}/stat`, "utf8");
+      const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+      if (ppid === Number(pid)) out.push(Number(d));
+    } catch {} // exited meanwhile
+  }
+  return out;
+}
+
+/**
+ * A streaming-replication standby of `primary` (pg_basebackup of the running primary), started,
+ * connecting with application_name `name` (what synchronous_standby_names refers to).
+ * Settings in `conf` are added to the copied configuration.
+ */
+export async function startStandby(primary, { name = "standby1", conf = {} } = {}) {
+  const dir = mkdtempSync(join(tmpdir(), "sbpg-standby-"));
+  chmodSync(dir, 0o777);
+  const data = join(dir, "data");
+  const log = join(dir, "server.log");
+  const port = await freePort();
+  run(join(primary.pgbin, "pg_basebackup"), ["-D", data, "-h", primary.dir, "-p", String(primary.port), "-U", "postgres",
+    "-X", "stream", "-c", "fast", "--no-sync"]);
+  writeFileSync(join(data, "standby.signal"), "");
+  const settings = {
+    port,
+    unix_socket_directories: `'${dir}'`,
+    primary_conninfo: `'host=${primary.dir} port=${primary.port} user=postgres application_name=${name}'`,
+    ...conf,
+  };
+  appendFileSync(join(data, "postgresql.conf"),
+    "\n" + Object.entries(settings).map(([k, v]) => `${k} = ${v}`).join("\n") + "\n");
+  const standby = clusterAt({ dir, data, log, port, pgbin: primary.pgbin });
+  standby.start();
+  return standby;
 }
 
 /**
