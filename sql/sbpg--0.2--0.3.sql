@@ -240,6 +240,15 @@ BEGIN
 			END IF;
 			CONTINUE;
 		END IF;
+		IF k = 'sessions' THEN
+			IF jsonb_typeof(options -> k) <> 'boolean' THEN
+				RAISE EXCEPTION 'subscription option "sessions" must be true or false'
+					USING ERRCODE = 'invalid_parameter_value',
+					      DETAIL = 'true receives sessions from the start; false never does; without it, sessions are received when the entity requires them.',
+					      HINT = 'docs/scaling.md explains sessions.';
+			END IF;
+			CONTINUE;
+		END IF;
 		IF k IN ('schemas', 'unknown_types', 'version_property') THEN
 			IF jsonb_typeof(options -> k) <> 'string'
 			   OR (k = 'schemas' AND options ->> k NOT IN ('off', 'validate'))
@@ -260,17 +269,21 @@ BEGIN
 			('retry_cap_ms', 1, 86400000, 'the largest delay ceiling, in milliseconds', 300000),
 			('retry_hold_ms', 0, 600000, 'delays up to this many milliseconds are waited out holding the lock; longer ones defer the message', 30000),
 			('max_lock_renewal_s', 0, 86400, 'how long after receipt a held message''s lock is renewed at most, in seconds', 300),
-			('handler_timeout_ms', 100, 3600000, 'how long tenant code (handler, upcasts, mapping) may run for one message, in milliseconds', 30000))
+			('handler_timeout_ms', 100, 3600000, 'how long tenant code (handler, upcasts, mapping) may run for one message, in milliseconds', 30000),
+			('max_sessions', 1, 256, 'how many sessions the worker holds at once', 8),
+			('session_idle_ms', 100, 3600000, 'how long a session without messages is held before it is released for the next, in milliseconds', 5000))
 			AS t(key, lo, hi, what, dflt) WHERE t.key = k;
 		IF NOT FOUND THEN
 			RAISE EXCEPTION 'unknown subscription option "%"', k
 				USING ERRCODE = 'invalid_parameter_value',
-				      HINT = 'Subscription options: max_retries, retry_base_ms, retry_cap_ms, retry_hold_ms, max_lock_renewal_s, handler_timeout_ms, schemas, unknown_types, version_property, allow_superuser_run_as.';
+				      HINT = 'Subscription options: max_retries, retry_base_ms, retry_cap_ms, retry_hold_ms, max_lock_renewal_s, handler_timeout_ms, schemas, unknown_types, version_property, sessions, max_sessions, session_idle_ms, allow_superuser_run_as.';
 		END IF;
 		IF jsonb_typeof(options -> k) <> 'number' OR (options ->> k) !~ '^[0-9]+$' OR (options ->> k)::numeric NOT BETWEEN lim.lo AND lim.hi THEN
 			RAISE EXCEPTION 'subscription option "%" must be an integer from % to %', k, lim.lo, lim.hi
 				USING ERRCODE = 'invalid_parameter_value', DETAIL = format('%s is %s; %s was given.', k, lim.what, options -> k),
-				      HINT = format('Leave it out for the default, %s. docs/retries.md explains the retry policy.', lim.dflt);
+				      HINT = format('Leave it out for the default, %s. %s', lim.dflt,
+				                    CASE WHEN k IN ('max_sessions', 'session_idle_ms') THEN 'docs/scaling.md explains sessions.'
+				                         ELSE 'docs/retries.md explains the retry policy.' END);
 		END IF;
 	END LOOP;
 	IF coalesce((options ->> 'retry_hold_ms')::bigint, 30000) > coalesce((options ->> 'max_lock_renewal_s')::bigint, 300) * 1000 THEN

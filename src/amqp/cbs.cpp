@@ -116,7 +116,7 @@ CbsTokens::Accepted() {
 		cfg_.token_answer(put_serial_, true, "");
 	else // Renew at half the token's life, on this connection.
 		refresh_at_ = Now() + cfg_.sas_token_lifetime_s * 500;
-	if (!live_.receiver)
+	if (!live_.receiving)
 		return Next::OpenReceiver;
 	handoff_.Event(ConsumerEvent::Kind::TokenRenewed,
 	               "token renewed for " + cfg_.audience + " until " + FormatTime(put_expires_ms_));
@@ -131,7 +131,7 @@ CbsTokens::Refused(int64_t code, const std::string &desc, std::string *why) {
 		cfg_.token_answer(put_serial_, false, std::to_string(code) + " " + desc);
 		// A renewal refused while the accepted token still holds: keep the links (and their
 		// locks) and put the next token when it comes.
-		if (live_.receiver && accepted_expires_ms_ > Now()) {
+		if (live_.receiving && accepted_expires_ms_ > Now()) {
 			handoff_.Event(ConsumerEvent::Kind::TokenRefused,
 			               *why + "; the accepted token holds until " + FormatTime(accepted_expires_ms_));
 			return Next::Nothing;

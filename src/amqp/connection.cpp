@@ -61,6 +61,8 @@ Consumer::Impl::ConnectionWork() {
 	}
 	mgmt.ReopenIfDue(n);
 	locks.RenewDue(n);
+	if (session_mode && live.receiving)
+		sessions.Work(n);
 	mgmt.Expire(n);
 }
 
@@ -89,11 +91,26 @@ Consumer::Impl::Connect() {
 // The peek-lock receiver (and the $management pair beside it), once the connection may receive.
 void
 Consumer::Impl::OpenReceiver() {
-	live.receiver = live.conn.open_receiver(cfg.entity, proton::receiver_options().credit_window(0).auto_accept(false));
-	// Peek-lock as Service Bus clients do it: the broker confirms each settlement.
-	pn_link_set_rcv_settle_mode(amqp::LinkAccess::Get(live.receiver), PN_RCV_SECOND);
+	live.receiving = true;
+	if (session_mode) {
+		OpenSessionReceivers();
+	} else {
+		live.receiver = live.conn.open_receiver(cfg.entity,
+		                                        proton::receiver_options().credit_window(0).auto_accept(false));
+		// Peek-lock as Service Bus clients do it: the broker confirms each settlement.
+		pn_link_set_rcv_settle_mode(amqp::LinkAccess::Get(live.receiver), PN_RCV_SECOND);
+	}
 	if (cfg.management)
 		mgmt.Open();
+}
+
+// Session mode: receivers for the next available sessions, up to max_sessions. The connection
+// counts as receiving at once, though no session may be free yet.
+void
+Consumer::Impl::OpenSessionReceivers() {
+	sessions.Fill(amqp::Now());
+	MarkReceiving("receiving up to " + std::to_string(cfg.max_sessions) + " sessions at once from " + cfg.entity +
+	              " on " + cfg.host + ":" + std::to_string(cfg.port) + (cfg.tls ? " (TLS)" : ""));
 }
 
 void
@@ -156,6 +173,8 @@ Consumer::Impl::ForgetConnection() {
 	}
 	live.conn = proton::connection();
 	live.receiver = proton::receiver();
+	live.receiving = false;
+	sessions.Reset();
 	cbs.Reset();
 	deliveries.Clear();
 	++live.gen;

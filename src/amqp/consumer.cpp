@@ -89,7 +89,10 @@ Live::NewMessage() {
 
 Consumer::Impl::Impl(ConsumerConfig c, int fd)
     : cfg(std::move(c)), handoff(fd), cbs(cfg, handoff, live), mgmt(cfg, handoff, live), locks(cfg, handoff, mgmt),
-      deliveries(cfg, handoff, live, locks, mgmt), deferred(cfg, handoff, live, mgmt, locks) {}
+      deliveries(cfg, handoff, live, locks, mgmt), deferred(cfg, handoff, live, mgmt, locks),
+      sessions(cfg, handoff, live, mgmt, deliveries), session_mode(cfg.sessions == ConsumerConfig::Sessions::On) {
+	handoff.status.sessions = session_mode;
+}
 
 // ---- Proton's callbacks (AMQP thread)
 
@@ -125,10 +128,27 @@ Consumer::Impl::on_connection_open(proton::connection &c) {
 
 void
 Consumer::Impl::on_receiver_open(proton::receiver &r) {
-	if (mgmt.OnOpened(r) || r != live.receiver)
+	if (mgmt.OnOpened(r))
 		return;
+	if (sessions.Owns(r)) {
+		sessions.OnOpened(r);
+		return;
+	}
+	if (r != live.receiver)
+		return;
+	// A refused attach is answered without a source, then detached with the reason (on a session
+	// entity, that sessions are required): nothing is received on it.
+	if (pn_terminus_get_type(pn_link_remote_source(amqp::LinkAccess::Get(r))) == PN_UNSPECIFIED)
+		return;
+	deliveries.Start(r, cfg.prefetch);
+	MarkReceiving("receiving from " + cfg.entity + " on " + cfg.host + ":" + std::to_string(cfg.port) +
+	              (cfg.tls ? " (TLS)" : ""));
+}
+
+// The connection receives (its receiver is open, or in session mode its session receivers are).
+void
+Consumer::Impl::MarkReceiving(const std::string &text) {
 	attempts = 0;
-	deliveries.Start(r);
 	{
 		std::lock_guard<std::mutex> g(handoff.mu);
 		handoff.status.connected = true;
@@ -136,8 +156,7 @@ Consumer::Impl::on_receiver_open(proton::receiver &r) {
 		handoff.status.in_flight = 0;
 		handoff.status.generation = live.gen;
 	}
-	handoff.Event(ConsumerEvent::Kind::Connected, "receiving from " + cfg.entity + " on " + cfg.host + ":" +
-	                                                  std::to_string(cfg.port) + (cfg.tls ? " (TLS)" : ""));
+	handoff.Event(ConsumerEvent::Kind::Connected, text);
 }
 
 void
@@ -165,11 +184,23 @@ Consumer::Impl::on_message(proton::delivery &d, proton::message &m) {
 		mgmt.OnReply(m);
 		return;
 	}
-	deliveries.Receive(d, m);
+	if (!session_mode) {
+		deliveries.Receive(d, m, 0);
+		return;
+	}
+	// A session receiver that no longer holds its session (being released, or its lock lost):
+	// nothing it delivers can be settled; the broker gives the message back when the link closes.
+	uint64_t gen = sessions.LinkGen(d.receiver());
+	if (!gen)
+		return;
+	sessions.OnActivity(d.receiver(), amqp::Now());
+	deliveries.Receive(d, m, gen);
 }
 
 void
 Consumer::Impl::on_delivery_settle(proton::delivery &d) {
+	if (session_mode)
+		sessions.OnActivity(d.receiver(), amqp::Now());
 	deliveries.OnSettled(d);
 }
 
@@ -189,10 +220,31 @@ Consumer::Impl::on_connection_error(proton::connection &c) {
 	Lost("connection closed: " + Describe(c.error()));
 }
 
+// Service Bus's refusal of a receiver without a session filter on an entity that requires sessions.
+bool
+Consumer::Impl::RefusedForSessions(const proton::error_condition &e) const {
+	return cfg.sessions == ConsumerConfig::Sessions::Detect && e && e.name() == "amqp:not-allowed" &&
+	       (e.description().find("requires sessions") != std::string::npos ||
+	        e.description().find("non-sessionful") != std::string::npos);
+}
+
 void
 Consumer::Impl::on_receiver_error(proton::receiver &r) {
 	if (mgmt.links().Owns(r))
 		return mgmt.OnDetached("the $management link was detached: " + Describe(r.error()));
+	if (sessions.Owns(r))
+		return; // on_receiver_close, which follows, handles it
+	if (r == live.receiver && !session_mode && RefusedForSessions(r.error())) {
+		// The entity requires sessions: receive them from now on (this connection and the next).
+		session_mode = true;
+		live.receiver = proton::receiver();
+		{
+			std::lock_guard<std::mutex> g(handoff.mu);
+			handoff.status.sessions = true;
+		}
+		OpenSessionReceivers();
+		return;
+	}
 	Lost((cbs.links().Owns(r) ? "the $cbs link was detached: " : "the receiver was detached: ") + Describe(r.error()));
 }
 
@@ -210,6 +262,12 @@ Consumer::Impl::on_session_error(proton::session &s) {
 
 void
 Consumer::Impl::on_receiver_close(proton::receiver &r) {
+	if (sessions.Owns(r)) {
+		std::string why = sessions.OnClosed(r);
+		if (!why.empty() && !stopping.load() && live.conn)
+			Lost(why);
+		return;
+	}
 	if (r == live.receiver && !stopping.load() && live.conn)
 		Lost("the receiver was detached by the broker");
 }
@@ -357,6 +415,14 @@ Consumer::TakeEvents(std::vector<ConsumerEvent> *out) {
 	std::lock_guard<std::mutex> g(h.mu);
 	out->insert(out->end(), h.events.begin(), h.events.end());
 	h.events.clear();
+}
+
+bool
+Consumer::LinkLive(const ReceivedMessage &m) {
+	if (!m.in_session)
+		return true;
+	std::lock_guard<std::mutex> g(impl_->handoff.mu);
+	return impl_->handoff.live_links.count(m.link_gen) != 0;
 }
 
 ConsumerStatus

@@ -9,6 +9,7 @@
 //     LockTable        the locks of held messages and their renewal (locks.cpp)
 //     Deliveries       receipt, dispositions, the broker's answers, credit (deliveries.cpp)
 //     DeferredFetches  receive-by-sequence-number for the main thread (deferred.cpp)
+//     SessionLinks     session receivers: next available session, renewal, release (sessions.cpp)
 //     Consumer::Impl   the Proton handler that owns them (consumer.cpp) and the connection's
 //                      life: connect, reconnect with backoff, loss (connection.cpp)
 //   Thread rules: everything but Handoff belongs to the AMQP thread (Proton callbacks, the
@@ -48,6 +49,7 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "sbpg/core/cpp_only.hpp"
@@ -108,6 +110,7 @@ struct Handoff {
 	std::vector<Consumer::FetchFailure> fetch_failures;
 	ConsumerStatus status;
 	proton::work_queue *wq = nullptr; // of the live connection, or null
+	std::unordered_set<uint64_t> live_links; // session receivers holding their session now
 
 	// Writes the eventfd the main thread waits on. Any thread; never under mu.
 	void Wake();
@@ -125,9 +128,11 @@ struct Handoff {
 // delivery-id counter (unique across connections).
 struct Live {
 	proton::connection conn;
-	proton::receiver receiver;
+	proton::receiver receiver; // null in session mode (SessionLinks holds the receivers)
+	bool receiving = false;    // the receiver (or the session receivers) were opened on conn
 	uint64_t gen = 0;
 	uint64_t next_id = 0;
+	uint64_t next_link_gen = 0; // session receivers' generations, unique across connections
 
 	// A message received now on this connection, with the next delivery id.
 	ReceivedMessage NewMessage();
@@ -301,8 +306,14 @@ class Deliveries {
 	    : cfg_(cfg), handoff_(handoff), live_(live), locks_(locks), mgmt_(mgmt) {}
 
 	// The receiver is open: grant the first credit.
-	void Start(proton::receiver &r);
-	void Receive(proton::delivery &d, proton::message &m);
+	void Start(proton::receiver &r, uint32_t credit);
+	// link_gen: the session receiver's (0 when not in session mode).
+	void Receive(proton::delivery &d, proton::message &m, uint64_t link_gen);
+	// A session receiver lost its session: its deliveries can no longer be settled (settlements
+	// the main thread sends for them are answered as failed).
+	void DropLink(const proton::receiver &r);
+	// How many deliveries of the receiver are not settled.
+	size_t UnsettledOn(const proton::receiver &r) const;
 	// Runs in the connection's context: sends the settlements the main thread queued.
 	void Drain();
 	// The broker settled a delivery: the outcome took effect, or (rejected with an error) did not.
@@ -323,6 +334,62 @@ class Deliveries {
 	std::unordered_map<uint64_t, proton::delivery> unsettled_;
 	std::unordered_map<pn_delivery_t *, uint64_t> ids_;
 	bool broker_settles_first_ = false; // broker answered rcv-settle-mode first: settle locally
+};
+
+// Session mode: up to max_sessions receivers, each attached with com.microsoft:session-filter
+// null (the next available session; the broker may keep the attach waiting up to
+// com.microsoft:timeout) and then holding the session the broker locked for it. Each receiver has
+// a link generation of its own, carried by its messages; while it holds its session the generation
+// is in Handoff::live_links. The session lock is renewed (renew-session-lock) at half its
+// duration; a session without messages for session_idle_ms and with nothing unsettled is released
+// (the link closed); a lost lock (detach with session-lock-lost, a refused renewal, expiry) drops
+// that receiver's deliveries. A receiver that ends for any of these reasons, or because no session
+// was free, is replaced by a new one on the next tick.
+class SessionLinks {
+  public:
+	SessionLinks(const ConsumerConfig &cfg, Handoff &handoff, Live &live, Management &mgmt, Deliveries &deliveries)
+	    : cfg_(cfg), handoff_(handoff), live_(live), mgmt_(mgmt), deliveries_(deliveries) {}
+
+	// Opens receivers up to max_sessions on the live connection.
+	void Fill(int64_t now);
+	bool Owns(const proton::receiver &r) const { return Find(r) != nullptr; }
+	// The link generation of a session receiver (0 when r is not one).
+	uint64_t LinkGen(const proton::receiver &r) const;
+	// The broker answered r's attach: the session it locked, or none.
+	void OnOpened(proton::receiver &r);
+	// r is closed (by the broker: no session free, lock lost, an error; or by us). Returns the
+	// error that must drop the connection, or empty.
+	std::string OnClosed(proton::receiver &r);
+	void OnActivity(const proton::receiver &r, int64_t now);
+	// Runs in the connection's context on every tick: renewals, idle releases, replacements.
+	void Work(int64_t now);
+	// The connection is gone.
+	void Reset();
+	size_t Held() const;
+
+  private:
+	struct Link {
+		proton::receiver receiver;
+		uint64_t gen = 0;
+		std::string session_id;
+		bool locked = false;    // the broker locked a session for it
+		bool closing = false;   // closed by us (idle release or lost lock)
+		bool renewing = false;  // a renew-session-lock is under way
+		int64_t locked_until_ms = 0, duration_ms = 0, last_activity_ms = 0;
+	};
+	Link *Find(const proton::receiver &r);
+	const Link *Find(const proton::receiver &r) const;
+	void Renew(Link &l);
+	void Lose(Link &l, const std::string &why);
+	void Publish();
+
+	const ConsumerConfig &cfg_;
+	Handoff &handoff_;
+	Live &live_;
+	Management &mgmt_;
+	Deliveries &deliveries_;
+	std::vector<Link> links_;
+	int64_t fill_at_ = 0; // when to open replacements (a short pause after a refusal)
 };
 
 // Deferred messages the main thread asks for by sequence number: received over $management
@@ -368,6 +435,8 @@ struct Consumer::Impl : public proton::messaging_handler {
 	amqp::LockTable locks;
 	amqp::Deliveries deliveries;
 	amqp::DeferredFetches deferred;
+	amqp::SessionLinks sessions;
+	bool session_mode = false; // receiving sessions on this entity (declared or detected)
 	int64_t reconnect_at = 0;
 	int attempts = 0;
 	bool conn_work_queued = false;
@@ -379,6 +448,9 @@ struct Consumer::Impl : public proton::messaging_handler {
 	void ConnectionWork();
 	void Connect();
 	void OpenReceiver();
+	void OpenSessionReceivers();
+	void MarkReceiving(const std::string &text);
+	bool RefusedForSessions(const proton::error_condition &e) const;
 	void OnCbsReply(proton::message &m);
 	void Lost(const std::string &why);
 	bool ForgetConnection();

@@ -62,14 +62,16 @@ DispositionStatus(Outcome o) {
 } // namespace
 
 void
-Deliveries::Start(proton::receiver &r) {
+Deliveries::Start(proton::receiver &r, uint32_t credit) {
 	broker_settles_first_ = pn_link_remote_rcv_settle_mode(LinkAccess::Get(r)) == PN_RCV_FIRST;
-	r.add_credit(cfg_.prefetch);
+	r.add_credit(credit);
 }
 
 void
-Deliveries::Receive(proton::delivery &d, proton::message &m) {
+Deliveries::Receive(proton::delivery &d, proton::message &m, uint64_t link_gen) {
 	ReceivedMessage rm = live_.NewMessage();
+	rm.in_session = link_gen != 0;
+	rm.link_gen = link_gen;
 	try {
 		std::vector<char> buf;
 		m.encode(buf);
@@ -80,12 +82,13 @@ Deliveries::Receive(proton::delivery &d, proton::message &m) {
 	handoff_.Classify(&rm);
 	unsettled_[rm.delivery_id] = d;
 	ids_[DeliveryAccess::Get(d)] = rm.delivery_id;
-	// The lock token is the delivery tag (.NET byte order); $management wants RFC order.
+	// The lock token is the delivery tag (.NET byte order); $management wants RFC order. A session's
+	// messages are covered by the session lock (SessionLinks renews it): no renewal of their own.
 	proton::binary tag = d.tag();
 	uint8_t token[16];
 	if (tag.size() == 16)
 		DotNetGuidSwap(reinterpret_cast<const uint8_t *>(tag.data()), token);
-	locks_.Hold(rm, tag.size() == 16 ? token : nullptr, false);
+	locks_.Hold(rm, tag.size() == 16 && !link_gen ? token : nullptr, false);
 	{
 		std::lock_guard<std::mutex> g(handoff_.mu);
 		handoff_.inbox.push_back(std::move(rm));
@@ -197,9 +200,33 @@ Deliveries::Finish(uint64_t id) {
 	ids_.erase(DeliveryAccess::Get(d));
 	unsettled_.erase(it);
 	locks_.Release(id);
+	proton::receiver r = d.receiver();
 	d.settle();
-	if (live_.receiver && live_.receiver.active())
-		live_.receiver.add_credit(1);
+	if (r && r.active())
+		r.add_credit(1);
+}
+
+void
+Deliveries::DropLink(const proton::receiver &r) {
+	for (auto it = unsettled_.begin(); it != unsettled_.end();) {
+		if (it->second.receiver() == r) {
+			ids_.erase(DeliveryAccess::Get(it->second));
+			locks_.Release(it->first);
+			it = unsettled_.erase(it);
+		} else {
+			++it;
+		}
+	}
+	std::lock_guard<std::mutex> g(handoff_.mu);
+	handoff_.status.in_flight = static_cast<uint32_t>(unsettled_.size());
+}
+
+size_t
+Deliveries::UnsettledOn(const proton::receiver &r) const {
+	size_t n = 0;
+	for (auto &kv : unsettled_)
+		n += kv.second.receiver() == r;
+	return n;
 }
 
 void

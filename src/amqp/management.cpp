@@ -21,7 +21,7 @@ Management::Open() {
 
 void
 Management::ReopenIfDue(int64_t now) {
-	if (reopen_at_ && now >= reopen_at_ && live_.receiver)
+	if (reopen_at_ && now >= reopen_at_ && live_.receiving)
 		Reopen();
 }
 

@@ -44,6 +44,10 @@ const char *const kSubscriptionSql =
     "coalesce((s.options" OP_GETTEXT "'retry_cap_ms')::integer, 300000) AS retry_cap_ms, "
     "coalesce((s.options" OP_GETTEXT "'retry_hold_ms')::integer, 30000) AS retry_hold_ms, "
     "coalesce((s.options" OP_GETTEXT "'max_lock_renewal_s')::integer, 300) AS max_lock_renewal_s, "
+    // sessions: true declares them, false never receives them, absent detects them on attach.
+    "CASE (s.options" OP_GETTEXT "'sessions') WHEN 'true' THEN 1 WHEN 'false' THEN -1 ELSE 0 END AS sessions, "
+    "coalesce((s.options" OP_GETTEXT "'max_sessions')::integer, 8) AS max_sessions, "
+    "coalesce((s.options" OP_GETTEXT "'session_idle_ms')::integer, 5000) AS session_idle_ms, "
     "coalesce((s.options" OP_GETTEXT "'schemas'), 'off')" OP_EQ "'validate' AS validate_schemas, "
     "coalesce((s.options" OP_GETTEXT "'unknown_types'), 'dead_letter')" OP_EQ "'pass' AS unknown_pass, "
     "coalesce((s.options" OP_GETTEXT "'version_property'), 'schema_version') AS version_property, "
@@ -119,6 +123,9 @@ ReadSubscription(const char *name, SubConfig *out) {
 	out->retry_cap_ms = r.Int32(0, r.Col("retry_cap_ms"));
 	out->retry_hold_ms = r.Int32(0, r.Col("retry_hold_ms"));
 	out->max_lock_renewal_s = r.Int32(0, r.Col("max_lock_renewal_s"));
+	out->sessions = r.Int32(0, r.Col("sessions"));
+	out->max_sessions = r.Int32(0, r.Col("max_sessions"));
+	out->session_idle_ms = r.Int32(0, r.Col("session_idle_ms"));
 	out->validate_schemas = r.Bool(0, r.Col("validate_schemas"));
 	out->unknown_pass = r.Bool(0, r.Col("unknown_pass"));
 	out->version_property = Kept(r, "version_property");

@@ -149,6 +149,8 @@ StatusName(int status) {
 		return "duplicate";
 	case kDelayed:
 		return "delayed";
+	case kBlocked:
+		return "blocked";
 	default:
 		return "retry";
 	}

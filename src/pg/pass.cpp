@@ -208,6 +208,34 @@ ApplyIsolated(Pass *pass, ApplyItem *it, MemoryContext msgcxt) {
 	FreeErrorData(e);
 }
 
+// Whether items[i] must wait because an earlier message of its session in the batch (items are
+// in the order the session delivered them) waits for its next attempt or is itself blocked: a
+// session is applied in order. Earlier items' statuses are final here (in the isolated pass, those
+// of earlier chunks were committed; those of this chunk were decided before i).
+bool
+BlockedBySession(const ApplyItem *items, int i) {
+	const ReceivedMessage *m = items[i].msg;
+	if (!m->in_session)
+		return false;
+	for (int j = 0; j < i; ++j) {
+		const ReceivedMessage *o = items[j].msg;
+		int st = items[j].status;
+		if (o->in_session && (st == kTransient || st == kDelayed || st == kBlocked) && o->session_id == m->session_id)
+			return true;
+	}
+	return false;
+}
+
+// Marks items[i] blocked when BlockedBySession says so (a pending message only: a redelivery of an
+// applied one is answered as a duplicate whatever waits before it). True when it is.
+bool
+Block(ApplyItem *items, int i) {
+	if (items[i].status != kPending || !BlockedBySession(items, i))
+		return false;
+	items[i].status = kBlocked;
+	return true;
+}
+
 // What a pass does with an item before any tenant code: a redelivery is notified again, a message
 // waiting for its time is left alone, and in the isolated pass a message that failed on its own in
 // the first pass has that attempt recorded instead of running again. True when the item needs
@@ -312,10 +340,12 @@ void
 ApplyRangeSet(Pass *pass, ApplyItem *items, int lo, int hi, bool isolate, MemoryContext msgcxt) {
 	ApplyItem **set = static_cast<ApplyItem **>(palloc(sizeof(ApplyItem *) * (hi - lo)));
 	int n = 0;
+	bool in_session = false;
 	for (int i = lo; i < hi; ++i) {
 		ApplyItem *it = &items[i];
-		if (DoneBeforeApply(pass, it, isolate))
+		if (DoneBeforeApply(pass, it, isolate) || Block(items, i))
 			continue;
+		in_session |= it->msg->in_session;
 		if (HasMapping(pass, it)) {
 			ApplyMessage(pass, items, i, isolate, msgcxt);
 			continue;
@@ -336,6 +366,14 @@ ApplyRangeSet(Pass *pass, ApplyItem *items, int lo, int hi, bool isolate, Memory
 		timed_out |= set[i]->set_timed_out;
 		set[i]->set_timed_out = false;
 	}
+	if (in_session) {
+		// Halving could apply a later message of a session whose earlier one fails: one call per
+		// message, in order, each blocked once an earlier one of its session waits.
+		for (int i = 0; i < n; ++i)
+			if (!Block(items, static_cast<int>(set[i] - items)))
+				ApplySetIsolated(pass, set + i, 1, msgcxt);
+		return;
+	}
 	if (timed_out) // the first pass's call ran out of time: no halving (see ApplySetIsolated)
 		ApplySetOneByOne(pass, set, n, msgcxt);
 	else
@@ -352,7 +390,7 @@ ApplyRange(Pass *pass, ApplyItem *items, int lo, int hi, bool isolate) {
 		return;
 	}
 	for (int i = lo; i < hi; ++i)
-		if (!DoneBeforeApply(pass, &items[i], isolate))
+		if (!DoneBeforeApply(pass, &items[i], isolate) && !Block(items, i))
 			ApplyMessage(pass, items, i, isolate, msgcxt);
 }
 

@@ -128,8 +128,12 @@ Worker::DropStale(std::vector<ReceivedMessage> &msgs) {
 		for (auto it = awaiting_.begin(); it != awaiting_.end();)
 			it = it->second.gen != gen ? awaiting_.erase(it) : std::next(it);
 	}
+	// Also those of a session this consumer no longer holds (released or its lock lost): applied
+	// now, they might overtake what another receiver of that session applies meanwhile.
 	msgs.erase(std::remove_if(msgs.begin(), msgs.end(),
-	                          [gen](const ReceivedMessage &m) { return m.connection_gen != gen; }),
+	                          [&](const ReceivedMessage &m) {
+		                          return m.connection_gen != gen || !consumer_->LinkLive(m);
+	                          }),
 	           msgs.end());
 	for (auto &m : msgs)
 		if (m.has_sequence_number)
@@ -141,7 +145,9 @@ Worker::DropStale(std::vector<ReceivedMessage> &msgs) {
 bool
 Worker::Apply(std::vector<ApplyItem> &items, BatchResult *res, PgError *err) {
 	ConfirmedKeys keys = CollectConfirmed(confirmed_);
-	cfg_.can_defer = consumer_->Status().management_ready;
+	ConsumerStatus st = consumer_->Status();
+	// Deferral would let later messages of a session overtake the deferred one: never in session mode.
+	cfg_.can_defer = st.management_ready && !st.sessions;
 	bool ok = PgGuard(
 	    [&] {
 		    ApplyBatch(&cfg_, items.data(), static_cast<int>(items.size()), keys.seqs.data(),
@@ -205,6 +211,9 @@ SettlementFor(const ApplyItem &it, const ReceivedMessage &m, bool *held) {
 		s.reason = it.reason.str();
 		s.description = it.description.str();
 		break;
+	case kBlocked: // behind an earlier message of its session: waits with it
+		*held = true;
+		break;
 	case kTransient:
 	case kDelayed:
 		// Deferred when the delay is long and the broker can; held otherwise. (Giving the
@@ -231,6 +240,8 @@ Worker::Settle(std::vector<ApplyItem> &items, std::vector<ReceivedMessage> &msgs
 	std::vector<Settlement> settle;
 	settle.reserve(msgs.size());
 	int64_t commit_ms = WallMs();
+	// When each session's waiting message is due: the messages blocked behind it wait as long.
+	std::unordered_map<std::string, TimestampTz> session_due;
 	for (size_t i = 0; i < items.size(); ++i) {
 		ApplyItem &it = items[i];
 		ReceivedMessage &m = msgs[i];
@@ -247,9 +258,17 @@ Worker::Settle(std::vector<ApplyItem> &items, std::vector<ReceivedMessage> &msgs
 		               (it.status == kDuplicate && it.recorded == kDeadLettered);
 		if (guc_log_messages == kLogAll || (guc_log_messages == kLogFailures && failure))
 			Log(LOG, MessageLogLine(start_.name, it, res.xid));
-		if (held)
-			Hold(std::move(m), it.next_attempt);
-		else
+		if (held) {
+			TimestampTz due = it.next_attempt;
+			if (m.in_session) {
+				auto [at, added] = session_due.emplace(m.session_id, due);
+				if (it.status == kBlocked)
+					due = added ? GetCurrentTimestamp() + USECS_PER_SEC : at->second;
+				else if (!added)
+					at->second = std::max(at->second, due);
+			}
+			Hold(std::move(m), due);
+		} else
 			settle.push_back(std::move(s));
 	}
 	if (res.isolated)

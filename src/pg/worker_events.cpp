@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <string>
+#include <unordered_map>
 #include <unordered_set>
 #include <vector>
 
@@ -75,6 +76,17 @@ Worker::LogConnectionEvents() {
 			line += "error";
 			SetState(kStateReconnecting);
 			SetError(e.text);
+			break;
+		case ConsumerEvent::Kind::SessionAccepted:
+			line += "session_accepted";
+			level = DEBUG1; // routine: sessions come and go
+			break;
+		case ConsumerEvent::Kind::SessionReleased:
+			line += "session_released";
+			level = DEBUG1;
+			break;
+		case ConsumerEvent::Kind::SessionLost:
+			line += "session_lost";
 			break;
 		}
 		line += "\",\"detail\":\"" + JsonEscape(e.text) + "\"}";
@@ -159,7 +171,7 @@ Worker::TakeDue(std::vector<ReceivedMessage> *msgs, size_t max) {
 	std::stable_sort(held_.begin(), held_.end(), [](const Held &a, const Held &b) { return a.due < b.due; });
 	std::vector<Held> keep;
 	for (auto &h : held_) {
-		if (h.msg.connection_gen != gen)
+		if (h.msg.connection_gen != gen || !consumer_->LinkLive(h.msg))
 			continue;
 		if (h.due <= now && msgs->size() < max)
 			msgs->push_back(std::move(h.msg));
@@ -167,6 +179,33 @@ Worker::TakeDue(std::vector<ReceivedMessage> *msgs, size_t max) {
 			keep.push_back(std::move(h));
 	}
 	held_.swap(keep);
+}
+
+// A session is applied in order: a new message (msgs[from..]) of a session with a message held for
+// its next attempt waits behind it, due when the last of them is.
+void
+Worker::QueueBehindHeld(std::vector<ReceivedMessage> *msgs, size_t from) {
+	std::unordered_map<std::string, TimestampTz> waiting;
+	for (auto &h : held_)
+		if (h.msg.in_session) {
+			auto [at, added] = waiting.emplace(h.msg.session_id, h.due);
+			if (!added)
+				at->second = std::max(at->second, h.due);
+		}
+	if (waiting.empty())
+		return;
+	size_t out = from;
+	for (size_t i = from; i < msgs->size(); ++i) {
+		ReceivedMessage &m = (*msgs)[i];
+		auto at = m.in_session ? waiting.find(m.session_id) : waiting.end();
+		if (at != waiting.end())
+			Hold(std::move(m), at->second);
+		else if (out != i)
+			(*msgs)[out++] = std::move(m);
+		else
+			++out;
+	}
+	msgs->resize(out);
 }
 
 // Deferred messages the broker did not hand over (still locked by an earlier connection, their

@@ -239,12 +239,15 @@ Worker::WaitForWork(bool more) {
 	}
 }
 
-// The next batch: held messages that are due, then new ones, up to batch_size. False when none.
+// The next batch: held messages that are due, then new ones (except those of a session with a
+// message held: they wait behind it), up to batch_size. False when none.
 bool
 Worker::TakeBatch(std::vector<ReceivedMessage> *msgs) {
 	msgs->clear();
 	TakeDue(msgs, static_cast<size_t>(cfg_.batch_size));
+	size_t from = msgs->size();
 	consumer_->TakeMessages(msgs, static_cast<size_t>(cfg_.batch_size) - msgs->size());
+	QueueBehindHeld(msgs, from);
 	return !msgs->empty();
 }
 

@@ -190,6 +190,11 @@ Worker::ConnectionSettings(ConsumerConfig *cc) {
 	cc->container_id = std::string("sbpg-") + start_.name + "-" + NewGuid().substr(0, 8);
 	cc->max_json_depth = guc_max_json_depth;
 	cc->max_lock_renewal_ms = static_cast<int64_t>(cfg_.max_lock_renewal_s) * 1000;
+	cc->sessions = cfg_.sessions > 0   ? ConsumerConfig::Sessions::On
+	               : cfg_.sessions < 0 ? ConsumerConfig::Sessions::Off
+	                                   : ConsumerConfig::Sessions::Detect;
+	cc->max_sessions = cfg_.max_sessions;
+	cc->session_idle_ms = cfg_.session_idle_ms;
 	ca_file_ = guc_ca_file ? guc_ca_file : "";
 	cc->extra_ca_file = ca_file_;
 	return true;

@@ -2,7 +2,7 @@
 -- owners of message types, statistics by visibility, the handler time limit, configuration
 -- functions refused where the calling role cannot be told, and what pg_dump keeps.
 BEGIN;
-SELECT plan(47);
+SELECT plan(51);
 
 CREATE ROLE tap_alice NOLOGIN IN ROLE sbpg_admin;
 CREATE ROLE tap_bob NOLOGIN IN ROLE sbpg_admin;
@@ -56,6 +56,15 @@ SELECT lives_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"handl
     'unless the locks are renewed for longer');
 SELECT is((SELECT options FROM sbpg.subscriptions WHERE name = 's-listed'), '{"handler_timeout_ms": 400000, "max_lock_renewal_s": 600}'::jsonb,
     'both are stored together');
+-- Session options (docs/scaling.md).
+SELECT lives_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"sessions": true, "max_sessions": 16, "session_idle_ms": 2000}')$$,
+    'sessions, max_sessions and session_idle_ms are options');
+SELECT throws_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"sessions": "yes"}')$$,
+    '22023', 'subscription option "sessions" must be true or false', 'sessions is a boolean');
+SELECT throws_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"max_sessions": 0}')$$,
+    '22023', 'subscription option "max_sessions" must be an integer from 1 to 256', 'at least one session');
+SELECT throws_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"session_idle_ms": 99}')$$,
+    '22023', 'subscription option "session_idle_ms" must be an integer from 100 to 3600000', 'an idle limit of at least 100 ms');
 
 -- Message types belong to whoever registers them first.
 SET ROLE tap_alice;

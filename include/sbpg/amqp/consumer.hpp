@@ -54,6 +54,14 @@ struct ConsumerConfig {
 	int64_t max_lock_renewal_ms = 300000;
 	int reconnect_min_ms = 500;
 	int reconnect_max_ms = 30000;
+	// Sessions (an entity that requires them): declared, or detected when the broker refuses a
+	// receiver without a session filter (unless detection is off). Up to max_sessions sessions are
+	// held at once, each on a receiver of its own that asked for the next available session; one
+	// without messages for session_idle_ms (and nothing unsettled) is released for the next.
+	enum class Sessions { Detect, On, Off } sessions = Sessions::Detect;
+	int max_sessions = 8;
+	int64_t session_idle_ms = 5000;
+	int64_t session_wait_ms = 30000; // how long the broker may wait for a session to become free
 };
 
 enum class Outcome : uint8_t { Complete, DeadLetter, Abandon, Defer };
@@ -73,7 +81,16 @@ struct SettleResult {
 };
 
 struct ConsumerEvent {
-	enum class Kind : uint8_t { Connected, Disconnected, TokenRenewed, TokenRefused, Error } kind = Kind::Error;
+	enum class Kind : uint8_t {
+		Connected,
+		Disconnected,
+		TokenRenewed,
+		TokenRefused,
+		Error,
+		SessionAccepted, // text: the session id
+		SessionReleased, // idle, released for the next one
+		SessionLost,     // its lock ended: its unsettled messages come again
+	} kind = Kind::Error;
 	std::string text;
 };
 
@@ -91,7 +108,10 @@ struct ConsumerStatus {
 	bool management_ready = false;  // the $management link pair is open
 	bool management_failed = false; // the broker has no $management (no renewal, no deferral)
 	std::string last_error;
-	bool dead = false; // the AMQP thread stopped on an unexpected error
+	bool dead = false;          // the AMQP thread stopped on an unexpected error
+	bool sessions = false;      // receiving sessions (declared, or detected on this entity)
+	uint32_t sessions_held = 0; // sessions locked by this consumer now
+	uint64_t sessions_accepted = 0, sessions_lost = 0;
 };
 
 class Consumer {
@@ -128,6 +148,9 @@ class Consumer {
 	void TakeFetchFailures(std::vector<FetchFailure> *out);
 	void TakeEvents(std::vector<ConsumerEvent> *out);
 	ConsumerStatus Status();
+	// Whether the session receiver link_gen still holds its session: the messages it delivered can
+	// be settled (a message that is not in_session: always true).
+	bool LinkLive(const ReceivedMessage &m);
 
   private:
 	struct Impl;

@@ -24,6 +24,11 @@ enum class JsonVerdict : uint8_t {
 struct ReceivedMessage {
 	uint64_t delivery_id = 0;    // the AMQP thread's handle for settlement
 	uint64_t connection_gen = 0; // which connection delivered it (settlements on older ones are void)
+	// Received on a session receiver (an entity that requires sessions): its session's messages are
+	// applied in order, and it can be settled only while link_gen, the receiver that holds the
+	// session, is (Consumer::LinkLive).
+	bool in_session = false;
+	uint64_t link_gen = 0;
 	std::string message_id, correlation_id, session_id, subject, content_type, reply_to, to;
 	BodyKind body_kind = BodyKind::None;
 	std::string raw_body; // data sections joined, a string value's bytes, or JSON for other values

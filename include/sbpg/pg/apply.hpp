@@ -35,8 +35,10 @@ bool EndedByTimeLimit();
 
 // kTransient: this attempt failed with a transient error and another is scheduled (next_attempt).
 // kDelayed: not attempted; an earlier attempt scheduled the next one for later (a redelivery or a
-// deferred message that came back early). Their names are StatusName's (outcome.hpp).
-enum ItemStatus : int { kPending = 0, kApplied, kDeadLettered, kDuplicate, kTransient, kDelayed };
+// deferred message that came back early). kBlocked: not attempted, because an earlier message of
+// its session in the batch waits for its next attempt (a session is applied in order). Their
+// names are StatusName's (outcome.hpp).
+enum ItemStatus : int { kPending = 0, kApplied, kDeadLettered, kDuplicate, kTransient, kDelayed, kBlocked };
 
 // One message of a batch. Plain data (zero-initialised by the caller): PostgreSQL's error recovery
 // may longjmp over it.

@@ -52,6 +52,11 @@ struct SubConfig {
 	int retry_hold_ms;      // delays up to this are waited out holding the lock (default 30000)
 	int max_lock_renewal_s; // how long a held message's lock is renewed at most (default 300)
 	bool can_defer;         // set by the worker: the broker defers (Service Bus $management is up)
+	                        // and the entity has no sessions (a deferral would reorder one)
+	// Sessions (subscription options; docs/scaling.md).
+	int sessions;        // 1: declared, -1: never, 0: detected when the broker asks for them
+	int max_sessions;    // sessions held at once (default 8)
+	int session_idle_ms; // a session without messages this long is released (default 5000)
 	// Versioned schemas (subscription options; docs/schemas.md).
 	bool validate_schemas;     // "schemas": "validate"
 	bool unknown_pass;         // "unknown_types": "pass" (default: dead_letter)

@@ -111,6 +111,7 @@ class Worker {
 	void Hold(ReceivedMessage &&m, TimestampTz due);
 	TimestampTz NextDue() const;
 	void TakeDue(std::vector<ReceivedMessage> *msgs, size_t max);
+	void QueueBehindHeld(std::vector<ReceivedMessage> *msgs, size_t from);
 	void FetchDue();
 	void RetryUnfetched();
 
