@@ -148,6 +148,7 @@ BEGIN
 		DELETE FROM sbpg.inbox i WHERE i.subscription = s.name;
 		GET DIAGNOSTICS inbox_rows = ROW_COUNT;
 		DELETE FROM sbpg.retries r WHERE r.subscription = s.name;
+		DELETE FROM sbpg.session_states t WHERE t.subscription = s.name;
 		RAISE NOTICE 'subscription "%" now reads another source; its % inbox rows were removed', s.name, inbox_rows;
 	END IF;
 	UPDATE sbpg.subscriptions x SET
@@ -441,3 +442,68 @@ GRANT EXECUTE ON FUNCTION sbpg._stats_history() TO sbpg_monitor, sbpg_admin;
 -- Pages written before this update keep their fill.
 ALTER TABLE sbpg.inbox SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0.02,
                             autovacuum_vacuum_insert_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0);
+
+-- Session state (issue 15, docs/scaling.md "Session state"): what a handler keeps for the session of
+-- the message it applies. Written in the handler's transaction (so the next message of the session
+-- sees it only after that commit, and a rollback loses it), then copied to the broker's session
+-- state (set-session-state) once the commit is durable: `version` counts the writes, `synced_version`
+-- is the last one the broker accepted.
+CREATE TABLE sbpg.session_states (
+	subscription text NOT NULL REFERENCES sbpg.subscriptions (name) ON DELETE CASCADE,
+	session_id text NOT NULL,
+	state bytea,
+	version bigint NOT NULL DEFAULT 1,
+	synced_version bigint NOT NULL DEFAULT 0,
+	updated_at timestamptz NOT NULL DEFAULT now(),
+	PRIMARY KEY (subscription, session_id)
+);
+CREATE INDEX session_states_unsynced ON sbpg.session_states (subscription) WHERE version <> synced_version;
+COMMENT ON TABLE sbpg.session_states IS 'Session state set by handlers (sbpg.set_session_state), mirrored to the broker after commit';
+REVOKE ALL ON sbpg.session_states FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('sbpg.session_states', '');
+
+-- The subscription and session of a message the calling worker is applying now ({subscription,
+-- session_id}), or NULL: outside a worker's handler call, or a session that is not among the
+-- messages of the call. session_id NULL: the session of the call's messages, when they have one.
+-- for_write tells the worker to copy changed states to the broker after the commit.
+CREATE FUNCTION sbpg._applying_session(session_id text, for_write boolean) RETURNS text[]
+	LANGUAGE C VOLATILE AS 'MODULE_PATHNAME', 'sbpg_applying_session';
+REVOKE ALL ON FUNCTION sbpg._applying_session(text, boolean) FROM PUBLIC;
+
+CREATE FUNCTION sbpg.session_state(session_id text DEFAULT NULL) RETURNS bytea
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	k text[] := sbpg._applying_session(session_id, false);
+BEGIN
+	IF k IS NULL THEN
+		RAISE EXCEPTION 'sbpg.session_state() is for a handler applying a message of that session'
+			USING ERRCODE = 'object_not_in_prerequisite_state',
+			      DETAIL = CASE WHEN session_id IS NULL THEN 'No message of one session is being applied by this call.'
+			                    ELSE format('No message of session %s is being applied by this call.', quote_literal(session_id)) END,
+			      HINT = 'Call it from a handler of a subscription on a session-enabled entity; a set-based handler whose batch holds several sessions names one: sbpg.session_state(m.session_id).';
+	END IF;
+	RETURN (SELECT t.state FROM sbpg.session_states t WHERE t.subscription = k[1] AND t.session_id = k[2]);
+END
+$$;
+COMMENT ON FUNCTION sbpg.session_state(text) IS 'The state of the session of the message being applied (as of this transaction), or NULL';
+
+CREATE FUNCTION sbpg.set_session_state(state bytea, session_id text DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+	k text[] := sbpg._applying_session(set_session_state.session_id, true);
+BEGIN
+	IF k IS NULL THEN
+		RAISE EXCEPTION 'sbpg.set_session_state() is for a handler applying a message of that session'
+			USING ERRCODE = 'object_not_in_prerequisite_state',
+			      DETAIL = CASE WHEN set_session_state.session_id IS NULL THEN 'No message of one session is being applied by this call.'
+			                    ELSE format('No message of session %s is being applied by this call.', quote_literal(set_session_state.session_id)) END,
+			      HINT = 'Call it from a handler of a subscription on a session-enabled entity; a set-based handler whose batch holds several sessions names one: sbpg.set_session_state(state, m.session_id).';
+	END IF;
+	INSERT INTO sbpg.session_states AS t (subscription, session_id, state)
+	VALUES (k[1], k[2], set_session_state.state)
+	ON CONFLICT (subscription, session_id) DO UPDATE
+		SET state = excluded.state, version = t.version OPERATOR(pg_catalog.+) 1, updated_at = now();
+END
+$$;
+COMMENT ON FUNCTION sbpg.set_session_state(bytea, text) IS 'Replaces the state of the session of the message being applied; the broker''s copy follows after commit';

@@ -170,6 +170,9 @@ Consumer::Impl::ForgetConnection() {
 		for (int64_t seq : handoff.to_fetch)
 			handoff.fetch_failures.push_back({seq, false, "the connection was lost"});
 		handoff.to_fetch.clear();
+		for (auto &u : handoff.to_set_state)
+			handoff.state_results.push_back({u.session_id, u.version, false, "the connection was lost"});
+		handoff.to_set_state.clear();
 	}
 	live.conn = proton::connection();
 	live.receiver = proton::receiver();

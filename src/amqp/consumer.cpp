@@ -425,6 +425,32 @@ Consumer::LinkLive(const ReceivedMessage &m) {
 	return impl_->handoff.live_links.count(m.link_gen) != 0;
 }
 
+void
+Consumer::SetSessionStates(std::vector<SessionStateUpdate> updates) {
+	Impl &i = *impl_;
+	amqp::Handoff &h = i.handoff;
+	std::lock_guard<std::mutex> g(h.mu);
+	auto fail = [&h](std::vector<SessionStateUpdate> &us, const char *why) {
+		for (auto &u : us)
+			h.state_results.push_back({u.session_id, u.version, false, why});
+		us.clear();
+	};
+	if (!h.wq)
+		return fail(updates, "not connected");
+	for (auto &u : updates)
+		h.to_set_state.push_back(std::move(u));
+	if (!h.wq->add([&i] { i.sessions.SetStates(); }))
+		fail(h.to_set_state, "the connection is closing");
+}
+
+void
+Consumer::TakeSessionStateResults(std::vector<SessionStateResult> *out) {
+	amqp::Handoff &h = impl_->handoff;
+	std::lock_guard<std::mutex> g(h.mu);
+	out->insert(out->end(), h.state_results.begin(), h.state_results.end());
+	h.state_results.clear();
+}
+
 ConsumerStatus
 Consumer::Status() {
 	std::lock_guard<std::mutex> g(impl_->handoff.mu);

@@ -111,6 +111,8 @@ struct Handoff {
 	ConsumerStatus status;
 	proton::work_queue *wq = nullptr; // of the live connection, or null
 	std::unordered_set<uint64_t> live_links; // session receivers holding their session now
+	std::vector<SessionStateUpdate> to_set_state;
+	std::vector<SessionStateResult> state_results;
 
 	// Writes the eventfd the main thread waits on. Any thread; never under mu.
 	void Wake();
@@ -363,6 +365,9 @@ class SessionLinks {
 	void OnActivity(const proton::receiver &r, int64_t now);
 	// Runs in the connection's context on every tick: renewals, idle releases, replacements.
 	void Work(int64_t now);
+	// Runs in the connection's context: puts the states the main thread queued, for the sessions
+	// held (the others are answered as failed).
+	void SetStates();
 	// The connection is gone.
 	void Reset();
 	size_t Held() const;

@@ -320,6 +320,50 @@ SessionLinks::Work(int64_t now) {
 }
 
 void
+SessionLinks::SetStates() {
+	std::vector<SessionStateUpdate> batch;
+	{
+		std::lock_guard<std::mutex> g(handoff_.mu);
+		batch.swap(handoff_.to_set_state);
+	}
+	std::vector<SessionStateResult> failed;
+	for (auto &u : batch) {
+		bool held = false;
+		for (auto &l : links_)
+			held |= l.locked && !l.closing && l.session_id == u.session_id;
+		if (!held || !mgmt_.Ready()) {
+			failed.push_back(
+			    {u.session_id, u.version, false, held ? "$management is not open" : "the session is not held"});
+			continue;
+		}
+		std::map<std::string, proton::value> body;
+		body["session-id"] = u.session_id;
+		if (u.has_state)
+			body["session-state"] = proton::binary(u.state.begin(), u.state.end());
+		else
+			body["session-state"] = proton::value();
+		std::string sid = u.session_id;
+		int64_t version = u.version;
+		mgmt_.Request("com.microsoft:set-session-state", body,
+		              [this, sid, version](int64_t code, const std::string &desc, const proton::value &) {
+			              {
+				              std::lock_guard<std::mutex> g(handoff_.mu);
+				              handoff_.state_results.push_back(
+				                  {sid, version, code == 200, code == 200 ? "" : std::to_string(code) + " " + desc});
+			              }
+			              handoff_.Wake();
+		              });
+	}
+	if (!failed.empty()) {
+		{
+			std::lock_guard<std::mutex> g(handoff_.mu);
+			handoff_.state_results.insert(handoff_.state_results.end(), failed.begin(), failed.end());
+		}
+		handoff_.Wake();
+	}
+}
+
+void
 SessionLinks::Reset() {
 	{
 		std::lock_guard<std::mutex> g(handoff_.mu);

@@ -149,8 +149,10 @@ struct TenantActivity {
 	Applying what;
 	ErrorContextCallback cb;
 
-	void Begin(const Pass *pass, const ReceivedMessage *m, int n) {
+	void Begin(const Pass *pass, ApplyItem *const *set, int n) {
+		const ReceivedMessage *m = set[0]->msg;
 		what = {pass, m, n};
+		SetApplying(pass->cfg->name, set, n);
 		char text[256], label[64];
 		MessageLabel(m, label, sizeof label);
 		if (n > 1)
@@ -169,6 +171,7 @@ struct TenantActivity {
 	}
 	// Back to the batch: what follows (the inbox row, NOTIFY, COMMIT and its flush) is no message's.
 	void End() {
+		ClearApplying();
 		error_context_stack = cb.previous;
 		pgstat_report_activity(STATE_RUNNING, "sbpg: applying a batch");
 	}
@@ -183,7 +186,8 @@ ApplyOne(Pass *pass, ApplyItem *it, MemoryContext msgcxt) {
 	struct timespec t0;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	TenantActivity activity;
-	activity.Begin(pass, it->msg, 1);
+	ApplyItem *one[1] = {it};
+	activity.Begin(pass, one, 1);
 	RunTenantCode(pass, it);
 	activity.End();
 	MemoryContextSwitchTo(old);
@@ -280,7 +284,7 @@ ApplySetOnce(Pass *pass, ApplyItem *const *set, int n, MemoryContext msgcxt) {
 	struct timespec t0;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	TenantActivity activity;
-	activity.Begin(pass, set[0]->msg, n);
+	activity.Begin(pass, set, n);
 	RunSetHandler(pass, set, n);
 	activity.End();
 	MemoryContextSwitchTo(old);

@@ -591,6 +591,7 @@ StopRunAsTimers(const TenantClock *clock) {
 
 bool
 RunAsFailed(TenantClock *clock, int sqlerrcode) {
+	ClearApplying(); // the handler call that failed applies nothing any more
 	StopRunAsTimers(clock);
 	bool timed_out = clock->deadline != 0 && sqlerrcode == ERRCODE_QUERY_CANCELED &&
 	                 GetCurrentTimestamp() >= clock->deadline;

@@ -115,6 +115,9 @@ Worker::ProcessBatch(std::vector<ReceivedMessage> &msgs) {
 		return;
 	}
 	Settle(items, msgs, res);
+	// A handler wrote a session's state: the commit is durable now, so the broker gets it.
+	if (TakeStateWritten())
+		SyncSessionStates(GetCurrentTimestamp());
 }
 
 // Messages of a connection that is gone cannot be settled: leave them to the redelivery. A new

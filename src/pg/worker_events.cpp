@@ -20,6 +20,7 @@
 extern "C" {
 #include "postgres.h"
 
+#include "utils/memutils.h"
 #include "utils/timestamp.h"
 }
 
@@ -144,6 +145,61 @@ Worker::HandleResults() {
 		}
 		awaiting_.erase(it);
 	}
+	// Session states the broker accepted: recorded, so they are not sent again.
+	std::vector<SessionStateResult> states;
+	consumer_->TakeSessionStateResults(&states);
+	std::vector<const char *> ids;
+	std::vector<int64> versions;
+	for (auto &r : states) {
+		if (r.ok) {
+			ids.push_back(r.session_id.c_str());
+			versions.push_back(r.version);
+		} else {
+			Log(DEBUG1, std::string("sbpg: subscription \"") + start_.name + "\": the state of session \"" +
+			                r.session_id + "\" was not set on the broker (" + r.error + "); tried again later");
+		}
+	}
+	PgError err;
+	if (!ids.empty() &&
+	    !PgGuard([&] { MarkSessionStatesSynced(&cfg_, ids.data(), versions.data(), static_cast<int>(ids.size())); },
+	             &err))
+		Log(WARNING, std::string("sbpg: subscription \"") + start_.name +
+		                 "\": cannot record the session states the broker accepted: " + err.message.c_str());
+}
+
+// Sends the session states the broker has not accepted (up to 100, oldest write first).
+void
+Worker::SyncSessionStates(TimestampTz now) {
+	constexpr int kMax = 100;
+	SessionStateRow rows[kMax];
+	int n = 0;
+	MemoryContext cxt = nullptr;
+	PgError err;
+	last_state_sync_ = now;
+	bool ok = PgGuard(
+	    [&] {
+		    cxt = AllocSetContextCreate(TopMemoryContext, "sbpg session states", ALLOCSET_SMALL_SIZES);
+		    n = UnsyncedSessionStates(&cfg_, kMax, cxt, rows);
+	    },
+	    &err);
+	std::vector<SessionStateUpdate> updates;
+	if (ok)
+		for (int i = 0; i < n; ++i)
+			updates.push_back(SessionStateUpdate{rows[i].session_id, rows[i].has_state,
+			                                     rows[i].has_state ? std::string(rows[i].state, rows[i].state_len) : "",
+			                                     rows[i].version});
+	else
+		Log(WARNING, std::string("sbpg: subscription \"") + start_.name +
+		                 "\": cannot read the session states to set on the broker: " + err.message.c_str());
+	PgError cleanup;
+	PgGuard(
+	    [&] {
+		    if (cxt)
+			    MemoryContextDelete(cxt);
+	    },
+	    &cleanup);
+	if (!updates.empty())
+		consumer_->SetSessionStates(std::move(updates));
 }
 
 void

@@ -283,6 +283,10 @@ Worker::Housekeeping() {
 	FetchDue();
 	RefreshSchemas(false);
 	ConsumerStatus cst = consumer_->Status();
+	// Session states the broker has not accepted (their session was not held, a request failed):
+	// tried again every 10 s while sessions are received.
+	if (cst.sessions && now - last_state_sync_ >= 10 * USECS_PER_SEC)
+		SyncSessionStates(now);
 	SpinLockAcquire(&g_slot->mutex);
 	g_slot->waiting_retry = static_cast<int32>(held_.size());
 	g_slot->lock_renewals = cst.lock_renewals;

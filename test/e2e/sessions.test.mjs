@@ -17,7 +17,7 @@ describe("sessions", () => {
   before(async () => {
     emu = await startSbemu({
       config: configWith({
-        queues: ["orders-s", "blocking-s", "lost-s"].map((n) => queue(n, { RequiresSession: true, MaxDeliveryCount: 100 })),
+        queues: ["orders-s", "blocking-s", "lost-s", "state-s"].map((n) => queue(n, { RequiresSession: true, MaxDeliveryCount: 100 })),
       }),
     });
     pg = await startCluster();
@@ -159,5 +159,61 @@ describe("sessions", () => {
     assert.ok(e.delivered > 2 * per, `the lost session's messages were delivered again (${e.delivered})`);
     const lost = (await pg.query("SELECT count(*)::int c FROM sbpg.retries WHERE subscription = 'lost-s'")).rows[0].c;
     assert.equal(lost, 0, "the retry row went with the outcome");
+  });
+
+  it("session state: a handler reads and replaces it; a later message sees it once applied, a rollback loses it; the broker gets it after commit", async () => {
+    await pg.psql(`
+      CREATE TABLE seen (pos bigserial PRIMARY KEY, session_id text, n int, state text);
+      GRANT INSERT ON seen TO app;
+      GRANT USAGE ON SEQUENCE seen_pos_seq TO app;
+      CREATE FUNCTION apply_state(m sbpg.message) RETURNS void LANGUAGE plpgsql AS $f$
+      DECLARE
+        old text;
+      BEGIN
+        IF m.body ? 'peek' THEN -- another session's state: refused
+          PERFORM sbpg.session_state(m.body->>'peek');
+        END IF;
+        old := convert_from(sbpg.session_state(), 'UTF8');
+        INSERT INTO public.seen (session_id, n, state) VALUES (m.session_id, (m.body->>'n')::int, old);
+        PERFORM sbpg.set_session_state(convert_to(coalesce(old || ',', '') || (m.body->>'n'), 'UTF8'));
+        IF m.body->>'fail' = 'permanent' THEN
+          RAISE EXCEPTION 'failing after setting the state' USING ERRCODE = '22023';
+        END IF;
+      END $f$;
+      GRANT EXECUTE ON FUNCTION apply_state(sbpg.message) TO app;`);
+    // s0: 0..4, the third fails after writing the state; s1: 0..2.
+    await send("state-s", 2, 5, (s, n) => (s === 0 && n === 2 ? { fail: "permanent" } : {}));
+    const peeker = sb.createSender("state-s");
+    await peeker.sendMessages({ messageId: "state-s-peek", sessionId: "s9", body: { sub: "state-s", n: 0, peek: "s0" } });
+    await peeker.close();
+    await pg.psql(`SELECT sbpg.create_subscription('state-s', '${emu.amqp}', 'state-s', 'apply_state(sbpg.message)', 'app', 'emu',
+      batch_size => 3, options => '{"session_idle_ms": 300}');`);
+    await waitFor(async () => Number((await pg.query("SELECT count(*) c FROM sbpg.inbox WHERE subscription = 'state-s'")).rows[0].c) === 11,
+      { timeout: 30000, what: "every message recorded" });
+    assert.match((await pg.inboxReasons("state-s"))["state-s-peek"],
+      /^HandlerError: sbpg.session_state\(\) is for a handler applying a message of that session \(SQLSTATE 55000; No message of session 's0' is being applied by this call/,
+      "a handler reaches only the sessions of the messages it was given");
+    const seen = (await pg.query("SELECT session_id, n, state FROM seen ORDER BY pos")).rows;
+    const of = (sid) => seen.filter((r) => r.session_id === sid).map((r) => [r.n, r.state]);
+    assert.deepEqual(of("s0"), [[0, null], [1, "0"], [3, "0,1"], [4, "0,1,3"]],
+      "each message saw the state its predecessors left; the failed message's write was rolled back");
+    assert.deepEqual(of("s1"), [[0, null], [1, "0"], [2, "0,1"], [3, "0,1,2"], [4, "0,1,2,3"]]);
+    // Copied to the broker once committed.
+    await waitFor(async () => (await pg.query(
+      "SELECT count(*)::int c FROM sbpg.session_states WHERE subscription = 'state-s' AND version = synced_version")).rows[0].c === 2,
+    { timeout: 30000, what: "both states accepted by the broker" });
+    const db = await pg.query("SELECT session_id, convert_from(state, 'UTF8') s FROM sbpg.session_states WHERE subscription = 'state-s' ORDER BY 1");
+    assert.deepEqual(db.rows.map((r) => [r.session_id, r.s]), [["s0", "0,1,3,4"], ["s1", "0,1,2,3,4"]]);
+    // The worker releases idle sessions; the official SDK then reads the broker's copy.
+    await waitFor(async () => (await emu.entity("state-s")).sessions_locked === 0, { what: "the sessions released" });
+    await pg.query("SELECT sbpg.disable_subscription('state-s')");
+    for (const [sid, want] of [["s0", "0,1,3,4"], ["s1", "0,1,2,3,4"]]) {
+      const r = await sb.acceptSession("state-s", sid);
+      try {
+        assert.equal(Buffer.from(await r.getSessionState()).toString("utf8"), want, `the broker's state of ${sid}`);
+      } finally {
+        await r.close();
+      }
+    }
   });
 });

@@ -2,7 +2,7 @@
 -- owners of message types, statistics by visibility, the handler time limit, configuration
 -- functions refused where the calling role cannot be told, and what pg_dump keeps.
 BEGIN;
-SELECT plan(51);
+SELECT plan(55);
 
 CREATE ROLE tap_alice NOLOGIN IN ROLE sbpg_admin;
 CREATE ROLE tap_bob NOLOGIN IN ROLE sbpg_admin;
@@ -65,6 +65,15 @@ SELECT throws_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"max_
     '22023', 'subscription option "max_sessions" must be an integer from 1 to 256', 'at least one session');
 SELECT throws_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"session_idle_ms": 99}')$$,
     '22023', 'subscription option "session_idle_ms" must be an integer from 100 to 3600000', 'an idle limit of at least 100 ms');
+
+-- Session state is reachable only from a handler applying a message of that session.
+SELECT throws_ok($$SELECT sbpg.session_state()$$, '55000',
+    'sbpg.session_state() is for a handler applying a message of that session', 'no session state outside a handler');
+SELECT throws_ok($$SELECT sbpg.set_session_state('\x01'::bytea, 's1')$$, '55000',
+    'sbpg.set_session_state() is for a handler applying a message of that session', 'nor can it be written outside one');
+SELECT ok(NOT has_function_privilege('tap_alice', 'sbpg._applying_session(text, boolean)', 'EXECUTE'),
+    'the applying context is sbpg''s own');
+SELECT ok(NOT has_table_privilege('tap_alice', 'sbpg.session_states', 'SELECT'), 'session states are not readable by admins');
 
 -- Message types belong to whoever registers them first.
 SET ROLE tap_alice;
@@ -185,8 +194,9 @@ SELECT is((SELECT run_as::text FROM sbpg.subscriptions WHERE name = 's-listed'),
 -- pg_dump keeps the configuration and the inbox.
 SELECT set_eq($$SELECT unnest(extconfig)::regclass::text FROM pg_extension WHERE extname = 'sbpg'$$,
     ARRAY['sbpg.identities', 'sbpg.identity_secrets', 'sbpg.identity_usage', 'sbpg.subscriptions', 'sbpg.inbox',
-          'sbpg.retries', 'sbpg.message_types', 'sbpg.schemas', 'sbpg.mappings', 'sbpg.stats_minutes'],
-    'every configuration table, the inbox and the history are dumped with the database');
+          'sbpg.retries', 'sbpg.message_types', 'sbpg.schemas', 'sbpg.mappings', 'sbpg.stats_minutes',
+          'sbpg.session_states'],
+    'every configuration table, the inbox, the history and the session states are dumped with the database');
 
 -- A worker's session is pinned to search_path = pg_catalog, pg_temp; the configuration functions
 -- carry that path themselves.

@@ -80,6 +80,20 @@ struct SettleResult {
 	std::string error;
 };
 
+// A session's state to put on the broker (com.microsoft:set-session-state), and its answer.
+struct SessionStateUpdate {
+	std::string session_id;
+	bool has_state = false; // false: the state is removed
+	std::string state;
+	int64_t version = 0; // the writer's count, handed back with the answer
+};
+struct SessionStateResult {
+	std::string session_id;
+	int64_t version = 0;
+	bool ok = false;
+	std::string error;
+};
+
 struct ConsumerEvent {
 	enum class Kind : uint8_t {
 		Connected,
@@ -151,6 +165,10 @@ class Consumer {
 	// Whether the session receiver link_gen still holds its session: the messages it delivered can
 	// be settled (a message that is not in_session: always true).
 	bool LinkLive(const ReceivedMessage &m);
+	// Puts sessions' states on the broker, each only while this consumer holds that session (else
+	// it is answered as failed); the answers come back from TakeSessionStateResults.
+	void SetSessionStates(std::vector<SessionStateUpdate> updates);
+	void TakeSessionStateResults(std::vector<SessionStateResult> *out);
 
   private:
 	struct Impl;

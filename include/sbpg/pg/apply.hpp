@@ -15,6 +15,7 @@
 
 extern "C" {
 #include "datatype/timestamp.h"
+#include "utils/palloc.h"
 }
 
 #include "sbpg/pg/config.hpp"
@@ -97,6 +98,23 @@ struct MinuteRow {
 // predecessor wrote) and removes the subscription's rows older than keep_min minutes, in one short
 // transaction.
 void RecordMinute(const SubConfig *cfg, const MinuteRow *row, int keep_min);
+
+// A session state the broker has not accepted yet (sbpg.session_states), copied into cxt.
+struct SessionStateRow {
+	char *session_id;
+	bool has_state; // false: the state is NULL (the broker's is removed)
+	char *state;
+	size_t state_len;
+	int64 version;
+};
+// Whether a handler wrote a session's state since the last call (then the worker sends the
+// states the broker has not accepted; session_state.cpp).
+bool TakeStateWritten();
+// Up to max such rows of the subscription, oldest write first, in their own short transaction.
+int UnsyncedSessionStates(const SubConfig *cfg, int max, MemoryContext cxt, SessionStateRow *out);
+// Records that the broker accepted these versions (a later write stays unsynced); committed lazily:
+// a lost record only sends the state again.
+void MarkSessionStatesSynced(const SubConfig *cfg, const char *const *session_ids, const int64 *versions, int n);
 
 // Deferred messages due for their next attempt (up to max, soonest first).
 int DueDeferred(const SubConfig *cfg, int64 *out, int max);

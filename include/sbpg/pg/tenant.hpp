@@ -42,6 +42,14 @@ void RunSetHandler(Pass *pass, ApplyItem *const *set, int n);
 // or nullptr. Runs as run_as in a subtransaction of its own, with a fresh time budget.
 char *DiagnoseMapping(Pass *pass, const ApplyItem *it);
 
+// The subscription and messages (set[0..n)) of the handler call running now, for
+// sbpg.session_state() and sbpg.set_session_state() (session_state.cpp). Set by the pass just
+// before tenant code runs for them, cleared when it returns, by RunAsFailed (which every path
+// after a failed tenant call takes) and by InSubtransaction's catch; the pointers must stay valid
+// until then.
+void SetApplying(const char *subscription, ApplyItem *const *set, int n);
+void ClearApplying();
+
 // Stops the timers of tenant code; a cancel they asked for and nobody took is dropped, so it
 // cannot fail the worker's own next statement. Every catch path calls it before rolling back.
 void StopRunAsTimers(const TenantClock *clock);
@@ -69,6 +77,7 @@ InSubtransaction(const TenantClock *clock, Fn &&fn, ErrorData **err) {
 	}
 	PG_CATCH();
 	{
+		ClearApplying();
 		StopRunAsTimers(clock); // before the rollback: a cancel must not leak past it
 		MemoryContextSwitchTo(before);
 		*err = CopyErrorData();

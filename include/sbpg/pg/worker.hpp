@@ -112,6 +112,7 @@ class Worker {
 	TimestampTz NextDue() const;
 	void TakeDue(std::vector<ReceivedMessage> *msgs, size_t max);
 	void QueueBehindHeld(std::vector<ReceivedMessage> *msgs, size_t from);
+	void SyncSessionStates(TimestampTz now);
 	void FetchDue();
 	void RetryUnfetched();
 
@@ -131,6 +132,7 @@ class Worker {
 	int64 recorded_since_prune_ = 0; // inbox rows written since the last chunk
 	TimestampTz prune_from_ = 0;     // where the last chunk ended (recorded_at); 0 at each round
 	TimestampTz paused_until_ = 0;
+	TimestampTz last_state_sync_ = 0; // session states last sent to the broker
 	bool stop_ = false;
 	int exit_code_ = 0; // nonzero: leave the loop at once and exit the process with it
 	// Messages waiting for their next attempt while the worker holds their locks (renewed on the
