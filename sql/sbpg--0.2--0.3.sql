@@ -250,6 +250,15 @@ BEGIN
 			END IF;
 			CONTINUE;
 		END IF;
+		IF k = 'session_failure' THEN
+			IF jsonb_typeof(options -> k) <> 'string' OR options ->> k NOT IN ('dead_letter', 'stop') THEN
+				RAISE EXCEPTION 'invalid value % for subscription option "session_failure"', options -> k
+					USING ERRCODE = 'invalid_parameter_value',
+					      DETAIL = 'session_failure is "dead_letter" (the default: the message is dead-lettered and its session goes on) or "stop" (the session stops until sbpg.resume_session).',
+					      HINT = 'docs/scaling.md explains sessions.';
+			END IF;
+			CONTINUE;
+		END IF;
 		IF k IN ('schemas', 'unknown_types', 'version_property') THEN
 			IF jsonb_typeof(options -> k) <> 'string'
 			   OR (k = 'schemas' AND options ->> k NOT IN ('off', 'validate'))
@@ -277,7 +286,7 @@ BEGIN
 		IF NOT FOUND THEN
 			RAISE EXCEPTION 'unknown subscription option "%"', k
 				USING ERRCODE = 'invalid_parameter_value',
-				      HINT = 'Subscription options: max_retries, retry_base_ms, retry_cap_ms, retry_hold_ms, max_lock_renewal_s, handler_timeout_ms, schemas, unknown_types, version_property, sessions, max_sessions, session_idle_ms, allow_superuser_run_as.';
+				      HINT = 'Subscription options: max_retries, retry_base_ms, retry_cap_ms, retry_hold_ms, max_lock_renewal_s, handler_timeout_ms, schemas, unknown_types, version_property, sessions, max_sessions, session_idle_ms, session_failure, allow_superuser_run_as.';
 		END IF;
 		IF jsonb_typeof(options -> k) <> 'number' OR (options ->> k) !~ '^[0-9]+$' OR (options ->> k)::numeric NOT BETWEEN lim.lo AND lim.hi THEN
 			RAISE EXCEPTION 'subscription option "%" must be an integer from % to %', k, lim.lo, lim.hi
@@ -507,3 +516,60 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION sbpg.set_session_state(bytea, text) IS 'Replaces the state of the session of the message being applied; the broker''s copy follows after commit';
+
+-- Stopped sessions (issue 15, docs/scaling.md "When a session's message fails for good"): with the
+-- subscription option session_failure = 'stop', a message of a session that fails permanently is
+-- not dead-lettered; its retry row waits for ever (next_attempt_at = infinity, stopped) and holds
+-- back its session until sbpg.resume_session tries it again (or dead-letters it).
+ALTER TABLE sbpg.retries ADD COLUMN session_id text, ADD COLUMN stopped boolean NOT NULL DEFAULT false,
+	ADD COLUMN dead_letter boolean NOT NULL DEFAULT false;
+COMMENT ON COLUMN sbpg.retries.stopped IS 'the message failed for good and stopped its session (session_failure = stop) until sbpg.resume_session';
+COMMENT ON COLUMN sbpg.retries.dead_letter IS 'sbpg.resume_session(..., dead_letter => true) asked for the stopped message to be dead-lettered';
+CREATE INDEX retries_stopped ON sbpg.retries (subscription, session_id) WHERE stopped;
+
+CREATE FUNCTION sbpg._stopped_sessions(OUT subscription text, OUT session_id text, OUT sequence_number bigint,
+	OUT message_id text, OUT attempts integer, OUT stopped_at timestamptz, OUT reason text)
+RETURNS SETOF record LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+SELECT r.subscription, r.session_id, r.sequence_number, r.message_id, r.attempts, r.last_failed_at, r.last_error
+FROM sbpg.retries r
+JOIN sbpg.subscriptions s ON s.name OPERATOR(pg_catalog.=) r.subscription
+CROSS JOIN (SELECT sbpg._caller() AS who) c
+WHERE r.stopped
+  AND ((SELECT g.rolsuper FROM pg_catalog.pg_roles g WHERE g.oid OPERATOR(pg_catalog.=) c.who)
+   OR pg_catalog.pg_has_role(c.who, 'sbpg_monitor', 'MEMBER')
+   OR pg_catalog.pg_has_role(c.who, s.run_as, 'MEMBER'))
+$$;
+REVOKE ALL ON FUNCTION sbpg._stopped_sessions() FROM PUBLIC;
+CREATE VIEW sbpg.stopped_sessions AS SELECT * FROM sbpg._stopped_sessions();
+COMMENT ON VIEW sbpg.stopped_sessions IS 'Sessions stopped by a message that failed for good (session_failure = stop), until sbpg.resume_session';
+GRANT SELECT ON sbpg.stopped_sessions TO sbpg_monitor, sbpg_admin;
+GRANT EXECUTE ON FUNCTION sbpg._stopped_sessions() TO sbpg_monitor, sbpg_admin;
+
+CREATE FUNCTION sbpg.resume_session(subscription text, session_id text, dead_letter boolean DEFAULT false)
+RETURNS integer LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+	s sbpg.subscriptions;
+	n integer;
+BEGIN
+	SELECT * INTO s FROM sbpg.subscriptions x WHERE x.name = resume_session.subscription;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'subscription "%" does not exist', resume_session.subscription
+			USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM sbpg.subscriptions lists them.';
+	END IF;
+	PERFORM sbpg._check_admin('resume session', s.run_as);
+	UPDATE sbpg.retries r
+	SET next_attempt_at = now(), stopped = false, dead_letter = coalesce(resume_session.dead_letter, false)
+	WHERE r.subscription = s.name AND r.session_id = resume_session.session_id AND r.stopped;
+	GET DIAGNOSTICS n = ROW_COUNT;
+	IF n = 0 THEN
+		RAISE EXCEPTION 'session % of subscription "%" is not stopped', quote_literal(resume_session.session_id), s.name
+			USING ERRCODE = 'object_not_in_prerequisite_state',
+			      HINT = 'SELECT * FROM sbpg.stopped_sessions lists the stopped sessions.';
+	END IF;
+	RETURN n;
+END
+$$;
+COMMENT ON FUNCTION sbpg.resume_session(text, text, boolean) IS 'Tries the message that stopped a session again (or dead-letters it, with dead_letter => true); the session then goes on';
+REVOKE ALL ON FUNCTION sbpg.resume_session(text, text, boolean) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION sbpg.resume_session(text, text, boolean) TO sbpg_admin;

@@ -131,7 +131,10 @@ Consumer::Impl::on_receiver_open(proton::receiver &r) {
 	if (mgmt.OnOpened(r))
 		return;
 	if (sessions.Owns(r)) {
-		sessions.OnOpened(r);
+		// The connection counts as healthy (the reconnect backoff starts over) once a session is
+		// locked, not when the receivers are only asked for.
+		if (sessions.OnOpened(r))
+			attempts = 0;
 		return;
 	}
 	if (r != live.receiver)
@@ -141,6 +144,7 @@ Consumer::Impl::on_receiver_open(proton::receiver &r) {
 	if (pn_terminus_get_type(pn_link_remote_source(amqp::LinkAccess::Get(r))) == PN_UNSPECIFIED)
 		return;
 	deliveries.Start(r, cfg.prefetch);
+	attempts = 0;
 	MarkReceiving("receiving from " + cfg.entity + " on " + cfg.host + ":" + std::to_string(cfg.port) +
 	              (cfg.tls ? " (TLS)" : ""));
 }
@@ -148,7 +152,6 @@ Consumer::Impl::on_receiver_open(proton::receiver &r) {
 // The connection receives (its receiver is open, or in session mode its session receivers are).
 void
 Consumer::Impl::MarkReceiving(const std::string &text) {
-	attempts = 0;
 	{
 		std::lock_guard<std::mutex> g(handoff.mu);
 		handoff.status.connected = true;

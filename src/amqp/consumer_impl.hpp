@@ -226,8 +226,9 @@ class Management {
 	// A link of the pair was detached (or the broker has none).
 	void OnDetached(const std::string &why);
 	// Sends a request; `done` runs once, on the AMQP thread, with the answer, or with code -1 when
-	// the link or the connection is lost or no answer came within 60 s.
-	void Request(const std::string &operation, proton::value body, Done done);
+	// the link or the connection is lost or no answer came within 60 s. The request names the
+	// receiver it concerns (associated-link-name): link_name, else the receiver's.
+	void Request(const std::string &operation, proton::value body, Done done, const std::string &link_name = "");
 	void OnReply(proton::message &m);
 	void Expire(int64_t now);
 	NodeLinks &links() { return links_; }
@@ -357,8 +358,8 @@ class SessionLinks {
 	bool Owns(const proton::receiver &r) const { return Find(r) != nullptr; }
 	// The link generation of a session receiver (0 when r is not one).
 	uint64_t LinkGen(const proton::receiver &r) const;
-	// The broker answered r's attach: the session it locked, or none.
-	void OnOpened(proton::receiver &r);
+	// The broker answered r's attach: true when it locked a session for it.
+	bool OnOpened(proton::receiver &r);
 	// r is closed (by the broker: no session free, lock lost, an error; or by us). Returns the
 	// error that must drop the connection, or empty.
 	std::string OnClosed(proton::receiver &r);
@@ -380,7 +381,9 @@ class SessionLinks {
 		bool locked = false;    // the broker locked a session for it
 		bool closing = false;   // closed by us (idle release or lost lock)
 		bool renewing = false;  // a renew-session-lock is under way
-		int64_t locked_until_ms = 0, duration_ms = 0, last_activity_ms = 0;
+		// When to renew, on the local clock: the broker's locked-until is on its own clock, so
+		// only the lock's length is taken from it (and renewals come at most 10 s apart).
+		int64_t renew_at_ms = 0, duration_ms = 0, last_activity_ms = 0;
 	};
 	Link *Find(const proton::receiver &r);
 	const Link *Find(const proton::receiver &r) const;

@@ -92,12 +92,14 @@ Management::OnDetached(const std::string &why) {
 }
 
 void
-Management::Request(const std::string &operation, proton::value body, Done done) {
+Management::Request(const std::string &operation, proton::value body, Done done, const std::string &link_name) {
 	proton::message m;
 	std::string id = "sbpg-" + std::to_string(++next_);
 	m.id(proton::message_id(id));
 	m.properties().put("operation", operation);
-	if (live_.receiver)
+	if (!link_name.empty())
+		m.properties().put("associated-link-name", link_name);
+	else if (live_.receiver)
 		m.properties().put("associated-link-name", live_.receiver.name());
 	m.body(body);
 	pending_[id] = Call{std::move(done), Now()};

@@ -88,6 +88,13 @@ MapEntry(pn_data_t *d, const char *key, std::string *text, int64_t *number) {
 	return false;
 }
 
+// How long after a renewal the next one is due: half the lock's length, at least 0.5 s and at most
+// 10 s (a local clock that runs behind the broker's makes the length look longer than it is).
+int64_t
+RenewalInterval(int64_t duration_ms) {
+	return std::clamp<int64_t>(duration_ms / 2, 500, 10000);
+}
+
 // .NET ticks (100 ns since 0001-01-01) to Unix milliseconds.
 int64_t
 TicksToUnixMs(int64_t ticks) {
@@ -169,30 +176,27 @@ SessionLinks::Fill(int64_t now) {
 	}
 }
 
-void
+bool
 SessionLinks::OnOpened(proton::receiver &r) {
 	Link *l = Find(r);
 	if (!l)
-		return;
+		return false;
 	pn_link_t *pl = LinkAccess::Get(r);
 	std::string sid;
 	// A refused attach (no session free within the time-out) comes with no source; the detach
 	// that follows says why.
 	if (!pn_link_remote_source(pl) ||
 	    !MapEntry(pn_terminus_filter(pn_link_remote_source(pl)), kSessionFilter, &sid, nullptr))
-		return;
+		return false;
 	int64_t now = Now(), ticks = 0;
 	l->session_id = sid;
 	l->locked = true;
 	l->last_activity_ms = now;
-	if (MapEntry(pn_link_remote_properties(pl), "com.microsoft:locked-until-utc", nullptr, &ticks) && ticks > 0) {
-		l->locked_until_ms = TicksToUnixMs(ticks);
-		l->duration_ms = std::max<int64_t>(1000, l->locked_until_ms - now);
-	} else {
-		// No expiry given: renew soon, and learn it from the answer.
-		l->locked_until_ms = now + 5000;
-		l->duration_ms = 5000;
-	}
+	// The lock's length, as far as the two clocks agree; without it, renew soon.
+	l->duration_ms = 5000;
+	if (MapEntry(pn_link_remote_properties(pl), "com.microsoft:locked-until-utc", nullptr, &ticks) && ticks > 0)
+		l->duration_ms = std::max<int64_t>(1000, TicksToUnixMs(ticks) - now);
+	l->renew_at_ms = now + RenewalInterval(l->duration_ms);
 	uint32_t credit = static_cast<uint32_t>(
 	    std::max(1, static_cast<int>(cfg_.prefetch) / std::max(1, cfg_.max_sessions)));
 	deliveries_.Start(r, credit);
@@ -203,6 +207,7 @@ SessionLinks::OnOpened(proton::receiver &r) {
 	}
 	Publish();
 	handoff_.Event(ConsumerEvent::Kind::SessionAccepted, sid);
+	return true;
 }
 
 void
@@ -265,32 +270,27 @@ SessionLinks::Renew(Link &l) {
 	std::map<std::string, proton::value> body;
 	body["session-id"] = l.session_id;
 	uint64_t gen = l.gen;
-	mgmt_.Request("com.microsoft:renew-session-lock", body,
-	              [this, gen](int64_t code, const std::string &desc, const proton::value &answer) {
-		              Link *l = nullptr;
-		              for (auto &x : links_)
-			              if (x.gen == gen)
-				              l = &x;
-		              if (!l || !l->locked || l->closing)
-			              return;
-		              l->renewing = false;
-		              proton::value v;
-		              if (code == 200 && Management::Field(answer, "expiration", &v)) {
-			              try {
-				              l->locked_until_ms = proton::get<proton::timestamp>(v).milliseconds();
-			              } catch (const std::exception &) {
-				              // Not a timestamp: keep the old expiry, renew again next tick.
-			              }
-			              {
-				              std::lock_guard<std::mutex> g(handoff_.mu);
-				              ++handoff_.status.lock_renewals;
-			              }
-		              } else if (code == 410 || desc.find("session-lock-lost") != std::string::npos) {
-			              Lose(*l, "the broker refused to renew its lock: " + std::to_string(code) + " " + desc);
-		              }
-		              // Other failures (time-out, link lost): tried again on a later tick while the
-		              // lock lasts.
-	              });
+	mgmt_.Request(
+	    "com.microsoft:renew-session-lock", body,
+	    [this, gen](int64_t code, const std::string &desc, const proton::value &) {
+		    Link *found = nullptr;
+		    for (auto &x : links_)
+			    if (x.gen == gen)
+				    found = &x;
+		    if (!found || !found->locked || found->closing)
+			    return;
+		    found->renewing = false;
+		    if (code == 200) {
+			    found->renew_at_ms = Now() + RenewalInterval(found->duration_ms);
+			    std::lock_guard<std::mutex> g(handoff_.mu);
+			    ++handoff_.status.lock_renewals;
+		    } else if (code == 410 || desc.find("session-lock-lost") != std::string::npos) {
+			    Lose(*found, "the broker refused to renew its lock: " + std::to_string(code) + " " + desc);
+		    }
+		    // Other failures (time-out, link lost): tried again on the next tick; if the lock lapses
+		    // meanwhile, the broker detaches the receiver.
+	    },
+	    l.receiver.name());
 }
 
 void
@@ -298,11 +298,9 @@ SessionLinks::Work(int64_t now) {
 	for (auto &l : links_) {
 		if (!l.locked || l.closing)
 			continue;
-		if (now >= l.locked_until_ms) {
-			Lose(l, "its lock expired before it was renewed");
-			continue;
-		}
-		if (!l.renewing && mgmt_.Ready() && l.locked_until_ms - now <= std::max<int64_t>(l.duration_ms / 2, 2000))
+		// The lock is lost when the broker says so (a detach with session-lock-lost, or a refused
+		// renewal), not by the local clock, which may not agree with the broker's.
+		if (!l.renewing && mgmt_.Ready() && now >= l.renew_at_ms)
 			Renew(l);
 		if (now - l.last_activity_ms >= cfg_.session_idle_ms && deliveries_.UnsettledOn(l.receiver) == 0) {
 			// Idle: release it for the next session (and another consumer).
@@ -342,17 +340,22 @@ SessionLinks::SetStates() {
 			body["session-state"] = proton::binary(u.state.begin(), u.state.end());
 		else
 			body["session-state"] = proton::value();
-		std::string sid = u.session_id;
+		std::string sid = u.session_id, link;
 		int64_t version = u.version;
-		mgmt_.Request("com.microsoft:set-session-state", body,
-		              [this, sid, version](int64_t code, const std::string &desc, const proton::value &) {
-			              {
-				              std::lock_guard<std::mutex> g(handoff_.mu);
-				              handoff_.state_results.push_back(
-				                  {sid, version, code == 200, code == 200 ? "" : std::to_string(code) + " " + desc});
-			              }
-			              handoff_.Wake();
-		              });
+		for (auto &l : links_)
+			if (l.locked && !l.closing && l.session_id == u.session_id)
+				link = l.receiver.name();
+		mgmt_.Request(
+		    "com.microsoft:set-session-state", body,
+		    [this, sid, version](int64_t code, const std::string &desc, const proton::value &) {
+			    {
+				    std::lock_guard<std::mutex> g(handoff_.mu);
+				    handoff_.state_results.push_back(
+				        {sid, version, code == 200, code == 200 ? "" : std::to_string(code) + " " + desc});
+			    }
+			    handoff_.Wake();
+		    },
+		    link);
 	}
 	if (!failed.empty()) {
 		{

@@ -124,6 +124,8 @@ TextOrNull(const std::string &s, char *null) {
 	return CStringGetTextDatum(s.c_str());
 }
 
+} // namespace
+
 // The recorded reason is "Reason: description".
 void
 SplitRecordedReason(ApplyItem *it, const char *recorded) {
@@ -139,8 +141,6 @@ SplitRecordedReason(ApplyItem *it, const char *recorded) {
 	it->reason.Set(std::string_view(recorded, static_cast<size_t>(colon - recorded)));
 	it->description.Set(colon + 2);
 }
-
-} // namespace
 
 void
 CollectKeys(const SubConfig *cfg, const ApplyItem *items, int lo, int hi, bool skip_duplicates, KeySet *out) {

@@ -237,7 +237,17 @@ Block(ApplyItem *items, int i) {
 	if (items[i].status != kPending || !BlockedBySession(items, i))
 		return false;
 	items[i].status = kBlocked;
+	// A failure it had in the first pass is not recorded: it runs again once its turn comes.
+	items[i].failed_errcode = 0;
+	items[i].set_timed_out = false;
 	return true;
+}
+
+// Whether the worker decides the item itself, without tenant code (DecidedWithoutHandler).
+bool
+DecidesWithoutHandler(const ApplyItem *it) {
+	const ReceivedMessage *m = it->msg;
+	return !m->decode_error.empty() || m->json == JsonVerdict::Invalid || !m->schema_reason.empty();
 }
 
 // What a pass does with an item before any tenant code: a redelivery is notified again, a message
@@ -252,6 +262,15 @@ DoneBeforeApply(Pass *pass, ApplyItem *it, bool isolate) {
 	}
 	if (it->status == kDelayed)
 		return true;
+	if (it->status == kPending && it->resume_dead_letter) {
+		// sbpg.resume_session(..., dead_letter => true): the message that stopped its session is
+		// dead-lettered for the reason it failed, without running again.
+		SplitRecordedReason(it, it->failed_error.c_str());
+		it->failed_error.Clear();
+		it->resume_dead_letter = false;
+		Record(pass, it, kDeadLettered);
+		return true;
+	}
 	if (isolate && it->failed_errcode) {
 		int code = it->failed_errcode;
 		it->failed_errcode = 0;
@@ -340,16 +359,22 @@ ApplySetOneByOne(Pass *pass, ApplyItem *const *set, int n, MemoryContext msgcxt)
 // first pass, whose failure fails the pass; when isolated, halved until the failures are found).
 // Duplicates, delayed messages, messages the worker decides itself and mapped ones are handled
 // one by one, as with a per-message handler.
+void ApplyRangeSetInOrder(Pass *pass, ApplyItem *items, int lo, int hi, bool isolate, MemoryContext msgcxt,
+                          ApplyItem **set);
+
 void
 ApplyRangeSet(Pass *pass, ApplyItem *items, int lo, int hi, bool isolate, MemoryContext msgcxt) {
 	ApplyItem **set = static_cast<ApplyItem **>(palloc(sizeof(ApplyItem *) * (hi - lo)));
+	for (int i = lo; i < hi; ++i)
+		if (items[i].msg->in_session) {
+			ApplyRangeSetInOrder(pass, items, lo, hi, isolate, msgcxt, set);
+			return;
+		}
 	int n = 0;
-	bool in_session = false;
 	for (int i = lo; i < hi; ++i) {
 		ApplyItem *it = &items[i];
-		if (DoneBeforeApply(pass, it, isolate) || Block(items, i))
+		if (DoneBeforeApply(pass, it, isolate))
 			continue;
-		in_session |= it->msg->in_session;
 		if (HasMapping(pass, it)) {
 			ApplyMessage(pass, items, i, isolate, msgcxt);
 			continue;
@@ -370,18 +395,53 @@ ApplyRangeSet(Pass *pass, ApplyItem *items, int lo, int hi, bool isolate, Memory
 		timed_out |= set[i]->set_timed_out;
 		set[i]->set_timed_out = false;
 	}
-	if (in_session) {
-		// Halving could apply a later message of a session whose earlier one fails: one call per
-		// message, in order, each blocked once an earlier one of its session waits.
-		for (int i = 0; i < n; ++i)
-			if (!Block(items, static_cast<int>(set[i] - items)))
-				ApplySetIsolated(pass, set + i, 1, msgcxt);
-		return;
-	}
 	if (timed_out) // the first pass's call ran out of time: no halving (see ApplySetIsolated)
 		ApplySetOneByOne(pass, set, n, msgcxt);
 	else
 		ApplySetIsolated(pass, set, n, msgcxt);
+}
+
+// The same for a batch with session messages, which must take effect in batch order: in the first
+// pass, the set-based handler's call takes the messages up to the next one that a mapping applies
+// or the worker decides itself, which then follows it; in the isolated pass, one call per message
+// (halving could apply a later message of a session before an earlier one that fails), each
+// message blocked once an earlier one of its session waits.
+void
+ApplyRangeSetInOrder(Pass *pass, ApplyItem *items, int lo, int hi, bool isolate, MemoryContext msgcxt,
+                     ApplyItem **set) {
+	int n = 0;
+	auto flush = [&] {
+		if (n == 0)
+			return;
+		pass->set_call = true; // a failure blames no single message (NoteFailure)
+		ApplySetOnce(pass, set, n, msgcxt);
+		pass->set_call = false;
+		n = 0;
+	};
+	for (int i = lo; i < hi; ++i) {
+		ApplyItem *it = &items[i];
+		if (Block(items, i) || DoneBeforeApply(pass, it, isolate))
+			continue;
+		bool mapped = HasMapping(pass, it);
+		if (mapped || DecidesWithoutHandler(it)) {
+			if (!isolate)
+				flush();
+			if (mapped)
+				ApplyMessage(pass, items, i, isolate, msgcxt);
+			else
+				(void)DecidedWithoutHandler(pass, it);
+			continue;
+		}
+		if (isolate) {
+			it->set_timed_out = false;
+			set[0] = it;
+			ApplySetIsolated(pass, set, 1, msgcxt);
+			continue;
+		}
+		set[n++] = it;
+	}
+	if (!isolate)
+		flush();
 }
 
 // Applies items[lo..hi) in the current transaction; with isolate, each in a subtransaction whose
@@ -394,7 +454,7 @@ ApplyRange(Pass *pass, ApplyItem *items, int lo, int hi, bool isolate) {
 		return;
 	}
 	for (int i = lo; i < hi; ++i)
-		if (!DoneBeforeApply(pass, &items[i], isolate) && !Block(items, i))
+		if (!Block(items, i) && !DoneBeforeApply(pass, &items[i], isolate))
 			ApplyMessage(pass, items, i, isolate, msgcxt);
 }
 
@@ -459,6 +519,7 @@ ResetItem(ApplyItem *it) {
 	it->defer = false;
 	it->gave_up = false;
 	it->stale = false;
+	it->resume_dead_letter = false; // LookupRetries reads it again
 }
 
 // The work of one pass, inside its transaction.

@@ -36,24 +36,25 @@ namespace {
 
 #define RETRY_INSERT                                                                                                   \
 	"INSERT INTO sbpg.retries (subscription, sequence_number, message_id, attempts, next_attempt_at, last_error, "     \
-	"deferred) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+	"deferred, session_id, stopped, dead_letter) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, false) "
 #define RETRY_UPDATE                                                                                                   \
 	" DO UPDATE SET attempts = excluded.attempts, last_failed_at = pg_catalog.now(), next_attempt_at = "               \
-	"excluded.next_attempt_at, last_error = excluded.last_error, deferred = excluded.deferred"
+	"excluded.next_attempt_at, last_error = excluded.last_error, deferred = excluded.deferred, "                       \
+	"session_id = excluded.session_id, stopped = excluded.stopped, dead_letter = false"
 
 constexpr spi::PlanSpec kUpsertBySeq = {
     "write sbpg.retries",
     RETRY_INSERT "ON CONFLICT (subscription, sequence_number) WHERE sequence_number IS NOT NULL" RETRY_UPDATE,
-    7,
-    {TEXTOID, INT8OID, TEXTOID, INT4OID, TIMESTAMPTZOID, TEXTOID, BOOLOID},
+    9,
+    {TEXTOID, INT8OID, TEXTOID, INT4OID, TIMESTAMPTZOID, TEXTOID, BOOLOID, TEXTOID, BOOLOID},
     false,
 };
 
 constexpr spi::PlanSpec kUpsertById = {
     "write sbpg.retries",
     RETRY_INSERT "ON CONFLICT (subscription, message_id) WHERE sequence_number IS NULL" RETRY_UPDATE,
-    7,
-    {TEXTOID, INT8OID, TEXTOID, INT4OID, TIMESTAMPTZOID, TEXTOID, BOOLOID},
+    9,
+    {TEXTOID, INT8OID, TEXTOID, INT4OID, TIMESTAMPTZOID, TEXTOID, BOOLOID, TEXTOID, BOOLOID},
     false,
 };
 
@@ -121,6 +122,52 @@ RowKey(const SubConfig *cfg, const ReceivedMessage *m, Datum a[2]) {
 	return 1;
 }
 
+// The retry row's session_id ($8) and stopped ($9).
+void
+SessionColumns(const ReceivedMessage *m, bool stopped, Datum *a, char *nl) {
+	a[7] = m->in_session ? CStringGetTextDatum(m->session_id.c_str()) : 0;
+	nl[7] = m->in_session ? ' ' : 'n';
+	a[8] = BoolGetDatum(stopped);
+	nl[8] = ' ';
+}
+
+// Whether a message that failed for good stops its session instead of being dead-lettered.
+bool
+StopsSession(const SubConfig *cfg, const ApplyItem *it) {
+	return cfg->session_stop && it->msg->in_session;
+}
+
+// session_failure = stop: the message failed for good; instead of dead-lettering it, a retry row
+// that waits for ever (until sbpg.resume_session) holds back its session. It counts as a retry
+// that is never due: the worker holds the message and the session, and nothing of the session
+// after it is applied. Without a key to remember it by, it is dead-lettered after all.
+void
+StopSession(Pass *pass, ApplyItem *it, const char *reason, const char *desc) {
+	const ReceivedMessage *m = it->msg;
+	Datum a[9];
+	char nl[9];
+	if (!RetryKey(pass->cfg, m, a, nl)) {
+		SetReason(it, reason, desc);
+		Record(pass, it, kDeadLettered);
+		return;
+	}
+	ErrorText err;
+	FormatText(&err, "%s: %s", reason, desc);
+	it->status = kTransient;
+	it->attempts = it->attempts + 1;
+	it->next_attempt = DT_NOEND;
+	it->defer = false;
+	SetReason(it, "SessionStopped", err.c_str());
+	a[3] = Int32GetDatum(it->attempts);
+	a[4] = TimestampTzGetDatum(DT_NOEND);
+	a[5] = CStringGetTextDatum(err.c_str());
+	a[6] = BoolGetDatum(false);
+	SessionColumns(m, true, a, nl);
+	nl[3] = nl[4] = nl[5] = nl[6] = ' ';
+	spi::Exec(m->has_sequence_number ? kUpsertBySeq : kUpsertById, a, nl, SPI_OK_INSERT);
+	Notify(pass, it);
+}
+
 // A transient failure: schedule another attempt (with full jitter under a doubling ceiling), or,
 // past max_retries, dead-letter with MaxRetriesExceeded and the last error. In the transaction
 // that records the failed attempt.
@@ -129,8 +176,8 @@ ScheduleRetry(Pass *pass, ApplyItem *it, const char *reason, const char *desc) {
 	const SubConfig *cfg = pass->cfg;
 	const ReceivedMessage *m = it->msg;
 	int failed = it->attempts + 1;
-	Datum a[7];
-	char nl[7];
+	Datum a[9];
+	char nl[9];
 	bool keyed = RetryKey(cfg, m, a, nl);
 	if (!keyed) // nothing to remember it by: the broker's delivery count stands in
 		failed = std::max<int>(failed, static_cast<int>(m->delivery_count) + 1);
@@ -138,6 +185,10 @@ ScheduleRetry(Pass *pass, ApplyItem *it, const char *reason, const char *desc) {
 		ErrorText d;
 		FormatText(&d, "%d attempt%s failed; the last with %s: %s", failed, failed == 1 ? "" : "s", reason, desc);
 		it->attempts = failed - 1;
+		if (StopsSession(cfg, it)) {
+			StopSession(pass, it, "MaxRetriesExceeded", d.c_str());
+			return;
+		}
 		it->gave_up = true;
 		SetReason(it, "MaxRetriesExceeded", d.c_str());
 		Record(pass, it, kDeadLettered);
@@ -158,6 +209,7 @@ ScheduleRetry(Pass *pass, ApplyItem *it, const char *reason, const char *desc) {
 		a[4] = TimestampTzGetDatum(it->next_attempt);
 		a[5] = CStringGetTextDatum(err.c_str());
 		a[6] = BoolGetDatum(it->defer || m->fetched); // a fetched message stays deferred on the broker
+		SessionColumns(m, false, a, nl);
 		nl[3] = nl[4] = nl[5] = nl[6] = ' ';
 		spi::Exec(m->has_sequence_number ? kUpsertBySeq : kUpsertById, a, nl, SPI_OK_INSERT);
 	}
@@ -210,12 +262,21 @@ LookupRetries(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
 		int attempts = DatumGetInt32(KeyColumn(KeyTable::kRetries, slot, "attempts", &null));
 		TimestampTz next = DatumGetTimestampTz(KeyColumn(KeyTable::kRetries, slot, "next_attempt_at", &null));
 		bool deferred = DatumGetBool(KeyColumn(KeyTable::kRetries, slot, "deferred", &null));
+		// sbpg.resume_session(..., dead_letter => true): dead-letter a stopped message, for the reason
+		// it stopped its session ("Reason: description").
+		bool dead_letter = DatumGetBool(KeyColumn(KeyTable::kRetries, slot, "dead_letter", &null)) && !null;
+		Datum err = KeyColumn(KeyTable::kRetries, slot, "last_error", &null);
+		char *last_error = dead_letter && !null ? TextDatumGetCString(err) : nullptr;
 		for (int i = lo; i < hi; ++i) {
 			ApplyItem *it = &items[i];
 			const ReceivedMessage *m = it->msg;
 			if (it->status == kDuplicate || MatchKey(m, seq_null, seq, mid) != kSame)
 				continue;
 			it->attempts = attempts;
+			if (last_error) {
+				it->resume_dead_letter = true;
+				it->failed_error.Set(last_error);
+			}
 			if (next <= now)
 				continue;
 			// Back before its time (a lost lock, a restart, a deferral undone): wait again.
@@ -271,6 +332,10 @@ FailItem(Pass *pass, ApplyItem *it, int sqlerrcode, const char *desc) {
 		char *what = DiagnoseMapping(pass, it);
 		if (what)
 			FormatText(&full, "%s (SQLSTATE %s)", what, unpack_sql_state(sqlerrcode));
+	}
+	if (StopsSession(cfg, it)) {
+		StopSession(pass, it, reason, full.c_str());
+		return;
 	}
 	SetReason(it, reason, full.c_str());
 	Record(pass, it, kDeadLettered);

@@ -73,12 +73,20 @@ Checked(int rc, int expect, const char *what) {
 // wait, and then the process exits before anything is settled.
 void
 WaitForSynchronousStandbys() {
-	XLogRecPtr upto = Max(XactLastCommitEnd, GetFlushRecPtr(nullptr));
 	if (!SyncRepRequested())
 		return;
+	XLogRecPtr flushed = GetFlushRecPtr(nullptr);
 	pqsignal(SIGINT, SIG_IGN);
 	QueryCancelPending = false;
-	SyncRepWaitForLSN(upto, true);
+	// As PostgreSQL's own commit does it: with interrupts held (SyncRepWaitForLSN expects that and
+	// checks for termination itself). First the commit record, confirmed as synchronous_commit asks
+	// (remote_apply included); then everything flushed before, as far as a flush (a position that is
+	// no commit would wait for remote_apply until the standby's next status message).
+	HOLD_INTERRUPTS();
+	SyncRepWaitForLSN(XactLastCommitEnd, true);
+	if (!ProcDiePending && flushed > XactLastCommitEnd)
+		SyncRepWaitForLSN(flushed, false);
+	RESUME_INTERRUPTS();
 	pqsignal(SIGINT, StatementCancelHandler);
 	if (ProcDiePending)
 		ereport(FATAL, (errcode(ERRCODE_ADMIN_SHUTDOWN),

@@ -262,7 +262,9 @@ Worker::Settle(std::vector<ApplyItem> &items, std::vector<ReceivedMessage> &msgs
 		if (guc_log_messages == kLogAll || (guc_log_messages == kLogFailures && failure))
 			Log(LOG, MessageLogLine(start_.name, it, res.xid));
 		if (held) {
-			TimestampTz due = it.next_attempt;
+			// A stopped session's message is never due: looked at again every 2 s, to see whether
+			// sbpg.resume_session released it (its retry row says; nothing runs until then).
+			TimestampTz due = it.next_attempt == DT_NOEND ? GetCurrentTimestamp() + 2 * USECS_PER_SEC : it.next_attempt;
 			if (m.in_session) {
 				auto [at, added] = session_due.emplace(m.session_id, due);
 				if (it.status == kBlocked)

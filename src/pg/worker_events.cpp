@@ -202,8 +202,18 @@ Worker::SyncSessionStates(TimestampTz now) {
 		consumer_->SetSessionStates(std::move(updates));
 }
 
+// A session's held messages wait together: each is due when the last of them is (a message that
+// waits longer holds back the rest of its session; see TakeDue for their order).
 void
 Worker::Hold(ReceivedMessage &&m, TimestampTz due) {
+	if (m.in_session) {
+		for (auto &h : held_)
+			if (h.msg.in_session && h.msg.session_id == m.session_id)
+				due = std::max(due, h.due);
+		for (auto &h : held_)
+			if (h.msg.in_session && h.msg.session_id == m.session_id)
+				h.due = due;
+	}
 	held_.push_back(Held{std::move(m), due});
 }
 
@@ -216,23 +226,58 @@ Worker::NextDue() const {
 	return next;
 }
 
+namespace {
+
+// A session message's place in its session.
+int64_t
+SessionOrder(const ReceivedMessage &m) {
+	return m.has_sequence_number ? m.sequence_number : static_cast<int64_t>(m.delivery_id);
+}
+
+} // namespace
+
 // Moves held messages that are due (oldest due first) into msgs, up to max; drops those of a
-// connection that is gone (their locks went with it: the broker delivers them again).
+// connection that is gone (their locks went with it: the broker delivers them again) and of a
+// session no longer held. A session's messages come out in sequence order, and once one of them
+// stays behind (not due, or no room), so do the later ones: a batch never takes a later message
+// of a session without the earlier ones.
 void
 Worker::TakeDue(std::vector<ReceivedMessage> *msgs, size_t max) {
 	if (held_.empty())
 		return;
 	uint64_t gen = consumer_->Status().generation;
 	TimestampTz now = GetCurrentTimestamp();
-	std::stable_sort(held_.begin(), held_.end(), [](const Held &a, const Held &b) { return a.due < b.due; });
+	std::vector<Held> live;
+	live.reserve(held_.size());
+	for (auto &h : held_)
+		if (h.msg.connection_gen == gen && consumer_->LinkLive(h.msg))
+			live.push_back(std::move(h));
+	std::stable_sort(live.begin(), live.end(), [](const Held &a, const Held &b) { return a.due < b.due; });
+	// Within each session, the places its messages took are refilled in sequence order.
+	std::unordered_map<std::string, std::vector<size_t>> places;
+	for (size_t i = 0; i < live.size(); ++i)
+		if (live[i].msg.in_session)
+			places[live[i].msg.session_id].push_back(i);
+	for (auto &kv : places) {
+		std::vector<Held> group;
+		for (size_t i : kv.second)
+			group.push_back(std::move(live[i]));
+		std::stable_sort(group.begin(), group.end(),
+		                 [](const Held &a, const Held &b) { return SessionOrder(a.msg) < SessionOrder(b.msg); });
+		for (size_t k = 0; k < kv.second.size(); ++k)
+			live[kv.second[k]] = std::move(group[k]);
+	}
+	std::unordered_set<std::string> behind; // sessions with a message left behind
 	std::vector<Held> keep;
-	for (auto &h : held_) {
-		if (h.msg.connection_gen != gen || !consumer_->LinkLive(h.msg))
-			continue;
-		if (h.due <= now && msgs->size() < max)
+	for (auto &h : live) {
+		bool session_behind = h.msg.in_session && behind.count(h.msg.session_id);
+		if (!session_behind && h.due <= now && msgs->size() < max) {
 			msgs->push_back(std::move(h.msg));
-		else
-			keep.push_back(std::move(h));
+			continue;
+		}
+		if (h.msg.in_session)
+			behind.insert(h.msg.session_id);
+		keep.push_back(std::move(h));
 	}
 	held_.swap(keep);
 }

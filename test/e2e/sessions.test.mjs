@@ -17,7 +17,7 @@ describe("sessions", () => {
   before(async () => {
     emu = await startSbemu({
       config: configWith({
-        queues: ["orders-s", "blocking-s", "lost-s", "state-s"].map((n) => queue(n, { RequiresSession: true, MaxDeliveryCount: 100 })),
+        queues: ["orders-s", "blocking-s", "lost-s", "state-s", "stop-s"].map((n) => queue(n, { RequiresSession: true, MaxDeliveryCount: 100 })),
       }),
     });
     pg = await startCluster();
@@ -35,7 +35,7 @@ describe("sessions", () => {
         IF m.body->>'fail' = 'transient' AND (SELECT closed FROM public.gate) THEN
           RAISE EXCEPTION 'the gate is closed' USING ERRCODE = '40001';
         END IF;
-        IF m.body->>'fail' = 'permanent' THEN
+        IF m.body->>'fail' = 'permanent' OR (m.body->>'fail' = 'gated' AND (SELECT closed FROM public.gate)) THEN
           RAISE EXCEPTION 'message % cannot be applied', m.message_id USING ERRCODE = '22023';
         END IF;
         INSERT INTO public.applied (sub, session_id, n, message_id, seq)
@@ -105,9 +105,12 @@ describe("sessions", () => {
   it("a transient failure blocks its own session, not the others; a permanent one is dead-lettered and the session goes on", async () => {
     const per = 10;
     // s0-3 fails transiently while the gate is closed; s1-2 fails permanently; s2 has no failure.
+    // Credit 20 per session and batches of 3: the six messages behind s0-3 wait in the worker, more
+    // than a batch takes, while s0-3 fails again and again.
     await send("blocking-s", 3, per, (s, n) => (s === 0 && n === 3 ? { fail: "transient" } : s === 1 && n === 2 ? { fail: "permanent" } : {}));
     await pg.psql(`SELECT sbpg.create_subscription('blocking-s', '${emu.amqp}', 'blocking-s', 'apply_s(sbpg.message)', 'app', 'emu',
-      batch_size => 10, options => '{"sessions": true, "max_retries": 1000, "retry_base_ms": 50, "retry_cap_ms": 100}');`);
+      batch_size => 3, prefetch => 40,
+      options => '{"sessions": true, "max_sessions": 2, "session_idle_ms": 300, "max_retries": 1000, "retry_base_ms": 50, "retry_cap_ms": 100}');`);
     // The other sessions finish while s0 waits at its fourth message.
     await waitFor(async () => {
       const got = bySession(await appliedOf("blocking-s"));
@@ -215,5 +218,45 @@ describe("sessions", () => {
         await r.close();
       }
     }
+  });
+
+  it("session_failure = stop: a message that fails for good stops its session until sbpg.resume_session tries it again or dead-letters it", async () => {
+    await pg.query("UPDATE gate SET closed = true");
+    const per = 5;
+    // s0-1 fails while the gate is closed (fixed later); s1-2 always fails (dead-lettered on resume); s2 is fine.
+    await send("stop-s", 3, per, (s, n) => (s === 0 && n === 1 ? { fail: "gated" } : s === 1 && n === 2 ? { fail: "permanent" } : {}));
+    await pg.psql(`SELECT sbpg.create_subscription('stop-s', '${emu.amqp}', 'stop-s', 'apply_s(sbpg.message)', 'app', 'emu',
+      batch_size => 10, options => '{"session_failure": "stop"}');`);
+    await waitFor(async () => Number((await pg.query("SELECT count(*) c FROM sbpg.stopped_sessions WHERE subscription = 'stop-s'")).rows[0].c) === 2
+      && (bySession(await appliedOf("stop-s")).s2?.length ?? 0) === per, { timeout: 30000, what: "two sessions stopped, the third done" });
+    const stopped = (await pg.query("SELECT session_id, message_id, reason FROM sbpg.stopped_sessions WHERE subscription = 'stop-s' ORDER BY 1")).rows;
+    assert.deepEqual(stopped.map((r) => [r.session_id, r.message_id]), [["s0", "stop-s-s0-1"], ["s1", "stop-s-s1-2"]]);
+    assert.match(stopped[0].reason, /^HandlerError: message stop-s-s0-1 cannot be applied/);
+    let got = bySession(await appliedOf("stop-s"));
+    assert.deepEqual(got.s0, [0]);
+    assert.deepEqual(got.s1, [0, 1]);
+    const e = await emu.entity("stop-s");
+    assert.equal(e.dead_lettered, 0, "nothing dead-lettered while stopped");
+    assert.equal(e.deferrals, 0);
+    const stoppedNote = listener.got.find((x) => x.subscription === "stop-s" && x.message_id === "stop-s-s0-1");
+    assert.equal(stoppedNote.reason, "SessionStopped");
+    assert.equal(stoppedNote.next_attempt_at, "infinity");
+    // Resuming a session that is not stopped says so.
+    await assert.rejects(pg.query("SELECT sbpg.resume_session('stop-s', 's2')"), /session 's2' of subscription "stop-s" is not stopped/);
+    // The cause of s0's failure is fixed: try it again. s1's message is dead-lettered instead.
+    await pg.query("UPDATE gate SET closed = false");
+    assert.equal(Number((await pg.query("SELECT sbpg.resume_session('stop-s', 's0') n")).rows[0].n), 1);
+    assert.equal(Number((await pg.query("SELECT sbpg.resume_session('stop-s', 's1', dead_letter => true) n")).rows[0].n), 1);
+    await waitFor(async () => {
+      const g = bySession(await appliedOf("stop-s"));
+      return (g.s0?.length ?? 0) === per && (g.s1?.length ?? 0) === per - 1;
+    }, { timeout: 30000, what: "both sessions done" });
+    got = bySession(await appliedOf("stop-s"));
+    assert.deepEqual(got.s0, [0, 1, 2, 3, 4], "s0 in order, its stopped message applied on resume");
+    assert.deepEqual(got.s1, [0, 1, 3, 4], "s1 went on after its message was dead-lettered");
+    assert.match((await pg.inboxReasons("stop-s"))["stop-s-s1-2"], /^HandlerError: message stop-s-s1-2 cannot be applied/);
+    assert.equal(Number((await pg.query("SELECT count(*) c FROM sbpg.stopped_sessions")).rows[0].c), 0);
+    await waitFor(async () => (await emu.entity("stop-s")).messages === 0, { what: "queue drained" });
+    assert.equal((await emu.entity("stop-s")).dead_lettered, 1);
   });
 });

@@ -11,7 +11,7 @@ GRANT EXECUTE ON FUNCTION tap_rhandler(sbpg.message) TO tap_rapp;
 
 SELECT has_table('sbpg', 'retries', 'table sbpg.retries');
 SELECT columns_are('sbpg', 'retries', ARRAY['subscription', 'sequence_number', 'message_id', 'attempts',
-    'first_failed_at', 'last_failed_at', 'next_attempt_at', 'last_error', 'deferred']);
+    'first_failed_at', 'last_failed_at', 'next_attempt_at', 'last_error', 'deferred', 'session_id', 'stopped', 'dead_letter']);
 SELECT index_is_unique('sbpg', 'retries', 'retries_by_sequence');
 SELECT col_default_is('sbpg', 'inbox', 'attempts', '1', 'an inbox row counts one attempt unless told otherwise');
 -- The retry figures of sbpg.stats; a worker counts them in test/e2e/retries.test.mjs and

@@ -2,7 +2,7 @@
 -- owners of message types, statistics by visibility, the handler time limit, configuration
 -- functions refused where the calling role cannot be told, and what pg_dump keeps.
 BEGIN;
-SELECT plan(55);
+SELECT plan(59);
 
 CREATE ROLE tap_alice NOLOGIN IN ROLE sbpg_admin;
 CREATE ROLE tap_bob NOLOGIN IN ROLE sbpg_admin;
@@ -65,6 +65,17 @@ SELECT throws_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"max_
     '22023', 'subscription option "max_sessions" must be an integer from 1 to 256', 'at least one session');
 SELECT throws_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"session_idle_ms": 99}')$$,
     '22023', 'subscription option "session_idle_ms" must be an integer from 100 to 3600000', 'an idle limit of at least 100 ms');
+
+SELECT lives_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"session_failure": "stop"}')$$,
+    'session_failure is an option');
+SELECT throws_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"session_failure": "pause"}')$$,
+    '22023', 'invalid value "pause" for subscription option "session_failure"', 'dead_letter or stop');
+SELECT throws_ok($$SELECT sbpg.resume_session('s-listed', 's1')$$, '55000',
+    'session ''s1'' of subscription "s-listed" is not stopped', 'resuming a session that is not stopped says so');
+SET ROLE tap_bob;
+SELECT throws_ok($$SELECT sbpg.resume_session('s-listed', 's1')$$, '42501', 'permission denied to resume session',
+    'only members of the subscription''s run_as resume its sessions');
+RESET ROLE;
 
 -- Session state is reachable only from a handler applying a message of that session.
 SELECT throws_ok($$SELECT sbpg.session_state()$$, '55000',

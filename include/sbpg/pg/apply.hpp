@@ -59,7 +59,8 @@ struct ApplyItem {
 	bool timed_out;           // its failure was the handler time limit (handler_timeout_ms)
 	int failed_errcode;       // set when it failed in a pass without subtransactions
 	bool set_timed_out;       // a set-based handler's call with it ran out of time in such a pass
-	ErrorText failed_error;
+	ErrorText failed_error;   // also, with resume_dead_letter: the recorded "Reason: description"
+	bool resume_dead_letter;  // a stopped message sbpg.resume_session asked to dead-letter
 };
 
 struct BatchResult {

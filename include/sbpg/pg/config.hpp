@@ -57,6 +57,7 @@ struct SubConfig {
 	int sessions;        // 1: declared, -1: never, 0: detected when the broker asks for them
 	int max_sessions;    // sessions held at once (default 8)
 	int session_idle_ms; // a session without messages this long is released (default 5000)
+	bool session_stop;   // "session_failure": "stop": a message that fails for good stops its session
 	// Versioned schemas (subscription options; docs/schemas.md).
 	bool validate_schemas;     // "schemas": "validate"
 	bool unknown_pass;         // "unknown_types": "pass" (default: dead_letter)

@@ -55,6 +55,8 @@ KeyMatch MatchKey(const ReceivedMessage *m, bool seq_null, int64 seq, const char
 // Marks items[lo..hi) the inbox already decided as kDuplicate (with what it recorded), and those
 // whose sequence number the inbox holds for another message as stale.
 void LookupDuplicates(const SubConfig *cfg, ApplyItem *items, int lo, int hi);
+// Sets it's reason and description from a recorded "Reason: description".
+void SplitRecordedReason(ApplyItem *it, const char *recorded);
 // Inbox and retry rows left by another message with the same sequence number go, with a warning.
 void ReplaceStale(const SubConfig *cfg, ApplyItem *items, int lo, int hi);
 // The inbox row of an applied or dead-lettered item, in the pass's transaction.
