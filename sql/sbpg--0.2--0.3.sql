@@ -281,18 +281,19 @@ BEGIN
 			('max_lock_renewal_s', 0, 86400, 'how long after receipt a held message''s lock is renewed at most, in seconds', 300),
 			('handler_timeout_ms', 100, 3600000, 'how long tenant code (handler, upcasts, mapping) may run for one message, in milliseconds', 30000),
 			('max_sessions', 1, 256, 'how many sessions the worker holds at once', 8),
-			('session_idle_ms', 100, 3600000, 'how long a session without messages is held before it is released for the next, in milliseconds', 5000))
+			('session_idle_ms', 100, 3600000, 'how long a session without messages is held before it is released for the next, in milliseconds', 5000),
+			('workers', 1, 64, 'how many background workers consume the subscription''s entity together', 1))
 			AS t(key, lo, hi, what, dflt) WHERE t.key = k;
 		IF NOT FOUND THEN
 			RAISE EXCEPTION 'unknown subscription option "%"', k
 				USING ERRCODE = 'invalid_parameter_value',
-				      HINT = 'Subscription options: max_retries, retry_base_ms, retry_cap_ms, retry_hold_ms, max_lock_renewal_s, handler_timeout_ms, schemas, unknown_types, version_property, sessions, max_sessions, session_idle_ms, session_failure, allow_superuser_run_as.';
+				      HINT = 'Subscription options: max_retries, retry_base_ms, retry_cap_ms, retry_hold_ms, max_lock_renewal_s, handler_timeout_ms, schemas, unknown_types, version_property, sessions, max_sessions, session_idle_ms, session_failure, workers, allow_superuser_run_as.';
 		END IF;
 		IF jsonb_typeof(options -> k) <> 'number' OR (options ->> k) !~ '^[0-9]+$' OR (options ->> k)::numeric NOT BETWEEN lim.lo AND lim.hi THEN
 			RAISE EXCEPTION 'subscription option "%" must be an integer from % to %', k, lim.lo, lim.hi
 				USING ERRCODE = 'invalid_parameter_value', DETAIL = format('%s is %s; %s was given.', k, lim.what, options -> k),
 				      HINT = format('Leave it out for the default, %s. %s', lim.dflt,
-				                    CASE WHEN k IN ('max_sessions', 'session_idle_ms') THEN 'docs/scaling.md explains sessions.'
+				                    CASE WHEN k IN ('max_sessions', 'session_idle_ms', 'workers') THEN 'docs/scaling.md explains sessions and workers.'
 				                         ELSE 'docs/retries.md explains the retry policy.' END);
 		END IF;
 	END LOOP;
@@ -573,3 +574,111 @@ $$;
 COMMENT ON FUNCTION sbpg.resume_session(text, text, boolean) IS 'Tries the message that stopped a session again (or dead-letters it, with dead_letter => true); the session then goes on';
 REVOKE ALL ON FUNCTION sbpg.resume_session(text, text, boolean) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION sbpg.resume_session(text, text, boolean) TO sbpg_admin;
+
+-- Several workers per subscription (issue 15, docs/scaling.md "Several workers"): the slots name
+-- their worker's number; sbpg.stats keeps one row per subscription, its workers' totals, and
+-- sbpg.stats_workers shows each worker.
+DROP VIEW sbpg.stats;
+DROP FUNCTION sbpg._stats();
+DROP FUNCTION sbpg._worker_stats();
+CREATE FUNCTION sbpg._worker_stats(
+	OUT subscription text, OUT worker integer, OUT state text, OUT pid integer, OUT connected_since timestamptz,
+	OUT received bigint, OUT applied bigint, OUT dead_lettered bigint, OUT duplicates bigint,
+	OUT abandoned bigint, OUT batches bigint, OUT settle_failures bigint, OUT reconnects bigint,
+	OUT last_error text, OUT last_error_at timestamptz,
+	OUT apply_ms_p50 double precision, OUT apply_ms_p99 double precision,
+	OUT lag_ms_p50 double precision, OUT lag_ms_p99 double precision,
+	OUT messages_per_second double precision, OUT token_expires_at timestamptz,
+	OUT last_batch_at timestamptz, OUT tokens_put bigint, OUT token_subject text, OUT token_error text,
+	OUT retries bigint, OUT retried_messages bigint, OUT max_retries_exceeded bigint, OUT waiting_retry integer,
+	OUT deferred bigint, OUT lock_renewals bigint, OUT locks_lost bigint)
+	RETURNS SETOF record
+	AS 'MODULE_PATHNAME', 'sbpg_worker_stats' LANGUAGE C STRICT;
+REVOKE ALL ON FUNCTION sbpg._worker_stats() FROM PUBLIC;
+
+-- One row per subscription: its workers summed (counters, rates), the state of the worker that
+-- most needs attention (one not connected, the lowest number first), worker 0's pid, the latest
+-- error, and the highest of the workers' percentiles (percentiles of parts do not combine).
+CREATE FUNCTION sbpg._stats(
+	OUT subscription text, OUT enabled boolean, OUT state text, OUT pid integer, OUT connected_since timestamptz,
+	OUT received bigint, OUT applied bigint, OUT dead_lettered bigint, OUT duplicates bigint, OUT abandoned bigint,
+	OUT batches bigint, OUT settle_failures bigint, OUT reconnects bigint, OUT last_error text, OUT last_error_at timestamptz,
+	OUT apply_ms_p50 double precision, OUT apply_ms_p99 double precision,
+	OUT lag_ms_p50 double precision, OUT lag_ms_p99 double precision, OUT messages_per_second double precision,
+	OUT token_expires_at timestamptz, OUT tokens_put bigint, OUT token_subject text, OUT token_error text,
+	OUT last_batch_at timestamptz, OUT retries bigint, OUT retried_messages bigint, OUT max_retries_exceeded bigint,
+	OUT waiting_retry integer, OUT deferred bigint, OUT lock_renewals bigint, OUT locks_lost bigint,
+	OUT workers integer)
+RETURNS SETOF record LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+SELECT s.name,
+       s.enabled,
+       CASE WHEN current_database() <> current_setting('sbpg.database', true) THEN 'unserved'
+            ELSE coalesce(w.state, CASE WHEN s.enabled THEN 'starting' ELSE 'disabled' END) END,
+       w.pid, w.connected_since, w.received, w.applied, w.dead_lettered, w.duplicates, w.abandoned,
+       w.batches, w.settle_failures, w.reconnects, w.last_error, w.last_error_at,
+       w.apply_ms_p50, w.apply_ms_p99, w.lag_ms_p50, w.lag_ms_p99, w.messages_per_second,
+       w.token_expires_at, w.tokens_put, w.token_subject, w.token_error, w.last_batch_at,
+       w.retries, w.retried_messages, w.max_retries_exceeded, w.waiting_retry, w.deferred,
+       w.lock_renewals, w.locks_lost, w.workers
+FROM sbpg.subscriptions s
+CROSS JOIN LATERAL (
+	SELECT (array_agg(x.state ORDER BY x.state = 'connected', x.worker))[1] AS state,
+	       (array_agg(x.pid ORDER BY x.worker))[1] AS pid,
+	       min(x.connected_since) AS connected_since,
+	       sum(x.received)::bigint AS received, sum(x.applied)::bigint AS applied,
+	       sum(x.dead_lettered)::bigint AS dead_lettered, sum(x.duplicates)::bigint AS duplicates,
+	       sum(x.abandoned)::bigint AS abandoned, sum(x.batches)::bigint AS batches,
+	       sum(x.settle_failures)::bigint AS settle_failures, sum(x.reconnects)::bigint AS reconnects,
+	       (array_agg(x.last_error ORDER BY x.last_error_at DESC NULLS LAST))[1] AS last_error,
+	       max(x.last_error_at) AS last_error_at,
+	       max(x.apply_ms_p50) AS apply_ms_p50, max(x.apply_ms_p99) AS apply_ms_p99,
+	       max(x.lag_ms_p50) AS lag_ms_p50, max(x.lag_ms_p99) AS lag_ms_p99,
+	       sum(x.messages_per_second) AS messages_per_second,
+	       min(x.token_expires_at) AS token_expires_at, sum(x.tokens_put)::bigint AS tokens_put,
+	       (array_agg(x.token_subject ORDER BY x.worker))[1] AS token_subject,
+	       (array_agg(x.token_error ORDER BY x.token_error IS NULL, x.worker))[1] AS token_error,
+	       max(x.last_batch_at) AS last_batch_at,
+	       sum(x.retries)::bigint AS retries, sum(x.retried_messages)::bigint AS retried_messages,
+	       sum(x.max_retries_exceeded)::bigint AS max_retries_exceeded,
+	       sum(x.waiting_retry)::integer AS waiting_retry, sum(x.deferred)::bigint AS deferred,
+	       sum(x.lock_renewals)::bigint AS lock_renewals, sum(x.locks_lost)::bigint AS locks_lost,
+	       count(*)::integer AS workers
+	FROM sbpg._worker_stats() x
+	WHERE x.subscription = s.name) w
+CROSS JOIN (SELECT sbpg._caller() AS who) c
+WHERE (SELECT rolsuper FROM pg_roles WHERE oid = c.who)
+   OR pg_has_role(c.who, 'sbpg_monitor', 'MEMBER')
+   OR pg_has_role(c.who, s.run_as, 'MEMBER')
+$$;
+REVOKE ALL ON FUNCTION sbpg._stats() FROM PUBLIC;
+CREATE VIEW sbpg.stats AS SELECT * FROM sbpg._stats();
+COMMENT ON VIEW sbpg.stats IS 'Per subscription (its workers together): worker state, counters, latency and lag percentiles, throughput';
+GRANT SELECT ON sbpg.stats TO sbpg_monitor, sbpg_admin;
+GRANT EXECUTE ON FUNCTION sbpg._stats() TO sbpg_monitor, sbpg_admin;
+
+CREATE FUNCTION sbpg._stats_workers(
+	OUT subscription text, OUT worker integer, OUT state text, OUT pid integer, OUT connected_since timestamptz,
+	OUT received bigint, OUT applied bigint, OUT dead_lettered bigint, OUT duplicates bigint,
+	OUT batches bigint, OUT reconnects bigint, OUT last_error text, OUT last_error_at timestamptz,
+	OUT apply_ms_p50 double precision, OUT apply_ms_p99 double precision,
+	OUT lag_ms_p50 double precision, OUT lag_ms_p99 double precision,
+	OUT messages_per_second double precision, OUT last_batch_at timestamptz, OUT retries bigint,
+	OUT waiting_retry integer, OUT lock_renewals bigint, OUT locks_lost bigint)
+RETURNS SETOF record LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+SELECT x.subscription, x.worker, x.state, x.pid, x.connected_since, x.received, x.applied, x.dead_lettered,
+       x.duplicates, x.batches, x.reconnects, x.last_error, x.last_error_at, x.apply_ms_p50, x.apply_ms_p99,
+       x.lag_ms_p50, x.lag_ms_p99, x.messages_per_second, x.last_batch_at, x.retries, x.waiting_retry,
+       x.lock_renewals, x.locks_lost
+FROM sbpg._worker_stats() x
+JOIN sbpg.subscriptions s ON s.name = x.subscription
+CROSS JOIN (SELECT sbpg._caller() AS who) c
+WHERE (SELECT rolsuper FROM pg_roles WHERE oid = c.who)
+   OR pg_has_role(c.who, 'sbpg_monitor', 'MEMBER')
+   OR pg_has_role(c.who, s.run_as, 'MEMBER')
+ORDER BY x.subscription, x.worker
+$$;
+REVOKE ALL ON FUNCTION sbpg._stats_workers() FROM PUBLIC;
+CREATE VIEW sbpg.stats_workers AS SELECT * FROM sbpg._stats_workers();
+COMMENT ON VIEW sbpg.stats_workers IS 'Per worker of each subscription (the option workers): state, counters, latency, throughput';
+GRANT SELECT ON sbpg.stats_workers TO sbpg_monitor, sbpg_admin;
+GRANT EXECUTE ON FUNCTION sbpg._stats_workers() TO sbpg_monitor, sbpg_admin;

@@ -49,6 +49,7 @@ const char *const kSubscriptionSql =
     "coalesce((s.options" OP_GETTEXT "'max_sessions')::integer, 8) AS max_sessions, "
     "coalesce((s.options" OP_GETTEXT "'session_idle_ms')::integer, 5000) AS session_idle_ms, "
     "coalesce((s.options" OP_GETTEXT "'session_failure')" OP_EQ "'stop', false) AS session_stop, "
+    "coalesce((s.options" OP_GETTEXT "'workers')::integer, 1) AS workers, "
     "coalesce((s.options" OP_GETTEXT "'schemas'), 'off')" OP_EQ "'validate' AS validate_schemas, "
     "coalesce((s.options" OP_GETTEXT "'unknown_types'), 'dead_letter')" OP_EQ "'pass' AS unknown_pass, "
     "coalesce((s.options" OP_GETTEXT "'version_property'), 'schema_version') AS version_property, "
@@ -128,6 +129,7 @@ ReadSubscription(const char *name, SubConfig *out) {
 	out->max_sessions = r.Int32(0, r.Col("max_sessions"));
 	out->session_idle_ms = r.Int32(0, r.Col("session_idle_ms"));
 	out->session_stop = r.Bool(0, r.Col("session_stop"));
+	out->workers = r.Int32(0, r.Col("workers"));
 	out->validate_schemas = r.Bool(0, r.Col("validate_schemas"));
 	out->unknown_pass = r.Bool(0, r.Col("unknown_pass"));
 	out->version_property = Kept(r, "version_property");

@@ -43,14 +43,26 @@ namespace sbpg::pg {
 
 namespace {
 
-constexpr spi::PlanSpec kInsert = {
-    "write sbpg.inbox",
-    "INSERT INTO sbpg.inbox (subscription, sequence_number, message_id, correlation_id, status, reason, "
-    "delivery_count, xid, attempts, traceparent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    10,
-    {TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, XID8OID, INT4OID, TEXTOID},
-    false,
+// A row that exists already (another worker of the subscription recorded the same message after
+// this batch looked it up: a redelivery after a lost lock reached it while the first worker was
+// still applying it) inserts nothing: the caller fails the attempt (InsertInbox), and the message
+// is a duplicate when looked up again. One statement per key index, so that ON CONFLICT names it.
+#define INBOX_INSERT                                                                                                   \
+	"INSERT INTO sbpg.inbox (subscription, sequence_number, message_id, correlation_id, status, reason, "              \
+	"delivery_count, xid, attempts, traceparent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
+constexpr spi::PlanSpec kInsert[2] = {
+    {"write sbpg.inbox",
+     INBOX_INSERT "ON CONFLICT (subscription, sequence_number) WHERE sequence_number IS NOT NULL DO NOTHING",
+     10,
+     {TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, XID8OID, INT4OID, TEXTOID},
+     false},
+    {"write sbpg.inbox",
+     INBOX_INSERT "ON CONFLICT (subscription, message_id) WHERE sequence_number IS NULL DO NOTHING",
+     10,
+     {TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, XID8OID, INT4OID, TEXTOID},
+     false},
 };
+#undef INBOX_INSERT
 
 // The settled_at stamp and the retry rows of confirmed settlements, by the rows' addresses, which
 // ScanKeys found: a TID scan, whatever the statistics.
@@ -290,7 +302,12 @@ InsertInbox(const Pass *pass, const ApplyItem *it) {
 	args[7] = FullTransactionIdGetDatum(FullTransactionIdFromU64(pass->xid));
 	args[8] = Int32GetDatum(it->attempts + 1);
 	args[9] = TextOrNull(m->traceparent, &nulls[9]);
-	spi::Exec(kInsert, args, nulls, SPI_OK_INSERT);
+	spi::SpiResult r = spi::Exec(kInsert[m->has_sequence_number ? 0 : 1], args, nulls, SPI_OK_INSERT);
+	if (r.rows == 0)
+		ereport(ERROR, (errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+		                errmsg("sbpg: message %s was recorded meanwhile by another worker of subscription \"%s\"",
+		                       m->message_id.c_str(), pass->cfg->name),
+		                errdetail("Its effects here are rolled back; it is settled as a duplicate of that record.")));
 }
 
 // The addresses of the rows ScanKeys finds, as a tid[]; *n says how many.

@@ -1,7 +1,8 @@
 // src/pg/launcher.cpp
 //   The launcher: one background worker that watches sbpg.subscriptions in sbpg.database and keeps
-//   one worker running per enabled subscription. It starts missing workers, restarts stopped ones
-//   with backoff, and stops workers whose subscription was disabled, dropped or changed (a changed
+//   the workers of every enabled subscription running (one, or as many as its option `workers`;
+//   an entry per worker, named by the subscription and the worker's number). It starts missing workers, restarts
+//   stopped ones with backoff, and stops workers whose subscription was disabled, dropped or changed (a changed
 //   subscription is restarted with its new settings). It holds no C++ objects: plain PostgreSQL
 //   code, with errors caught per cycle.
 #include "sbpg/core/fixed_text.hpp"
@@ -42,11 +43,13 @@ struct Desired {
 	char name[kNameLen];
 	char version[40];
 	bool enabled;
+	int workers;
 };
 
 struct Entry {
 	bool used;
 	char name[kNameLen];
+	int worker; // which of the subscription's workers
 	char version[40];
 	int slot;
 	BackgroundWorkerHandle *handle; // null when adopted from an earlier launcher or not running
@@ -71,20 +74,21 @@ struct Launcher {
 };
 
 Entry *
-FindEntry(Launcher *l, const char *name) {
+FindEntry(Launcher *l, const char *name, int worker) {
 	for (int i = 0; i < l->nentries; ++i)
-		if (l->entries[i].used && strcmp(l->entries[i].name, name) == 0)
+		if (l->entries[i].used && strcmp(l->entries[i].name, name) == 0 && l->entries[i].worker == worker)
 			return &l->entries[i];
 	return nullptr;
 }
 
 Entry *
-NewEntry(Launcher *l, const char *name) {
+NewEntry(Launcher *l, const char *name, int worker) {
 	for (int i = 0; i < l->nentries; ++i) {
 		if (!l->entries[i].used) {
 			std::memset(&l->entries[i], 0, sizeof l->entries[i]);
 			l->entries[i].used = true;
 			compat::CopyCString(l->entries[i].name, name, kNameLen);
+			l->entries[i].worker = worker;
 			l->entries[i].slot = -1;
 			return &l->entries[i];
 		}
@@ -129,7 +133,9 @@ LoadDesired(Launcher *l, Desired *out, int max) {
 		// OID. updated_at covers whatever alter_subscription changes.
 		// Every name schema-qualified: the launcher's session belongs to a superuser.
 		const char *q =
-		    "SELECT s.name, s.enabled, pg_catalog.md5(CAST(ROW(s.name, s.namespace, s.entity, "
+		    "SELECT s.name, s.enabled, "
+		    "coalesce(CAST(s.options OPERATOR(pg_catalog.->>) 'workers' AS pg_catalog.int4), 1) AS workers, "
+		    "pg_catalog.md5(CAST(ROW(s.name, s.namespace, s.entity, "
 		    "s.handler, CAST(s.handler_owner AS pg_catalog.oid), CAST(s.run_as AS pg_catalog.oid), s.identity, s.batch_size, "
 		    "s.prefetch, s.notify_channel, s.enabled, s.options, s.updated_at) AS pg_catalog.text) "
 		    "OPERATOR(pg_catalog.||) "
@@ -140,11 +146,13 @@ LoadDesired(Launcher *l, Desired *out, int max) {
 		    "LEFT JOIN sbpg.identity_secrets k ON k.identity OPERATOR(pg_catalog.=) s.identity "
 		    "ORDER BY s.name USING OPERATOR(pg_catalog.<)";
 		spi::SpiResult r = spi::ExecSql("read sbpg.subscriptions", q, 0, nullptr, nullptr, nullptr, SPI_OK_SELECT);
-		int name_col = r.Col("name"), enabled_col = r.Col("enabled"), version_col = r.Col("version");
+		int name_col = r.Col("name"), enabled_col = r.Col("enabled"), version_col = r.Col("version"),
+		    workers_col = r.Col("workers");
 		for (uint64 row = 0; row < r.rows && n < max; ++row) {
 			char *name = r.Text(row, name_col);
 			compat::CopyCString(out[n].name, name ? name : "", kNameLen);
 			out[n].enabled = r.Bool(row, enabled_col);
+			out[n].workers = std::max(1, r.Int32(row, workers_col, 1));
 			char *ver = r.Text(row, version_col);
 			compat::CopyCString(out[n].version, ver ? ver : "", sizeof out[n].version);
 			++n;
@@ -189,7 +197,7 @@ StopEntry(Entry *e) {
 void
 StartEntry(const Launcher *l, Entry *e, const Desired *d) {
 	if (e->slot < 0)
-		e->slot = AssignSlot(e->name);
+		e->slot = AssignSlot(e->name, e->worker);
 	if (e->slot < 0) {
 		ereport(WARNING, (errmsg("sbpg: cannot start subscription \"%s\": all %d worker slots are in use", e->name,
 		                         guc_max_workers),
@@ -204,7 +212,10 @@ StartEntry(const Launcher *l, Entry *e, const Desired *d) {
 	w.bgw_restart_time = BGW_NEVER_RESTART; // the launcher restarts it, with backoff
 	snprintf(w.bgw_library_name, BGW_MAXLEN, "sbpg");
 	snprintf(w.bgw_function_name, BGW_MAXLEN, "sbpg_worker_main");
-	snprintf(w.bgw_name, BGW_MAXLEN, "sbpg worker %s", e->name);
+	if (d->workers > 1)
+		snprintf(w.bgw_name, BGW_MAXLEN, "sbpg worker %s #%d", e->name, e->worker);
+	else
+		snprintf(w.bgw_name, BGW_MAXLEN, "sbpg worker %s", e->name);
 	snprintf(w.bgw_type, BGW_MAXLEN, "sbpg worker");
 	w.bgw_notify_pid = MyProcPid;
 	WorkerStart start;
@@ -212,6 +223,7 @@ StartEntry(const Launcher *l, Entry *e, const Desired *d) {
 	start.database = MyDatabaseId;
 	start.user = l->ext_owner;
 	start.slot = e->slot;
+	start.worker = e->worker;
 	compat::CopyCString(start.name, e->name, kNameLen);
 	static_assert(sizeof(WorkerStart) <= BGW_EXTRALEN, "WorkerStart must fit bgw_extra");
 	std::memcpy(w.bgw_extra, &start, sizeof start);
@@ -243,7 +255,7 @@ AdoptRunningWorkers(Launcher *l) {
 		CopySlot(i, &copy);
 		if (!copy.in_use || copy.pid <= 0 || kill(copy.pid, 0) != 0)
 			continue;
-		Entry *e = NewEntry(l, copy.name);
+		Entry *e = NewEntry(l, copy.name, copy.worker);
 		if (!e)
 			break;
 		e->slot = i;
@@ -305,7 +317,7 @@ Reconcile(Launcher *l) {
 		}
 		const Desired *d = nullptr;
 		for (int k = 0; k < nd; ++k)
-			if (strcmp(desired[k].name, e->name) == 0)
+			if (strcmp(desired[k].name, e->name) == 0 && e->worker < desired[k].workers)
 				d = &desired[k];
 		bool wanted = d && d->enabled;
 		if (e->running && (!wanted || strcmp(d->version, e->version) != 0))
@@ -324,20 +336,27 @@ Reconcile(Launcher *l) {
 		}
 	}
 	// Workers that should run.
-	for (int k = 0; k < nd; ++k) {
+	bool full = false;
+	for (int k = 0; k < nd && !full; ++k) {
 		if (!desired[k].enabled)
 			continue;
-		Entry *e = FindEntry(l, desired[k].name);
-		if (!e)
-			e = NewEntry(l, desired[k].name);
-		if (!e && ReclaimIdleEntry(l, desired, nd))
-			e = NewEntry(l, desired[k].name);
-		if (!e) {
-			ereport(WARNING, (errmsg("sbpg: more enabled subscriptions than sbpg.max_workers (%d)", guc_max_workers)));
-			break;
+		for (int wk = 0; wk < desired[k].workers; ++wk) {
+			Entry *e = FindEntry(l, desired[k].name, wk);
+			if (!e)
+				e = NewEntry(l, desired[k].name, wk);
+			if (!e && ReclaimIdleEntry(l, desired, nd))
+				e = NewEntry(l, desired[k].name, wk);
+			if (!e) {
+				ereport(WARNING, (errmsg("sbpg: the enabled subscriptions need more workers than sbpg.max_workers (%d)",
+				                         guc_max_workers),
+				                  errhint("Raise sbpg.max_workers (and max_worker_processes) and restart the server, "
+				                          "or lower a subscription's option workers.")));
+				full = true;
+				break;
+			}
+			if (!e->running && now >= e->next_start)
+				StartEntry(l, e, &desired[k]);
 		}
-		if (!e->running && now >= e->next_start)
-			StartEntry(l, e, &desired[k]);
 	}
 	pfree(desired);
 }

@@ -270,11 +270,12 @@ WakeLauncher() {
 }
 
 int
-AssignSlot(const char *name) {
+AssignSlot(const char *name, int worker) {
 	int found = -1;
 	LWLockAcquire(shared->lock, LW_EXCLUSIVE);
 	for (int i = 0; i < shared->nslots && found < 0; ++i)
-		if (shared->slots[i].in_use && strncmp(shared->slots[i].name, name, kNameLen) == 0)
+		if (shared->slots[i].in_use && strncmp(shared->slots[i].name, name, kNameLen) == 0 &&
+		    shared->slots[i].worker == worker)
 			found = i;
 	for (int i = 0; i < shared->nslots && found < 0; ++i) {
 		WorkerSlot *s = &shared->slots[i];
@@ -285,6 +286,7 @@ AssignSlot(const char *name) {
 			            sizeof(WorkerSlot) - offsetof(WorkerSlot, in_use));
 			s->in_use = true;
 			compat::CopyCString(s->name, name, kNameLen);
+			s->worker = worker;
 			s->state = kStateStarting;
 			SpinLockRelease(&s->mutex);
 			found = i;
@@ -517,6 +519,7 @@ MessagesPerSecond(const WorkerSlot *slot, TimestampTz now) {
 void
 FillStatsRow(StatsRow *row, const WorkerSlot *slot, TimestampTz now) {
 	row->SetText("subscription", slot->name, false);
+	row->Set("worker", Int32GetDatum(slot->worker), false);
 	row->SetText("state", WorkerStateName(slot->state), false);
 	row->Set("pid", Int32GetDatum(slot->pid), slot->pid == 0);
 	row->SetTime("connected_since", slot->connected_since);

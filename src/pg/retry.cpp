@@ -345,14 +345,18 @@ int
 DueDeferred(const SubConfig *cfg, int64 *out, int max) {
 	int got = 0;
 	spi::ShortTransaction([&] {
-		Oid types[2] = {TEXTOID, INT4OID};
-		Datum args[2] = {CStringGetTextDatum(cfg->name), Int32GetDatum(max)};
+		// With several workers, each asks for its share (by sequence number), so that two do not
+		// fetch the same message.
+		Oid types[4] = {TEXTOID, INT4OID, INT8OID, INT8OID};
+		Datum args[4] = {CStringGetTextDatum(cfg->name), Int32GetDatum(max), Int64GetDatum(std::max(1, cfg->workers)),
+		                 Int64GetDatum(cfg->worker)};
 		spi::SpiResult res = spi::ExecSql("read sbpg.retries",
 		                                  "SELECT sequence_number FROM sbpg.retries WHERE subscription" OP_EQ
 		                                  "$1 AND deferred AND sequence_number IS "
 		                                  "NOT NULL AND next_attempt_at" OP_LE
-		                                  "pg_catalog.now() ORDER BY next_attempt_at USING" OP_LT "LIMIT $2",
-		                                  2, types, args, nullptr, SPI_OK_SELECT);
+		                                  "pg_catalog.now() AND (sequence_number OPERATOR(pg_catalog.%) $3)" OP_EQ
+		                                  "$4 ORDER BY next_attempt_at USING" OP_LT "LIMIT $2",
+		                                  4, types, args, nullptr, SPI_OK_SELECT);
 		int seq_col = res.Col("sequence_number");
 		for (uint64 r = 0; r < res.rows && got < max; ++r)
 			out[got++] = res.Int64(r, seq_col);

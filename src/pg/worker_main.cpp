@@ -325,6 +325,9 @@ Worker::StampConfirmed(TimestampTz now) {
 // Pruning commits lazily (spi::Commit::kLazy): it costs no disk flush of its own.
 void
 Worker::Prune(TimestampTz now) {
+	// The inbox is the subscription's: with several workers, the first one prunes it.
+	if (start_.worker != 0)
+		return;
 	int64 prune_every = std::min<int64>(60 * USECS_PER_SEC,
 	                                    std::max<int64>(USECS_PER_SEC, guc_inbox_retention_s * USECS_PER_SEC / 2));
 	if (guc_inbox_retention_s <= 0) {

@@ -145,6 +145,7 @@ Worker::Setup() {
 		                 "\": cannot read its settings: " + err.message.c_str());
 		return false;
 	}
+	cfg_.worker = start_.worker;
 	if (!cfg_.found || !cfg_.enabled) {
 		SetState(kStateStopped);
 		return false;

@@ -190,7 +190,7 @@ describe("lifecycle with more subscriptions than sbpg.max_workers", () => {
     await waitFor(async () => (await running()).join() === "m3", { what: "worker m3" });
     await send("m3", 4);
     await waitFor(async () => (await rows()) === 10, { what: "10 rows" });
-    assert.doesNotMatch(pg.serverLog().slice(logFrom), /more enabled subscriptions than sbpg.max_workers/);
+    assert.doesNotMatch(pg.serverLog().slice(logFrom), /the enabled subscriptions need more workers than sbpg.max_workers/);
     const stats = Object.fromEntries((await pg.query("SELECT subscription, state, applied FROM sbpg.stats")).rows
       .map((r) => [r.subscription, r]));
     assert.equal(stats.m3.state, "connected");
@@ -200,7 +200,7 @@ describe("lifecycle with more subscriptions than sbpg.max_workers", () => {
     await waitFor(async () => (await running()).join() === "m1,m3", { what: "workers m1 and m3" });
     // Three enabled, two entries: the launcher says so, and m2 waits.
     await pg.psql("SELECT sbpg.enable_subscription('m2')");
-    await waitFor(() => /more enabled subscriptions than sbpg.max_workers \(2\)/.test(pg.serverLog().slice(logFrom)),
+    await waitFor(() => /the enabled subscriptions need more workers than sbpg.max_workers \(2\)/.test(pg.serverLog().slice(logFrom)),
                   { what: "the launcher's warning" });
     assert.equal((await running()).join(), "m1,m3");
   });

@@ -1,7 +1,7 @@
 -- pgTAP: sbpg's catalog objects and who may use them. Runs in a database of its own, with the
 -- extensions pgtap and sbpg created by test/pg/run.
 BEGIN;
-SELECT plan(50);
+SELECT plan(52);
 
 SELECT has_schema('sbpg');
 SELECT has_role('sbpg_admin');
@@ -37,8 +37,13 @@ SELECT columns_are('sbpg', 'stats', ARRAY['subscription', 'enabled', 'state', 'p
     'dead_lettered', 'duplicates', 'abandoned', 'batches', 'settle_failures', 'reconnects', 'last_error', 'last_error_at',
     'apply_ms_p50', 'apply_ms_p99', 'lag_ms_p50', 'lag_ms_p99', 'messages_per_second', 'token_expires_at', 'tokens_put',
     'token_subject', 'token_error', 'last_batch_at', 'retries', 'retried_messages', 'max_retries_exceeded', 'waiting_retry',
-    'deferred', 'lock_renewals', 'locks_lost'],
+    'deferred', 'lock_renewals', 'locks_lost', 'workers'],
     'sbpg.stats has exactly these columns: of the token only its expiry, principal, error and how many were put, never the token');
+SELECT columns_are('sbpg', 'stats_workers', ARRAY['subscription', 'worker', 'state', 'pid', 'connected_since', 'received',
+    'applied', 'dead_lettered', 'duplicates', 'batches', 'reconnects', 'last_error', 'last_error_at', 'apply_ms_p50',
+    'apply_ms_p99', 'lag_ms_p50', 'lag_ms_p99', 'messages_per_second', 'last_batch_at', 'retries', 'waiting_retry',
+    'lock_renewals', 'locks_lost'], 'sbpg.stats_workers: one row per worker, no token');
+SELECT table_privs_are('sbpg', 'stats_workers', 'sbpg_monitor', ARRAY['SELECT']);
 SELECT col_type_is('sbpg', 'stats', 'apply_ms_p99', 'double precision', 'sbpg.stats.apply_ms_p99 (apply latency, ms) is double precision');
 SELECT col_type_is('sbpg', 'stats', 'lag_ms_p99', 'double precision', 'sbpg.stats.lag_ms_p99 (end-to-end lag, ms) is double precision');
 SELECT col_type_is('sbpg', 'stats', 'token_expires_at', 'timestamp with time zone', 'sbpg.stats.token_expires_at is a point in time');

@@ -58,6 +58,8 @@ struct SubConfig {
 	int max_sessions;    // sessions held at once (default 8)
 	int session_idle_ms; // a session without messages this long is released (default 5000)
 	bool session_stop;   // "session_failure": "stop": a message that fails for good stops its session
+	int workers;         // how many workers the subscription has (option workers, default 1)
+	int worker;          // set by the worker: which of them it is (0 .. workers - 1)
 	// Versioned schemas (subscription options; docs/schemas.md).
 	bool validate_schemas;     // "schemas": "validate"
 	bool unknown_pass;         // "unknown_types": "pass" (default: dead_letter)

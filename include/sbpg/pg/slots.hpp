@@ -41,6 +41,7 @@ struct WorkerSlot {
 	slock_t mutex;
 	bool in_use;
 	char name[kNameLen];
+	int worker; // which of the subscription's workers (0 .. workers - 1)
 	int pid;
 	int state;
 	TimestampTz connected_since;
@@ -82,13 +83,14 @@ struct WorkerStart {
 	Oid database;
 	Oid user;
 	int slot;
+	int worker; // which of the subscription's workers (option workers), from 0
 	char name[kNameLen];
 };
 
 // Sets the launcher's latch (wake it now).
 void WakeLauncher();
 // Reserves the slot for a subscription (launcher); -1 when none is free.
-int AssignSlot(const char *name);
+int AssignSlot(const char *name, int worker);
 void FreeSlot(int slot);
 // Takes a consistent copy of a slot.
 void CopySlot(int slot, WorkerSlot *out);
