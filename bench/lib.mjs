@@ -7,7 +7,9 @@ import { ServiceBusClient } from "@azure/service-bus";
 
 const SEND_CHUNK = 500;
 
-export function bulkSender(amqp, queue, idPrefix) {
+// sessions: spread the messages round robin over that many session ids (s0, s1, ...), for a
+// queue that requires sessions; 0 (the default): none.
+export function bulkSender(amqp, queue, idPrefix, sessions = 0) {
   const sb = new ServiceBusClient(
     `Endpoint=sb://${amqp.replace("amqp://", "")};SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;`,
     { retryOptions: { maxRetries: 3 } });
@@ -21,8 +23,11 @@ export function bulkSender(amqp, queue, idPrefix) {
         const n = Math.min(SEND_CHUNK, count - k);
         const first = nextId;
         nextId += n;
-        calls.push(sender.sendMessages(Array.from({ length: n }, (_, j) => ({ messageId: `${idPrefix}${first + j}`,
-                                                                             body: body(first + j) }))));
+        calls.push(sender.sendMessages(Array.from({ length: n }, (_, j) => ({
+          messageId: `${idPrefix}${first + j}`,
+          body: body(first + j),
+          ...(sessions ? { sessionId: `s${(first + j) % sessions}` } : {}),
+        }))));
         if (calls.length === 4) await Promise.all(calls.splice(0)); // at most 4 batches in flight
       }
       await Promise.all(calls);

@@ -15,6 +15,7 @@ checks=(
 	"inbox_scale.sh|bench/inbox_scale.sh 500 2000|^full/empty: [0-9]+%"
 	"memory.sh|bench/memory.sh 2000 2|^during the lock: locked at most [0-9]+ \(bound 1000\)"
 	"retention.sh|bench/retention.sh 24 4 10|^last/first: [0-9]+% \(goal: within 10%\)"
+	"scaling.sh|bench/scaling.sh 400 50|^sessions 64 +[0-9]+ +[0-9]+%"
 )
 echo "1..${#checks[@]}"
 pass=0

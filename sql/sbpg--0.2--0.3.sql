@@ -68,12 +68,38 @@ GRANT SELECT ON sbpg.schema_catalog TO sbpg_admin, sbpg_monitor;
 -- register_schema and set_upcast store their regprocedure argument into the text column by
 -- assignment, under their own search_path = pg_catalog, pg_temp: the same text as _function_text.
 
+-- What identifies a subscription's source: the namespace without the default port and scheme of
+-- its transport (a host name alone means TLS on 5671), and the entity, both without regard to case.
+CREATE FUNCTION sbpg._source_key(namespace text, entity text) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+SELECT regexp_replace(regexp_replace(regexp_replace(lower(rtrim(namespace, '/')), '^amqps://', ''), ':5671$', ''),
+                      '^(amqp://[^/]+):5672$', '\1') || '/' || lower(entity)
+$$;
+REVOKE ALL ON FUNCTION sbpg._source_key(text, text) FROM PUBLIC;
+DO $$
+DECLARE
+	pair record;
+BEGIN
+	FOR pair IN
+		SELECT a.name AS one, b.name AS other FROM sbpg.subscriptions a JOIN sbpg.subscriptions b
+		  ON a.name < b.name AND sbpg._source_key(a.namespace, a.entity) = sbpg._source_key(b.namespace, b.entity)
+	LOOP
+		RAISE WARNING 'subscriptions "%" and "%" consume the same entity', pair.one, pair.other
+			USING DETAIL = 'Each recognises redeliveries by its own inbox: a message redelivered from one to the other is applied by both.',
+			      HINT = 'Drop one of them, or move it to another entity; give the other more workers instead (docs/scaling.md).';
+	END LOOP;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION sbpg.create_subscription(name text, namespace text, entity text, handler regprocedure,
 	run_as regrole, identity text DEFAULT NULL, batch_size integer DEFAULT 100, prefetch integer DEFAULT NULL,
 	notify_channel text DEFAULT 'sbpg_confirm', enabled boolean DEFAULT true, options jsonb DEFAULT '{}')
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
 	PERFORM sbpg._check_admin('create subscription', run_as);
+	-- One subscription per source (_validate_subscription checks): concurrent creations and
+	-- changes of the source take their turns.
+	LOCK TABLE sbpg.subscriptions IN SHARE ROW EXCLUSIVE MODE;
 	IF EXISTS (SELECT 1 FROM sbpg.subscriptions s WHERE s.name = create_subscription.name) THEN
 		RAISE EXCEPTION 'subscription "%" already exists', name
 			USING ERRCODE = 'duplicate_object', HINT = 'Change it with sbpg.alter_subscription, or drop it first.';
@@ -108,6 +134,9 @@ DECLARE
 	-- when there is none (dropped or renamed) or when another role owns it now: name it again.
 	current_handler regprocedure;
 BEGIN
+	IF namespace IS NOT NULL OR entity IS NOT NULL THEN
+		LOCK TABLE sbpg.subscriptions IN SHARE ROW EXCLUSIVE MODE; -- one subscription per source
+	END IF;
 	SELECT * INTO s FROM sbpg.subscriptions x WHERE x.name = alter_subscription.name FOR UPDATE;
 	IF NOT FOUND THEN
 		RAISE EXCEPTION 'subscription "%" does not exist', name
@@ -181,6 +210,7 @@ DECLARE
 	ident sbpg.identities;
 	k text;
 	lim record;
+	other text;
 	caller regrole := sbpg._caller();
 BEGIN
 	IF name IS NULL OR name !~ '^[A-Za-z0-9_.-]{1,63}$' THEN
@@ -209,6 +239,17 @@ BEGIN
 	IF entity ~* '/subscriptions/' AND entity !~* '^[^/]+/subscriptions/[^/]+(/\$deadletterqueue)?$' THEN
 		RAISE EXCEPTION 'invalid topic subscription %', quote_literal(entity)
 			USING ERRCODE = 'invalid_parameter_value', HINT = 'Write it as topic/subscriptions/name.';
+	END IF;
+	-- One subscription per source in a database: each recognises redeliveries by its own inbox, so
+	-- two on one entity would each apply what the other had applied (docs/scaling.md).
+	SELECT o.name INTO other FROM sbpg.subscriptions o
+	WHERE o.name <> _validate_subscription.name
+	  AND sbpg._source_key(o.namespace, o.entity) = sbpg._source_key(_validate_subscription.namespace, _validate_subscription.entity);
+	IF FOUND THEN
+		RAISE EXCEPTION 'subscription "%" already consumes % from %', other, entity, namespace
+			USING ERRCODE = 'duplicate_object',
+			      DETAIL = 'Each subscription recognises redelivered messages by its own inbox: a second one on the same entity would apply again messages the first had applied.',
+			      HINT = format('To consume the entity faster, give subscription "%s" more workers (options => ''{"workers": 4}''); for another handler, give it a topic subscription of its own.', other);
 	END IF;
 	SELECT * INTO p FROM pg_proc WHERE oid = handler;
 	IF NOT FOUND THEN

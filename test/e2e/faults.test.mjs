@@ -9,7 +9,7 @@ import { startSbemu, configWith, queue } from "../conformance/lib/sbemu.mjs";
 import { startCluster, installOrders, appliesOf, waitFor, freePort, sleep } from "./lib/cluster.mjs";
 
 const retryOptions = { maxRetries: 0, timeoutInMs: 20000 };
-const QUEUES = ["late", "drop", "busy", "restart", "unsettled", "expire", "pressure"];
+const QUEUES = ["late", "dns", "drop", "busy", "restart", "unsettled", "expire", "pressure"];
 
 describe("faults", () => {
   let emu, pg, sb, listener, port;
@@ -77,12 +77,12 @@ describe("faults", () => {
   });
 
   it("keeps retrying a host name that does not resolve, and consumes once it is corrected", async () => {
-    await pg.psql(`SELECT sbpg.create_subscription('dns', 'amqp://sbpg-no-such-host.invalid:${port}', 'late', 'apply_slow(sbpg.message)', 'app', 'emu');`);
+    await pg.psql(`SELECT sbpg.create_subscription('dns', 'amqp://sbpg-no-such-host.invalid:${port}', 'dns', 'apply_slow(sbpg.message)', 'app', 'emu');`);
     await waitFor(async () => Number((await stats("dns")).reconnects) >= 2, { timeout: 30000, what: "two failed attempts" });
     const st = await stats("dns");
     assert.notEqual(st.state, "connected");
     assert.match(st.last_error, /sbpg-no-such-host\.invalid|resolve|Name or service not known|not known/i);
-    await sendRange("late", 1100, 5);
+    await sendRange("dns", 1100, 5);
     await pg.psql(`SELECT sbpg.alter_subscription('dns', namespace => 'amqp://127.0.0.1:${port}');`);
     await waitFor(async () => (await count(1100, 1105)) === 5, { timeout: 60000, what: "5 rows once the name is right" });
     await pg.psql("SELECT sbpg.drop_subscription('dns');");

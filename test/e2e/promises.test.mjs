@@ -94,7 +94,7 @@ describe("documented promises", () => {
       GRANT app TO team_admin;
       SELECT sbpg.grant_identity('emu', 'team_admin');`);
     await asRole("team_admin", `SELECT sbpg.create_subscription('revoke', '${emu.amqp}', 'revoke', 'handle(sbpg.message)', 'app', 'emu')`);
-    await asRole("team_admin", `SELECT sbpg.create_subscription('moved', '${emu.amqp}', 'revoke', 'handle(sbpg.message)', 'app', enabled => false)`);
+    await asRole("team_admin", `SELECT sbpg.create_subscription('moved', '${emu.amqp}', 'revoke-moved', 'handle(sbpg.message)', 'app', enabled => false)`);
     await send("revoke", [{ messageId: "rv-1", body: { n: 1 } }]);
     await waitFor(async () => (await appliesOf("rv-1")) === 1, { what: "rv-1 applied" });
     const pid = await waitFor(() => workerPid("revoke"), { what: "worker revoke" });
@@ -103,7 +103,7 @@ describe("documented promises", () => {
     assert.equal(await count("SELECT count(*) FROM sbpg.identity_usage WHERE identity = 'emu'"), 0, "the grant is gone");
     const refused = (e) => e.code === "42501" && /permission denied to use identity "emu"/.test(e.message);
     await assert.rejects(
-      asRole("team_admin", `SELECT sbpg.create_subscription('revoke2', '${emu.amqp}', 'revoke', 'handle(sbpg.message)', 'app', 'emu')`),
+      asRole("team_admin", `SELECT sbpg.create_subscription('revoke2', '${emu.amqp}', 'revoke2', 'handle(sbpg.message)', 'app', 'emu')`),
       refused, "a new subscription with the revoked identity is refused");
     await assert.rejects(asRole("team_admin", "SELECT sbpg.alter_subscription('moved', identity => 'emu')"), refused,
       "moving a subscription to the revoked identity is refused");

@@ -10,7 +10,7 @@ import { startSbemu, configWith, queue } from "../conformance/lib/sbemu.mjs";
 import { startCluster, waitFor } from "./lib/cluster.mjs";
 
 const retryOptions = { maxRetries: 0, timeoutInMs: 20000 };
-const names = ["flaky", "permanent", "exhaust", "noretry", "busy", "defer", "slow", "bound", "commit", "deferred", "survive", "keeppace"];
+const names = ["flaky", "permanent", "exhaust", "noretry", "busy", "defer", "slow", "bound", "commit", "deferred", "survive", "keeppace", "old"];
 
 describe("retry policy", () => {
   let emu, pg, sb, listener;
@@ -336,7 +336,7 @@ describe("retry policy", () => {
     `);
     await pg.query("ALTER SYSTEM SET sbpg.inbox_retention = '1h'");
     await pg.query("SELECT pg_reload_conf()");
-    await pg.psql(`SELECT sbpg.create_subscription('old', '${emu.amqp}', 'permanent', 'handle(sbpg.message)', 'app', 'emu');`);
+    await pg.psql(`SELECT sbpg.create_subscription('old', '${emu.amqp}', 'old', 'handle(sbpg.message)', 'app', 'emu');`);
     await waitFor(async () => Number((await pg.query("SELECT count(*) FROM sbpg.inbox WHERE subscription = 'old'")).rows[0].count) === 50,
       { timeout: 30000, what: "the old confirmed rows pruned" });
     const left = (await pg.query(`SELECT count(*) FILTER (WHERE settled_at IS NULL)::int unconfirmed,

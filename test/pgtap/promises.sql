@@ -24,7 +24,7 @@ RESET ROLE;
 SELECT lives_ok($$SELECT sbpg.revoke_identity('p-key', 'tap_pteam')$$, 'the identity''s creator revokes it');
 SELECT is((SELECT count(*)::int FROM sbpg.identity_usage WHERE identity = 'p-key'), 0, 'the grant is gone from sbpg.identity_usage');
 SET ROLE tap_pteam;
-SELECT throws_ok($$SELECT sbpg.create_subscription('p-new', 'amqp://127.0.0.1:5672', 'q', 'tap_phandler(sbpg.message)', 'tap_papp', 'p-key')$$,
+SELECT throws_ok($$SELECT sbpg.create_subscription('p-new', 'amqp://127.0.0.1:5672', 'q3', 'tap_phandler(sbpg.message)', 'tap_papp', 'p-key')$$,
     '42501', 'permission denied to use identity "p-key"', 'a new subscription with the revoked identity is refused');
 SELECT throws_ok($$SELECT sbpg.alter_subscription('p-other', identity => 'p-key')$$,
     '42501', 'permission denied to use identity "p-key"', 'moving a subscription to the revoked identity is refused');

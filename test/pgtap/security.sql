@@ -2,7 +2,7 @@
 -- owners of message types, statistics by visibility, the handler time limit, configuration
 -- functions refused where the calling role cannot be told, and what pg_dump keeps.
 BEGIN;
-SELECT plan(59);
+SELECT plan(64);
 
 CREATE ROLE tap_alice NOLOGIN IN ROLE sbpg_admin;
 CREATE ROLE tap_bob NOLOGIN IN ROLE sbpg_admin;
@@ -28,21 +28,32 @@ SELECT throws_ok($$SELECT sbpg.create_subscription('s-plain', 'amqps://evil.exam
     '42501', 'identity "tap-mi" sends Entra ID tokens only to Service Bus namespaces over TLS, not to amqps://evil.example', 'nor to another TLS broker that is not listed');
 SELECT lives_ok($$SELECT sbpg.create_subscription('s-bare', 'contoso.servicebus.windows.net', 'q', 'tap_sh(sbpg.message)', 'tap_alice_w', 'tap-mi', enabled => false)$$,
     'a namespace host name means TLS');
-SELECT lives_ok($$SELECT sbpg.create_subscription('s-amqps', 'amqps://contoso.servicebus.windows.net', 'q', 'tap_sh(sbpg.message)', 'tap_alice_w', 'tap-mi', enabled => false)$$,
+SELECT lives_ok($$SELECT sbpg.create_subscription('s-amqps', 'amqps://contoso.servicebus.windows.net', 'q2', 'tap_sh(sbpg.message)', 'tap_alice_w', 'tap-mi', enabled => false)$$,
     'amqps:// to a namespace');
 SELECT lives_ok($$SELECT sbpg.create_subscription('s-listed', 'amqp://127.0.0.1:5672', 'q', 'tap_sh(sbpg.message)', 'tap_alice_w', 'tap-mi', enabled => false)$$,
     'a plain broker the identity lists exactly (a local emulator)');
 SELECT results_eq($$SELECT name, namespace FROM sbpg.subscriptions WHERE name IN ('s-bare', 's-amqps', 's-listed') ORDER BY name$$,
     $$VALUES ('s-amqps', 'amqps://contoso.servicebus.windows.net'), ('s-bare', 'contoso.servicebus.windows.net'), ('s-listed', 'amqp://127.0.0.1:5672')$$,
     'the accepted subscriptions are stored with their namespaces; the refused ones are not');
+-- One subscription per source: the same namespace (however written) and entity (any case) is refused.
+SELECT throws_ok($$SELECT sbpg.create_subscription('s-dup', 'amqps://CONTOSO.servicebus.windows.net:5671/', 'Q', 'tap_sh(sbpg.message)', 'tap_alice_w', 'tap-mi', enabled => false)$$,
+    '42710', 'subscription "s-bare" already consumes Q from amqps://CONTOSO.servicebus.windows.net:5671/',
+    'a second subscription on the same namespace and entity is refused');
+SELECT throws_ok($$SELECT sbpg.create_subscription('s-dup', 'amqp://127.0.0.1', 'q', 'tap_sh(sbpg.message)', 'tap_alice_w', 'tap-mi', enabled => false)$$,
+    '42710', NULL, 'the default port of amqp:// is the same source');
+SELECT lives_ok($$SELECT sbpg.create_subscription('s-dlq', 'amqp://127.0.0.1:5672', 'q/$DeadLetterQueue', 'tap_sh(sbpg.message)', 'tap_alice_w', 'tap-mi', enabled => false)$$,
+    'an entity''s dead-letter queue is another source');
+SELECT throws_ok($$SELECT sbpg.alter_subscription('s-dlq', entity => 'Q')$$,
+    '42710', 'subscription "s-listed" already consumes Q from amqp://127.0.0.1:5672', 'alter_subscription checks the same');
+SELECT lives_ok($$SELECT sbpg.drop_subscription('s-dlq')$$, 'dropped again');
 SELECT throws_ok($$SELECT sbpg.alter_subscription('s-bare', namespace => 'amqp://contoso.servicebus.windows.net')$$,
     '42501', 'identity "tap-mi" sends Entra ID tokens only to Service Bus namespaces over TLS, not to amqp://contoso.servicebus.windows.net', 'alter_subscription checks the same rule');
 SELECT is((SELECT namespace FROM sbpg.subscriptions WHERE name = 's-bare'), 'contoso.servicebus.windows.net', 'and leaves the namespace as it was');
 
 -- Code that messages drive never manages sbpg.
-SELECT throws_ok($$SELECT sbpg.create_subscription('s-admin', 'amqp://127.0.0.1:5672', 'q', 'tap_sh(sbpg.message)', 'sbpg_admin')$$,
+SELECT throws_ok($$SELECT sbpg.create_subscription('s-admin', 'amqp://127.0.0.1:5672', 'q-admin', 'tap_sh(sbpg.message)', 'sbpg_admin')$$,
     '42501', 'run_as role sbpg_admin has the privileges of sbpg_admin', 'run_as may not be sbpg_admin');
-SELECT throws_ok($$SELECT sbpg.create_subscription('s-admin', 'amqp://127.0.0.1:5672', 'q', 'tap_sh(sbpg.message)', 'tap_alice')$$,
+SELECT throws_ok($$SELECT sbpg.create_subscription('s-admin', 'amqp://127.0.0.1:5672', 'q-admin', 'tap_sh(sbpg.message)', 'tap_alice')$$,
     '42501', 'run_as role tap_alice has the privileges of sbpg_admin', 'nor a member of it');
 
 -- The handler time limit: 100 ms to an hour, never past the lock renewal limit.

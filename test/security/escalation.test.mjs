@@ -428,7 +428,7 @@ describe("privilege escalation", () => {
     // before it asks for a token.
     await db.psql(`
       SELECT sbpg.create_identity('mi', 'managed_identity', '{"allowed_namespaces": ["${emu.amqp}"]}');
-      SELECT sbpg.create_subscription('plain', '${emu.amqp}', 'odd', 'team_b.take(sbpg.message)', 'bob_w', 'mi', enabled => false);
+      SELECT sbpg.create_subscription('plain', '${emu.amqp}', 'plain-q', 'team_b.take(sbpg.message)', 'bob_w', 'mi', enabled => false);
       UPDATE sbpg.subscriptions SET namespace = 'amqp://contoso.servicebus.windows.net', enabled = true WHERE name = 'plain';
     `);
     const st = await waitFor(async () => (await db.query("SELECT state, last_error FROM sbpg.stats WHERE subscription = 'plain' AND state = 'failed'")).rows[0],
