@@ -37,9 +37,18 @@ bench_cluster "max_worker_processes=24" "sbpg.max_workers=12"
 psql -X -q -c "CREATE EXTENSION sbpg_bench_ceiling"
 
 field() { sed -n "s/.*[ ^]$1=\([^ ]*\).*/\1/p"; }
-drain() { node bench/scaling.mjs "$amqp" "$PGHOST" "$PGPORT" "$1" "$N" "$BATCH" "$2" "$3" | echo " $(cat)" | field rate; }
+# Every drain and ceiling run writes the same order ids: each starts from empty tables.
+fresh() { psql -X -q -c "TRUNCATE bench_orders" -c "DELETE FROM sbpg.inbox WHERE subscription = 'ceiling'"; }
+drain() {
+	fresh
+	node bench/scaling.mjs "$amqp" "$PGHOST" "$PGPORT" "$1" "$N" "$BATCH" "$2" "$3" | echo " $(cat)" | field rate
+}
+ceiling_run() {
+	fresh
+	node bench/sbpg_bench.mjs ceiling "$PGHOST" "$PGPORT" "$BATCH" "$N" | echo " $(cat)" | field rate
+}
 
-ceiling=$(node bench/sbpg_bench.mjs ceiling "$PGHOST" "$PGPORT" "$BATCH" "$N" | echo " $(cat)" | field rate)
+ceiling=$(ceiling_run)
 declare -A rate
 rate[w1]=$(drain w1 '{"workers": 1}' 0)
 rate[w2]=$(drain w2 '{"workers": 2}' 0)
@@ -47,7 +56,7 @@ rate[w4]=$(drain w4 '{"workers": 4}' 0)
 rate[s1]=$(drain s1 '{"session_idle_ms": 200}' 1)
 rate[s8]=$(drain s8 '{"session_idle_ms": 200}' 8)
 rate[s64]=$(drain s64 '{"session_idle_ms": 200}' 64)
-ceiling2=$(node bench/sbpg_bench.mjs ceiling "$PGHOST" "$PGPORT" "$BATCH" "$N" | echo " $(cat)" | field rate)
+ceiling2=$(ceiling_run)
 
 printf '\nsbpg scaling on %s (%s cores), PostgreSQL 15, fsync off, batch %s, %s messages per drain\n' \
 	"$(uname -n)" "$(nproc)" "$BATCH" "$N"
