@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench/scaling.sh [MESSAGES] [BATCH]: throughput of one subscription with 1, 2 and 4 workers (a
 # plain queue), and with 1, 8 and 64 sessions (a session queue, the messages spread round robin,
-# max_sessions 8, one worker), beside the in-server database ceiling measured in the same run
+# max_sessions 8 (the default), one worker; then 1 session with max_sessions 1 and 64 with 64),
+# beside the in-server database ceiling measured in the same run
 # (bench/ceiling's sbpg_bench_ceiling: sbpg's database work per message with a commit every BATCH,
 # on one backend). Each drain: MESSAGES (default 100000) messages sent first, then a new
 # subscription (batch BATCH, default 100) drains them; the clock runs from create_subscription to
@@ -29,7 +30,9 @@ cat >"$work/Config.json" <<JSON
   {"Name": "w4", "Properties": {"MaxDeliveryCount": 100}},
   {"Name": "s1", "Properties": {"MaxDeliveryCount": 100, "RequiresSession": true}},
   {"Name": "s8", "Properties": {"MaxDeliveryCount": 100, "RequiresSession": true}},
-  {"Name": "s64", "Properties": {"MaxDeliveryCount": 100, "RequiresSession": true}}
+  {"Name": "s64", "Properties": {"MaxDeliveryCount": 100, "RequiresSession": true}},
+  {"Name": "s1m1", "Properties": {"MaxDeliveryCount": 100, "RequiresSession": true}},
+  {"Name": "s64m64", "Properties": {"MaxDeliveryCount": 100, "RequiresSession": true}}
 ]}]}}
 JSON
 bench_sbemu --config "$work/Config.json"
@@ -56,6 +59,8 @@ rate[w4]=$(drain w4 '{"workers": 4}' 0)
 rate[s1]=$(drain s1 '{"session_idle_ms": 200}' 1)
 rate[s8]=$(drain s8 '{"session_idle_ms": 200}' 8)
 rate[s64]=$(drain s64 '{"session_idle_ms": 200}' 64)
+rate[s1m1]=$(drain s1m1 '{"session_idle_ms": 200, "max_sessions": 1}' 1)
+rate[s64m64]=$(drain s64m64 '{"session_idle_ms": 200, "max_sessions": 64}' 64)
 ceiling2=$(ceiling_run)
 
 printf '\nsbpg scaling on %s (%s cores), PostgreSQL 15, fsync off, batch %s, %s messages per drain\n' \
@@ -69,3 +74,5 @@ row "workers 4" "${rate[w4]}"
 row "sessions 1" "${rate[s1]}"
 row "sessions 8" "${rate[s8]}"
 row "sessions 64" "${rate[s64]}"
+row "sessions 1, max 1" "${rate[s1m1]}"
+row "sessions 64, max 64" "${rate[s64m64]}"
