@@ -68,12 +68,15 @@ GRANT SELECT ON sbpg.schema_catalog TO sbpg_admin, sbpg_monitor;
 -- register_schema and set_upcast store their regprocedure argument into the text column by
 -- assignment, under their own search_path = pg_catalog, pg_temp: the same text as _function_text.
 
--- What identifies a subscription's source: the namespace without the default port and scheme of
--- its transport (a host name alone means TLS on 5671), and the entity, both without regard to case.
+-- What identifies a subscription's source: transport (TLS or not), host (lower case, without a
+-- trailing dot), port (the transport's default when none is written: 5671 with TLS, 5672 without;
+-- a host name alone means TLS) and entity (lower case). Aliases of one namespace (a private-link or
+-- CNAME name) are not recognised here.
 CREATE FUNCTION sbpg._source_key(namespace text, entity text) RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
-SELECT regexp_replace(regexp_replace(regexp_replace(lower(rtrim(namespace, '/')), '^amqps://', ''), ':5671$', ''),
-                      '^(amqp://[^/]+):5672$', '\1') || '/' || lower(entity)
+SELECT CASE WHEN p[1] IS NULL OR p[1] = 'amqps' THEN 'amqps' ELSE 'amqp' END || '://' || rtrim(p[2], '.') || ':'
+       || coalesce(p[4]::int, CASE WHEN p[1] IS NULL OR p[1] = 'amqps' THEN 5671 ELSE 5672 END) || '/' || lower(entity)
+FROM (SELECT regexp_match(lower(rtrim(namespace, '/')), '^(?:(amqps?)://)?(\[[^\]]+\]|[^/:]+)(:([0-9]{1,5}))?$') AS p) m
 $$;
 REVOKE ALL ON FUNCTION sbpg._source_key(text, text) FROM PUBLIC;
 DO $$
@@ -134,10 +137,12 @@ DECLARE
 	-- when there is none (dropped or renamed) or when another role owns it now: name it again.
 	current_handler regprocedure;
 BEGIN
-	IF namespace IS NOT NULL OR entity IS NOT NULL THEN
-		LOCK TABLE sbpg.subscriptions IN SHARE ROW EXCLUSIVE MODE; -- one subscription per source
-	END IF;
 	SELECT * INTO s FROM sbpg.subscriptions x WHERE x.name = alter_subscription.name FOR UPDATE;
+	-- One subscription per source: after the row lock (drop_subscription takes the row first too),
+	-- so that the two never wait for each other in opposite orders.
+	IF namespace IS NOT NULL OR entity IS NOT NULL THEN
+		LOCK TABLE sbpg.subscriptions IN SHARE ROW EXCLUSIVE MODE;
+	END IF;
 	IF NOT FOUND THEN
 		RAISE EXCEPTION 'subscription "%" does not exist', name
 			USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM sbpg.subscriptions lists them.';
@@ -173,7 +178,8 @@ BEGIN
 		PERFORM sbpg._check_identity_usage(new_identity);
 	END IF;
 	-- The inbox is keyed by the source's sequence numbers: a new source starts a new inbox.
-	IF coalesce(namespace, s.namespace) IS DISTINCT FROM s.namespace OR lower(coalesce(entity, s.entity)) IS DISTINCT FROM lower(s.entity) THEN
+	IF sbpg._source_key(coalesce(namespace, s.namespace), coalesce(entity, s.entity))
+	   IS DISTINCT FROM sbpg._source_key(s.namespace, s.entity) THEN
 		DELETE FROM sbpg.inbox i WHERE i.subscription = s.name;
 		GET DIAGNOSTICS inbox_rows = ROW_COUNT;
 		DELETE FROM sbpg.retries r WHERE r.subscription = s.name;
@@ -600,8 +606,11 @@ BEGIN
 			USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM sbpg.subscriptions lists them.';
 	END IF;
 	PERFORM sbpg._check_admin('resume session', s.run_as);
+	-- Tried again with a fresh retry budget (a message stopped by MaxRetriesExceeded would
+	-- otherwise get one attempt), or dead-lettered.
 	UPDATE sbpg.retries r
-	SET next_attempt_at = now(), stopped = false, dead_letter = coalesce(resume_session.dead_letter, false)
+	SET next_attempt_at = now(), stopped = false, dead_letter = coalesce(resume_session.dead_letter, false),
+	    attempts = CASE WHEN coalesce(resume_session.dead_letter, false) THEN r.attempts ELSE 0 END
 	WHERE r.subscription = s.name AND r.session_id = resume_session.session_id AND r.stopped;
 	GET DIAGNOSTICS n = ROW_COUNT;
 	IF n = 0 THEN

@@ -286,9 +286,11 @@ SessionLinks::Renew(Link &l) {
 			    ++handoff_.status.lock_renewals;
 		    } else if (code == 410 || desc.find("session-lock-lost") != std::string::npos) {
 			    Lose(*found, "the broker refused to renew its lock: " + std::to_string(code) + " " + desc);
+		    } else {
+			    // A time-out or a lost link: again in a second (if the lock lapses meanwhile, the
+			    // broker detaches the receiver).
+			    found->renew_at_ms = Now() + 1000;
 		    }
-		    // Other failures (time-out, link lost): tried again on the next tick; if the lock lapses
-		    // meanwhile, the broker detaches the receiver.
 	    },
 	    l.receiver.name());
 }

@@ -43,6 +43,10 @@ namespace sbpg::pg {
 
 namespace {
 
+// Set when InsertInbox found the message's row committed meanwhile by another worker of the
+// subscription (the error it then raises is no failure of the message): TakeRecordedElsewhere.
+bool recorded_elsewhere = false;
+
 // A row that exists already (another worker of the subscription recorded the same message after
 // this batch looked it up: a redelivery after a lost lock reached it while the first worker was
 // still applying it) inserts nothing: the caller fails the attempt (InsertInbox), and the message
@@ -303,11 +307,20 @@ InsertInbox(const Pass *pass, const ApplyItem *it) {
 	args[8] = Int32GetDatum(it->attempts + 1);
 	args[9] = TextOrNull(m->traceparent, &nulls[9]);
 	spi::SpiResult r = spi::Exec(kInsert[m->has_sequence_number ? 0 : 1], args, nulls, SPI_OK_INSERT);
-	if (r.rows == 0)
+	if (r.rows == 0) {
+		recorded_elsewhere = true;
 		ereport(ERROR, (errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
 		                errmsg("sbpg: message %s was recorded meanwhile by another worker of subscription \"%s\"",
 		                       m->message_id.c_str(), pass->cfg->name),
 		                errdetail("Its effects here are rolled back; it is settled as a duplicate of that record.")));
+	}
+}
+
+bool
+TakeRecordedElsewhere() {
+	bool r = recorded_elsewhere;
+	recorded_elsewhere = false;
+	return r;
 }
 
 // The addresses of the rows ScanKeys finds, as a tid[]; *n says how many.

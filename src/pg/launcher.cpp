@@ -337,7 +337,7 @@ Reconcile(Launcher *l) {
 	}
 	// Workers that should run.
 	bool full = false;
-	for (int k = 0; k < nd && !full; ++k) {
+	for (int k = 0; k < nd; ++k) {
 		if (!desired[k].enabled)
 			continue;
 		for (int wk = 0; wk < desired[k].workers; ++wk) {
@@ -347,10 +347,13 @@ Reconcile(Launcher *l) {
 			if (!e && ReclaimIdleEntry(l, desired, nd))
 				e = NewEntry(l, desired[k].name, wk);
 			if (!e) {
-				ereport(WARNING, (errmsg("sbpg: the enabled subscriptions need more workers than sbpg.max_workers (%d)",
-				                         guc_max_workers),
-				                  errhint("Raise sbpg.max_workers (and max_worker_processes) and restart the server, "
-				                          "or lower a subscription's option workers.")));
+				// Said once per cycle; the other subscriptions, which may hold entries already, go on.
+				if (!full)
+					ereport(WARNING,
+					        (errmsg("sbpg: the enabled subscriptions need more workers than sbpg.max_workers (%d)",
+					                guc_max_workers),
+					         errhint("Raise sbpg.max_workers (and max_worker_processes) and restart the server, "
+					                 "or lower a subscription's option workers.")));
 				full = true;
 				break;
 			}

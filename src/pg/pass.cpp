@@ -196,6 +196,21 @@ ApplyOne(Pass *pass, ApplyItem *it, MemoryContext msgcxt) {
 	MemoryContextReset(msgcxt);
 }
 
+// After a failed attempt in a subtransaction: when it failed because another worker of the
+// subscription recorded the message meanwhile, it is a duplicate of that record (looked up again
+// now that the other's commit is visible), not a failure. True when it was.
+bool
+RecordedElsewhere(Pass *pass, ApplyItem *it) {
+	if (!TakeRecordedElsewhere())
+		return false;
+	it->status = kPending;
+	LookupDuplicates(pass->cfg, it, 0, 1);
+	if (it->status != kDuplicate)
+		return false; // the other's transaction did not commit after all: an ordinary failure
+	Notify(pass, it);
+	return true;
+}
+
 // Applies one message in a subtransaction of its own; its failure is recorded in the enclosing
 // transaction.
 void
@@ -205,6 +220,11 @@ ApplyIsolated(Pass *pass, ApplyItem *it, MemoryContext msgcxt) {
 	        &pass->clock, [&] { ApplyOne(pass, it, msgcxt); }, &e))
 		return;
 	MemoryContextReset(msgcxt);
+	if (RecordedElsewhere(pass, it)) {
+		(void)RunAsFailed(&pass->clock, e->sqlerrcode);
+		FreeErrorData(e);
+		return;
+	}
 	it->timed_out = RunAsFailed(&pass->clock, e->sqlerrcode);
 	ErrorText desc;
 	DescribeError(e, &desc);
@@ -327,6 +347,11 @@ ApplySetIsolated(Pass *pass, ApplyItem *const *set, int n, MemoryContext msgcxt)
 	        &pass->clock, [&] { ApplySetOnce(pass, set, n, msgcxt); }, &e))
 		return;
 	MemoryContextReset(msgcxt);
+	if (n == 1 && RecordedElsewhere(pass, set[0])) {
+		(void)RunAsFailed(&pass->clock, e->sqlerrcode);
+		FreeErrorData(e);
+		return;
+	}
 	bool timed_out = RunAsFailed(&pass->clock, e->sqlerrcode);
 	if (n == 1) {
 		ApplyItem *it = set[0];
@@ -503,6 +528,7 @@ LookUpItems(Pass *pass, ApplyItem *items, int lo, int hi, BatchResult *out) {
 	LookupDuplicates(cfg, items, lo, hi);
 	ReplaceStale(cfg, items, lo, hi);
 	LookupRetries(cfg, items, lo, hi);
+	LookupStoppedSessions(cfg, items, lo, hi);
 	LoadMappings(pass);
 }
 
@@ -554,6 +580,7 @@ PassBody(Pass *pass, ApplyItem *items, int lo, int hi, bool isolate, const Confi
 // message by message.
 void
 NoteFailure(Pass *pass, ApplyItem *items, int lo, int hi, const ErrorData *e, BatchResult *out) {
+	(void)TakeRecordedElsewhere(); // the next pass looks every message up again
 	DescribeError(e, &out->batch_error);
 	out->batch_sqlerrcode = e->sqlerrcode;
 	bool timed_out = RunAsFailed(&pass->clock, e->sqlerrcode);

@@ -16,6 +16,7 @@ extern "C" {
 
 #include "catalog/pg_type.h"
 #include "common/pg_prng.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 }
@@ -78,6 +79,17 @@ constexpr spi::PlanSpec kMarkDeferred[2] = {
 
 #undef RETRY_BY_SEQ
 #undef RETRY_BY_ID
+
+// The stopped sessions among $2, each with the sequence number of the message that stopped it.
+constexpr spi::PlanSpec kStoppedSessions = {
+    "read the stopped sessions in sbpg.retries",
+    "SELECT session_id, pg_catalog.min(sequence_number) AS first FROM sbpg.retries "
+    "WHERE subscription" OP_EQ "$1 AND stopped AND session_id" OP_EQ "ANY ($2) AND sequence_number IS NOT NULL "
+    "GROUP BY session_id",
+    2,
+    {TEXTOID, TEXTARRAYOID},
+    true,
+};
 
 constexpr spi::PlanSpec kAwaitSettlement = {
     "update sbpg.retries",
@@ -296,6 +308,38 @@ LookupRetries(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
 }
 
 void
+LookupStoppedSessions(const SubConfig *cfg, ApplyItem *items, int lo, int hi) {
+	int n = 0;
+	for (int i = lo; i < hi; ++i)
+		n += items[i].msg->in_session && items[i].status == kPending;
+	if (n == 0)
+		return;
+	Datum *sids = static_cast<Datum *>(palloc(sizeof(Datum) * n));
+	int k = 0;
+	for (int i = lo; i < hi; ++i)
+		if (items[i].msg->in_session && items[i].status == kPending)
+			sids[k++] = CStringGetTextDatum(items[i].msg->session_id.c_str());
+	Datum args[2] = {CStringGetTextDatum(cfg->name),
+	                 PointerGetDatum(construct_array(sids, n, TEXTOID, -1, false, TYPALIGN_INT))};
+	spi::SpiResult r = spi::Exec(kStoppedSessions, args, nullptr, SPI_OK_SELECT);
+	int c_sid = r.Col("session_id"), c_first = r.Col("first");
+	for (uint64 row = 0; row < r.rows; ++row) {
+		char *sid = r.Text(row, c_sid);
+		int64 first = r.Int64(row, c_first);
+		for (int i = lo; i < hi; ++i) {
+			ApplyItem *it = &items[i];
+			const ReceivedMessage *m = it->msg;
+			if (it->status != kPending || !m->in_session || !m->has_sequence_number || m->sequence_number <= first ||
+			    m->session_id != sid)
+				continue;
+			it->status = kDelayed;
+			it->next_attempt = DT_NOEND;
+			it->defer = false;
+		}
+	}
+}
+
+void
 DeleteRetry(const SubConfig *cfg, const ApplyItem *it) {
 	Datum a[2];
 	int which = RowKey(cfg, it->msg, a);
@@ -346,7 +390,8 @@ DueDeferred(const SubConfig *cfg, int64 *out, int max) {
 	int got = 0;
 	spi::ShortTransaction([&] {
 		// With several workers, each asks for its share (by sequence number), so that two do not
-		// fetch the same message.
+		// fetch the same message; a message a minute overdue (its worker is not running) is
+		// anyone's.
 		Oid types[4] = {TEXTOID, INT4OID, INT8OID, INT8OID};
 		Datum args[4] = {CStringGetTextDatum(cfg->name), Int32GetDatum(max), Int64GetDatum(std::max(1, cfg->workers)),
 		                 Int64GetDatum(cfg->worker)};
@@ -354,8 +399,9 @@ DueDeferred(const SubConfig *cfg, int64 *out, int max) {
 		                                  "SELECT sequence_number FROM sbpg.retries WHERE subscription" OP_EQ
 		                                  "$1 AND deferred AND sequence_number IS "
 		                                  "NOT NULL AND next_attempt_at" OP_LE
-		                                  "pg_catalog.now() AND (sequence_number OPERATOR(pg_catalog.%) $3)" OP_EQ
-		                                  "$4 ORDER BY next_attempt_at USING" OP_LT "LIMIT $2",
+		                                  "pg_catalog.now() AND ((sequence_number OPERATOR(pg_catalog.%) $3)" OP_EQ
+		                                  "$4 OR next_attempt_at" OP_LT "pg_catalog.now()" OP_MINUS
+		                                  "interval '1 minute') ORDER BY next_attempt_at USING" OP_LT "LIMIT $2",
 		                                  4, types, args, nullptr, SPI_OK_SELECT);
 		int seq_col = res.Col("sequence_number");
 		for (uint64 r = 0; r < res.rows && got < max; ++r)

@@ -12,7 +12,7 @@ describe("several workers per subscription", () => {
   let emu, pg, sb;
 
   before(async () => {
-    emu = await startSbemu({ config: configWith({ queues: [queue("many", { MaxDeliveryCount: 1000 })] }) });
+    emu = await startSbemu({ config: configWith({ queues: [queue("many", { MaxDeliveryCount: 1000 }), queue("race", { MaxDeliveryCount: 10 })] }) });
     pg = await startCluster();
     // No key on orders: a message applied twice would be two rows.
     await installOrders(pg, { keyed: false });
@@ -83,5 +83,46 @@ describe("several workers per subscription", () => {
     assert.equal(Number((await pg.query("SELECT count(*) c FROM sbpg.inbox WHERE subscription = 'many' AND status = 'applied'")).rows[0].c), n);
     assert.match(pg.serverLog(), /background worker "sbpg worker" \(PID \d+\) was terminated by signal 9/);
     t.diagnostic(`${n} messages by 3 workers, ${pids} worker processes over the run (2 SIGKILLs), ${e.delivered} deliveries`);
+  });
+
+  it("a message redelivered to a second worker while the first still applies it is applied once: the first rolls back and settles a duplicate", async () => {
+    // prefetch 1: the first worker, holding the message, has no credit, so the redelivery after
+    // the lock ends can only go to the second. The first attempt waits at a gate the test holds.
+    await pg.psql(`
+      CREATE SEQUENCE race_attempts;
+      GRANT USAGE ON SEQUENCE race_attempts TO app;
+      CREATE FUNCTION race_order(m sbpg.message) RETURNS void LANGUAGE plpgsql AS $f$
+      BEGIN
+        IF nextval('public.race_attempts') = 1 THEN PERFORM pg_advisory_xact_lock_shared(4250); END IF;
+        PERFORM public.apply_order(m);
+      END $f$;
+      GRANT EXECUTE ON FUNCTION race_order(sbpg.message) TO app;`);
+    const gate = await pg.client();
+    await gate.query("SELECT pg_advisory_lock(4250)");
+    const listener = await pg.listen();
+    await pg.psql(`SELECT sbpg.create_subscription('race', '${emu.amqp}', 'race', 'race_order(sbpg.message)', 'app', 'emu',
+      batch_size => 1, prefetch => 1, options => '{"workers": 2}');`);
+    await waitFor(async () => (await pg.query("SELECT workers FROM sbpg.stats WHERE subscription = 'race'")).rows[0]?.workers === 2,
+      { what: "two workers" });
+    const sender = sb.createSender("race");
+    await sender.sendMessages({ messageId: "race-1", body: { id: 900001, amount: 1 } });
+    await sender.close();
+    await waitFor(async () => (await pg.query(
+      "SELECT 1 FROM pg_stat_activity WHERE backend_type = 'sbpg worker' AND wait_event = 'advisory'")).rowCount === 1,
+    { what: "the first worker at the gate" });
+    await emu.ctl("POST", "/faults/expire-locks");
+    await waitFor(async () => (await appliesOf(pg, "id = 900001")).rows === 1, { what: "the second worker applied it" });
+    await gate.query("SELECT pg_advisory_unlock(4250)");
+    await waitFor(() => /sbpg: message race-1 was recorded meanwhile by another worker of subscription "race"/.test(pg.serverLog()),
+      { what: "the first worker's insert found the other's row" });
+    await waitFor(() => listener.got.some((x) => x.subscription === "race" && x.status === "duplicate"), { what: "a duplicate notified" });
+    assert.deepEqual(await appliesOf(pg, "id = 900001"), { rows: 1, messages: 1, twice: [] }, "applied once");
+    assert.equal(Number((await pg.query("SELECT count(*) c FROM sbpg.inbox WHERE subscription = 'race'")).rows[0].c), 1);
+    assert.equal(listener.got.filter((x) => x.subscription === "race" && x.status === "applied").length, 1);
+    assert.equal(Number((await pg.query("SELECT count(*) c FROM sbpg.retries WHERE subscription = 'race'")).rows[0].c), 0,
+      "no retry row for a message another worker applied");
+    await waitFor(async () => (await emu.entity("race")).completed === 1, { what: "settled once" });
+    await listener.close();
+    await gate.end();
   });
 });

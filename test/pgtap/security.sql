@@ -2,7 +2,7 @@
 -- owners of message types, statistics by visibility, the handler time limit, configuration
 -- functions refused where the calling role cannot be told, and what pg_dump keeps.
 BEGIN;
-SELECT plan(64);
+SELECT plan(71);
 
 CREATE ROLE tap_alice NOLOGIN IN ROLE sbpg_admin;
 CREATE ROLE tap_bob NOLOGIN IN ROLE sbpg_admin;
@@ -46,6 +46,14 @@ SELECT lives_ok($$SELECT sbpg.create_subscription('s-dlq', 'amqp://127.0.0.1:567
 SELECT throws_ok($$SELECT sbpg.alter_subscription('s-dlq', entity => 'Q')$$,
     '42710', 'subscription "s-listed" already consumes Q from amqp://127.0.0.1:5672', 'alter_subscription checks the same');
 SELECT lives_ok($$SELECT sbpg.drop_subscription('s-dlq')$$, 'dropped again');
+SELECT is(sbpg._source_key('amqps://CONTOSO.servicebus.windows.net.:5671/', 'Q'), sbpg._source_key('contoso.servicebus.windows.net', 'q'),
+    'a source key ignores case, a trailing dot and the default TLS port');
+SELECT isnt(sbpg._source_key('amqp://broker:5671', 'q'), sbpg._source_key('amqp://broker', 'q'),
+    'but plain AMQP on 5671 is not plain AMQP on 5672');
+INSERT INTO sbpg.inbox (subscription, sequence_number, message_id, status, xid) VALUES ('s-bare', 1, 'kept', 'applied', '1');
+SELECT lives_ok($$SELECT sbpg.alter_subscription('s-bare', namespace => 'amqps://contoso.servicebus.windows.net:5671/')$$,
+    'another spelling of the same namespace');
+SELECT is((SELECT count(*)::int FROM sbpg.inbox WHERE subscription = 's-bare'), 1, 'is the same source: the inbox stays');
 SELECT throws_ok($$SELECT sbpg.alter_subscription('s-bare', namespace => 'amqp://contoso.servicebus.windows.net')$$,
     '42501', 'identity "tap-mi" sends Entra ID tokens only to Service Bus namespaces over TLS, not to amqp://contoso.servicebus.windows.net', 'alter_subscription checks the same rule');
 SELECT is((SELECT namespace FROM sbpg.subscriptions WHERE name = 's-bare'), 'contoso.servicebus.windows.net', 'and leaves the namespace as it was');
@@ -83,6 +91,12 @@ SELECT throws_ok($$SELECT sbpg.alter_subscription('s-listed', options => '{"sess
     '22023', 'invalid value "pause" for subscription option "session_failure"', 'dead_letter or stop');
 SELECT throws_ok($$SELECT sbpg.resume_session('s-listed', 's1')$$, '55000',
     'session ''s1'' of subscription "s-listed" is not stopped', 'resuming a session that is not stopped says so');
+INSERT INTO sbpg.retries (subscription, sequence_number, message_id, attempts, next_attempt_at, last_error, session_id, stopped)
+VALUES ('s-listed', 7, 'm7', 6, 'infinity', 'MaxRetriesExceeded: 6 attempts failed', 's7', true);
+SELECT is((SELECT sbpg.resume_session('s-listed', 's7')), 1, 'resume_session releases the stopped message');
+SELECT results_eq($$SELECT attempts, stopped, next_attempt_at <= now() FROM sbpg.retries WHERE subscription = 's-listed' AND session_id = 's7'$$,
+    $$VALUES (0, false, true)$$, 'due now, with a fresh retry budget');
+DELETE FROM sbpg.retries WHERE subscription = 's-listed';
 SET ROLE tap_bob;
 SELECT throws_ok($$SELECT sbpg.resume_session('s-listed', 's1')$$, '42501', 'permission denied to resume session',
     'only members of the subscription''s run_as resume its sessions');

@@ -55,6 +55,9 @@ KeyMatch MatchKey(const ReceivedMessage *m, bool seq_null, int64 seq, const char
 // Marks items[lo..hi) the inbox already decided as kDuplicate (with what it recorded), and those
 // whose sequence number the inbox holds for another message as stale.
 void LookupDuplicates(const SubConfig *cfg, ApplyItem *items, int lo, int hi);
+// Whether the last failed attempt failed because InsertInbox found the message recorded meanwhile
+// by another worker (then it is a duplicate, not a failure); clears the flag.
+bool TakeRecordedElsewhere();
 // Sets it's reason and description from a recorded "Reason: description".
 void SplitRecordedReason(ApplyItem *it, const char *recorded);
 // Inbox and retry rows left by another message with the same sequence number go, with a warning.

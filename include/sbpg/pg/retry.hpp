@@ -18,6 +18,10 @@ bool IsTransient(int sqlerrcode);
 // Loads earlier failed attempts of items[lo..hi); a message whose next attempt is still to come
 // becomes kDelayed (and is marked deferred when it will be set aside on the broker).
 void LookupRetries(const SubConfig *cfg, ApplyItem *items, int lo, int hi);
+// A session stopped by one of its messages (session_failure = stop) holds back its later messages
+// even when that message does not come again (the broker dead-lettered or expired it): each
+// pending message of such a session with a higher sequence number becomes kDelayed, never due.
+void LookupStoppedSessions(const SubConfig *cfg, ApplyItem *items, int lo, int hi);
 // The item reached an outcome: its retry row goes (or, for a fetched deferred message, waits for
 // the broker's confirmation of the settlement).
 void DeleteRetry(const SubConfig *cfg, const ApplyItem *it);
