@@ -400,8 +400,8 @@ DueDeferred(const SubConfig *cfg, int64 *out, int max) {
 		                                  "$1 AND deferred AND sequence_number IS "
 		                                  "NOT NULL AND next_attempt_at" OP_LE
 		                                  "pg_catalog.now() AND ((sequence_number OPERATOR(pg_catalog.%) $3)" OP_EQ
-		                                  "$4 OR next_attempt_at" OP_LT "pg_catalog.now()" OP_MINUS
-		                                  "interval '1 minute') ORDER BY next_attempt_at USING" OP_LT "LIMIT $2",
+		                                  "$4 OR next_attempt_at" OP_LT "(pg_catalog.now()" OP_MINUS
+		                                  "interval '1 minute')) ORDER BY next_attempt_at USING" OP_LT "LIMIT $2",
 		                                  4, types, args, nullptr, SPI_OK_SELECT);
 		int seq_col = res.Col("sequence_number");
 		for (uint64 r = 0; r < res.rows && got < max; ++r)

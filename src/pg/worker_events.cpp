@@ -350,8 +350,15 @@ Worker::FetchDue() {
 	int want = std::min(room, 100) + static_cast<int>(fetching_.size() + mine.size());
 	std::vector<int64> due(static_cast<size_t>(want));
 	int n = 0;
-	if (!PgGuard([&] { n = DueDeferred(&cfg_, due.data(), want); }, &err))
+	if (!PgGuard([&] { n = DueDeferred(&cfg_, due.data(), want); }, &err)) {
+		// Said at most once a minute: deferred messages wait until it works again.
+		if (GetCurrentTimestamp() - fetch_warned_ > 60 * USECS_PER_SEC) {
+			fetch_warned_ = GetCurrentTimestamp();
+			Log(WARNING, std::string("sbpg: subscription \"") + start_.name +
+			                 "\": cannot read the deferred messages that are due: " + err.message.c_str());
+		}
 		return;
+	}
 	std::vector<int64_t> ask;
 	for (int i = 0; i < n && static_cast<int>(ask.size()) < room; ++i) {
 		if (fetching_.count(due[i]) || mine.count(due[i]))

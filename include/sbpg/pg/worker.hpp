@@ -133,6 +133,7 @@ class Worker {
 	TimestampTz prune_from_ = 0;     // where the last chunk ended (recorded_at); 0 at each round
 	TimestampTz paused_until_ = 0;
 	TimestampTz last_state_sync_ = 0; // session states last sent to the broker
+	TimestampTz fetch_warned_ = 0;    // when reading the due deferred messages last failed, logged
 	bool stop_ = false;
 	int exit_code_ = 0; // nonzero: leave the loop at once and exit the process with it
 	// Messages waiting for their next attempt while the worker holds their locks (renewed on the
