@@ -203,9 +203,11 @@ export function childrenOf(pid) {
 }
 
 /**
- * A streaming-replication standby of `primary` (pg_basebackup of the running primary), started,
- * connecting with application_name `name` (what synchronous_standby_names refers to).
- * Settings in `conf` are added to the copied configuration.
+ * A streaming-replication standby of `primary`, started, connecting with application_name `name`
+ * (what synchronous_standby_names refers to). Its data directory is a copy of the primary's taken
+ * while the primary is stopped for a moment (a cold base backup: the servers the suite builds for
+ * PostgreSQL 17 and 18 have no pg_basebackup). Settings in `conf` are added to the copied
+ * configuration.
  */
 export async function startStandby(primary, { name = "standby1", conf = {} } = {}) {
   const dir = mkdtempSync(join(tmpdir(), "sbpg-standby-"));
@@ -213,8 +215,9 @@ export async function startStandby(primary, { name = "standby1", conf = {} } = {
   const data = join(dir, "data");
   const log = join(dir, "server.log");
   const port = await freePort();
-  run(join(primary.pgbin, "pg_basebackup"), ["-D", data, "-h", primary.dir, "-p", String(primary.port), "-U", "postgres",
-    "-X", "stream", "-c", "fast", "--no-sync"]);
+  primary.stopServer("fast");
+  run("cp", ["-a", primary.data, data]);
+  primary.start();
   writeFileSync(join(data, "standby.signal"), "");
   const settings = {
     port,
