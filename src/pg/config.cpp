@@ -45,7 +45,8 @@ const char *const kSubscriptionSql =
     "coalesce((s.options" OP_GETTEXT "'retry_hold_ms')::integer, 30000) AS retry_hold_ms, "
     "coalesce((s.options" OP_GETTEXT "'max_lock_renewal_s')::integer, 300) AS max_lock_renewal_s, "
     // sessions: true declares them, false never receives them, absent detects them on attach.
-    "CASE (s.options" OP_GETTEXT "'sessions') WHEN 'true' THEN 1 WHEN 'false' THEN -1 ELSE 0 END AS sessions, "
+    "CASE WHEN (s.options" OP_GETTEXT "'sessions')" OP_EQ "'true' THEN 1 WHEN (s.options" OP_GETTEXT "'sessions')" OP_EQ
+    "'false' THEN -1 ELSE 0 END AS sessions, "
     "coalesce((s.options" OP_GETTEXT "'max_sessions')::integer, 8) AS max_sessions, "
     "coalesce((s.options" OP_GETTEXT "'session_idle_ms')::integer, 5000) AS session_idle_ms, "
     "coalesce((s.options" OP_GETTEXT "'session_failure')" OP_EQ "'stop', false) AS session_stop, "

@@ -108,7 +108,7 @@ constexpr spi::PlanSpec kUnsynced = {
     "read the session states the broker has not accepted",
     "SELECT t.session_id, t.state, t.version FROM sbpg.session_states t "
     "WHERE t.subscription" OP_EQ "$1 AND t.version OPERATOR(pg_catalog.<>) t.synced_version "
-    "ORDER BY t.updated_at LIMIT $2",
+    "ORDER BY t.updated_at USING" OP_LT "LIMIT $2",
     2,
     {TEXTOID, INT4OID},
     false,

@@ -243,8 +243,6 @@ Worker::Settle(std::vector<ApplyItem> &items, std::vector<ReceivedMessage> &msgs
 	std::vector<Settlement> settle;
 	settle.reserve(msgs.size());
 	int64_t commit_ms = WallMs();
-	// When each session's waiting message is due: the messages blocked behind it wait as long.
-	std::unordered_map<std::string, TimestampTz> session_due;
 	for (size_t i = 0; i < items.size(); ++i) {
 		ApplyItem &it = items[i];
 		ReceivedMessage &m = msgs[i];
@@ -264,14 +262,11 @@ Worker::Settle(std::vector<ApplyItem> &items, std::vector<ReceivedMessage> &msgs
 		if (held) {
 			// A stopped session's message is never due: looked at again every 2 s, to see whether
 			// sbpg.resume_session released it (its retry row says; nothing runs until then).
-			TimestampTz due = it.next_attempt == DT_NOEND ? GetCurrentTimestamp() + 2 * USECS_PER_SEC : it.next_attempt;
-			if (m.in_session) {
-				auto [at, added] = session_due.emplace(m.session_id, due);
-				if (it.status == kBlocked)
-					due = added ? GetCurrentTimestamp() + USECS_PER_SEC : at->second;
-				else if (!added)
-					at->second = std::max(at->second, due);
-			}
+			// A blocked message has no time of its own: Hold makes it wait as long as the message of
+			// its session it waits behind (held just before it, in batch order).
+			TimestampTz due = it.next_attempt == DT_NOEND ? GetCurrentTimestamp() + 2 * USECS_PER_SEC
+			                  : it.status == kBlocked     ? GetCurrentTimestamp()
+			                                              : it.next_attempt;
 			Hold(std::move(m), due);
 		} else
 			settle.push_back(std::move(s));
