@@ -732,3 +732,487 @@ CREATE VIEW sbpg.stats_workers AS SELECT * FROM sbpg._stats_workers();
 COMMENT ON VIEW sbpg.stats_workers IS 'Per worker of each subscription (the option workers): state, counters, latency, throughput';
 GRANT SELECT ON sbpg.stats_workers TO sbpg_monitor, sbpg_admin;
 GRANT EXECUTE ON FUNCTION sbpg._stats_workers() TO sbpg_monitor, sbpg_admin;
+
+-- ---------------------------------------------------------------------------------------------
+-- The way back (issue 16): a transactional outbox. sbpg.send queues a message in the caller's
+-- transaction (one row in sbpg.outbox, no network); a publisher's background worker sends the rows
+-- of committed transactions to Service Bus in AMQP batches, in commit order per entity, and marks
+-- each sent (or failed, with the reason) once the broker answered. docs/outbox.md.
+
+-- A namespace as subscriptions accept it: a Service Bus host name, or an AMQP URL.
+CREATE FUNCTION sbpg._check_namespace(namespace text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+	IF namespace IS NULL OR NOT (
+		namespace ~* '^[a-z0-9][a-z0-9-]{0,48}[a-z0-9]\.servicebus\.(windows\.net|chinacloudapi\.cn|usgovcloudapi\.net|cloudapi\.de)$'
+		OR namespace ~* '^amqps?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?/?$') THEN
+		RAISE EXCEPTION 'invalid namespace %', coalesce(quote_literal(namespace), 'NULL')
+			USING ERRCODE = 'invalid_parameter_value',
+			      DETAIL = 'A namespace is a Service Bus namespace host name or an AMQP URL with host and optional port.',
+			      HINT = 'For example contoso.servicebus.windows.net (TLS on port 5671), amqp://127.0.0.1:5672 or amqps://broker.example:5671.';
+	END IF;
+	IF namespace ~* '^amqps?://' AND coalesce(substring(namespace from ':([0-9]+)/?$')::int, 1) NOT BETWEEN 1 AND 65535 THEN
+		RAISE EXCEPTION 'invalid port in namespace %', quote_literal(namespace)
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'Ports run from 1 to 65535.';
+	END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION sbpg._check_namespace(text) FROM PUBLIC;
+
+CREATE TABLE sbpg.publishers (
+	name text PRIMARY KEY,
+	namespace text NOT NULL,
+	identity text REFERENCES sbpg.identities (name),
+	notify_channel text,
+	enabled boolean NOT NULL DEFAULT true,
+	options jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(options) = 'object'),
+	created_at timestamptz NOT NULL DEFAULT now(),
+	updated_at timestamptz NOT NULL DEFAULT now(),
+	created_by name NOT NULL
+);
+COMMENT ON TABLE sbpg.publishers IS 'Namespaces sbpg sends to (sbpg.send), each with its identity and background worker';
+CREATE TRIGGER publishers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON sbpg.publishers
+	FOR EACH STATEMENT EXECUTE FUNCTION sbpg._config_changed();
+REVOKE ALL ON sbpg.publishers FROM PUBLIC;
+GRANT SELECT ON sbpg.publishers TO sbpg_admin, sbpg_monitor;
+
+-- Who besides superusers and the publisher's creator may send through it.
+CREATE TABLE sbpg.publisher_grants (
+	publisher text NOT NULL REFERENCES sbpg.publishers (name) ON DELETE CASCADE ON UPDATE CASCADE,
+	grantee regrole NOT NULL,
+	granted_by name NOT NULL,
+	granted_at timestamptz NOT NULL DEFAULT now(),
+	PRIMARY KEY (publisher, grantee)
+);
+COMMENT ON TABLE sbpg.publisher_grants IS 'Roles whose members may send through a publisher (sbpg.grant_publisher)';
+REVOKE ALL ON sbpg.publisher_grants FROM PUBLIC;
+GRANT SELECT ON sbpg.publisher_grants TO sbpg_admin, sbpg_monitor;
+
+-- One row per queued message. status: queued (waits for its transaction's commit, then for the
+-- publisher), sent (the broker accepted it), failed (for good: error says why). xid is the queuing
+-- transaction's top-level id, which the publisher uses to find rows whose transactions committed
+-- after it last looked (src/pg/publisher.cpp).
+CREATE TABLE sbpg.outbox (
+	id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	publisher text NOT NULL REFERENCES sbpg.publishers (name) ON DELETE CASCADE ON UPDATE CASCADE,
+	entity text NOT NULL,
+	message_id text NOT NULL,
+	body bytea NOT NULL,
+	content_type text,
+	correlation_id text,
+	session_id text,
+	subject text,
+	reply_to text,
+	properties jsonb,
+	time_to_live interval,
+	scheduled_at timestamptz,
+	traceparent text,
+	queued_by regrole NOT NULL,
+	queued_at timestamptz NOT NULL DEFAULT now(),
+	xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+	status text NOT NULL DEFAULT 'queued' CHECK (status IN ('queued', 'sent', 'failed')),
+	attempts integer NOT NULL DEFAULT 0,
+	last_attempt_at timestamptz,
+	sent_at timestamptz,
+	sequence_number bigint,
+	error text
+) WITH (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0);
+CREATE INDEX outbox_queued ON sbpg.outbox (publisher, id) WHERE status = 'queued';
+CREATE INDEX outbox_sent ON sbpg.outbox (sent_at) WHERE status = 'sent';
+COMMENT ON TABLE sbpg.outbox IS 'Messages queued by sbpg.send: queued until their transaction commits and the broker accepts them, then sent (or failed, with the reason)';
+REVOKE ALL ON sbpg.outbox FROM PUBLIC;
+GRANT SELECT ON sbpg.outbox TO sbpg_monitor, sbpg_admin;
+
+CREATE FUNCTION sbpg._check_publisher_options(opts jsonb) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	k text;
+BEGIN
+	IF opts IS NULL OR jsonb_typeof(opts) <> 'object' THEN
+		RAISE EXCEPTION 'publisher options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	FOR k IN SELECT jsonb_object_keys(opts) LOOP
+		IF k NOT IN ('batch_size', 'max_pending') THEN
+			RAISE EXCEPTION 'unknown publisher option "%"', k
+				USING ERRCODE = 'invalid_parameter_value',
+				      HINT = 'Publisher options: batch_size (messages per AMQP batch, 1 to 1000), max_pending (rows held in flight, 100 to 100000).';
+		END IF;
+	END LOOP;
+	IF opts ? 'batch_size' AND (jsonb_typeof(opts -> 'batch_size') <> 'number' OR (opts ->> 'batch_size')::numeric NOT BETWEEN 1 AND 1000
+	                            OR (opts ->> 'batch_size')::numeric % 1 <> 0) THEN
+		RAISE EXCEPTION 'option batch_size must be an integer from 1 to 1000' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	IF opts ? 'max_pending' AND (jsonb_typeof(opts -> 'max_pending') <> 'number' OR (opts ->> 'max_pending')::numeric NOT BETWEEN 100 AND 100000
+	                             OR (opts ->> 'max_pending')::numeric % 1 <> 0) THEN
+		RAISE EXCEPTION 'option max_pending must be an integer from 100 to 100000' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION sbpg._check_publisher_options(jsonb) FROM PUBLIC;
+
+-- Raises unless the publisher exists and the caller is a superuser or the role that created it.
+CREATE FUNCTION sbpg._check_publisher_owner(publisher text, action text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	caller regrole := sbpg._caller();
+	creator name;
+BEGIN
+	SELECT p.created_by INTO creator FROM sbpg.publishers p WHERE p.name = publisher;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'publisher "%" does not exist', publisher
+			USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM sbpg.publishers lists them.';
+	END IF;
+	IF NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.oid = caller) AND creator IS DISTINCT FROM caller::text THEN
+		RAISE EXCEPTION 'permission denied to % publisher "%"', action, publisher
+			USING ERRCODE = 'insufficient_privilege',
+			      DETAIL = format('Publisher "%s" was created by %s; only its creator and superusers may %s it.', publisher, creator, action);
+	END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION sbpg._check_publisher_owner(text, text) FROM PUBLIC;
+
+CREATE FUNCTION sbpg._validate_publisher(name text, namespace text, identity text, notify_channel text, options jsonb)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	ident sbpg.identities;
+BEGIN
+	IF name IS NULL OR name !~ '^[A-Za-z0-9_.-]{1,48}$' THEN
+		RAISE EXCEPTION 'invalid publisher name %', coalesce(quote_literal(name), 'NULL')
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'Use 1 to 48 letters, digits, "_", "." or "-".';
+	END IF;
+	PERFORM sbpg._check_namespace(namespace);
+	IF notify_channel IS NOT NULL AND (notify_channel = '' OR octet_length(notify_channel) > 63) THEN
+		RAISE EXCEPTION 'invalid notify channel %', quote_literal(notify_channel)
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'A channel name has 1 to 63 bytes; NULL sends no notifications.';
+	END IF;
+	PERFORM sbpg._check_publisher_options(options);
+	IF identity IS NOT NULL THEN
+		SELECT * INTO ident FROM sbpg.identities i WHERE i.name = identity;
+		IF NOT FOUND THEN
+			RAISE EXCEPTION 'identity "%" does not exist', identity
+				USING ERRCODE = 'undefined_object', HINT = 'Create it with sbpg.create_identity first.';
+		END IF;
+		-- An Entra ID token goes only to Service Bus over TLS, or to a broker the identity lists.
+		IF ident.kind IN ('managed_identity', 'workload_identity', 'client_secret', 'default')
+		   AND NOT (namespace ~* '^(amqps://)?[a-z0-9][a-z0-9-]{0,48}[a-z0-9]\.servicebus\.(windows\.net|chinacloudapi\.cn|usgovcloudapi\.net|cloudapi\.de)(:[0-9]{1,5})?/?$'
+		            OR EXISTS (SELECT FROM jsonb_array_elements_text(ident.options -> 'allowed_namespaces') a
+		                       WHERE lower(rtrim(a, '/')) = lower(rtrim(namespace, '/')))) THEN
+			RAISE EXCEPTION 'identity "%" sends Entra ID tokens only to Service Bus namespaces', identity
+				USING ERRCODE = 'insufficient_privilege',
+				      DETAIL = format('%s is neither a Service Bus namespace reached over TLS nor listed in the identity''s allowed_namespaces.', namespace),
+				      HINT = 'A superuser can list the broker in the identity''s option allowed_namespaces.';
+		END IF;
+	END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION sbpg._validate_publisher(text, text, text, text, jsonb) FROM PUBLIC;
+
+CREATE FUNCTION sbpg.create_publisher(name text, namespace text, identity text DEFAULT NULL,
+	notify_channel text DEFAULT 'sbpg_sent', enabled boolean DEFAULT true, options jsonb DEFAULT '{}')
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+	PERFORM sbpg._check_admin('create publisher');
+	IF EXISTS (SELECT 1 FROM sbpg.publishers p WHERE p.name = create_publisher.name) THEN
+		RAISE EXCEPTION 'publisher "%" already exists', name
+			USING ERRCODE = 'duplicate_object', HINT = 'Change it with sbpg.alter_publisher, or drop it first.';
+	END IF;
+	PERFORM sbpg._validate_publisher(name, namespace, identity, notify_channel, coalesce(options, '{}'));
+	PERFORM sbpg._check_identity_usage(identity);
+	INSERT INTO sbpg.publishers (name, namespace, identity, notify_channel, enabled, options, created_by)
+	VALUES (name, namespace, identity, notify_channel, coalesce(enabled, true), coalesce(options, '{}'), sbpg._caller()::text);
+END
+$$;
+COMMENT ON FUNCTION sbpg.create_publisher(text, text, text, text, boolean, jsonb)
+	IS 'Registers a namespace sbpg.send can queue messages for, with the identity its worker sends as';
+
+CREATE FUNCTION sbpg.alter_publisher(name text, namespace text DEFAULT NULL, identity text DEFAULT NULL,
+	notify_channel text DEFAULT NULL, enabled boolean DEFAULT NULL, options jsonb DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	p sbpg.publishers;
+	new_identity text;
+	new_channel text;
+BEGIN
+	PERFORM sbpg._check_admin('alter publisher');
+	SELECT * INTO p FROM sbpg.publishers x WHERE x.name = alter_publisher.name FOR UPDATE;
+	PERFORM sbpg._check_publisher_owner(name, 'alter');
+	-- '' clears identity and notify_channel (NULL means "unchanged" here).
+	new_identity := CASE WHEN identity IS NULL THEN p.identity WHEN identity = '' THEN NULL ELSE identity END;
+	new_channel := CASE WHEN notify_channel IS NULL THEN p.notify_channel WHEN notify_channel = '' THEN NULL ELSE notify_channel END;
+	PERFORM sbpg._validate_publisher(p.name, coalesce(namespace, p.namespace), new_identity, new_channel, coalesce(options, p.options));
+	IF new_identity IS DISTINCT FROM p.identity THEN
+		PERFORM sbpg._check_identity_usage(new_identity);
+	END IF;
+	UPDATE sbpg.publishers x SET namespace = coalesce(alter_publisher.namespace, p.namespace), identity = new_identity,
+		notify_channel = new_channel, enabled = coalesce(alter_publisher.enabled, p.enabled),
+		options = coalesce(alter_publisher.options, p.options), updated_at = now()
+	WHERE x.name = p.name;
+END
+$$;
+
+-- Refused while messages wait (nothing is dropped silently) unless discard_queued says so.
+CREATE FUNCTION sbpg.drop_publisher(name text, discard_queued boolean DEFAULT false)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	waiting bigint;
+BEGIN
+	PERFORM sbpg._check_admin('drop publisher');
+	PERFORM 1 FROM sbpg.publishers x WHERE x.name = drop_publisher.name FOR UPDATE;
+	PERFORM sbpg._check_publisher_owner(name, 'drop');
+	SELECT count(*) INTO waiting FROM sbpg.outbox o WHERE o.publisher = drop_publisher.name AND o.status = 'queued';
+	IF waiting > 0 AND NOT coalesce(discard_queued, false) THEN
+		RAISE EXCEPTION 'publisher "%" has % messages waiting to be sent', name, waiting
+			USING ERRCODE = 'dependent_objects_still_exist',
+			      DETAIL = 'Dropping the publisher would discard them; they are listed in sbpg.outbox with status queued.',
+			      HINT = 'Wait until they are sent, or drop it with discard_queued => true.';
+	END IF;
+	IF waiting > 0 THEN
+		RAISE WARNING 'publisher "%": % queued messages discarded', name, waiting;
+	END IF;
+	DELETE FROM sbpg.publishers x WHERE x.name = drop_publisher.name;
+END
+$$;
+
+CREATE FUNCTION sbpg.grant_publisher(publisher text, grantee regrole)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+	PERFORM sbpg._check_admin('grant publisher');
+	PERFORM sbpg._check_publisher_owner(publisher, 'grant');
+	IF grantee IS NULL THEN
+		RAISE EXCEPTION 'grantee must be given' USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+	INSERT INTO sbpg.publisher_grants (publisher, grantee, granted_by) VALUES (publisher, grantee, sbpg._caller()::text)
+	ON CONFLICT DO NOTHING;
+END
+$$;
+COMMENT ON FUNCTION sbpg.grant_publisher(text, regrole) IS 'Lets members of a role send through a publisher (sbpg.send)';
+
+CREATE FUNCTION sbpg.revoke_publisher(publisher text, grantee regrole)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+	PERFORM sbpg._check_admin('revoke publisher');
+	PERFORM sbpg._check_publisher_owner(publisher, 'revoke');
+	DELETE FROM sbpg.publisher_grants g WHERE g.publisher = revoke_publisher.publisher AND g.grantee = revoke_publisher.grantee;
+END
+$$;
+
+-- The message a worker's handler applies now (one message: a per-message handler, or a set-based
+-- call of one): {traceparent, message_id}; NULL elsewhere (src/pg/session_state.cpp).
+CREATE FUNCTION sbpg._applying_message() RETURNS text[]
+	AS 'MODULE_PATHNAME', 'sbpg_applying_message' LANGUAGE C VOLATILE;
+REVOKE ALL ON FUNCTION sbpg._applying_message() FROM PUBLIC;
+
+-- Wakes the publisher's worker when the transaction commits (src/pg/publisher.cpp).
+CREATE FUNCTION sbpg._wake_publisher(publisher text) RETURNS void
+	AS 'MODULE_PATHNAME', 'sbpg_wake_publisher' LANGUAGE C VOLATILE STRICT;
+REVOKE ALL ON FUNCTION sbpg._wake_publisher(text) FROM PUBLIC;
+
+-- The one place a row enters the outbox. The overloads of sbpg.send call it with the body as bytes.
+CREATE FUNCTION sbpg._queue(publisher text, entity text, body bytea, message_id text, content_type text,
+	correlation_id text, session_id text, subject text, reply_to text, properties jsonb, time_to_live interval,
+	scheduled_at timestamptz)
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	caller regrole := sbpg._caller();
+	pub sbpg.publishers;
+	applying text[];
+	tp text;
+	new_id bigint;
+	k text;
+BEGIN
+	SELECT * INTO pub FROM sbpg.publishers p WHERE p.name = _queue.publisher;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'publisher "%" does not exist', publisher
+			USING ERRCODE = 'undefined_object', HINT = 'An administrator creates publishers with sbpg.create_publisher.';
+	END IF;
+	IF NOT ((SELECT r.rolsuper FROM pg_roles r WHERE r.oid = caller)
+	        OR pub.created_by = caller::text
+	        OR EXISTS (SELECT 1 FROM sbpg.publisher_grants g
+	                   WHERE g.publisher = pub.name AND pg_has_role(caller, g.grantee, 'MEMBER'))) THEN
+		RAISE EXCEPTION 'permission denied to send through publisher "%"', publisher
+			USING ERRCODE = 'insufficient_privilege',
+			      DETAIL = format('%s did not create publisher "%s" and belongs to no role it was granted to.', caller, publisher),
+			      HINT = format('Its creator or a superuser can run SELECT sbpg.grant_publisher(%L, %L).', publisher, caller::text);
+	END IF;
+	IF entity IS NULL OR NOT (entity ~ '^[A-Za-z0-9][A-Za-z0-9._~/-]*$' AND length(entity) <= 260 AND entity !~ '//'
+	                          AND entity !~ '/$' AND entity !~* '/(subscriptions|\$deadletterqueue)(/|$)') THEN
+		RAISE EXCEPTION 'invalid entity %', coalesce(quote_literal(entity), 'NULL')
+			USING ERRCODE = 'invalid_parameter_value',
+			      DETAIL = 'Messages are sent to a queue or a topic.',
+			      HINT = 'Name the queue or topic, e.g. ''orders'' (not a subscription or a dead-letter queue).';
+	END IF;
+	IF body IS NULL THEN
+		RAISE EXCEPTION 'body must not be NULL' USING ERRCODE = 'null_value_not_allowed',
+			HINT = 'Send an empty body as '''' or ''\x''::bytea.';
+	END IF;
+	IF properties IS NOT NULL THEN
+		IF jsonb_typeof(properties) <> 'object' THEN
+			RAISE EXCEPTION 'properties must be a JSON object' USING ERRCODE = 'invalid_parameter_value',
+				HINT = 'Application properties are names with string, number, boolean or null values, e.g. {"tenant": "eu"}.';
+		END IF;
+		FOR k IN SELECT e.key FROM jsonb_each(properties) e WHERE jsonb_typeof(e.value) IN ('object', 'array') LOOP
+			RAISE EXCEPTION 'application property "%" is not a string, number, boolean or null', k
+				USING ERRCODE = 'invalid_parameter_value', HINT = 'Service Bus application properties are simple values; send structure in the body.';
+		END LOOP;
+	END IF;
+	IF message_id = '' OR octet_length(message_id) > 128 OR octet_length(session_id) > 128 OR session_id = ''
+	   OR octet_length(correlation_id) > 128 OR octet_length(subject) > 128 OR octet_length(reply_to) > 128 THEN
+		RAISE EXCEPTION 'message_id, session_id, correlation_id, subject and reply_to take 1 to 128 bytes'
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'These are Service Bus''s limits; NULL leaves one out.';
+	END IF;
+	IF time_to_live IS NOT NULL AND time_to_live <= interval '0' THEN
+		RAISE EXCEPTION 'time_to_live must be positive' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	-- Sent while a handler applies a message: carry its trace context and, unless given, its
+	-- message id as correlation id.
+	applying := sbpg._applying_message();
+	IF applying IS NOT NULL THEN
+		tp := applying[1];
+		correlation_id := coalesce(correlation_id, applying[2]);
+	END IF;
+	INSERT INTO sbpg.outbox (publisher, entity, message_id, body, content_type, correlation_id, session_id, subject,
+	                         reply_to, properties, time_to_live, scheduled_at, traceparent, queued_by)
+	VALUES (pub.name, entity, coalesce(message_id, gen_random_uuid()::text), body, content_type, correlation_id, session_id,
+	        subject, reply_to, properties, time_to_live, scheduled_at, tp, caller)
+	RETURNING id INTO new_id;
+	PERFORM sbpg._wake_publisher(pub.name);
+	RETURN new_id;
+END
+$$;
+REVOKE ALL ON FUNCTION sbpg._queue(text, text, bytea, text, text, text, text, text, text, jsonb, interval, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION sbpg._queue(text, text, bytea, text, text, text, text, text, text, jsonb, interval, timestamptz) TO PUBLIC;
+
+CREATE FUNCTION sbpg.send(publisher text, entity text, body jsonb, message_id text DEFAULT NULL,
+	content_type text DEFAULT 'application/json', correlation_id text DEFAULT NULL, session_id text DEFAULT NULL,
+	subject text DEFAULT NULL, reply_to text DEFAULT NULL, properties jsonb DEFAULT NULL,
+	time_to_live interval DEFAULT NULL, scheduled_at timestamptz DEFAULT NULL)
+RETURNS bigint LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+	SELECT sbpg._queue(publisher, entity, convert_to(body::text, 'UTF8'), message_id, content_type, correlation_id,
+	                   session_id, subject, reply_to, properties, time_to_live, scheduled_at)
+$$;
+CREATE FUNCTION sbpg.send(publisher text, entity text, body text, message_id text DEFAULT NULL,
+	content_type text DEFAULT 'text/plain; charset=utf-8', correlation_id text DEFAULT NULL, session_id text DEFAULT NULL,
+	subject text DEFAULT NULL, reply_to text DEFAULT NULL, properties jsonb DEFAULT NULL,
+	time_to_live interval DEFAULT NULL, scheduled_at timestamptz DEFAULT NULL)
+RETURNS bigint LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+	SELECT sbpg._queue(publisher, entity, convert_to(body, 'UTF8'), message_id, content_type, correlation_id,
+	                   session_id, subject, reply_to, properties, time_to_live, scheduled_at)
+$$;
+CREATE FUNCTION sbpg.send(publisher text, entity text, body bytea, message_id text DEFAULT NULL,
+	content_type text DEFAULT NULL, correlation_id text DEFAULT NULL, session_id text DEFAULT NULL,
+	subject text DEFAULT NULL, reply_to text DEFAULT NULL, properties jsonb DEFAULT NULL,
+	time_to_live interval DEFAULT NULL, scheduled_at timestamptz DEFAULT NULL)
+RETURNS bigint LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+	SELECT sbpg._queue(publisher, entity, body, message_id, content_type, correlation_id,
+	                   session_id, subject, reply_to, properties, time_to_live, scheduled_at)
+$$;
+COMMENT ON FUNCTION sbpg.send(text, text, jsonb, text, text, text, text, text, text, jsonb, interval, timestamptz)
+	IS 'Queues a message for a publisher''s entity; sent after the transaction commits (docs/outbox.md). Returns the outbox row''s id';
+GRANT EXECUTE ON FUNCTION sbpg.send(text, text, jsonb, text, text, text, text, text, text, jsonb, interval, timestamptz),
+	sbpg.send(text, text, text, text, text, text, text, text, text, jsonb, interval, timestamptz),
+	sbpg.send(text, text, bytea, text, text, text, text, text, text, jsonb, interval, timestamptz) TO PUBLIC;
+
+-- A failed row queued again (after its cause was fixed), keeping its message id.
+CREATE FUNCTION sbpg.requeue(publisher text, ids bigint[])
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	n bigint;
+BEGIN
+	PERFORM sbpg._check_admin('requeue outbox rows');
+	PERFORM sbpg._check_publisher_owner(publisher, 'requeue for');
+	UPDATE sbpg.outbox o SET status = 'queued', error = NULL, xid = pg_current_xact_id()
+	WHERE o.publisher = requeue.publisher AND o.id = ANY (ids) AND o.status = 'failed';
+	GET DIAGNOSTICS n = ROW_COUNT;
+	PERFORM sbpg._wake_publisher(publisher);
+	RETURN n;
+END
+$$;
+
+-- Per-worker figures of the publishers (shared memory; src/pg/module.cpp).
+CREATE FUNCTION sbpg._publisher_slots(
+	OUT publisher text, OUT state text, OUT pid integer, OUT connected_since timestamptz, OUT sent bigint,
+	OUT failed bigint, OUT batches bigint, OUT retries bigint, OUT reconnects bigint, OUT last_error text,
+	OUT last_error_at timestamptz, OUT token_expires_at timestamptz, OUT accept_ms_p50 double precision,
+	OUT accept_ms_p99 double precision, OUT messages_per_second double precision)
+RETURNS SETOF record AS 'MODULE_PATHNAME', 'sbpg_publisher_slots' LANGUAGE C STABLE;
+REVOKE ALL ON FUNCTION sbpg._publisher_slots() FROM PUBLIC;
+
+-- What sbpg.publisher_stats shows a caller: every publisher to superusers, sbpg_monitor and
+-- sbpg_admin members; to others the publishers they may send through.
+CREATE FUNCTION sbpg._publisher_stats(
+	OUT publisher text, OUT namespace text, OUT enabled boolean, OUT state text, OUT pid integer,
+	OUT connected_since timestamptz, OUT queued bigint, OUT oldest_queued_at timestamptz, OUT oldest_age interval,
+	OUT failed_rows bigint, OUT sent bigint, OUT failed bigint, OUT batches bigint, OUT retries bigint,
+	OUT reconnects bigint, OUT last_error text, OUT last_error_at timestamptz, OUT token_expires_at timestamptz,
+	OUT accept_ms_p50 double precision, OUT accept_ms_p99 double precision, OUT messages_per_second double precision)
+RETURNS SETOF record LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+SELECT p.name, p.namespace, p.enabled, coalesce(w.state, CASE WHEN p.enabled THEN 'starting' ELSE 'stopped' END), w.pid,
+       w.connected_since, q.queued, q.oldest, now() - q.oldest, f.failed_rows, coalesce(w.sent, 0), coalesce(w.failed, 0),
+       coalesce(w.batches, 0), coalesce(w.retries, 0), coalesce(w.reconnects, 0), w.last_error, w.last_error_at,
+       w.token_expires_at, w.accept_ms_p50, w.accept_ms_p99, coalesce(w.messages_per_second, 0)
+FROM sbpg.publishers p
+LEFT JOIN sbpg._publisher_slots() w ON w.publisher = p.name
+CROSS JOIN LATERAL (SELECT count(*) AS queued, min(o.queued_at) AS oldest FROM sbpg.outbox o
+                    WHERE o.publisher = p.name AND o.status = 'queued') q
+CROSS JOIN LATERAL (SELECT count(*) AS failed_rows FROM sbpg.outbox o WHERE o.publisher = p.name AND o.status = 'failed') f
+CROSS JOIN (SELECT sbpg._caller() AS who) c
+WHERE (SELECT r.rolsuper FROM pg_roles r WHERE r.oid = c.who)
+   OR pg_has_role(c.who, 'sbpg_monitor', 'MEMBER') OR pg_has_role(c.who, 'sbpg_admin', 'MEMBER')
+   OR p.created_by = c.who::text
+   OR EXISTS (SELECT 1 FROM sbpg.publisher_grants g WHERE g.publisher = p.name AND pg_has_role(c.who, g.grantee, 'MEMBER'))
+ORDER BY p.name
+$$;
+REVOKE ALL ON FUNCTION sbpg._publisher_stats() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION sbpg._publisher_stats() TO PUBLIC;
+CREATE VIEW sbpg.publisher_stats AS SELECT * FROM sbpg._publisher_stats();
+COMMENT ON VIEW sbpg.publisher_stats IS 'Per publisher: worker state, messages waiting and the oldest one''s age, failed rows, counters, commit-to-accepted latency';
+GRANT SELECT ON sbpg.publisher_stats TO PUBLIC;
+
+-- Rows that failed for good, with the reason: to superusers, sbpg_monitor and sbpg_admin members
+-- every row; to others the rows their own roles queued.
+CREATE FUNCTION sbpg._outbox_failures(
+	OUT id bigint, OUT publisher text, OUT entity text, OUT message_id text, OUT session_id text,
+	OUT queued_by regrole, OUT queued_at timestamptz, OUT attempts integer, OUT failed_at timestamptz, OUT error text)
+RETURNS SETOF record LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+SELECT o.id, o.publisher, o.entity, o.message_id, o.session_id, o.queued_by, o.queued_at, o.attempts,
+       o.last_attempt_at, o.error
+FROM sbpg.outbox o CROSS JOIN (SELECT sbpg._caller() AS who) c
+WHERE o.status = 'failed'
+  AND ((SELECT r.rolsuper FROM pg_roles r WHERE r.oid = c.who)
+       OR pg_has_role(c.who, 'sbpg_monitor', 'MEMBER') OR pg_has_role(c.who, 'sbpg_admin', 'MEMBER')
+       OR pg_has_role(c.who, o.queued_by, 'MEMBER'))
+ORDER BY o.id
+$$;
+REVOKE ALL ON FUNCTION sbpg._outbox_failures() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION sbpg._outbox_failures() TO PUBLIC;
+CREATE VIEW sbpg.outbox_failures AS SELECT * FROM sbpg._outbox_failures();
+COMMENT ON VIEW sbpg.outbox_failures IS 'Queued messages the broker refused for good (unknown entity, not authorised, too large), with the reason';
+GRANT SELECT ON sbpg.outbox_failures TO PUBLIC;
+
+REVOKE ALL ON FUNCTION sbpg.create_publisher(text, text, text, text, boolean, jsonb),
+	sbpg.alter_publisher(text, text, text, text, boolean, jsonb), sbpg.drop_publisher(text, boolean),
+	sbpg.grant_publisher(text, regrole), sbpg.revoke_publisher(text, regrole), sbpg.requeue(text, bigint[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION sbpg.create_publisher(text, text, text, text, boolean, jsonb),
+	sbpg.alter_publisher(text, text, text, text, boolean, jsonb), sbpg.drop_publisher(text, boolean),
+	sbpg.grant_publisher(text, regrole), sbpg.revoke_publisher(text, regrole), sbpg.requeue(text, bigint[]) TO sbpg_admin;
+
+-- An identity that a publisher uses cannot be dropped either.
+CREATE OR REPLACE FUNCTION sbpg.drop_identity(name text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	users text;
+BEGIN
+	PERFORM sbpg._check_admin('drop identity');
+	PERFORM sbpg._check_identity_owner(name, 'drop');
+	SELECT string_agg(u, ', ' ORDER BY u) INTO users FROM (
+		SELECT 'subscription ' || s.name AS u FROM sbpg.subscriptions s WHERE s.identity = drop_identity.name
+		UNION ALL
+		SELECT 'publisher ' || p.name FROM sbpg.publishers p WHERE p.identity = drop_identity.name) x;
+	IF users IS NOT NULL THEN
+		RAISE EXCEPTION 'identity "%" is used by subscriptions or publishers', name
+			USING ERRCODE = 'dependent_objects_still_exist', DETAIL = format('Used by: %s.', users),
+			      HINT = 'Drop them or move them to another identity first.';
+	END IF;
+	DELETE FROM sbpg.identities i WHERE i.name = drop_identity.name;
+END
+$$;

@@ -144,7 +144,15 @@ LoadDesired(Launcher *l, Desired *out, int max) {
 		    "FROM sbpg.subscriptions s "
 		    "LEFT JOIN sbpg.identities i ON i.name OPERATOR(pg_catalog.=) s.identity "
 		    "LEFT JOIN sbpg.identity_secrets k ON k.identity OPERATOR(pg_catalog.=) s.identity "
-		    "ORDER BY s.name USING OPERATOR(pg_catalog.<)";
+		    "UNION ALL "
+		    // Publishers: an entry named "pub:<name>" (subscription names have no colon).
+		    "SELECT 'pub:' OPERATOR(pg_catalog.||) p.name, p.enabled, 1, "
+		    "pg_catalog.md5(CAST(ROW(p.*) AS pg_catalog.text) OPERATOR(pg_catalog.||) "
+		    "coalesce(CAST(ROW(i.*) AS pg_catalog.text), '') OPERATOR(pg_catalog.||) coalesce(k.secret, '')) "
+		    "FROM sbpg.publishers p "
+		    "LEFT JOIN sbpg.identities i ON i.name OPERATOR(pg_catalog.=) p.identity "
+		    "LEFT JOIN sbpg.identity_secrets k ON k.identity OPERATOR(pg_catalog.=) p.identity "
+		    "ORDER BY 1 USING OPERATOR(pg_catalog.<)";
 		spi::SpiResult r = spi::ExecSql("read sbpg.subscriptions", q, 0, nullptr, nullptr, nullptr, SPI_OK_SELECT);
 		int name_col = r.Col("name"), enabled_col = r.Col("enabled"), version_col = r.Col("version"),
 		    workers_col = r.Col("workers");
@@ -211,12 +219,15 @@ StartEntry(const Launcher *l, Entry *e, const Desired *d) {
 	w.bgw_start_time = BgWorkerStart_RecoveryFinished;
 	w.bgw_restart_time = BGW_NEVER_RESTART; // the launcher restarts it, with backoff
 	snprintf(w.bgw_library_name, BGW_MAXLEN, "sbpg");
-	snprintf(w.bgw_function_name, BGW_MAXLEN, "sbpg_worker_main");
-	if (d->workers > 1)
+	bool publisher = strncmp(e->name, "pub:", 4) == 0;
+	snprintf(w.bgw_function_name, BGW_MAXLEN, publisher ? "sbpg_publisher_main" : "sbpg_worker_main");
+	if (publisher)
+		snprintf(w.bgw_name, BGW_MAXLEN, "sbpg publisher %s", e->name + 4);
+	else if (d->workers > 1)
 		snprintf(w.bgw_name, BGW_MAXLEN, "sbpg worker %s #%d", e->name, e->worker);
 	else
 		snprintf(w.bgw_name, BGW_MAXLEN, "sbpg worker %s", e->name);
-	snprintf(w.bgw_type, BGW_MAXLEN, "sbpg worker");
+	snprintf(w.bgw_type, BGW_MAXLEN, publisher ? "sbpg publisher" : "sbpg worker");
 	w.bgw_notify_pid = MyProcPid;
 	WorkerStart start;
 	std::memset(&start, 0, sizeof start);

@@ -57,6 +57,7 @@ char *guc_database = nullptr;
 int guc_max_workers = 8;
 int guc_log_messages = kLogFailures;
 int guc_inbox_retention_s = 7 * 24 * 3600;
+int guc_outbox_retention_s = 7 * 24 * 3600;
 int guc_stats_history_min = 24 * 60;
 int guc_max_json_depth = 1000;
 char *guc_ca_file = nullptr;
@@ -373,6 +374,9 @@ _PG_init(void) {
 	                        "0 keeps them forever. Rows whose settlement was never confirmed are kept.",
 	                        &guc_inbox_retention_s, 7 * 24 * 3600, 0, INT_MAX, PGC_SIGHUP, GUC_UNIT_S, nullptr, nullptr,
 	                        nullptr);
+	DefineCustomIntVariable("sbpg.outbox_retention", "How long sbpg.outbox keeps rows that were sent.",
+	                        "0 keeps them forever. Queued and failed rows are always kept.", &guc_outbox_retention_s,
+	                        7 * 24 * 3600, 0, INT_MAX, PGC_SIGHUP, GUC_UNIT_S, nullptr, nullptr, nullptr);
 	DefineCustomIntVariable("sbpg.stats_history_retention",
 	                        "How long sbpg.stats_history keeps each subscription's per-minute figures.",
 	                        "0 records no history.", &guc_stats_history_min, 24 * 60, 0, 31 * 24 * 60, PGC_SIGHUP,
@@ -566,7 +570,7 @@ WorkerStats(FunctionCallInfo fcinfo) {
 	WorkerSlot *slot = static_cast<WorkerSlot *>(palloc(sizeof(WorkerSlot)));
 	for (int i = 0; i < shared->nslots; ++i) {
 		CopySlot(i, slot);
-		if (!slot->in_use)
+		if (!slot->in_use || strncmp(slot->name, "pub:", 4) == 0) // publishers: sbpg._publisher_slots()
 			continue;
 		row.Start();
 		FillStatsRow(&row, slot, now);

@@ -21,7 +21,9 @@ extern "C" {
 #include "utils/memutils.h"
 
 PGDLLEXPORT Datum sbpg_applying_session(PG_FUNCTION_ARGS);
+PGDLLEXPORT Datum sbpg_applying_message(PG_FUNCTION_ARGS);
 PG_FUNCTION_INFO_V1(sbpg_applying_session);
+PG_FUNCTION_INFO_V1(sbpg_applying_message);
 }
 
 #include "sbpg/pg/apply.hpp"
@@ -63,6 +65,21 @@ SessionInHand(const char *wanted) {
 		}
 	}
 	return found;
+}
+
+// sbpg._applying_message(): {traceparent, message_id} of the one message the running handler call
+// applies (a per-message handler, or a set-based call with one message), for sbpg.send; NULL
+// outside a handler and for a call of several messages (which one would a send belong to?).
+Datum
+ApplyingMessage(FunctionCallInfo fcinfo) {
+	if (!applying_subscription || applying_n != 1)
+		PG_RETURN_NULL();
+	const ReceivedMessage *m = applying_set[0]->msg;
+	Datum elems[2] = {m->traceparent.empty() ? (Datum)0 : CStringGetTextDatum(m->traceparent.c_str()),
+	                  m->message_id.empty() ? (Datum)0 : CStringGetTextDatum(m->message_id.c_str())};
+	bool nulls[2] = {m->traceparent.empty(), m->message_id.empty()};
+	int dims[1] = {2}, lbs[1] = {1};
+	PG_RETURN_ARRAYTYPE_P(construct_md_array(elems, nulls, 1, dims, lbs, TEXTOID, -1, false, TYPALIGN_INT));
 }
 
 Datum
@@ -185,4 +202,9 @@ MarkSessionStatesSynced(const SubConfig *cfg, const char *const *session_ids, co
 extern "C" Datum
 sbpg_applying_session(PG_FUNCTION_ARGS) {
 	return sbpg::pg::SqlEntry("sbpg._applying_session()", fcinfo, sbpg::pg::ApplyingSession);
+}
+
+Datum
+sbpg_applying_message(PG_FUNCTION_ARGS) {
+	return sbpg::pg::SqlEntry("sbpg._applying_message()", fcinfo, sbpg::pg::ApplyingMessage);
 }

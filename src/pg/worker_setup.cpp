@@ -31,6 +31,7 @@ extern "C" {
 }
 
 #include "sbpg/pg/compat.hpp"
+#include "sbpg/pg/connect.hpp"
 #include "sbpg/pg/guard.hpp"
 #include "sbpg/pg/shared.hpp"
 #include "sbpg/pg/worker.hpp"
@@ -39,13 +40,14 @@ namespace sbpg::pg {
 
 namespace {
 
-// Where to connect, from the subscription's namespace.
-struct Endpoint {
-	std::string host;
-	int port = 0;
-	bool tls = false;
-	std::string error;
-};
+std::string
+Trim(std::string s) {
+	while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ' || s.back() == '\t'))
+		s.pop_back();
+	return s;
+}
+
+} // namespace
 
 Endpoint
 ParseNamespace(const std::string &ns) {
@@ -79,13 +81,6 @@ ParseNamespace(const std::string &ns) {
 	if (e.host.empty() || e.port <= 0 || e.port > 65535)
 		e.error = "cannot parse namespace " + ns;
 	return e;
-}
-
-std::string
-Trim(std::string s) {
-	while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ' || s.back() == '\t'))
-		s.pop_back();
-	return s;
 }
 
 // The shared access key, from the identity's literal key, file or environment variable.
@@ -123,7 +118,12 @@ ResolveKey(const SubConfig &cfg, std::string *key, std::string *why) {
 	return false;
 }
 
-} // namespace
+std::string
+Audience(const SubConfig &cfg, const Endpoint &ep, const std::string &path) {
+	bool default_port = (ep.tls && ep.port == 5671) || (!ep.tls && ep.port == 5672);
+	bool service_bus = !IStartsWith(cfg.namespace_, "amqp");
+	return "sb://" + ep.host + (default_port && service_bus ? "" : ":" + std::to_string(ep.port)) + "/" + path;
+}
 
 // Marks the slot failed with msg (logged as a warning when log is set); returns false.
 bool
@@ -183,10 +183,7 @@ Worker::ConnectionSettings(ConsumerConfig *cc) {
 	cc->port = ep.port;
 	cc->tls = ep.tls;
 	cc->entity = cfg_.entity;
-	bool default_port = (ep.tls && ep.port == 5671) || (!ep.tls && ep.port == 5672);
-	bool service_bus = !IStartsWith(cfg_.namespace_, "amqp");
-	cc->audience = "sb://" + ep.host + (default_port && service_bus ? "" : ":" + std::to_string(ep.port)) + "/" +
-	               cfg_.entity;
+	cc->audience = Audience(cfg_, ep, cfg_.entity);
 	cc->prefetch = static_cast<uint32_t>(cfg_.prefetch);
 	cc->container_id = std::string("sbpg-") + start_.name + "-" + NewGuid().substr(0, 8);
 	cc->max_json_depth = guc_max_json_depth;
@@ -204,28 +201,10 @@ Worker::ConnectionSettings(ConsumerConfig *cc) {
 // How to authenticate, from the identity's kind: Entra ID tokens, a shared access key, or none.
 bool
 Worker::Authentication(ConsumerConfig *cc) {
-	std::string kind = cfg_.identity_kind ? cfg_.identity_kind : "anonymous";
-	if (kind == "managed_identity" || kind == "workload_identity" || kind == "client_secret" || kind == "default") {
-		// Checked when the subscription was created; checked again here, where the token would go.
-		if (!cfg_.token_destination_ok)
-			return Fail(std::string("identity \"") + cfg_.identity +
-			                "\" sends Entra ID tokens only over TLS to "
-			                "Service Bus namespaces or to brokers it lists in allowed_namespaces, not to " +
-			                cfg_.namespace_,
-			            true);
-		return SetupTokens(cc);
-	}
-	if (kind == "sas") {
-		cc->auth = ConsumerConfig::Auth::Sas;
-		cc->sas_key_name = cfg_.key_name ? cfg_.key_name : "";
-		std::string why;
-		if (!ResolveKey(cfg_, &cc->sas_key, &why))
-			return Fail(std::string("identity \"") + cfg_.identity + "\": " + why, true);
-		return true;
-	}
-	cc->auth = ConsumerConfig::Auth::Anonymous;
-	cc->release_to_abandon = true; // plain AMQP brokers do not all accept `modified`
-	cc->management = false;        // nor have Service Bus's $management
+	std::string why;
+	if (!SetupAuth(cfg_, ca_file_, efd_, cc, &tokens_, &why))
+		return Fail(why, true);
+	g_tokens = tokens_.get();
 	return true;
 }
 
@@ -246,34 +225,67 @@ Worker::SetupWaiting() {
 	return false;
 }
 
-// An Entra ID identity: a TokenSource on its own thread keeps the token fresh; the consumer puts
+bool
+SetupAuth(const SubConfig &cfg, const std::string &ca_file, int efd, ConsumerConfig *cc,
+          std::unique_ptr<TokenSource> *tokens, std::string *why) {
+	std::string kind = cfg.identity_kind ? cfg.identity_kind : "anonymous";
+	if (kind == "managed_identity" || kind == "workload_identity" || kind == "client_secret" || kind == "default") {
+		// Checked when the subscription or publisher was created; checked again here, where the
+		// token would go.
+		if (!cfg.token_destination_ok) {
+			*why = std::string("identity \"") + cfg.identity +
+			       "\" sends Entra ID tokens only over TLS to "
+			       "Service Bus namespaces or to brokers it lists in allowed_namespaces, not to " +
+			       cfg.namespace_;
+			return false;
+		}
+		return SetupTokens(cfg, ca_file, efd, cc, tokens, why);
+	}
+	if (kind == "sas") {
+		cc->auth = ConsumerConfig::Auth::Sas;
+		cc->sas_key_name = cfg.key_name ? cfg.key_name : "";
+		std::string err;
+		if (!ResolveKey(cfg, &cc->sas_key, &err)) {
+			*why = std::string("identity \"") + cfg.identity + "\": " + err;
+			return false;
+		}
+		return true;
+	}
+	cc->auth = ConsumerConfig::Auth::Anonymous;
+	cc->release_to_abandon = true; // plain AMQP brokers do not all accept `modified`
+	cc->management = false;        // nor have Service Bus's $management
+	return true;
+}
+
+// An Entra ID identity: a TokenSource on its own thread keeps the token fresh; the AMQP side puts
 // each new one on the live connection. The token never reaches PostgreSQL memory.
 bool
-Worker::SetupTokens(ConsumerConfig *cc) {
+SetupTokens(const SubConfig &cfg, const std::string &ca_file, int efd, ConsumerConfig *cc,
+            std::unique_ptr<TokenSource> *tokens, std::string *why) {
 	IdentityConfig ic;
-	std::string why;
-	bool ok = IdentityConfigFromJson(cfg_.identity_kind, cfg_.identity_options ? cfg_.identity_options : "{}", &ic,
-	                                 &why);
+	std::string err;
+	bool ok = IdentityConfigFromJson(cfg.identity_kind, cfg.identity_options ? cfg.identity_options : "{}", &ic, &err);
 	if (ok) {
-		if (cfg_.key)
-			ic.client_secret = cfg_.key; // a client secret given literally
-		ic.extra_ca_file = ca_file_;
+		if (cfg.key)
+			ic.client_secret = cfg.key; // a client secret given literally
+		ic.extra_ca_file = ca_file;
 	}
 	std::unique_ptr<TokenProvider> provider;
 	if (ok) {
-		provider = MakeTokenProvider(ic, ProcessEnv(), &why);
+		provider = MakeTokenProvider(ic, ProcessEnv(), &err);
 		ok = provider != nullptr;
 	}
-	if (!ok)
-		return Fail(std::string("identity \"") + cfg_.identity + "\" (" + cfg_.identity_kind + "): " + why, true);
-	int fd = efd_;
-	tokens_.reset(new TokenSource(std::move(provider), [fd] {
+	if (!ok) {
+		*why = std::string("identity \"") + cfg.identity + "\" (" + cfg.identity_kind + "): " + err;
+		return false;
+	}
+	int fd = efd;
+	tokens->reset(new TokenSource(std::move(provider), [fd] {
 		uint64_t one = 1;
 		ssize_t r = ::write(fd, &one, sizeof one);
 		(void)r;
 	}));
-	g_tokens = tokens_.get();
-	TokenSource *t = tokens_.get();
+	TokenSource *t = tokens->get();
 	cc->auth = ConsumerConfig::Auth::Jwt;
 	cc->current_token = [t](BearerToken *out) {
 		AccessToken a;

@@ -13,6 +13,7 @@
 //     POST /faults/drop-connections        close every connection abruptly
 //     POST /faults/refuse-connections?seconds=N
 //     POST /faults/server-busy?count=N     next N entity attaches answered com.microsoft:server-busy
+//     POST /faults/server-busy-sends?count=N  next N messages sent to entities rejected com.microsoft:server-busy
 //     POST /faults/expire-locks            every message and session lock expires now
 //     POST /faults/reject-tokens?count=N   next N put-token requests refused
 //     POST /faults/hold-tokens?count=N    next N put-token requests taken and never answered
@@ -570,6 +571,8 @@ ControlServer::Handle(const std::string &method, const std::string &path, const 
 				srv.RefuseConnections(WindowMs(q, 5));
 			else if (fault == "server-busy")
 				f.server_busy_attaches = static_cast<int>(IntParam(q, "count", 1, 0, INT32_MAX));
+			else if (fault == "server-busy-sends")
+				f.server_busy_sends = static_cast<int>(IntParam(q, "count", 1, 0, INT32_MAX));
 			else if (fault == "expire-locks")
 				srv.broker().ExpireAllLocks(NowMs());
 			else if (fault == "reject-tokens")

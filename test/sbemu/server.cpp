@@ -1213,6 +1213,11 @@ Server::HandleEntitySend(Conn &c, LinkCtx &l, const std::string &msg, void *dv) 
 	std::string why;
 	if (!Authorized(c, l.entity->key, kSend, &why))
 		return reject("amqp:unauthorized-access", why);
+	if (faults_.server_busy_sends > 0) {
+		--faults_.server_busy_sends;
+		return reject("com.microsoft:server-busy",
+		              "The server is busy. Please retry the operation. (sbemu fault server-busy-sends)");
+	}
 	std::vector<std::string_view> parts;
 	if (!BatchMessages(msg, &parts)) {
 		parts.clear();
@@ -1803,6 +1808,7 @@ Server::EndRefusal() {
 void
 Server::ClearFaults() {
 	faults_.server_busy_attaches = 0;
+	faults_.server_busy_sends = 0;
 	faults_.reject_tokens = 0;
 	faults_.hold_tokens = 0;
 	faults_.delay_dispositions_ms = 0;
@@ -1880,11 +1886,12 @@ Server::StatsJson() {
 	    buf, sizeof buf,
 	    "{\"uptime_ms\":%lld,\"connections\":%zu,\"connections_total\":%llu,\"put_tokens_accepted\":%llu,"
 	    "\"put_tokens_refused\":%llu,\"sasl_failures\":%llu,\"listening\":%s,\"faults\":{\"server_busy_attaches\":%d,"
+	    "\"server_busy_sends\":%d,"
 	    "\"reject_tokens\":%d,\"hold_tokens\":%d,\"delay_dispositions_ms\":%lld,\"refusing_connections\":%s",
 	    (long long)(NowMs() - started_ms_), conns_.size(), (unsigned long long)total_connections_,
 	    (unsigned long long)put_tokens_ok_, (unsigned long long)put_tokens_refused_, (unsigned long long)sasl_failures_,
-	    listening ? "true" : "false", faults_.server_busy_attaches, faults_.reject_tokens, faults_.hold_tokens,
-	    (long long)faults_.delay_dispositions_ms, refusing ? "true" : "false");
+	    listening ? "true" : "false", faults_.server_busy_attaches, faults_.server_busy_sends, faults_.reject_tokens,
+	    faults_.hold_tokens, (long long)faults_.delay_dispositions_ms, refusing ? "true" : "false");
 	std::string out = buf;
 	out += ",\"omit_sequence_numbers\":[";
 	const char *sep = "";

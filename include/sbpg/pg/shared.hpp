@@ -21,6 +21,7 @@ extern char *guc_database;
 extern int guc_max_workers;
 extern int guc_log_messages; // LogMessages
 extern int guc_inbox_retention_s;
+extern int guc_outbox_retention_s;
 extern int guc_stats_history_min; // sbpg.stats_history_retention, in minutes
 extern int guc_max_json_depth;
 extern char *guc_ca_file;

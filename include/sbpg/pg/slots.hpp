@@ -66,6 +66,7 @@ struct WorkerSlot {
 	uint32 lag_next, lag_count;
 	int64 rate_second[kRateSeconds];
 	uint32 rate_count[kRateSeconds];
+	Latch *latch; // a publisher's worker (name "pub:<publisher>"): set at commit by sbpg._wake_publisher
 };
 
 struct SharedState {

@@ -81,7 +81,6 @@ class Worker {
 	bool Setup();
 	bool ConnectionSettings(ConsumerConfig *cc);
 	bool Authentication(ConsumerConfig *cc);
-	bool SetupTokens(ConsumerConfig *cc);
 	bool SetupWaiting();
 	bool Fail(const std::string &msg, bool log);
 	// worker_main.cpp
