@@ -132,6 +132,35 @@ SELECT sbpg.register_schema('reg.orders', 3, '{"type": "object", "properties": {
 SELECT sbpg.register_schema('reg.orders', 3, '{"type": "object", "properties": {"id": {"type": "integer", "format": "int64"}}}');
 SELECT sbpg.register_schema('reg.orders', 2, '{"type": "object"}');
 SELECT message_type, version, compatibility, latest FROM sbpg.schema_catalog WHERE message_type = 'reg.orders' ORDER BY version;
+
+-- Publishers and sbpg.send (docs/outbox.md): every refusal with its errcode, detail and hint.
+SELECT sbpg.create_identity('pub-mi', 'managed_identity');
+SELECT sbpg.create_publisher('bad name!', 'amqp://127.0.0.1:5672');
+SELECT sbpg.create_publisher('p', 'not a namespace');
+SELECT sbpg.create_publisher('p', 'amqp://127.0.0.1:5672', 'nobody');
+SELECT sbpg.create_publisher('p', 'amqp://127.0.0.1:5672', 'pub-mi');
+SELECT sbpg.create_publisher('p', 'amqp://127.0.0.1:5672', options => '{"batch_size": 0}');
+SELECT sbpg.create_publisher('p', 'amqp://127.0.0.1:5672', options => '{"colour": "red"}');
+SELECT sbpg.create_publisher('p', 'amqp://127.0.0.1:5672', notify_channel => '', enabled => false);
+SELECT sbpg.create_publisher('p', 'amqp://127.0.0.1:5672', enabled => false);
+SELECT sbpg.create_publisher('p', 'amqp://127.0.0.1:5672');
+SELECT sbpg.send('nope', 'q', 'x');
+SELECT sbpg.send('p', 'q/$DeadLetterQueue', 'x');
+SELECT sbpg.send('p', 'topic/Subscriptions/s', 'x');
+SELECT sbpg.send('p', 'q', 'x', properties => '[1]');
+SELECT sbpg.send('p', 'q', 'x', properties => '{"nested": {"a": 1}}');
+SELECT sbpg.send('p', 'q', 'x', message_id => '');
+SELECT sbpg.send('p', 'q', 'x', time_to_live => interval '-1 second');
+SELECT sbpg.send('p', 'q', NULL::bytea);
+SELECT sbpg.send('p', 'q', '{"a": 1}'::jsonb) > 0 AS queued;
+SELECT entity, convert_from(body, 'UTF8') AS body, content_type, status FROM sbpg.outbox;
+SET ROLE sbpg_reg_app;
+SELECT sbpg.send('p', 'q', 'x');
+SELECT count(*) FROM sbpg.publisher_stats;
+RESET ROLE;
+SELECT sbpg.drop_publisher('p');
+SELECT sbpg.drop_publisher('p', discard_queued => true);
+SELECT sbpg.drop_identity('pub-mi');
 DROP EXTENSION sbpg CASCADE;
 DROP TABLE reg_orders;
 DROP FUNCTION reg_args(integer);
