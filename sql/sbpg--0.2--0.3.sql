@@ -835,7 +835,7 @@ BEGIN
 		IF k NOT IN ('batch_size', 'max_pending') THEN
 			RAISE EXCEPTION 'unknown publisher option "%"', k
 				USING ERRCODE = 'invalid_parameter_value',
-				      HINT = 'Publisher options: batch_size (messages sent back to back before waiting for the broker's answers, 1 to 1000), max_pending (rows held in memory, 100 to 100000).';
+				      HINT = 'Publisher options: batch_size (messages sent back to back before waiting for the broker''s answers, 1 to 1000), max_pending (rows held in memory, 100 to 100000).';
 		END IF;
 	END LOOP;
 	IF opts ? 'batch_size' AND (jsonb_typeof(opts -> 'batch_size') <> 'number' OR (opts ->> 'batch_size')::numeric NOT BETWEEN 1 AND 1000
