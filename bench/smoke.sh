@@ -16,6 +16,7 @@ checks=(
 	"memory.sh|bench/memory.sh 2000 2|^during the lock: locked at most [0-9]+ \(bound 1000\)"
 	"retention.sh|bench/retention.sh 24 4 10|^last/first: [0-9]+% \(goal: within 10%\)"
 	"scaling.sh|bench/scaling.sh 400 50|^sessions 64 +[0-9]+ +[0-9]+%"
+	"outbox.sh|bench/outbox.sh 1000 50 2|^messages/s +[0-9]+ +[0-9]+"
 )
 echo "1..${#checks[@]}"
 pass=0
