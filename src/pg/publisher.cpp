@@ -237,6 +237,8 @@ class PublisherWorker {
 	bool Interrupts();
 	void Read();
 	void SendGroups(TimestampTz now);
+	// Takes the AMQP side's verdicts: messages to retry go back in line at once; what was sent or
+	// failed waits in sent_/failed_/retried_ for Record (after the next groups are on their way).
 	void HandleResults();
 	void Record(std::vector<Item> &sent, std::vector<std::pair<Item, std::string>> &failed,
 	            std::vector<std::pair<int64_t, std::string>> &retried);
@@ -267,6 +269,9 @@ class PublisherWorker {
 	std::vector<std::string> errors_logged_;
 	uint64 sent_ = 0, failed_ = 0, retries_ = 0, groups_ = 0;
 	std::vector<float> accept_ms_;
+	std::vector<Item> done_sent_;
+	std::vector<std::pair<Item, std::string>> done_failed_;
+	std::vector<std::pair<int64_t, std::string>> done_retried_;
 };
 
 bool
@@ -500,9 +505,9 @@ PublisherWorker::HandleResults() {
 	publisher_->TakeResults(&results);
 	if (results.empty())
 		return;
-	std::vector<Item> sent;
-	std::vector<std::pair<Item, std::string>> failed;
-	std::vector<std::pair<int64_t, std::string>> retried;
+	std::vector<Item> &sent = done_sent_;
+	std::vector<std::pair<Item, std::string>> &failed = done_failed_;
+	std::vector<std::pair<int64_t, std::string>> &retried = done_retried_;
 	std::vector<Entity *> finished;
 	int64_t now_ms = WallMs();
 	for (auto &r : results) {
@@ -553,7 +558,6 @@ PublisherWorker::HandleResults() {
 			e->not_before = 0;
 		}
 	}
-	Record(sent, failed, retried);
 }
 
 // Writes the verdicts in one transaction and announces each sent or failed row.
@@ -746,11 +750,19 @@ PublisherWorker::Run() {
 	while (!stop_) {
 		if (!Interrupts())
 			break;
+		// The next groups go out before the verdicts are written, so that the broker works while
+		// the database does.
 		HandleResults();
-		TimestampTz now = GetCurrentTimestamp();
-		if (read_due_ || now - last_read_ >= USECS_PER_SEC)
-			Read();
 		SendGroups(GetCurrentTimestamp());
+		Record(done_sent_, done_failed_, done_retried_);
+		done_sent_.clear();
+		done_failed_.clear();
+		done_retried_.clear();
+		TimestampTz now = GetCurrentTimestamp();
+		if (read_due_ || now - last_read_ >= USECS_PER_SEC) {
+			Read();
+			SendGroups(GetCurrentTimestamp());
+		}
 		PublishStatus();
 		Prune(now);
 		Wait(1000);
