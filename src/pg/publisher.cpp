@@ -480,6 +480,14 @@ PublisherWorker::Read() {
 // A group for every entity that has none in flight and is not backing off.
 void
 PublisherWorker::SendGroups(TimestampTz now) {
+	// Entities with nothing to send and no failure to remember are forgotten.
+	for (auto it = entities_.begin(); it != entities_.end();) {
+		const Entity &e = it->second;
+		if (e.pending.empty() && e.in_flight.empty() && e.failures == 0)
+			it = entities_.erase(it);
+		else
+			++it;
+	}
 	for (auto &kv : entities_) {
 		Entity &e = kv.second;
 		if (!e.in_flight.empty() || e.pending.empty() || e.not_before > now)
@@ -625,8 +633,22 @@ PublisherWorker::Record(std::vector<Item> &sent, std::vector<std::pair<Item, std
 			                  CStringGetTextDatum(retry_error.c_str())};
 			    spi::Exec(kMarkRetry, a, nullptr, SPI_OK_UPDATE);
 		    }
-		    for (auto &n : notes)
-			    Async_Notify(cfg_.notify_channel, n.c_str());
+		    if (!notes.empty()) {
+			    // A full NOTIFY queue would fail this transaction (and so resend what was sent):
+			    // past 90% the rows are recorded without notifications, as subscriptions do.
+			    LOCAL_FCINFO(fcinfo, 0);
+			    InitFunctionCallInfoData(*fcinfo, nullptr, 0, InvalidOid, nullptr, nullptr);
+			    double usage = DatumGetFloat8(pg_notification_queue_usage(fcinfo));
+			    if (usage > 0.9)
+				    ereport(WARNING, (errmsg("sbpg: publisher \"%s\": the NOTIFY queue is %.0f%% full; rows are marked "
+				                             "in sbpg.outbox without notifications until it drains",
+				                             name_.c_str(), usage * 100),
+				                      errhint("A session that LISTENs and stopped reading holds the queue; "
+				                              "pg_stat_activity shows it.")));
+			    else
+				    for (auto &n : notes)
+					    Async_Notify(cfg_.notify_channel, n.c_str());
+		    }
 		    spi::EndShort();
 	    },
 	    &err);
