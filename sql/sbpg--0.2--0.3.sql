@@ -1216,3 +1216,78 @@ BEGIN
 	DELETE FROM sbpg.identities i WHERE i.name = drop_identity.name;
 END
 $$;
+
+-- Dead-letter queues read and replayed from SQL (issue 16; docs/outbox.md, "Dead-letter replay").
+-- The work is done in the calling backend by a connection of its own (src/pg/dead_letters.cpp).
+CREATE FUNCTION sbpg._dead_letter_op(subscription text, op text, sequence_numbers bigint[], dead_letter_reason text,
+	max_count integer, from_sequence bigint, timeout_ms integer)
+RETURNS TABLE (sequence_number bigint, message_id text, reason text, description text, enqueued_at timestamptz,
+	delivery_count integer, body bytea, properties jsonb, session_id text, outcome text)
+	AS 'MODULE_PATHNAME', 'sbpg_dead_letter_op' LANGUAGE C VOLATILE;
+REVOKE ALL ON FUNCTION sbpg._dead_letter_op(text, text, bigint[], text, integer, bigint, integer) FROM PUBLIC;
+
+-- The subscription, for a caller who may manage it (superusers, sbpg_admin members of its run_as).
+CREATE FUNCTION sbpg._dead_letter_subscription(subscription text, action text) RETURNS sbpg.subscriptions
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	s sbpg.subscriptions;
+BEGIN
+	SELECT * INTO s FROM sbpg.subscriptions x WHERE x.name = _dead_letter_subscription.subscription;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'subscription "%" does not exist', subscription
+			USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM sbpg.subscriptions lists them.';
+	END IF;
+	PERFORM sbpg._check_admin(action, s.run_as);
+	RETURN s;
+END
+$$;
+REVOKE ALL ON FUNCTION sbpg._dead_letter_subscription(text, text) FROM PUBLIC;
+
+CREATE FUNCTION sbpg.dead_letters(subscription text, max_count integer DEFAULT 100, from_sequence bigint DEFAULT 0)
+RETURNS TABLE (sequence_number bigint, message_id text, reason text, description text, enqueued_at timestamptz,
+	delivery_count integer, body bytea, properties jsonb, session_id text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	s sbpg.subscriptions := sbpg._dead_letter_subscription(subscription, 'read the dead-letter queue');
+BEGIN
+	IF max_count IS NULL OR max_count NOT BETWEEN 1 AND 1000 THEN
+		RAISE EXCEPTION 'max_count must be from 1 to 1000' USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Page on with from_sequence => the last sequence number + 1.';
+	END IF;
+	RETURN QUERY SELECT d.sequence_number, d.message_id, d.reason, d.description, d.enqueued_at, d.delivery_count, d.body,
+	                    d.properties, d.session_id
+	FROM sbpg._dead_letter_op(s.name, 'peek', NULL, NULL, max_count, coalesce(from_sequence, 0), 60000) d;
+END
+$$;
+COMMENT ON FUNCTION sbpg.dead_letters(text, integer, bigint)
+	IS 'Peeks at a subscription''s dead-lettered messages (nothing is locked or removed)';
+
+CREATE FUNCTION sbpg.replay_dead_letters(subscription text, sequence_numbers bigint[] DEFAULT NULL,
+	reason text DEFAULT NULL, max_count integer DEFAULT 1000)
+RETURNS TABLE (sequence_number bigint, message_id text, dead_letter_reason text, outcome text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	s sbpg.subscriptions := sbpg._dead_letter_subscription(subscription, 'replay dead-lettered messages');
+BEGIN
+	IF (sequence_numbers IS NULL) = (reason IS NULL) THEN
+		RAISE EXCEPTION 'give either sequence_numbers or reason'
+			USING ERRCODE = 'invalid_parameter_value',
+			      HINT = 'sequence_numbers => ARRAY[...] (from sbpg.dead_letters), or reason => ''MaxRetriesExceeded'' for every message dead-lettered with that reason.';
+	END IF;
+	IF max_count IS NULL OR max_count NOT BETWEEN 1 AND 1000 THEN
+		RAISE EXCEPTION 'max_count must be from 1 to 1000' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	IF s.entity ~* '/subscriptions/' THEN
+		RAISE EXCEPTION 'subscription "%" reads a topic subscription: its dead-lettered messages cannot be replayed to it', s.name
+			USING ERRCODE = 'feature_not_supported',
+			      DETAIL = 'Service Bus takes messages for a topic, not for one of its subscriptions; a copy sent to the topic would reach every subscription whose rule matches.',
+			      HINT = 'Read them with sbpg.dead_letters and send what you choose with sbpg.send.';
+	END IF;
+	RETURN QUERY SELECT d.sequence_number, d.message_id, d.reason, d.outcome
+	FROM sbpg._dead_letter_op(s.name, 'replay', sequence_numbers, reason, max_count, 0, 120000) d;
+END
+$$;
+COMMENT ON FUNCTION sbpg.replay_dead_letters(text, bigint[], text, integer)
+	IS 'Sends chosen dead-lettered messages back to the subscription''s entity and removes each dead-letter copy once its resend was accepted';
+REVOKE ALL ON FUNCTION sbpg.dead_letters(text, integer, bigint), sbpg.replay_dead_letters(text, bigint[], text, integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION sbpg.dead_letters(text, integer, bigint), sbpg.replay_dead_letters(text, bigint[], text, integer) TO sbpg_admin;

@@ -388,6 +388,35 @@ Consumer::FetchDeferred(std::vector<int64_t> seqs) {
 }
 
 void
+Consumer::Peek(int64_t from, int count) {
+	Impl &i = *impl_;
+	amqp::Handoff &h = i.handoff;
+	std::lock_guard<std::mutex> g(h.mu);
+	h.peek_from = from;
+	h.peek_count = count;
+	h.peek_done = false;
+	h.peeked.clear();
+	if (!h.wq || !h.status.management_ready || !h.wq->add([&i] { i.deferred.Peek(); })) {
+		h.peek_done = true;
+		h.peek_error = "not connected";
+	}
+}
+
+bool
+Consumer::TakePeeked(std::vector<ReceivedMessage> *out, std::string *error) {
+	amqp::Handoff &h = impl_->handoff;
+	std::lock_guard<std::mutex> g(h.mu);
+	if (!h.peek_done)
+		return false;
+	*error = h.peek_error;
+	for (auto &m : h.peeked)
+		out->push_back(std::move(m));
+	h.peeked.clear();
+	h.peek_done = false;
+	return true;
+}
+
+void
 Consumer::TakeFetchFailures(std::vector<FetchFailure> *out) {
 	amqp::Handoff &h = impl_->handoff;
 	std::lock_guard<std::mutex> g(h.mu);

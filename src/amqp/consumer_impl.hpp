@@ -113,6 +113,12 @@ struct Handoff {
 	std::unordered_set<uint64_t> live_links; // session receivers holding their session now
 	std::vector<SessionStateUpdate> to_set_state;
 	std::vector<SessionStateResult> state_results;
+	// A peek the main thread asked for (com.microsoft:peek-message) and its answer.
+	int64_t peek_from = 0;
+	int peek_count = 0;
+	bool peek_done = false;
+	std::string peek_error;
+	std::vector<ReceivedMessage> peeked;
 
 	// Writes the eventfd the main thread waits on. Any thread; never under mu.
 	void Wake();
@@ -409,6 +415,8 @@ class DeferredFetches {
 
 	// Runs in the connection's context: asks for the sequence numbers the main thread queued.
 	void Drain();
+	// Runs in the connection's context: the peek the main thread asked for (Consumer::Peek).
+	void Peek();
 
   private:
 	void FetchOne(int64_t seq);

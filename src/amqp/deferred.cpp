@@ -49,6 +49,58 @@ DeferredFetches::FetchOne(int64_t seq) {
 
 // The broker's answer: a list of maps, each with the message's lock token and its encoding.
 void
+DeferredFetches::Peek() {
+	int64_t from;
+	int count;
+	{
+		std::lock_guard<std::mutex> g(handoff_.mu);
+		from = handoff_.peek_from;
+		count = handoff_.peek_count;
+	}
+	auto done = [this](std::string error, std::vector<ReceivedMessage> got) {
+		{
+			std::lock_guard<std::mutex> g(handoff_.mu);
+			handoff_.peek_done = true;
+			handoff_.peek_error = std::move(error);
+			handoff_.peeked = std::move(got);
+		}
+		handoff_.Wake();
+	};
+	if (!mgmt_.Ready())
+		return done("the $management link is not open", {});
+	std::map<std::string, proton::value> body;
+	body["from-sequence-number"] = from;
+	body["message-count"] = static_cast<int32_t>(count);
+	mgmt_.Request("com.microsoft:peek-message", body,
+	              [this, done](int64_t code, const std::string &desc, const proton::value &b) {
+		              if (code == 204)
+			              return done("", {});
+		              if (code != 200)
+			              return done(std::to_string(code) + " " + desc, {});
+		              std::vector<ReceivedMessage> got;
+		              proton::value list;
+		              std::vector<proton::value> items;
+		              try {
+			              if (Management::Field(b, "messages", &list))
+				              proton::get(list, items);
+			              for (auto &item : items) {
+				              proton::value bin;
+				              if (!Management::Field(item, "message", &bin))
+					              continue;
+				              proton::binary raw = proton::get<proton::binary>(bin);
+				              ReceivedMessage rm;
+				              DecodeMessage(std::string_view(reinterpret_cast<const char *>(raw.data()), raw.size()),
+				                            cfg_.max_json_depth, &rm);
+				              got.push_back(std::move(rm));
+			              }
+		              } catch (const std::exception &e) {
+			              return done(std::string("unreadable peek answer: ") + e.what(), {});
+		              }
+		              done("", std::move(got));
+	              });
+}
+
+void
 DeferredFetches::OnAnswer(int64_t seq, const proton::value &body) {
 	proton::value list;
 	std::vector<proton::value> items;

@@ -50,6 +50,7 @@ describe("transactional outbox", () => {
           queue("replies"),
           queue("requests"),
           queue("mixed"),
+          queue("replayq"),
         ],
       }),
       args: ["--sas-key", "RootManageSharedAccessKey=SAS_KEY_VALUE:Manage", "--sas-key", "listener=LISTEN_ONLY:Listen"],
@@ -317,5 +318,65 @@ describe("transactional outbox", () => {
     const tries = (await pg.query("SELECT max(attempts) m, count(*) FILTER (WHERE attempts > 1) n FROM sbpg.outbox WHERE entity = 'dedup'")).rows[0];
     assert.ok(Number(tries.m) > 1, `server-busy answers were retried (${tries.n} rows needed more than one attempt)`);
     console.log(`dedup: ${n} messages, ${e.duplicates} resends dropped by duplicate detection, ${tries.n} rows sent more than once`);
+  });
+
+  it("dead-letter replay: 50 dead-lettered by a failing handler, listed, replayed once the handler is fixed, each applied once", { timeout: 180000 }, async () => {
+    await pg.psql(`
+      CREATE TABLE replay_gate (broken boolean NOT NULL);
+      INSERT INTO replay_gate VALUES (true);
+      CREATE TABLE replayed (message_id text, dl_seq bigint, seq bigint, body jsonb);
+      GRANT SELECT ON replay_gate TO app;
+      GRANT INSERT ON replayed TO app;
+      CREATE FUNCTION apply_replay(m sbpg.message) RETURNS void LANGUAGE plpgsql AS $f$
+      BEGIN
+        IF (SELECT broken FROM public.replay_gate) THEN
+          RAISE EXCEPTION 'the handler is broken' USING ERRCODE = '22023';
+        END IF;
+        INSERT INTO public.replayed VALUES (m.message_id, (m.properties->>'DeadLetterSequenceNumber')::bigint, m.sequence_number, m.body);
+      END $f$;
+      GRANT EXECUTE ON FUNCTION apply_replay(sbpg.message) TO app;
+      SELECT sbpg.create_subscription('replayq', '${emu.amqp}', 'replayq', 'apply_replay(sbpg.message)', 'app', 'emu');`);
+    const s = sb.createSender("replayq");
+    await s.sendMessages(Array.from({ length: 50 }, (_, i) => ({ messageId: `r-${i}`, body: { i }, applicationProperties: { origin: "test", n: i } })));
+    await s.close();
+    await waitFor(async () => (await emu.entity("replayq")).dead_lettered === 50, { timeout: 60000, what: "50 dead-lettered" });
+
+    const listed = (await pg.query("SELECT * FROM sbpg.dead_letters('replayq', 100)")).rows;
+    assert.equal(listed.length, 50, "all 50 listed");
+    assert.ok(listed.every((r) => r.reason && /22023|broken/i.test(`${r.reason} ${r.description}`)), "with the reason and description sbpg gave");
+    assert.deepEqual(listed.map((r) => JSON.parse(Buffer.from(r.body).toString()).i).sort((a, b) => a - b), [...Array(50).keys()]);
+    assert.ok(listed.every((r) => r.properties.origin === "test"));
+    assert.equal((await emu.entity("replayq")).dead_lettered, 50, "peeking removed nothing");
+    const paged = (await pg.query("SELECT sequence_number FROM sbpg.dead_letters('replayq', 10, from_sequence => $1)", [Number(listed[45].sequence_number)])).rows;
+    assert.ok(paged.length >= 5 && paged.every((r) => Number(r.sequence_number) >= Number(listed[45].sequence_number)), "paged by sequence number");
+
+    await pg.query("UPDATE replay_gate SET broken = false");
+    const seqs = listed.slice(0, 25).map((r) => r.sequence_number);
+    const bySeq = (await pg.query("SELECT * FROM sbpg.replay_dead_letters('replayq', sequence_numbers => $1::bigint[])", [seqs])).rows;
+    assert.equal(bySeq.length, 25);
+    assert.ok(bySeq.every((r) => r.outcome === "replayed"), JSON.stringify(bySeq.filter((r) => r.outcome !== "replayed")));
+    const byReason = (await pg.query("SELECT * FROM sbpg.replay_dead_letters('replayq', reason => $1)", [listed[0].reason])).rows;
+    assert.equal(byReason.length, 25, "the other 25 by their reason");
+    assert.ok(byReason.every((r) => r.outcome === "replayed"));
+    await waitFor(async () => Number((await pg.query("SELECT count(*) c FROM replayed")).rows[0].c) >= 50, { timeout: 60000, what: "50 applied" });
+    assert.equal((await emu.entity("replayq")).dead_lettered, 0, "the dead-letter queue is empty");
+    // Replaying again finds nothing: nothing is applied twice.
+    assert.equal((await pg.query("SELECT * FROM sbpg.replay_dead_letters('replayq', reason => $1)", [listed[0].reason])).rows.length, 0);
+    assert.equal((await pg.query("SELECT * FROM sbpg.replay_dead_letters('replayq', sequence_numbers => $1::bigint[])", [seqs])).rows.length, 0);
+    await new Promise((r) => setTimeout(r, 1000));
+    const rows = (await pg.query("SELECT message_id, dl_seq, body FROM replayed ORDER BY message_id")).rows;
+    assert.equal(rows.length, 50, "each applied exactly once");
+    assert.equal(new Set(rows.map((r) => r.message_id)).size, 50);
+    const dlSeqs = new Set(listed.map((r) => String(r.sequence_number)));
+    assert.ok(rows.every((r) => dlSeqs.has(String(r.dl_seq))), "each names its dead-letter sequence number");
+    assert.ok(rows.every((r) => typeof r.body.i === "number"), "with its original body");
+    // Who may: only who manages the subscription.
+    const c = await pg.client();
+    await c.query("SET ROLE stranger");
+    await assert.rejects(c.query("SELECT * FROM sbpg.dead_letters('replayq')"), (e) => e.code === "42501");
+    await assert.rejects(c.query("SELECT * FROM sbpg.replay_dead_letters('replayq', reason => 'x')"), (e) => e.code === "42501");
+    await c.end();
+    await assert.rejects(pg.query("SELECT * FROM sbpg.replay_dead_letters('replayq')"), (e) => e.code === "22023");
+    await pg.psql("SELECT sbpg.drop_subscription('replayq')");
   });
 });

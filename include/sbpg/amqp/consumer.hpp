@@ -41,7 +41,7 @@ struct ConsumerConfig {
 	// soon as a new one is there; the consumer waits for a token before it connects.
 	std::function<bool(BearerToken *)> current_token;
 	std::function<void(uint64_t serial, bool accepted, const std::string &why)> token_answer;
-	uint32_t prefetch = 100;   // messages held (unsettled) at most: credit + in flight
+	uint32_t prefetch = 100;   // messages held (unsettled) at most: credit + in flight (0: none received)
 	std::string extra_ca_file; // TLS: trusted in addition to the system's CA store
 	std::string container_id;
 	int max_json_depth = 1000;
@@ -160,6 +160,11 @@ class Consumer {
 		std::string error;
 	};
 	void TakeFetchFailures(std::vector<FetchFailure> *out);
+	// Peeks at up to count messages from sequence number `from` on (com.microsoft:peek-message over
+	// $management: nothing is locked or received). TakePeeked returns true once the answer came,
+	// with the messages, or with *error set.
+	void Peek(int64_t from, int count);
+	bool TakePeeked(std::vector<ReceivedMessage> *out, std::string *error);
 	void TakeEvents(std::vector<ConsumerEvent> *out);
 	ConsumerStatus Status();
 	// Whether the session receiver link_gen still holds its session: the messages it delivered can
