@@ -161,6 +161,17 @@ RESET ROLE;
 SELECT sbpg.drop_publisher('p');
 SELECT sbpg.drop_publisher('p', discard_queued => true);
 SELECT sbpg.drop_identity('pub-mi');
+-- Dead-letter replay: the refusals that need no broker.
+SELECT sbpg.create_subscription('dlq', 'amqp://127.0.0.1:5672', 'events/Subscriptions/dlq', 'reg_good(sbpg.message)', 'sbpg_reg_app', enabled => false);
+SELECT * FROM sbpg.dead_letters('nope');
+SELECT * FROM sbpg.dead_letters('dlq', max_count => 0);
+SELECT * FROM sbpg.replay_dead_letters('dlq');
+SELECT * FROM sbpg.replay_dead_letters('dlq', ARRAY[1]::bigint[], 'reason');
+SELECT * FROM sbpg.replay_dead_letters('dlq', reason => 'MaxRetriesExceeded');
+SET ROLE sbpg_reg_app;
+SELECT * FROM sbpg.dead_letters('dlq');
+RESET ROLE;
+SELECT sbpg.drop_subscription('dlq');
 DROP EXTENSION sbpg CASCADE;
 DROP TABLE reg_orders;
 DROP FUNCTION reg_args(integer);
