@@ -1060,8 +1060,25 @@ BEGIN
 		RAISE EXCEPTION 'message_id, session_id, correlation_id, subject and reply_to take 1 to 128 bytes'
 			USING ERRCODE = 'invalid_parameter_value', HINT = 'These are Service Bus''s limits; NULL leaves one out.';
 	END IF;
-	IF time_to_live IS NOT NULL AND time_to_live <= interval '0' THEN
-		RAISE EXCEPTION 'time_to_live must be positive' USING ERRCODE = 'invalid_parameter_value';
+	IF time_to_live IS NOT NULL AND (time_to_live <= interval '0' OR NOT isfinite(time_to_live)
+	                                 OR time_to_live > interval '10000 days') THEN
+		RAISE EXCEPTION 'time_to_live must be positive and finite' USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Leave it NULL for the entity''s default time to live.';
+	END IF;
+	IF scheduled_at IS NOT NULL AND NOT isfinite(scheduled_at) THEN
+		RAISE EXCEPTION 'scheduled_at must be a finite time' USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'Leave it NULL to send at once.';
+	END IF;
+	IF octet_length(content_type) > 128 OR content_type !~ '^[\x21-\x7e][\x20-\x7e]*$' THEN
+		RAISE EXCEPTION 'content_type must be 1 to 128 printable ASCII characters' USING ERRCODE = 'invalid_parameter_value',
+			HINT = 'A MIME type such as application/json.';
+	END IF;
+	-- The publisher holds messages in memory while it sends them: one row is at most 1 MiB, the
+	-- largest message a Premium namespace takes by default (Standard takes 256 KB).
+	IF octet_length(body) > 1048576 THEN
+		RAISE EXCEPTION 'body is % bytes; sbpg.send takes at most 1 MiB', octet_length(body)
+			USING ERRCODE = 'program_limit_exceeded',
+			      HINT = 'Store a large payload elsewhere and send a reference to it (the claim-check pattern).';
 	END IF;
 	-- Sent while a handler applies a message: carry its trace context and, unless given, its
 	-- message id as correlation id.
@@ -1072,7 +1089,8 @@ BEGIN
 	END IF;
 	INSERT INTO sbpg.outbox (publisher, entity, message_id, body, content_type, correlation_id, session_id, subject,
 	                         reply_to, properties, time_to_live, scheduled_at, traceparent, queued_by)
-	VALUES (pub.name, entity, coalesce(message_id, gen_random_uuid()::text), body, content_type, correlation_id, session_id,
+	-- Service Bus entity names are case-insensitive: one spelling, so one line per entity.
+	VALUES (pub.name, lower(entity), coalesce(message_id, gen_random_uuid()::text), body, content_type, correlation_id, session_id,
 	        subject, reply_to, properties, time_to_live, scheduled_at, tp, caller)
 	RETURNING id INTO new_id;
 	PERFORM sbpg._wake_publisher(pub.name);

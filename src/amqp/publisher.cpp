@@ -85,13 +85,15 @@ struct Publisher::Impl : public proton::messaging_handler {
 	amqp::CbsTokens cbs;
 	struct Link {
 		proton::sender sender;
-		bool open = false;
-		std::deque<OutgoingItem> queue;                         // waiting for credit
+		bool open = false;                                      // the broker answered the attach
+		bool credited = false;                                  // and gave credit: a link refused at attach never does
+		std::deque<OutgoingItem> queue;                         // waiting for the attach or credit
 		std::unordered_map<pn_delivery_t *, int64_t> in_flight; // sent, unanswered
-		int64_t oldest_sent_ms = 0;
+		int64_t progress_ms = 0; // the last attach, send or answer: nothing for 60 s drops the connection
 	};
 	std::map<std::string, Link> links;
-	bool ready = false; // the token was accepted (or none is needed): links may be opened
+	bool ready = false;      // the token was accepted (or none is needed): links may be opened
+	bool connecting = false; // a connection was asked for and has not been lost yet
 	int64_t reconnect_at = 0;
 	int attempts = 0;
 	bool conn_work_queued = false;
@@ -134,8 +136,8 @@ struct Publisher::Impl : public proton::messaging_handler {
 		std::string why = cbs.Work(n);
 		if (why.empty()) {
 			for (auto &kv : links)
-				if (!kv.second.in_flight.empty() && n - kv.second.oldest_sent_ms > 60000)
-					why = "no answer from the broker for messages sent to " + kv.first + " within 60 s";
+				if ((!kv.second.in_flight.empty() || !kv.second.queue.empty()) && n - kv.second.progress_ms > 60000)
+					why = "no progress sending to " + kv.first + " within 60 s (no attach, credit or answer)";
 		}
 		if (!why.empty())
 			Lost(why);
@@ -144,6 +146,7 @@ struct Publisher::Impl : public proton::messaging_handler {
 	void Connect() {
 		std::string url = std::string(cfg.conn.tls ? "amqps://" : "amqp://") + cfg.conn.host + ":" +
 		                  std::to_string(cfg.conn.port);
+		connecting = true;
 		try {
 			proton::connection_options o;
 			o.idle_timeout(proton::duration(60000));
@@ -194,6 +197,8 @@ struct Publisher::Impl : public proton::messaging_handler {
 		}
 		for (auto &grp : groups) {
 			Link &l = links[grp.entity];
+			if (l.queue.empty() && l.in_flight.empty())
+				l.progress_ms = amqp::Now();
 			for (auto &it : grp.items)
 				l.queue.push_back(std::move(it));
 			if (!l.sender) {
@@ -210,15 +215,24 @@ struct Publisher::Impl : public proton::messaging_handler {
 		if (!l.open)
 			return;
 		pn_link_t *pl = amqp::LinkAccess::Get(l.sender);
+		// A message over the size the broker gave for the link fails here, alone: sent, it could
+		// make the broker detach the link and take the others with it.
+		uint64_t max = pn_link_remote_max_message_size(pl);
 		while (!l.queue.empty() && pn_link_credit(pl) > 0) {
 			OutgoingItem it = std::move(l.queue.front());
 			l.queue.pop_front();
+			if (max && it.payload.size() > max) {
+				Result(it.id, SendResult::Kind::Failed,
+				       "amqp:link:message-size-exceeded: the message is " + std::to_string(it.payload.size()) +
+				           " bytes, over the " + std::to_string(max) + " bytes the broker takes on this link");
+				handoff.Wake();
+				continue;
+			}
 			uint64_t tag = ++next_tag;
 			pn_delivery_t *d = pn_delivery(pl, pn_dtag(reinterpret_cast<const char *>(&tag), sizeof tag));
 			pn_link_send(pl, it.payload.data(), it.payload.size());
 			pn_link_advance(pl);
-			if (l.in_flight.empty())
-				l.oldest_sent_ms = amqp::Now();
+			l.progress_ms = amqp::Now();
 			l.in_flight.emplace(d, it.id);
 		}
 	}
@@ -274,6 +288,7 @@ struct Publisher::Impl : public proton::messaging_handler {
 		live.conn = proton::connection();
 		live.receiving = false;
 		ready = false;
+		connecting = false;
 		conn_work_queued = false;
 		cbs.Reset();
 		++live.gen;
@@ -326,6 +341,7 @@ struct Publisher::Impl : public proton::messaging_handler {
 		if (pn_terminus_get_type(pn_link_remote_target(amqp::LinkAccess::Get(s))) == PN_UNSPECIFIED)
 			return;
 		l->open = true;
+		l->progress_ms = amqp::Now();
 		Pump(*l);
 	}
 
@@ -334,8 +350,10 @@ struct Publisher::Impl : public proton::messaging_handler {
 			cbs.links().Flush();
 			return;
 		}
-		if (Link *l = Find(s))
+		if (Link *l = Find(s)) {
+			l->credited = true;
 			Pump(*l);
+		}
 	}
 
 	void on_message(proton::delivery &d, proton::message &m) override {
@@ -366,7 +384,7 @@ struct Publisher::Impl : public proton::messaging_handler {
 			return;
 		int64_t id = it->second;
 		l->in_flight.erase(it);
-		l->oldest_sent_ms = amqp::Now();
+		l->progress_ms = amqp::Now();
 		uint64_t state = pn_delivery_remote_state(pd);
 		if (state == PN_ACCEPTED) {
 			Result(id, SendResult::Kind::Accepted, "");
@@ -384,21 +402,32 @@ struct Publisher::Impl : public proton::messaging_handler {
 	void on_tracker_accept(proton::tracker &t) override { Answered(t); }
 	void on_tracker_reject(proton::tracker &t) override { Answered(t); }
 	void on_tracker_release(proton::tracker &t) override { Answered(t); }
+	// Settled by the broker without an outcome: not stored; sent again.
+	void on_tracker_settle(proton::tracker &t) override { Answered(t); }
 
 	void on_sender_error(proton::sender &s) override {
 		if (cbs.links().Owns(s))
 			return Lost("the $cbs link was detached: " + Describe(s.error()));
 	}
 
-	void on_sender_close(proton::sender &s) override {
+	void on_sender_close(proton::sender &s) override { SenderGone(s); }
+	void on_sender_detach(proton::sender &s) override { SenderGone(s); }
+
+	// An entity's link ended. Refused at attach (it never got credit) with a condition no retry
+	// changes (the entity does not exist, the identity may not send to it): its messages fail for
+	// good. Detached after it opened (a token that expired, the broker's own reasons): they are
+	// sent again on a new link.
+	void SenderGone(proton::sender &s) {
 		if (cbs.links().Owns(s) || stopping.load() || !live.conn)
 			return;
 		for (auto &kv : links) {
 			if (kv.second.sender != s)
 				continue;
 			proton::error_condition e = s.error();
-			std::string why = "the link to " + kv.first + " was detached: " + Describe(e);
-			FailLink(kv.first, kv.second, why, e && Permanent(e.name()));
+			bool refused = !kv.second.credited;
+			std::string why = "the link to " + kv.first + " was " + (refused ? "refused" : "detached") + ": " +
+			                  Describe(e);
+			FailLink(kv.first, kv.second, why, refused && e && Permanent(e.name()));
 			return;
 		}
 	}
@@ -408,11 +437,27 @@ struct Publisher::Impl : public proton::messaging_handler {
 			Lost("the $cbs link was detached: " + Describe(r.error()));
 	}
 
-	void on_transport_error(proton::transport &t) override { Lost("connection failed: " + Describe(t.error())); }
-	void on_connection_error(proton::connection &c) override { Lost("connection closed: " + Describe(c.error())); }
-	void on_session_error(proton::session &s) override { Lost("the session ended: " + Describe(s.error())); }
-	void on_transport_close(proton::transport &) override {
-		if (!stopping.load() && live.conn)
+	// An event of a connection that is gone already (a late close of the one before): ignored, so
+	// that it cannot take the new connection down with it.
+	bool Stale(const proton::connection &c) const {
+		if (live.conn)
+			return c != live.conn;
+		return !connecting;
+	}
+	void on_transport_error(proton::transport &t) override {
+		if (!Stale(t.connection()))
+			Lost("connection failed: " + Describe(t.error()));
+	}
+	void on_connection_error(proton::connection &c) override {
+		if (!Stale(c))
+			Lost("connection closed: " + Describe(c.error()));
+	}
+	void on_session_error(proton::session &s) override {
+		if (!Stale(s.connection()))
+			Lost("the session ended: " + Describe(s.error()));
+	}
+	void on_transport_close(proton::transport &t) override {
+		if (!stopping.load() && live.conn && !Stale(t.connection()))
 			Lost("connection closed");
 	}
 	void on_error(const proton::error_condition &e) override { Lost("AMQP error: " + Describe(e)); }

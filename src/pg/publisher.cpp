@@ -90,22 +90,32 @@ Publisher *g_publisher = nullptr;
 
 // ---- the statements
 
+// The rows to read (see the file comment): past the cursor or not visible to the snapshot, not held
+// in memory already ($5), not of an entity that has as many in memory as it may ($6), in id order,
+// at most $4 rows and (but for the first) $7 bytes of bodies. `fetched` says how many rows the
+// limit let through before the byte budget: fewer kept than fetched, or fetched = $4, means the
+// read was cut short.
 constexpr spi::PlanSpec kRead = {
     "read sbpg.outbox",
     "WITH s AS (SELECT CAST(pg_catalog.pg_current_snapshot() AS pg_catalog.text) AS snap) "
-    "SELECT s.snap, r.* FROM s LEFT JOIN LATERAL ("
+    "SELECT s.snap, r.* FROM s LEFT JOIN LATERAL (SELECT y.* FROM ("
+    "SELECT x.*, pg_catalog.sum(x.len) OVER (ORDER BY x.id USING" OP_LT "ROWS UNBOUNDED PRECEDING) AS running, "
+    "pg_catalog.count(*) OVER () AS fetched FROM ("
     "SELECT o.id, o.entity, o.message_id, o.body, o.content_type, o.correlation_id, o.session_id, o.subject, "
     "o.reply_to, CAST(o.properties AS pg_catalog.text) AS properties, "
-    "CAST(pg_catalog.date_part('epoch', o.time_to_live) OPERATOR(pg_catalog.*) 1000 AS pg_catalog.int8) AS ttl_ms, "
-    "CAST(pg_catalog.date_part('epoch', o.scheduled_at) OPERATOR(pg_catalog.*) 1000 AS pg_catalog.int8) AS "
-    "scheduled_ms, "
+    "CASE WHEN pg_catalog.isfinite(o.time_to_live) THEN CAST(pg_catalog.ceil(pg_catalog.date_part('epoch', "
+    "o.time_to_live) OPERATOR(pg_catalog.*) 1000) AS pg_catalog.int8) END AS ttl_ms, "
+    "CASE WHEN pg_catalog.isfinite(o.scheduled_at) THEN CAST(pg_catalog.date_part('epoch', o.scheduled_at) "
+    "OPERATOR(pg_catalog.*) 1000 AS pg_catalog.int8) END AS scheduled_ms, "
     "CAST(pg_catalog.date_part('epoch', o.queued_at) OPERATOR(pg_catalog.*) 1000 AS pg_catalog.int8) AS queued_ms, "
-    "o.traceparent "
+    "o.traceparent, CAST(pg_catalog.octet_length(o.body) AS pg_catalog.int8) AS len "
     "FROM sbpg.outbox o WHERE o.publisher" OP_EQ "$1 AND o.status" OP_EQ "'queued' AND (o.id" OP_GT "$2 OR $3 IS NULL "
     "OR NOT pg_catalog.pg_visible_in_snapshot(o.xid, CAST($3 AS pg_catalog.pg_snapshot))) "
-    "ORDER BY o.id USING" OP_LT "LIMIT $4) r ON true",
-    4,
-    {TEXTOID, INT8OID, TEXTOID, INT4OID},
+    "AND NOT (o.id OPERATOR(pg_catalog.=) ANY ($5)) AND NOT (o.entity OPERATOR(pg_catalog.=) ANY ($6)) "
+    "ORDER BY o.id USING" OP_LT "LIMIT $4) x) y "
+    "WHERE (y.running OPERATOR(pg_catalog.-) y.len)" OP_LT "$7 ORDER BY y.id USING" OP_LT ") r ON true",
+    7,
+    {TEXTOID, INT8OID, TEXTOID, INT4OID, INT8ARRAYOID, TEXTARRAYOID, INT8OID},
     true,
     false,
     false};
@@ -184,6 +194,19 @@ Copy(const spi::SpiResult &r, uint64 row, int col, MemoryContext cxt) {
 	return r.Text(row, col, cxt);
 }
 
+// The AMQP condition an error names ("... amqp:not-found: ..."), or SendFailed.
+std::string
+ReasonCode(const std::string &error) {
+	size_t p = std::min(error.find("amqp:"), error.find("com.microsoft:"));
+	if (p == std::string::npos)
+		return "SendFailed";
+	size_t e = error.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:-_.", p);
+	std::string code = error.substr(p, e == std::string::npos ? std::string::npos : e - p);
+	while (!code.empty() && (code.back() == ':' || code.back() == '.'))
+		code.pop_back();
+	return code.size() <= 64 ? code : "SendFailed";
+}
+
 std::string
 Str(const char *s) {
 	return s ? s : "";
@@ -240,7 +263,7 @@ class PublisherWorker {
 	// Takes the AMQP side's verdicts: messages to retry go back in line at once; what was sent or
 	// failed waits in sent_/failed_/retried_ for Record (after the next groups are on their way).
 	void HandleResults();
-	void Record(std::vector<Item> &sent, std::vector<std::pair<Item, std::string>> &failed,
+	bool Record(std::vector<Item> &sent, std::vector<std::pair<Item, std::string>> &failed,
 	            std::vector<std::pair<int64_t, std::string>> &retried);
 	void Prune(TimestampTz now);
 	void PublishStatus();
@@ -272,6 +295,12 @@ class PublisherWorker {
 	std::vector<Item> done_sent_;
 	std::vector<std::pair<Item, std::string>> done_failed_;
 	std::vector<std::pair<int64_t, std::string>> done_retried_;
+	struct Resume {
+		int64_t cursor;
+		std::string snapshot;
+	};
+	std::map<std::string, Resume> resume_; // entities left out of the reads, and where the reads stood
+	TimestampTz read_warned_ = 0, record_warned_ = 0;
 };
 
 bool
@@ -381,31 +410,70 @@ void
 PublisherWorker::Read() {
 	if (held_count_ >= static_cast<size_t>(max_pending_))
 		return;
-	int limit = max_pending_ - static_cast<int>(held_count_) + static_cast<int>(held_count_ / 2) + 1;
+	// An entity with as many rows in memory as it may have is left out of the reads (so that one
+	// that cannot send holds up no other); where the reads stood when it was left out is kept, and
+	// the reads go back there once it has room again (rows read since are skipped as held or sent).
+	size_t cap = static_cast<size_t>(std::max(2 * cfg_.batch_size, max_pending_ / 2));
+	std::vector<std::string> saturated;
+	for (auto &kv : entities_) {
+		size_t inmem = kv.second.pending.size() + kv.second.in_flight.size();
+		auto r = resume_.find(kv.first);
+		if (inmem >= cap) {
+			saturated.push_back(kv.first);
+			if (r == resume_.end())
+				resume_[kv.first] = {cursor_, snapshot_};
+		} else if (r != resume_.end() && inmem <= cap / 2) {
+			cursor_ = std::min(cursor_, r->second.cursor);
+			snapshot_ = r->second.snapshot; // older: it sees less, so more is read again
+			resume_.erase(r);
+		}
+	}
+	for (auto &kv : resume_)
+		if (!entities_.count(kv.first)) { // forgotten (nothing left): read from there again
+			cursor_ = std::min(cursor_, kv.second.cursor);
+			snapshot_ = kv.second.snapshot;
+		}
+	for (auto it = resume_.begin(); it != resume_.end();)
+		it = entities_.count(it->first) ? std::next(it) : resume_.erase(it);
+	std::vector<int64> held(held_.begin(), held_.end());
+	int limit = max_pending_ - static_cast<int>(held_count_) + 1;
+	constexpr int64 kByteBudget = 32 << 20; // bodies per read (a row holds at most 1 MiB)
 	RawRow *rows = nullptr;
 	int n = 0;
+	int64 fetched = 0;
 	char *snap = nullptr;
 	PgError err;
 	bool ok = PgGuard(
 	    [&] {
 		    MemoryContextReset(read_cxt_);
 		    spi::BeginShort();
-		    Datum args[4] = {CStringGetTextDatum(name_.c_str()), Int64GetDatum(cursor_),
+		    Datum *ents = static_cast<Datum *>(palloc(sizeof(Datum) * (saturated.size() + 1)));
+		    for (size_t i = 0; i < saturated.size(); ++i)
+			    ents[i] = CStringGetTextDatum(saturated[i].c_str());
+		    Datum args[7] = {CStringGetTextDatum(name_.c_str()),
+		                     Int64GetDatum(cursor_),
 		                     snapshot_.empty() ? (Datum)0 : CStringGetTextDatum(snapshot_.c_str()),
-		                     Int32GetDatum(limit)};
-		    char nulls[5] = {' ', ' ', snapshot_.empty() ? 'n' : ' ', ' ', '\0'};
+		                     Int32GetDatum(limit),
+		                     PointerGetDatum(construct_array(reinterpret_cast<Datum *>(held.data()),
+		                                                     static_cast<int>(held.size()), INT8OID, 8, true,
+		                                                     TYPALIGN_DOUBLE)),
+		                     PointerGetDatum(construct_array(ents, static_cast<int>(saturated.size()), TEXTOID, -1,
+		                                                     false, TYPALIGN_INT)),
+		                     Int64GetDatum(kByteBudget)};
+		    char nulls[8] = {' ', ' ', snapshot_.empty() ? 'n' : ' ', ' ', ' ', ' ', ' ', '\0'};
 		    spi::SpiResult r = spi::Exec(kRead, args, nulls, SPI_OK_SELECT);
 		    int c_snap = r.Col("snap"), c_id = r.Col("id"), c_entity = r.Col("entity"), c_mid = r.Col("message_id"),
 		        c_body = r.Col("body"), c_ct = r.Col("content_type"), c_corr = r.Col("correlation_id"),
 		        c_sid = r.Col("session_id"), c_subj = r.Col("subject"), c_rt = r.Col("reply_to"),
 		        c_props = r.Col("properties"), c_ttl = r.Col("ttl_ms"), c_sched = r.Col("scheduled_ms"),
-		        c_q = r.Col("queued_ms"), c_tp = r.Col("traceparent");
+		        c_q = r.Col("queued_ms"), c_tp = r.Col("traceparent"), c_fetched = r.Col("fetched");
 		    rows = static_cast<RawRow *>(MemoryContextAllocZero(read_cxt_, sizeof(RawRow) * (r.rows + 1)));
 		    for (uint64 i = 0; i < r.rows; ++i) {
 			    if (i == 0)
 				    snap = Copy(r, 0, c_snap, read_cxt_);
 			    if (r.IsNull(i, c_id))
 				    continue;
+			    fetched = r.Int64(i, c_fetched);
 			    RawRow &w = rows[n++];
 			    w.id = r.Int64(i, c_id);
 			    w.entity = Copy(r, i, c_entity, read_cxt_);
@@ -434,12 +502,16 @@ PublisherWorker::Read() {
 	    &err);
 	last_read_ = GetCurrentTimestamp();
 	if (!ok) {
-		Log(WARNING, "sbpg: publisher \"" + name_ + "\": " + err.message.c_str());
+		if (last_read_ - read_warned_ > 60 * USECS_PER_SEC) {
+			read_warned_ = last_read_;
+			Log(WARNING, "sbpg: publisher \"" + name_ + "\": cannot read sbpg.outbox: " + err.message.c_str());
+		}
+		SetError(std::string("cannot read sbpg.outbox: ") + err.message.c_str());
 		return;
 	}
 	read_due_ = false;
-	// Past the guard: C++ objects from the plain rows.
-	if (snap && n < limit)
+	// A complete read (nothing cut off by the limit or the byte budget) moves the snapshot on.
+	if (snap && n == fetched && fetched < limit)
 		snapshot_ = snap;
 	std::vector<std::pair<Item, std::string>> bad;
 	for (int i = 0; i < n; ++i) {
@@ -541,10 +613,10 @@ PublisherWorker::HandleResults() {
 				sent.push_back(std::move(it));
 				break;
 			case SendResult::Kind::Failed:
-				failed.emplace_back(std::move(it), r->error);
+				failed.emplace_back(std::move(it), ToValidUtf8(r->error));
 				break;
 			case SendResult::Kind::Retry:
-				retried.emplace_back(it.id, r->error);
+				retried.emplace_back(it.id, ToValidUtf8(r->error));
 				again.push_back(std::move(it));
 				retry = true;
 				break;
@@ -569,11 +641,11 @@ PublisherWorker::HandleResults() {
 }
 
 // Writes the verdicts in one transaction and announces each sent or failed row.
-void
+bool
 PublisherWorker::Record(std::vector<Item> &sent, std::vector<std::pair<Item, std::string>> &failed,
                         std::vector<std::pair<int64_t, std::string>> &retried) {
 	if (sent.empty() && failed.empty() && retried.empty())
-		return;
+		return true;
 	// Payloads for NOTIFY, built before the guard.
 	std::vector<std::string> notes;
 	if (cfg_.notify_channel) {
@@ -592,11 +664,14 @@ PublisherWorker::Record(std::vector<Item> &sent, std::vector<std::pair<Item, std
 			w.String(it.message_id.c_str());
 			w.Key("status");
 			w.String(status);
-			w.Key("error");
-			if (error)
-				w.String(error->c_str());
-			else
+			// A reason code only (the broker's condition), never the description: any role may LISTEN.
+			w.Key("reason");
+			if (error) {
+				std::string code = ReasonCode(*error);
+				w.String(code.c_str());
+			} else {
 				w.Null();
+			}
 			w.EndObject();
 			notes.emplace_back(sb.GetString(), sb.GetSize());
 		};
@@ -634,8 +709,8 @@ PublisherWorker::Record(std::vector<Item> &sent, std::vector<std::pair<Item, std
 			    spi::Exec(kMarkRetry, a, nullptr, SPI_OK_UPDATE);
 		    }
 		    if (!notes.empty()) {
-			    // A full NOTIFY queue would fail this transaction (and so resend what was sent):
-			    // past 90% the rows are recorded without notifications, as subscriptions do.
+			    // A full NOTIFY queue would fail this transaction: past 90% the rows are recorded
+			    // without notifications, as subscriptions do.
 			    LOCAL_FCINFO(fcinfo, 0);
 			    InitFunctionCallInfoData(*fcinfo, nullptr, 0, InvalidOid, nullptr, nullptr);
 			    double usage = DatumGetFloat8(pg_notification_queue_usage(fcinfo));
@@ -653,12 +728,15 @@ PublisherWorker::Record(std::vector<Item> &sent, std::vector<std::pair<Item, std
 	    },
 	    &err);
 	if (!ok) {
-		// The rows stay queued: they are read again and sent again (the broker's duplicate
-		// detection recognises them by their message id).
-		Log(WARNING, "sbpg: publisher \"" + name_ + "\": cannot record what was sent: " + err.message.c_str());
+		// The verdicts stay (the rows stay held, so they are neither read nor sent again) and are
+		// written on the next turn.
+		TimestampTz now = GetCurrentTimestamp();
+		if (now - record_warned_ > 60 * USECS_PER_SEC) {
+			record_warned_ = now;
+			Log(WARNING, "sbpg: publisher \"" + name_ + "\": cannot record what was sent: " + err.message.c_str());
+		}
 		SetError(std::string("cannot record what was sent: ") + err.message.c_str());
-		cursor_ = 0;
-		snapshot_.clear();
+		return false;
 	}
 	for (auto &it : sent) {
 		held_.erase(it.id);
@@ -674,6 +752,7 @@ PublisherWorker::Record(std::vector<Item> &sent, std::vector<std::pair<Item, std
 	failed_ += failed.size();
 	if (!retried.empty())
 		SetError(retried.front().second);
+	return true;
 }
 
 void
@@ -696,6 +775,11 @@ PublisherWorker::Prune(TimestampTz now) {
 void
 PublisherWorker::PublishStatus() {
 	PublisherStatus st = publisher_->Status();
+	if (st.dead) {
+		Fail("the AMQP thread stopped: " + st.last_error);
+		stop_ = true;
+		return;
+	}
 	int64 now_s = GetCurrentTimestamp() / USECS_PER_SEC;
 	SpinLockAcquire(&g_slot->mutex);
 	int state = st.waiting_for_token                                                      ? kStateWaitingForToken
@@ -754,11 +838,12 @@ PublisherWorker::Wait(long timeout_ms) {
 	TimestampTz now = GetCurrentTimestamp();
 	if (TimestampTz due = NextDue(); due)
 		timeout_ms = std::min<long>(timeout_ms, std::max<long>(1, (due - now) / 1000 + 1));
-	WaitEvent ev;
+	WaitEvent ev[3];
 	int got = 0;
-	PgGuard([&] { got = WaitEventSetWait(wait_set_, timeout_ms, &ev, 1, PG_WAIT_EXTENSION); }, &err);
-	if (got > 0 && (ev.events & WL_LATCH_SET))
-		read_due_ = true; // a commit queued rows (sbpg._wake_publisher)
+	PgGuard([&] { got = WaitEventSetWait(wait_set_, timeout_ms, ev, 3, PG_WAIT_EXTENSION); }, &err);
+	for (int i = 0; i < got; ++i)
+		if (ev[i].events & WL_LATCH_SET)
+			read_due_ = true; // a commit queued rows (sbpg._wake_publisher)
 	PgGuard([&] { ResetLatch(MyLatch); }, &err);
 	uint64_t drained;
 	while (read(efd_, &drained, sizeof drained) > 0) {
@@ -776,10 +861,11 @@ PublisherWorker::Run() {
 		// the database does.
 		HandleResults();
 		SendGroups(GetCurrentTimestamp());
-		Record(done_sent_, done_failed_, done_retried_);
-		done_sent_.clear();
-		done_failed_.clear();
-		done_retried_.clear();
+		if (Record(done_sent_, done_failed_, done_retried_)) {
+			done_sent_.clear();
+			done_failed_.clear();
+			done_retried_.clear();
+		}
 		TimestampTz now = GetCurrentTimestamp();
 		if (read_due_ || now - last_read_ >= USECS_PER_SEC) {
 			Read();

@@ -123,7 +123,7 @@ describe("transactional outbox", () => {
     const rows = (await pg.query("SELECT id, status, sent_at IS NOT NULL AS stamped, message_id FROM sbpg.outbox WHERE id = ANY($1) ORDER BY id", [ids])).rows;
     assert.deepEqual(rows.map((r) => [r.status, r.stamped]), ids.map(() => ["sent", true]));
     await waitFor(() => listener.got.length >= 4, { what: "four NOTIFYs" });
-    assert.deepEqual(listener.got.map((n) => [n.publisher, n.entity, n.status, n.error]), ids.map(() => ["bus", "events", "sent", null]));
+    assert.deepEqual(listener.got.map((n) => [n.publisher, n.entity, n.status, n.reason]), ids.map(() => ["bus", "events", "sent", null]));
     assert.deepEqual(listener.got.map((n) => String(n.id)).sort(), ids.map(String).sort());
     await listener.close();
     const st = (await pg.query("SELECT state, queued, sent, failed FROM sbpg.publisher_stats WHERE publisher = 'bus'")).rows[0];
@@ -215,7 +215,11 @@ describe("transactional outbox", () => {
         sbpg.send('bus', 'mixed', 'last') AS d,
         sbpg.send('listen-only', 'mixed', 'unauthorised') AS e`, [big])).rows[0];
     await waitFor(async () => Number((await pg.query("SELECT count(*) c FROM sbpg.outbox WHERE id = ANY($1) AND status <> 'queued'", [Object.values(r)])).rows[0].c) === 5,
-      { timeout: 60000, what: "a verdict for each" });
+      { timeout: 60000, what: "a verdict for each" }).catch(async (e) => {
+      console.log(JSON.stringify((await pg.query("SELECT id, publisher, entity, status, attempts, error FROM sbpg.outbox WHERE id = ANY($1)", [Object.values(r)])).rows));
+      console.log(JSON.stringify((await pg.query("SELECT * FROM sbpg.publisher_stats")).rows));
+      throw e;
+    });
     const rows = Object.fromEntries((await pg.query("SELECT id, status, error FROM sbpg.outbox WHERE id = ANY($1)", [Object.values(r)])).rows.map((x) => [x.id, x]));
     assert.equal(rows[r.a].status, "sent");
     assert.equal(rows[r.d].status, "sent");
@@ -228,6 +232,10 @@ describe("transactional outbox", () => {
     const view = (await pg.query("SELECT id, publisher, entity, error FROM sbpg.outbox_failures WHERE id = ANY($1) ORDER BY id", [Object.values(r)])).rows;
     assert.deepEqual(view.map((x) => x.id).sort(), [r.b, r.c, r.e].sort());
     await waitFor(() => listener.got.filter((n) => n.status === "failed").length >= 3, { what: "NOTIFYs of the failures" });
+    // A notification carries the reason code only, never the broker's description.
+    const codes = listener.got.filter((n) => n.status === "failed").map((n) => n.reason).sort();
+    assert.deepEqual(codes, ["amqp:link:message-size-exceeded", "amqp:not-found", "amqp:unauthorized-access"].sort());
+    assert.ok(listener.got.every((n) => !("error" in n)));
     const got = await drain(sb, "mixed", 2);
     assert.deepEqual(got.map((m) => String(m.body)), ["first", "last"]);
     await listener.close();
@@ -254,6 +262,12 @@ describe("transactional outbox", () => {
     await c.end();
     await assert.rejects(pg.query("SELECT sbpg.send('bus', 'events/subscriptions/x', 'x')"), (e) => e.code === "22023");
     await assert.rejects(pg.query(`SELECT sbpg.send('bus', 'events', 'x', properties => '{"a": [1]}')`), (e) => e.code === "22023");
+    // Values the worker could not send are refused when queued (one such row would otherwise stop
+    // the publisher's reads for everyone).
+    await assert.rejects(pg.query("SELECT sbpg.send('bus', 'events', 'x', scheduled_at => 'infinity')"), (e) => e.code === "22023");
+    await assert.rejects(pg.query("SELECT sbpg.send('bus', 'events', 'x', time_to_live => 'infinity')"), (e) => ["22023", "22007", "22008"].includes(e.code));
+    await assert.rejects(pg.query("SELECT sbpg.send('bus', 'events', pg_catalog.repeat('x', 1048577))"), (e) => e.code === "54000");
+    await assert.rejects(pg.query("SELECT sbpg.send('bus', 'events', 'x', content_type => E'text/\\x01')"), (e) => e.code === "22023");
     // Dropping a publisher with messages waiting is refused unless they are discarded on purpose.
     await pg.psql(`SELECT sbpg.create_publisher('idle', 'amqp://127.0.0.1:1', enabled => false); SELECT sbpg.send('idle', 'q', 'waits');`);
     await assert.rejects(pg.query("SELECT sbpg.drop_publisher('idle')"), (e) => e.code === "2BP01" && /1 messages waiting/.test(e.message));
