@@ -15,7 +15,7 @@ import { startSbemu, configWith, queue } from "../conformance/lib/sbemu.mjs";
 import { startCluster, waitFor } from "../e2e/lib/cluster.mjs";
 import pg from "pg";
 
-const queues = ["victim", "bobq", "slow", "notes", "odd", "stubborn", "gone", "sets"];
+const queues = ["victim", "bobq", "slow", "notes", "odd", "stubborn", "gone", "sets", "senders", "outq"];
 const notifyKeys = new Set(["traceparent", "subscription", "message_id", "correlation_id", "sequence_number", "status", "xid", "attempts",
   "next_attempt_at", "deferred", "reason"]);
 
@@ -504,6 +504,62 @@ describe("privilege escalation", () => {
     const calls = (await observed()).filter((r) => r.what.startsWith("set handler of "));
     assert.ok(calls.length >= 2 && calls.every((r) => r.who === "alice_w" && r.super === "f"), JSON.stringify(calls));
     await db.psql("SELECT sbpg.drop_subscription('sets')");
+  });
+
+  it("the outbox: a handler sends only through publishers granted to run_as, reaches no internal function, and the publisher's statements use nothing a user created", async () => {
+    await asRole("bob", `SELECT sbpg.create_publisher('bob_pub', '${emu.amqp}', 'emu')`);
+    await asRole("alice", `
+      SELECT sbpg.create_publisher('alice_pub', '${emu.amqp}', 'emu');
+      SELECT sbpg.grant_publisher('alice_pub', 'alice_w');
+      CREATE FUNCTION team_a.sender(m sbpg.message) RETURNS void LANGUAGE plpgsql AS $f$
+      DECLARE
+        how text := m.body OPERATOR(pg_catalog.->>) 'how';
+      BEGIN
+        PERFORM public.observe('sender ' || how);
+        IF how = 'granted' THEN
+          PERFORM sbpg.send('alice_pub', 'outq', m.body);
+        ELSIF how = 'other' THEN
+          PERFORM sbpg.send('bob_pub', 'outq', m.body);
+        ELSIF how = 'queue' THEN
+          PERFORM sbpg._queue('bob_pub', 'outq', '\\x00'::bytea, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+        ELSIF how = 'applying' THEN
+          PERFORM sbpg._applying_message();
+        ELSIF how = 'dlq' THEN
+          PERFORM * FROM sbpg.dead_letters('bobq');
+        ELSIF how = 'dlop' THEN
+          PERFORM * FROM sbpg._dead_letter_op('bobq', 'peek', NULL, NULL, 1, 0, 1000);
+        ELSIF how = 'requeue' THEN
+          PERFORM sbpg.requeue('bob_pub', ARRAY[1]::bigint[]);
+        ELSIF how = 'grant' THEN
+          PERFORM sbpg.grant_publisher('bob_pub', 'alice_w');
+        END IF;
+      END $f$;
+      GRANT EXECUTE ON FUNCTION team_a.sender(sbpg.message) TO alice_w;
+      SELECT sbpg.create_subscription('senders', '${emu.amqp}', 'senders', 'team_a.sender(sbpg.message)', 'alice_w', 'emu');`);
+    const hows = ["granted", "other", "queue", "applying", "dlq", "dlop", "requeue", "grant"];
+    await send("senders", hows.map((how) => ({ messageId: `send-${how}`, body: { how } })));
+    await waitFor(() => hows.every((h) => byId("senders")[`send-${h}`]), { timeout: 60000, what: "an outcome for each" });
+    const why = await db.inboxReasons("senders");
+    assert.equal(byId("senders")["send-granted"].status, "applied");
+    for (const h of hows.filter((x) => x !== "granted")) {
+      assert.equal(byId("senders")[`send-${h}`].status, "dead_lettered", h);
+      assert.equal(byId("senders")[`send-${h}`].reason, "PermissionDenied", `${h}: ${why[`send-${h}`]}`);
+    }
+    assert.match(why["send-other"], /permission denied to send through publisher "bob_pub"/);
+    assert.match(why["send-queue"], /permission denied to send through publisher "bob_pub"/);
+    assert.match(why["send-grant"], /permission denied for function grant_publisher/);
+    // The granted one went out, sent by the publisher's worker under this database's settings
+    // (a tenant's schema first on the path, every error fatal).
+    await waitFor(async () => (await emu.entity("outq")).messages === 1, { timeout: 60000, what: "the granted message on the broker" });
+    const rows = (await db.query("SELECT publisher, status, queued_by::text FROM sbpg.outbox")).rows;
+    assert.deepEqual(rows, [{ publisher: "alice_pub", status: "sent", queued_by: "alice_w" }]);
+    // mallory, granted nothing: cannot send, sees no row and no publisher.
+    await assert.rejects(asRole("mallory", "SELECT sbpg.send('alice_pub', 'outq', 'x')"), (e) => e.code === "42501");
+    await assert.rejects(asRole("mallory", "SELECT * FROM sbpg.outbox"), (e) => e.code === "42501");
+    assert.equal((await asRole("mallory", "SELECT * FROM sbpg.outbox_failures")).rows.length, 0);
+    assert.equal((await asRole("mallory", "SELECT * FROM sbpg.publisher_stats")).rows.length, 0);
+    assert.equal((await asRole("alice", "SELECT publisher FROM sbpg.publisher_stats")).rows.length, 2, "sbpg_admin sees both");
+    await db.psql("SELECT sbpg.drop_subscription('senders')");
   });
 
   it("no role became a superuser, tenant code only ever ran as run_as, no shadowing object ever ran", async () => {
