@@ -253,6 +253,7 @@ class PublisherWorker {
 		std::unordered_map<int64_t, SendResult> verdicts; // of the group in flight, as they come
 		int failures = 0;                                 // consecutive groups with a message to retry
 		TimestampTz not_before = 0;
+		TimestampTz excluded_until = 0; // its rows left memory while it backed off: not read before
 	};
 
 	bool Setup();
@@ -408,17 +409,41 @@ PublisherWorker::Interrupts() {
 // Reads the rows committed since the last read (see the file comment), into the entities' lines.
 void
 PublisherWorker::Read() {
-	if (held_count_ >= static_cast<size_t>(max_pending_))
-		return;
-	// An entity with as many rows in memory as it may have is left out of the reads (so that one
-	// that cannot send holds up no other); where the reads stood when it was left out is kept, and
-	// the reads go back there once it has room again (rows read since are skipped as held or sent).
-	size_t cap = static_cast<size_t>(std::max(2 * cfg_.batch_size, max_pending_ / 2));
+	// An entity may hold a quarter of max_pending rows in memory (at least two groups). One that has
+	// that many, or that backs off after a failure while memory is full, is left out of the reads,
+	// so that an entity which cannot send holds up no other. Where the reads stood when it was left
+	// out is kept (resume_), and the reads go back there once it has room again and its backoff
+	// is over (rows read since are skipped as held or sent).
+	TimestampTz now = GetCurrentTimestamp();
+	size_t cap = static_cast<size_t>(std::max(2 * cfg_.batch_size, max_pending_ / 4));
+	auto leave_out = [&](const std::string &entity, int64_t cursor, const std::string &snapshot) {
+		auto r = resume_.find(entity);
+		if (r == resume_.end())
+			resume_[entity] = {cursor, snapshot};
+		else
+			r->second.cursor = std::min(r->second.cursor, cursor);
+	};
+	if (held_count_ >= static_cast<size_t>(max_pending_)) {
+		// Memory is full: the rows of entities that back off leave it, to be read again later.
+		for (auto &kv : entities_) {
+			Entity &e = kv.second;
+			if (e.not_before <= now || e.pending.empty() || !e.in_flight.empty())
+				continue;
+			leave_out(kv.first, e.pending.front().id - 1, snapshot_);
+			e.excluded_until = e.not_before;
+			for (auto &it : e.pending)
+				if (held_.erase(it.id))
+					--held_count_;
+			e.pending.clear();
+		}
+		if (held_count_ >= static_cast<size_t>(max_pending_))
+			return;
+	}
 	std::vector<std::string> saturated;
 	for (auto &kv : entities_) {
 		size_t inmem = kv.second.pending.size() + kv.second.in_flight.size();
 		auto r = resume_.find(kv.first);
-		if (inmem >= cap) {
+		if (inmem >= cap || kv.second.excluded_until > now) {
 			saturated.push_back(kv.first);
 			if (r == resume_.end())
 				resume_[kv.first] = {cursor_, snapshot_};
@@ -435,6 +460,7 @@ PublisherWorker::Read() {
 		}
 	for (auto it = resume_.begin(); it != resume_.end();)
 		it = entities_.count(it->first) ? std::next(it) : resume_.erase(it);
+	const std::string read_snapshot = snapshot_;
 	std::vector<int64> held(held_.begin(), held_.end());
 	int limit = max_pending_ - static_cast<int>(held_count_) + 1;
 	constexpr int64 kByteBudget = 32 << 20; // bodies per read (a row holds at most 1 MiB)
@@ -538,9 +564,16 @@ PublisherWorker::Read() {
 			bad.emplace_back(std::move(it), why);
 			continue;
 		}
+		// An entity that reaches its share in this read: the rest of its rows are read again once
+		// it has room (from before the first one left out, with the snapshot this read used).
+		Entity &e = entities_[it.entity];
+		if (resume_.count(it.entity) || e.pending.size() + e.in_flight.size() >= cap) {
+			leave_out(it.entity, it.id - 1, read_snapshot);
+			continue;
+		}
 		held_.insert(it.id);
 		++held_count_;
-		entities_[it.entity].pending.push_back(std::move(it));
+		e.pending.push_back(std::move(it));
 	}
 	if (!bad.empty()) {
 		std::vector<Item> none;

@@ -51,6 +51,8 @@ describe("transactional outbox", () => {
           queue("requests"),
           queue("mixed"),
           queue("replayq"),
+          queue("stuck"),
+          queue("free"),
         ],
       }),
       args: ["--sas-key", "RootManageSharedAccessKey=SAS_KEY_VALUE:Manage", "--sas-key", "listener=LISTEN_ONLY:Listen"],
@@ -332,6 +334,28 @@ describe("transactional outbox", () => {
     const tries = (await pg.query("SELECT max(attempts) m, count(*) FILTER (WHERE attempts > 1) n FROM sbpg.outbox WHERE entity = 'dedup'")).rows[0];
     assert.ok(Number(tries.m) > 1, `server-busy answers were retried (${tries.n} rows needed more than one attempt)`);
     console.log(`dedup: ${n} messages, ${e.duplicates} resends dropped by duplicate detection, ${tries.n} rows sent more than once`);
+  });
+
+  it("an entity that cannot send holds up no other; its rows go out, once each and in order, when it can", { timeout: 240000 }, async () => {
+    await pg.psql(`SELECT sbpg.create_publisher('small', '${emu.amqp}', 'emu', notify_channel => NULL, options => '{"batch_size": 10, "max_pending": 100}')`);
+    await emu.fault("server-busy-sends", { count: 1000000, entity: "stuck" });
+    // Three times what the worker may hold in memory for the stuck entity, queued first.
+    await pg.query("SELECT sbpg.send('small', 'stuck', pg_catalog.jsonb_build_object('i', g), message_id => 'stuck-' || g) FROM generate_series(1, 300) g");
+    await pg.query("SELECT sbpg.send('small', 'free', pg_catalog.jsonb_build_object('i', g), message_id => 'free-' || g) FROM generate_series(1, 100) g");
+    await waitFor(async () => (await emu.entity("free")).messages === 100, { timeout: 60000, what: "the other entity's 100 sent" });
+    assert.equal((await emu.entity("stuck")).messages, 0, "nothing got through to the stuck entity");
+    const st = (await pg.query("SELECT queued, last_error FROM sbpg.publisher_stats WHERE publisher = 'small'")).rows[0];
+    assert.equal(Number(st.queued), 300);
+    assert.match(st.last_error, /server-busy/);
+    await emu.fault("clear");
+    await waitFor(async () => (await emu.entity("stuck")).messages === 300, { timeout: 180000, interval: 500, what: "the stuck entity's 300 sent" });
+    const got = await drain(sb, "stuck", 300);
+    assert.equal(got.length, 300);
+    assert.equal(new Set(got.map((m) => m.messageId)).size, 300, "once each");
+    const bySeq = [...got].sort((a, b) => (BigInt(a.sequenceNumber.toString()) < BigInt(b.sequenceNumber.toString()) ? -1 : 1));
+    assert.deepEqual(bySeq.map((m) => m.body.i), [...Array(300).keys()].map((i) => i + 1), "in the order queued");
+    await drain(sb, "free", 100);
+    await pg.psql("SELECT sbpg.drop_publisher('small')");
   });
 
   it("dead-letter replay: 50 dead-lettered by a failing handler, listed, replayed once the handler is fixed, each applied once", { timeout: 180000 }, async () => {

@@ -13,12 +13,11 @@
 //     POST /faults/drop-connections        close every connection abruptly
 //     POST /faults/refuse-connections?seconds=N
 //     POST /faults/server-busy?count=N     next N entity attaches answered com.microsoft:server-busy
-//     POST /faults/server-busy-sends?count=N  next N messages sent to entities rejected com.microsoft:server-busy
-//     POST /faults/expire-locks            every message and session lock expires now
-//     POST /faults/reject-tokens?count=N   next N put-token requests refused
-//     POST /faults/hold-tokens?count=N    next N put-token requests taken and never answered
-//     POST /faults/delay-dispositions?ms=N settlements take effect (and are answered) N ms late
-//     POST /faults/omit-sequence-numbers?entity=PATH
+//     POST /faults/server-busy-sends?count=N[&entity=PATH]  next N messages sent (to PATH) rejected
+//     com.microsoft:server-busy POST /faults/expire-locks            every message and session lock expires now POST
+//     /faults/reject-tokens?count=N   next N put-token requests refused POST /faults/hold-tokens?count=N    next N
+//     put-token requests taken and never answered POST /faults/delay-dispositions?ms=N settlements take effect (and are
+//     answered) N ms late POST /faults/omit-sequence-numbers?entity=PATH
 //                                          that entity's deliveries carry no x-opt-sequence-number
 //     POST /faults/clear                   switch every fault off
 //     POST /reset                          purge all entities, zero counters, clear faults
@@ -571,9 +570,14 @@ ControlServer::Handle(const std::string &method, const std::string &path, const 
 				srv.RefuseConnections(WindowMs(q, 5));
 			else if (fault == "server-busy")
 				f.server_busy_attaches = static_cast<int>(IntParam(q, "count", 1, 0, INT32_MAX));
-			else if (fault == "server-busy-sends")
+			else if (fault == "server-busy-sends") {
+				auto it = q.find("entity");
+				Entity *e = it == q.end() ? nullptr : srv.broker().Find(it->second);
+				if (it != q.end() && !e)
+					return Error(&code, 404, "unknown entity '" + it->second + "'");
 				f.server_busy_sends = static_cast<int>(IntParam(q, "count", 1, 0, INT32_MAX));
-			else if (fault == "expire-locks")
+				f.server_busy_entity = e ? e->key : std::string();
+			} else if (fault == "expire-locks")
 				srv.broker().ExpireAllLocks(NowMs());
 			else if (fault == "reject-tokens")
 				f.reject_tokens = static_cast<int>(IntParam(q, "count", 1, 0, INT32_MAX));

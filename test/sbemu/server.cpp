@@ -1213,7 +1213,8 @@ Server::HandleEntitySend(Conn &c, LinkCtx &l, const std::string &msg, void *dv) 
 	std::string why;
 	if (!Authorized(c, l.entity->key, kSend, &why))
 		return reject("amqp:unauthorized-access", why);
-	if (faults_.server_busy_sends > 0) {
+	if (faults_.server_busy_sends > 0 &&
+	    (faults_.server_busy_entity.empty() || faults_.server_busy_entity == l.entity->key)) {
 		--faults_.server_busy_sends;
 		return reject("com.microsoft:server-busy",
 		              "The server is busy. Please retry the operation. (sbemu fault server-busy-sends)");
@@ -1809,6 +1810,7 @@ void
 Server::ClearFaults() {
 	faults_.server_busy_attaches = 0;
 	faults_.server_busy_sends = 0;
+	faults_.server_busy_entity.clear();
 	faults_.reject_tokens = 0;
 	faults_.hold_tokens = 0;
 	faults_.delay_dispositions_ms = 0;

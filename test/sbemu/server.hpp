@@ -46,10 +46,11 @@ constexpr int64_t kMaxFaultMs = 24 * 3600 * 1000LL;
 
 // Faults a test can switch on through the control interface.
 struct Faults {
-	int server_busy_attaches = 0; // answer the next N attaches with com.microsoft:server-busy
-	int server_busy_sends = 0;    // reject the next N messages sent to entities with com.microsoft:server-busy
-	int reject_tokens = 0;        // refuse the next N put-token requests (401)
-	int hold_tokens = 0;          // take the next N put-token requests and never answer them
+	int server_busy_attaches = 0;   // answer the next N attaches with com.microsoft:server-busy
+	int server_busy_sends = 0;      // reject the next N messages sent to entities with com.microsoft:server-busy
+	std::string server_busy_entity; // ...only those sent to this entity (its key), when set
+	int reject_tokens = 0;          // refuse the next N put-token requests (401)
+	int hold_tokens = 0;            // take the next N put-token requests and never answer them
 	int64_t delay_dispositions_ms = 0;
 	int64_t refuse_until_ms = 0; // listeners closed until then
 	// Entities (by key) whose receive-link deliveries carry no x-opt-sequence-number, as a broker
