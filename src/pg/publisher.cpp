@@ -302,6 +302,7 @@ class PublisherWorker {
 	};
 	std::map<std::string, Resume> resume_; // entities left out of the reads, and where the reads stood
 	TimestampTz read_warned_ = 0, record_warned_ = 0;
+	bool prune_behind_ = false; // the last pruning round removed a full chunk: another at the next turn
 };
 
 bool
@@ -790,19 +791,26 @@ PublisherWorker::Record(std::vector<Item> &sent, std::vector<std::pair<Item, std
 
 void
 PublisherWorker::Prune(TimestampTz now) {
-	if (now - last_prune_ < 60 * USECS_PER_SEC || guc_outbox_retention_s <= 0)
+	// A round every minute (or every half retention period, when that is shorter); a round that
+	// removed a full chunk is followed by another chunk at every turn, so that removal keeps pace
+	// with any sending rate.
+	int64 every = std::clamp<int64>(static_cast<int64>(guc_outbox_retention_s) * USECS_PER_SEC / 2, USECS_PER_SEC,
+	                                60 * USECS_PER_SEC);
+	if (guc_outbox_retention_s <= 0 || (!prune_behind_ && now - last_prune_ < every))
 		return;
 	last_prune_ = now;
+	uint64 removed = 0;
 	PgError err;
-	PgGuard(
+	bool ok = PgGuard(
 	    [&] {
 		    spi::BeginShort();
 		    Datum a[2] = {CStringGetTextDatum(name_.c_str()),
 		                  Float8GetDatum(static_cast<double>(guc_outbox_retention_s))};
-		    spi::Exec(kPrune, a, nullptr, SPI_OK_DELETE);
+		    removed = spi::Exec(kPrune, a, nullptr, SPI_OK_DELETE).rows;
 		    spi::EndShort(spi::Commit::kLazy);
 	    },
 	    &err);
+	prune_behind_ = ok && removed >= 10000;
 }
 
 void

@@ -358,6 +358,23 @@ describe("transactional outbox", () => {
     await pg.psql("SELECT sbpg.drop_publisher('small')");
   });
 
+  it("sent rows are removed after sbpg.outbox_retention; queued and failed ones are kept", { timeout: 120000 }, async () => {
+    const before = Number((await pg.query("SELECT count(*) c FROM sbpg.outbox WHERE status = 'sent'")).rows[0].c);
+    assert.ok(before > 20000, `sent rows from the earlier tests (${before})`);
+    const failed = Number((await pg.query("SELECT count(*) c FROM sbpg.outbox WHERE status = 'failed'")).rows[0].c);
+    assert.ok(failed > 0);
+    await pg.query("ALTER SYSTEM SET sbpg.outbox_retention = '2s'");
+    await pg.query("SELECT pg_reload_conf()");
+    try {
+      await waitFor(async () => Number((await pg.query("SELECT count(*) c FROM sbpg.outbox WHERE status = 'sent'")).rows[0].c) === 0,
+        { timeout: 90000, interval: 500, what: "every sent row removed" });
+      assert.equal(Number((await pg.query("SELECT count(*) c FROM sbpg.outbox WHERE status = 'failed'")).rows[0].c), failed, "failed rows kept");
+    } finally {
+      await pg.query("ALTER SYSTEM RESET sbpg.outbox_retention");
+      await pg.query("SELECT pg_reload_conf()");
+    }
+  });
+
   it("dead-letter replay: 50 dead-lettered by a failing handler, listed, replayed once the handler is fixed, each applied once", { timeout: 180000 }, async () => {
     await pg.psql(`
       CREATE TABLE replay_gate (broken boolean NOT NULL);
