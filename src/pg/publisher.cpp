@@ -410,13 +410,17 @@ PublisherWorker::Interrupts() {
 // Reads the rows committed since the last read (see the file comment), into the entities' lines.
 void
 PublisherWorker::Read() {
-	// An entity may hold a quarter of max_pending rows in memory (at least two groups). One that has
+	// An entity may hold a quarter of max_pending rows in memory (at least two groups) when others
+	// are there too. One that has
 	// that many, or that backs off after a failure while memory is full, is left out of the reads,
 	// so that an entity which cannot send holds up no other. Where the reads stood when it was left
 	// out is kept (resume_), and the reads go back there once it has room again and its backoff
 	// is over (rows read since are skipped as held or sent).
 	TimestampTz now = GetCurrentTimestamp();
-	size_t cap = static_cast<size_t>(std::max(2 * cfg_.batch_size, max_pending_ / 4));
+	// The share matters only beside other entities: alone, an entity may fill memory (a read that
+	// took more than a share, to be left out later, would be read for nothing).
+	size_t cap = entities_.size() <= 1 ? static_cast<size_t>(max_pending_)
+	                                   : static_cast<size_t>(std::max(2 * cfg_.batch_size, max_pending_ / 4));
 	auto leave_out = [&](const std::string &entity, int64_t cursor, const std::string &snapshot) {
 		auto r = resume_.find(entity);
 		if (r == resume_.end())
