@@ -13,8 +13,53 @@
 #include <proton/ssl.hpp>
 
 #include <algorithm>
+#include <csignal>
+
+#include <pthread.h>
 
 namespace sbpg {
+
+namespace amqp {
+
+std::string
+ConnectionUrl(const ConsumerConfig &cfg) {
+	return std::string(cfg.tls ? "amqps://" : "amqp://") + cfg.host + ":" + std::to_string(cfg.port);
+}
+
+proton::connection_options
+ConnectionOptions(const ConsumerConfig &cfg) {
+	proton::connection_options o;
+	o.idle_timeout(proton::duration(60000));
+	o.sasl_enabled(true);
+	o.sasl_allowed_mechs("ANONYMOUS");
+	if (cfg.tls) {
+		// The system's CA store, host-name verification, and the extra CA if one is set (Proton
+		// adds it to the default paths). An unreadable CA file throws (when connecting).
+		o.ssl_client_options(cfg.extra_ca_file.empty()
+		                         ? proton::ssl_client_options()
+		                         : proton::ssl_client_options(cfg.extra_ca_file, proton::ssl::VERIFY_PEER_NAME));
+		o.virtual_host(cfg.host);
+	}
+	return o;
+}
+
+std::thread
+StartBlocked(std::function<void()> fn) {
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	std::thread t(std::move(fn));
+	pthread_sigmask(SIG_SETMASK, &old, nullptr);
+	return t;
+}
+
+void
+QuietLogger(pn_logger_t *l) {
+	if (l)
+		pn_logger_reset_mask(l, PN_SUBSYSTEM_ALL, PN_LEVEL_ALL & ~(PN_LEVEL_CRITICAL | PN_LEVEL_ERROR));
+}
+
+} // namespace amqp
 
 void
 Consumer::Impl::Tick() {
@@ -68,21 +113,9 @@ Consumer::Impl::ConnectionWork() {
 
 void
 Consumer::Impl::Connect() {
-	std::string url = std::string(cfg.tls ? "amqps://" : "amqp://") + cfg.host + ":" + std::to_string(cfg.port);
+	std::string url = amqp::ConnectionUrl(cfg);
 	try {
-		proton::connection_options o;
-		o.idle_timeout(proton::duration(60000));
-		o.sasl_enabled(true);
-		o.sasl_allowed_mechs("ANONYMOUS");
-		if (cfg.tls) {
-			// The system's CA store, host-name verification, and the extra CA if one is set
-			// (Proton adds it to the default paths). An unreadable CA file throws here.
-			o.ssl_client_options(cfg.extra_ca_file.empty()
-			                         ? proton::ssl_client_options()
-			                         : proton::ssl_client_options(cfg.extra_ca_file, proton::ssl::VERIFY_PEER_NAME));
-			o.virtual_host(cfg.host);
-		}
-		container->connect(url, o);
+		container->connect(url, amqp::ConnectionOptions(cfg));
 	} catch (const std::exception &e) {
 		Lost(std::string("cannot connect to ") + url + ": " + e.what());
 	}

@@ -21,15 +21,6 @@ namespace sbpg {
 
 namespace {
 
-// Proton's frame trace (PN_TRACE_FRM, PN_LOG in the environment) would print put-token bodies,
-// that is tokens and SAS signatures, to the server log. Clear every level but CRITICAL, whatever
-// the environment says (connection errors reach the log through the worker's own lines).
-void
-QuietLogger(pn_logger_t *l) {
-	if (l)
-		pn_logger_reset_mask(l, PN_SUBSYSTEM_ALL, PN_LEVEL_ALL & ~(PN_LEVEL_CRITICAL | PN_LEVEL_ERROR));
-}
-
 std::string
 Describe(const proton::error_condition &e) {
 	if (!e)
@@ -107,7 +98,7 @@ Consumer::Impl::on_container_start(proton::container &) {
 
 void
 Consumer::Impl::on_transport_open(proton::transport &t) {
-	QuietLogger(pn_transport_logger(amqp::TransportAccess::Get(t)));
+	amqp::QuietLogger(pn_transport_logger(amqp::TransportAccess::Get(t)));
 }
 
 void
@@ -312,13 +303,9 @@ Consumer::Start() {
 	Impl &i = *impl_;
 	if (i.started)
 		return;
-	QuietLogger(pn_default_logger());
+	amqp::QuietLogger(pn_default_logger());
 	i.container.reset(new proton::container(i, i.cfg.container_id));
-	sigset_t all, old;
-	sigfillset(&all);
-	pthread_sigmask(SIG_SETMASK, &all, &old);
-	i.thread = std::thread([&i] { i.Run(); });
-	pthread_sigmask(SIG_SETMASK, &old, nullptr);
+	i.thread = amqp::StartBlocked([&i] { i.Run(); });
 	i.started = true;
 }
 

@@ -24,6 +24,8 @@
 #include "sbpg/core/text.hpp"
 
 #include <proton/connection.hpp>
+#include <proton/connection_options.hpp>
+#include <proton/logger.h>
 #include <proton/container.hpp>
 #include <proton/delivery.h>
 #include <proton/delivery.hpp>
@@ -82,6 +84,17 @@ inline int64_t
 Now() {
 	return WallMs();
 }
+
+// Where and how to connect (SASL ANONYMOUS; TLS with the system's CAs, the extra CA file and the
+// host name checked), shared by the consumer and the publisher (connection.cpp).
+std::string ConnectionUrl(const ConsumerConfig &cfg);
+proton::connection_options ConnectionOptions(const ConsumerConfig &cfg);
+// Starts fn on a thread of its own with every signal blocked, so that PostgreSQL's handlers run
+// only on the main thread.
+std::thread StartBlocked(std::function<void()> fn);
+// Proton's frame trace (PN_TRACE_FRM, PN_LOG in the environment) would print put-token bodies,
+// that is tokens and SAS signatures: every level but CRITICAL and ERROR is cleared.
+void QuietLogger(pn_logger_t *l);
 
 inline std::string
 Truncate(const std::string &s, size_t n) {

@@ -144,22 +144,10 @@ struct Publisher::Impl : public proton::messaging_handler {
 	}
 
 	void Connect() {
-		std::string url = std::string(cfg.conn.tls ? "amqps://" : "amqp://") + cfg.conn.host + ":" +
-		                  std::to_string(cfg.conn.port);
+		std::string url = amqp::ConnectionUrl(cfg.conn);
 		connecting = true;
 		try {
-			proton::connection_options o;
-			o.idle_timeout(proton::duration(60000));
-			o.sasl_enabled(true);
-			o.sasl_allowed_mechs("ANONYMOUS");
-			if (cfg.conn.tls) {
-				o.ssl_client_options(
-				    cfg.conn.extra_ca_file.empty()
-				        ? proton::ssl_client_options()
-				        : proton::ssl_client_options(cfg.conn.extra_ca_file, proton::ssl::VERIFY_PEER_NAME));
-				o.virtual_host(cfg.conn.host);
-			}
-			container->connect(url, o);
+			container->connect(url, amqp::ConnectionOptions(cfg.conn));
 		} catch (const std::exception &e) {
 			Lost(std::string("cannot connect to ") + url + ": " + e.what());
 		}
@@ -313,9 +301,7 @@ struct Publisher::Impl : public proton::messaging_handler {
 	}
 
 	void on_transport_open(proton::transport &t) override {
-		pn_logger_t *lg = pn_transport_logger(amqp::TransportAccess::Get(t));
-		if (lg)
-			pn_logger_reset_mask(lg, PN_SUBSYSTEM_ALL, PN_LEVEL_ALL & ~(PN_LEVEL_CRITICAL | PN_LEVEL_ERROR));
+		amqp::QuietLogger(pn_transport_logger(amqp::TransportAccess::Get(t)));
 	}
 
 	void on_connection_open(proton::connection &c) override {
@@ -486,13 +472,9 @@ Publisher::Start() {
 	Impl &i = *impl_;
 	if (i.started)
 		return;
-	pn_logger_reset_mask(pn_default_logger(), PN_SUBSYSTEM_ALL, PN_LEVEL_ALL & ~(PN_LEVEL_CRITICAL | PN_LEVEL_ERROR));
+	amqp::QuietLogger(pn_default_logger());
 	i.container.reset(new proton::container(i, i.cfg.conn.container_id));
-	sigset_t all, old;
-	sigfillset(&all);
-	pthread_sigmask(SIG_SETMASK, &all, &old);
-	i.thread = std::thread([&i] { i.Run(); });
-	pthread_sigmask(SIG_SETMASK, &old, nullptr);
+	i.thread = amqp::StartBlocked([&i] { i.Run(); });
 	i.started = true;
 }
 
