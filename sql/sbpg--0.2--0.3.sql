@@ -205,8 +205,29 @@ BEGIN
 END
 $$;
 
+-- A namespace as subscriptions and publishers accept it: a Service Bus host name, or an AMQP URL.
+CREATE FUNCTION sbpg._check_namespace(namespace text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+	IF namespace IS NULL OR NOT (
+		namespace ~* '^[a-z0-9][a-z0-9-]{0,48}[a-z0-9]\.servicebus\.(windows\.net|chinacloudapi\.cn|usgovcloudapi\.net|cloudapi\.de)$'
+		OR namespace ~* '^amqps?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?/?$') THEN
+		RAISE EXCEPTION 'invalid namespace %', coalesce(quote_literal(namespace), 'NULL')
+			USING ERRCODE = 'invalid_parameter_value',
+			      DETAIL = 'A namespace is a Service Bus namespace host name or an AMQP URL with host and optional port.',
+			      HINT = 'For example contoso.servicebus.windows.net (TLS on port 5671), amqp://127.0.0.1:5672 or amqps://broker.example:5671.';
+	END IF;
+	IF namespace ~* '^amqps?://' AND coalesce(substring(namespace from ':([0-9]+)/?$')::int, 1) NOT BETWEEN 1 AND 65535 THEN
+		RAISE EXCEPTION 'invalid port in namespace %', quote_literal(namespace)
+			USING ERRCODE = 'invalid_parameter_value', HINT = 'Ports run from 1 to 65535.';
+	END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION sbpg._check_namespace(text) FROM PUBLIC;
+
 -- A handler may take the whole batch: (sbpg.message[]) RETURNS void (issue 14). The rest of the
--- validation is 0.1's, unchanged.
+-- validation is 0.1's, unchanged (the namespace checked by sbpg._check_namespace, which publishers
+-- share).
 CREATE OR REPLACE FUNCTION sbpg._validate_subscription(name text, namespace text, entity text, handler regprocedure,
 	run_as regrole, identity text, batch_size integer, prefetch integer, notify_channel text, options jsonb,
 	old_options jsonb DEFAULT NULL)
@@ -223,18 +244,7 @@ BEGIN
 		RAISE EXCEPTION 'invalid subscription name %', coalesce(quote_literal(name), 'NULL')
 			USING ERRCODE = 'invalid_parameter_value', HINT = 'Use 1 to 63 letters, digits, "_", "." or "-".';
 	END IF;
-	IF namespace IS NULL OR NOT (
-		namespace ~* '^[a-z0-9][a-z0-9-]{0,48}[a-z0-9]\.servicebus\.(windows\.net|chinacloudapi\.cn|usgovcloudapi\.net|cloudapi\.de)$'
-		OR namespace ~* '^amqps?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?/?$') THEN
-		RAISE EXCEPTION 'invalid namespace %', coalesce(quote_literal(namespace), 'NULL')
-			USING ERRCODE = 'invalid_parameter_value',
-			      DETAIL = 'A namespace is a Service Bus namespace host name or an AMQP URL with host and optional port.',
-			      HINT = 'For example contoso.servicebus.windows.net (TLS on port 5671), amqp://127.0.0.1:5672 or amqps://broker.example:5671.';
-	END IF;
-	IF namespace ~* '^amqps?://' AND coalesce(substring(namespace from ':([0-9]+)/?$')::int, 1) NOT BETWEEN 1 AND 65535 THEN
-		RAISE EXCEPTION 'invalid port in namespace %', quote_literal(namespace)
-			USING ERRCODE = 'invalid_parameter_value', HINT = 'Ports run from 1 to 65535.';
-	END IF;
+	PERFORM sbpg._check_namespace(namespace);
 	IF entity IS NULL OR NOT (
 		entity ~ '^[A-Za-z0-9][A-Za-z0-9._~/-]*$' AND length(entity) <= 260 AND entity !~ '//' AND entity !~ '/$'
 		OR entity ~* '^[A-Za-z0-9][A-Za-z0-9._~/-]*/\$deadletterqueue$') THEN
@@ -739,25 +749,6 @@ GRANT EXECUTE ON FUNCTION sbpg._stats_workers() TO sbpg_monitor, sbpg_admin;
 -- of committed transactions to Service Bus in AMQP batches, in commit order per entity, and marks
 -- each sent (or failed, with the reason) once the broker answered. docs/outbox.md.
 
--- A namespace as subscriptions accept it: a Service Bus host name, or an AMQP URL.
-CREATE FUNCTION sbpg._check_namespace(namespace text) RETURNS void
-LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-	IF namespace IS NULL OR NOT (
-		namespace ~* '^[a-z0-9][a-z0-9-]{0,48}[a-z0-9]\.servicebus\.(windows\.net|chinacloudapi\.cn|usgovcloudapi\.net|cloudapi\.de)$'
-		OR namespace ~* '^amqps?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?/?$') THEN
-		RAISE EXCEPTION 'invalid namespace %', coalesce(quote_literal(namespace), 'NULL')
-			USING ERRCODE = 'invalid_parameter_value',
-			      DETAIL = 'A namespace is a Service Bus namespace host name or an AMQP URL with host and optional port.',
-			      HINT = 'For example contoso.servicebus.windows.net (TLS on port 5671), amqp://127.0.0.1:5672 or amqps://broker.example:5671.';
-	END IF;
-	IF namespace ~* '^amqps?://' AND coalesce(substring(namespace from ':([0-9]+)/?$')::int, 1) NOT BETWEEN 1 AND 65535 THEN
-		RAISE EXCEPTION 'invalid port in namespace %', quote_literal(namespace)
-			USING ERRCODE = 'invalid_parameter_value', HINT = 'Ports run from 1 to 65535.';
-	END IF;
-END
-$$;
-REVOKE ALL ON FUNCTION sbpg._check_namespace(text) FROM PUBLIC;
 
 CREATE TABLE sbpg.publishers (
 	name text PRIMARY KEY,

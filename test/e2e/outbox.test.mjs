@@ -358,6 +358,21 @@ describe("transactional outbox", () => {
     await pg.psql("SELECT sbpg.drop_publisher('small')");
   });
 
+  it("a refused token and lost connections are retried: nothing is lost or failed", { timeout: 150000 }, async () => {
+    const before = Number((await pg.query("SELECT reconnects FROM sbpg.publisher_stats WHERE publisher = 'bus'")).rows[0].reconnects);
+    await emu.fault("reject-tokens", { count: 3 });
+    await emu.fault("drop-connections");
+    await pg.query("SELECT sbpg.send('bus', 'events', pg_catalog.jsonb_build_object('n', g), message_id => 'tok-' || g) FROM generate_series(1, 50) g");
+    await waitFor(async () => Number((await pg.query("SELECT count(*) c FROM sbpg.outbox WHERE message_id LIKE 'tok-%' AND status = 'sent'")).rows[0].c) === 50,
+      { timeout: 120000, interval: 500, what: "the 50 sent after the refusals" });
+    const got = await drain(sb, "events", 50);
+    assert.equal(new Set(got.map((m) => m.messageId)).size, 50);
+    const st = (await pg.query("SELECT reconnects, failed_rows FROM sbpg.publisher_stats WHERE publisher = 'bus'")).rows[0];
+    assert.ok(Number(st.reconnects) > before, `reconnected (${st.reconnects})`);
+    assert.equal(Number((await pg.query("SELECT count(*) c FROM sbpg.outbox WHERE message_id LIKE 'tok-%' AND status = 'failed'")).rows[0].c), 0);
+    assert.match(pg.serverLog(), /put-token for sb:\/\/[^ ]+ was refused \(401/, "the refusal is in the server log");
+  });
+
   it("sent rows are removed after sbpg.outbox_retention; queued and failed ones are kept", { timeout: 120000 }, async () => {
     const before = Number((await pg.query("SELECT count(*) c FROM sbpg.outbox WHERE status = 'sent'")).rows[0].c);
     assert.ok(before > 20000, `sent rows from the earlier tests (${before})`);
