@@ -434,7 +434,12 @@ PublisherWorker::Read() {
 			Entity &e = kv.second;
 			if (e.not_before <= now || e.pending.empty() || !e.in_flight.empty())
 				continue;
-			leave_out(kv.first, e.pending.front().id - 1, snapshot_);
+			// From before the lowest id among them: a row read late (a lower id than rows read
+			// before it) sits further back in the line.
+			int64_t lowest = e.pending.front().id;
+			for (auto &it : e.pending)
+				lowest = std::min<int64_t>(lowest, it.id);
+			leave_out(kv.first, lowest - 1, snapshot_);
 			e.excluded_until = e.not_before;
 			for (auto &it : e.pending)
 				if (held_.erase(it.id))
